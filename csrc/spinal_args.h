@@ -1,0 +1,64 @@
+// Argument contract of the spinal ops, shared by every native kernel (CPU and CUDA).
+//
+// The schemas live in spinal_ops.cpp; this header turns the op arguments into the problem sizes and
+// validates them once, with messages that name the argument, the expected and the actual value.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+#include <c10/util/Optional.h>
+
+#include <array>
+#include <cstdint>
+#include <string_view>
+
+namespace spinal_ops {
+
+// Sub-layer activations, in the order of reference.ACTIVATIONS.
+enum class Activation : int { kRelu = 0, kLeakyRelu, kTanh, kSigmoid, kIdentity, kGelu, kSilu };
+
+// Parses the `activation` argument; throws naming the allowed values.
+Activation parse_activation(std::string_view name);
+
+// True when act'(Z) cannot be computed from h = act(Z) alone (the kernels then recompute Z).
+inline bool needs_preactivation(Activation a, double negative_slope) {
+  return a == Activation::kGelu || a == Activation::kSilu ||
+         (a == Activation::kLeakyRelu && negative_slope < 0.0);
+}
+
+// Problem sizes of one call, derived from validated arguments.
+struct SpinalDims {
+  int64_t rows = 0;         // B
+  int64_t in_features = 0;  // D
+  int64_t layers = 0;       // L
+  int64_t width = 0;        // w
+  int64_t chunk = 0;        // c
+  int64_t out = 0;          // head outputs (0 in hidden mode)
+  int64_t x_slots = 0;      // Lx: L, or min(L, 2) with shared weights
+  int64_t h_slots = 0;      // Lh: L - 1, or min(L - 1, 1) with shared weights
+  bool shared = false;
+  bool has_bias = false;
+  bool has_head = false;
+  bool has_head_bias = false;
+  Activation activation = Activation::kRelu;
+  double negative_slope = 0.01;
+
+  int64_t x_slot(int64_t i) const { return shared ? (i < 1 ? i : 1) : i; }
+  int64_t h_slot(int64_t i) const { return shared ? 0 : i - 1; }
+  int64_t hidden() const { return layers * width; }  // L * w, the width of H
+};
+
+// Validates the forward arguments (see the schema in spinal_ops.cpp) and returns the sizes.
+SpinalDims check_forward_args(const at::Tensor& x, const at::Tensor& weight_x, const at::Tensor& weight_h,
+                              const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& head_weight,
+                              const std::optional<at::Tensor>& head_bias, c10::IntArrayRef starts,
+                              std::string_view activation, double negative_slope, bool shared_weights);
+
+// Validates the extra backward arguments (grad_y, grad_H, H) against sizes from check_forward_args.
+void check_backward_args(const SpinalDims& dims, const at::Tensor& x, const std::optional<at::Tensor>& grad_y,
+                         const std::optional<at::Tensor>& grad_h, const at::Tensor& h_all);
+
+// Index of each gradient in the backward op's output tuple and output mask.
+enum GradIndex : int { kGradX = 0, kGradWeightX, kGradWeightH, kGradBias, kGradHeadWeight, kGradHeadBias };
+
+}  // namespace spinal_ops

@@ -1,0 +1,119 @@
+"""Backend choice: the one place that decides which implementation runs a spinal op.
+
+Backends:
+
+- ``reference``: :mod:`spinal_ops.reference`, plain PyTorch, any device (autograd through PyTorch ops).
+- ``cpu``: the fused C++ CPU kernels of ``spinal_ops._C`` (CPU tensors).
+- ``cuda``: the hand-written CUDA kernels of ``spinal_ops._C`` (CUDA tensors; built when nvcc is present).
+- ``triton``: the Triton kernels (CUDA tensors; CPU tensors when ``TRITON_INTERPRET=1`` was set before
+  Triton was imported).
+
+Automatic choice: the fastest available for the tensor's device (CUDA tensors: ``cuda``, then ``triton``,
+then ``reference``; CPU tensors: ``cpu``, then ``reference``). ``SPINAL_OPS_BACKEND`` (read once, at import)
+and :func:`use_backend` (a context manager, which wins over the variable) force one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+
+_ENV_BACKEND = os.environ.get("SPINAL_OPS_BACKEND") or None
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("spinal_ops_backend", default=None)
+
+
+def _native_kernel(dispatch_key: str) -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("spinal_ops::spinal_forward", dispatch_key)
+    except RuntimeError:  # the op is not defined: spinal_ops._C did not load
+        return False
+
+
+@functools.cache
+def triton_importable() -> bool:
+    """Triton is installed (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreted() -> bool:
+    """Triton kernels run on CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _serves(name: str, device_type: str) -> bool:
+    """Whether backend ``name`` can run on tensors of ``device_type`` in this process."""
+    if name == "reference":
+        return True
+    if name == "cpu":
+        return device_type == "cpu" and _native_kernel("CPU")
+    if name == "cuda":
+        return device_type == "cuda" and _native_kernel("CUDA")
+    if name == "triton":
+        if not triton_importable():
+            return False
+        return device_type == "cuda" or (device_type == "cpu" and triton_interpreted())
+    return False
+
+
+def available_backends() -> list[str]:
+    """Names of the backends usable in this process (for some device that this process has)."""
+    names = ["reference"]
+    if _native_kernel("CPU"):
+        names.append("cpu")
+    has_gpu = torch.cuda.is_available()
+    if has_gpu and _native_kernel("CUDA"):
+        names.append("cuda")
+    if triton_importable() and (has_gpu or triton_interpreted()):
+        names.append("triton")
+    return names
+
+
+def _check_name(name: str) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown spinal_ops backend {name!r}; valid names: {', '.join(BACKENDS)}")
+    usable = available_backends()
+    if name not in usable:
+        raise RuntimeError(
+            f"spinal_ops backend {name!r} is not available in this process; available: {', '.join(usable)}"
+            + (" (Triton on CPU tensors needs TRITON_INTERPRET=1 set before import)" if name == "triton" else "")
+        )
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force backend ``name`` for spinal ops run inside the ``with`` block (this thread / task only).
+
+    Raises ``ValueError`` for an unknown name and ``RuntimeError`` for one not available here; both list the
+    valid names.
+    """
+    _check_name(name)
+    token = _forced.set(name)
+    try:
+        yield name
+    finally:
+        _forced.reset(token)
+
+
+def select_backend(device: torch.device) -> str:
+    """The backend that runs a spinal op on tensors of ``device``: forced, or the fastest available."""
+    forced = _forced.get() or _ENV_BACKEND
+    if forced is not None:
+        if forced not in BACKENDS:
+            raise ValueError(
+                f"SPINAL_OPS_BACKEND={forced!r} is not a spinal_ops backend; valid names: {', '.join(BACKENDS)}"
+            )
+        if not _serves(forced, device.type):
+            raise RuntimeError(
+                f"spinal_ops backend {forced!r} cannot run on {device.type} tensors; backends for "
+                f"{device.type}: {', '.join(b for b in BACKENDS if _serves(b, device.type))}"
+            )
+        return forced
+    order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
+    return next(name for name in order if _serves(name, device.type))

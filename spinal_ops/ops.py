@@ -1,0 +1,256 @@
+"""Python-side registrations of the spinal ops, and the functional form.
+
+This is the one module that registers fake kernels, autograd formulas and the Triton ops. The native
+schemas are defined in ``csrc/spinal_ops.cpp``; the Triton ops mirror them one to one (same arguments, same
+outputs), so both families share the fake kernels and the autograd formula below.
+
+Op contract (2-D ``x``; see :mod:`spinal_ops.reference` for the math):
+
+- ``spinal_forward(x, weight_x, weight_h, bias?, head_weight?, head_bias?, starts, activation,
+  negative_slope, shared_weights) -> (H (B, L*w), y (B, out) or (B, 0) in hidden mode)``
+- ``spinal_backward(grad_y?, grad_H?, x, H, weight_x, weight_h, bias?, head_weight?, starts, activation,
+  negative_slope, shared_weights, output_mask[6]) -> (dx, dweight_x, dweight_h, dbias, dhead_weight,
+  dhead_bias)``, gradients not asked for by ``output_mask`` come back empty.
+
+Saved for backward: ``x``, ``H`` and the weights; nothing else.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from .backends import select_backend
+
+try:
+    from . import _C  # noqa: F401  (loads the native library, which registers the ops)
+
+    NATIVE_IMPORT_ERROR: ImportError | None = None
+except ImportError as exc:  # a source checkout without a build: only `reference` (and `triton`) work
+    NATIVE_IMPORT_ERROR = exc
+
+TRITON_IMPORT_ERROR: Exception | None = None
+
+
+# ----------------------------------------------------------------------------------------------- fake kernels
+
+
+def _fake_forward(x, weight_x, weight_h, bias, head_weight, head_bias, starts, activation, negative_slope,
+                  shared_weights):
+    rows = x.shape[0]
+    hidden = len(starts) * weight_x.shape[1]
+    out = head_weight.shape[0] if head_weight is not None else 0
+    return x.new_empty(rows, hidden), x.new_empty(rows, out)
+
+
+def _fake_backward(grad_y, grad_h, x, h_all, weight_x, weight_h, bias, head_weight, starts, activation,
+                   negative_slope, shared_weights, output_mask):
+    def like(t, wanted):
+        return torch.empty_like(t) if (wanted and t is not None) else x.new_empty(0)
+
+    dhead_bias = (
+        x.new_empty(head_weight.shape[0]) if (output_mask[5] and head_weight is not None) else x.new_empty(0)
+    )
+    return (
+        like(x, output_mask[0]),
+        like(weight_x, output_mask[1]),
+        like(weight_h, output_mask[2]),
+        like(bias, output_mask[3]),
+        like(head_weight, output_mask[4]),
+        dhead_bias,
+    )
+
+
+# --------------------------------------------------------------------------------------------------- autograd
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight_x, weight_h, bias, head_weight, head_bias, starts, activation, negative_slope, shared = inputs
+    h_all, _ = output
+    ctx.save_for_backward(x, h_all, weight_x, weight_h, bias, head_weight)
+    ctx.hyper = (list(starts), activation, float(negative_slope), bool(shared))
+    ctx.has_head_bias = head_bias is not None
+    ctx.set_materialize_grads(False)
+
+
+def _make_backward(backward_op):
+    def backward(ctx, grad_h, grad_y):
+        x, h_all, weight_x, weight_h, bias, head_weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        mask = [need[0], need[1], need[2], need[3] and bias is not None, need[4] and head_weight is not None,
+                need[5] and ctx.has_head_bias]
+        if not any(mask):
+            return (None,) * 10
+        if head_weight is None or (grad_y is not None and grad_y.shape[1] == 0):
+            grad_y = None
+        grads = backward_op(
+            grad_y.contiguous() if grad_y is not None else None,
+            grad_h.contiguous() if grad_h is not None else None,
+            x, h_all, weight_x, weight_h, bias, head_weight, *ctx.hyper, mask,
+        )
+        return tuple(g if m else None for g, m in zip(grads, mask)) + (None,) * 4
+
+    return backward
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "spinal_ops: double backward (differentiating the gradient of a spinal layer, e.g. create_graph=True "
+        "followed by another backward) is not supported; use the reference backend "
+        "(spinal_ops.use_backend('reference')) for higher-order gradients"
+    )
+
+
+def _register(forward_name: str, backward_name: str, backward_op) -> None:
+    torch.library.register_fake(forward_name)(_fake_forward)
+    torch.library.register_fake(backward_name)(_fake_backward)
+    torch.library.register_autograd(forward_name, _make_backward(backward_op), setup_context=_setup_context)
+    torch.library.register_autograd(backward_name, _no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+if NATIVE_IMPORT_ERROR is None:
+    _register("spinal_ops::spinal_forward", "spinal_ops::spinal_backward", torch.ops.spinal_ops.spinal_backward)
+
+
+# ------------------------------------------------------------------------------------------------- Triton ops
+
+
+def _register_triton() -> None:
+    from torch import Tensor
+
+    from .triton_kernels import spinal_bwd_triton, spinal_fwd_triton
+
+    @torch.library.triton_op("spinal_ops::spinal_forward_triton", mutates_args=())
+    def spinal_forward_triton(
+        x: Tensor, weight_x: Tensor, weight_h: Tensor, bias: Tensor | None, head_weight: Tensor | None,
+        head_bias: Tensor | None, starts: list[int], activation: str, negative_slope: float, shared_weights: bool,
+    ) -> tuple[Tensor, Tensor]:
+        return spinal_fwd_triton(x, weight_x, weight_h, bias, head_weight, head_bias, starts, activation,
+                                 negative_slope, shared_weights)
+
+    @torch.library.triton_op("spinal_ops::spinal_backward_triton", mutates_args=())
+    def spinal_backward_triton(
+        grad_y: Tensor | None, grad_H: Tensor | None, x: Tensor, H: Tensor, weight_x: Tensor, weight_h: Tensor,
+        bias: Tensor | None, head_weight: Tensor | None, starts: list[int], activation: str,
+        negative_slope: float, shared_weights: bool, output_mask: list[bool],
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        return spinal_bwd_triton(grad_y, grad_H, x, H, weight_x, weight_h, bias, head_weight, starts, activation,
+                                 negative_slope, shared_weights, output_mask)
+
+    _register("spinal_ops::spinal_forward_triton", "spinal_ops::spinal_backward_triton",
+              torch.ops.spinal_ops.spinal_backward_triton)
+
+
+_triton_registered = False
+
+
+def _triton_forward():
+    """The Triton forward op, registered on first use (importing Triton is slow and optional)."""
+    global _triton_registered
+    if not _triton_registered:
+        _register_triton()
+        _triton_registered = True
+    return torch.ops.spinal_ops.spinal_forward_triton
+
+
+# ------------------------------------------------------------------------------------------------- functional
+
+
+def _forward_op(backend: str):
+    if backend == "reference":
+        return reference.spinal_forward
+    if backend in ("cpu", "cuda"):
+        return torch.ops.spinal_ops.spinal_forward
+    if backend == "triton":
+        return _triton_forward()
+    raise AssertionError(backend)
+
+
+def spinal_linear(
+    input: torch.Tensor,
+    weight_x: torch.Tensor,
+    weight_h: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    head_weight: torch.Tensor | None = None,
+    head_bias: torch.Tensor | None = None,
+    *,
+    num_layers: int | None = None,
+    num_splits: int = 2,
+    split_mode: str = "cyclic",
+    activation: str = "relu",
+    negative_slope: float = 0.01,
+    shared_weights: bool = False,
+) -> torch.Tensor:
+    """Functional spinal layer: ``(*, D) -> (*, out)`` (head mode) or ``(*, L*w)`` (hidden mode).
+
+    Parameters
+    ----------
+    input : Tensor ``(*, D)``, floating point.
+    weight_x : Tensor ``(Lx, w, c)`` with ``c = round(D / num_splits)``; ``Lx = L``, or ``min(L, 2)`` when
+        ``shared_weights`` (slot 0: sub-layer 0, slot 1: sub-layers 1..L-1).
+    weight_h : Tensor ``(Lh, w, w)``; ``Lh = L - 1``, or ``min(L - 1, 1)`` when ``shared_weights``.
+    bias : Tensor ``(Lx, w)`` or None.
+    head_weight : Tensor ``(out, L * w)``, or None for hidden mode (the output is then ``H``).
+    head_bias : Tensor ``(out,)`` or None.
+    num_layers : L; taken from ``weight_x`` when omitted, required with ``shared_weights``.
+    num_splits, split_mode, activation, negative_slope, shared_weights : see :class:`spinal_ops.SpinalLinear`.
+
+    The backend is chosen by :func:`spinal_ops.backends.select_backend` (see :func:`spinal_ops.use_backend`).
+    """
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"spinal_linear: input must be a Tensor, got {type(input).__name__}")
+    if not input.is_floating_point():
+        raise TypeError(f"spinal_linear: input must be a floating-point tensor, got dtype {input.dtype}")
+    if input.dim() < 1:
+        raise ValueError("spinal_linear: input must have at least 1 dimension (*, in_features), got a scalar")
+    for name, t in (("weight_x", weight_x), ("weight_h", weight_h), ("bias", bias), ("head_weight", head_weight),
+                    ("head_bias", head_bias)):
+        if t is None:
+            continue
+        if t.dtype != input.dtype:
+            raise TypeError(f"spinal_linear: {name} has dtype {t.dtype} but input has dtype {input.dtype}; "
+                            "they must match (cast the module with .to(dtype) or the input)")
+        if t.device != input.device:
+            raise ValueError(f"spinal_linear: {name} is on {t.device} but input is on {input.device}")
+    in_features = input.shape[-1]
+    if weight_x.dim() != 3:
+        raise ValueError(f"spinal_linear: weight_x must be 3-D (Lx, w, c), got shape {tuple(weight_x.shape)}")
+    chunk = reference.chunk_size(in_features, num_splits)
+    if weight_x.shape[2] != chunk:
+        raise ValueError(
+            f"spinal_linear: input has {in_features} features, so num_splits={num_splits} gives chunk size "
+            f"round({in_features} / {num_splits}) = {chunk}, but weight_x has chunk size {weight_x.shape[2]} "
+            f"(shape {tuple(weight_x.shape)})"
+        )
+    if num_layers is None:
+        if shared_weights:
+            raise ValueError("spinal_linear: num_layers is required with shared_weights=True")
+        num_layers = weight_x.shape[0]
+    if num_layers < 1:
+        raise ValueError(f"spinal_linear: num_layers must be >= 1, got {num_layers}")
+    expected_x, expected_h = reference.num_slots(num_layers, shared_weights)
+    width = weight_x.shape[1]
+    if weight_x.shape[0] != expected_x or tuple(weight_h.shape) != (expected_h, width, width):
+        raise ValueError(
+            f"spinal_linear: num_layers={num_layers}, shared_weights={shared_weights} needs weight_x of shape "
+            f"({expected_x}, {width}, {chunk}) and weight_h of shape ({expected_h}, {width}, {width}), got "
+            f"{tuple(weight_x.shape)} and {tuple(weight_h.shape)}"
+        )
+    if head_weight is None and head_bias is not None:
+        raise ValueError("spinal_linear: head_bias given without head_weight (hidden mode has no head)")
+    if head_weight is not None and tuple(head_weight.shape[1:]) != (num_layers * width,):
+        raise ValueError(
+            f"spinal_linear: head_weight must have shape (out, L*w) = (out, {num_layers * width}), got "
+            f"{tuple(head_weight.shape)}"
+        )
+    starts = reference.split_starts(in_features, num_splits, num_layers, split_mode)
+    backend = select_backend(input.device)
+    if activation not in reference.ACTIVATIONS:
+        raise ValueError(f"spinal_linear: activation must be one of {reference.ACTIVATIONS}, got {activation!r}")
+
+    lead = input.shape[:-1]
+    x2d = input.reshape(-1, in_features).contiguous()
+    params = [t.contiguous() if t is not None else None for t in (weight_x, weight_h, bias, head_weight, head_bias)]
+    h_all, y = _forward_op(backend)(x2d, *params, starts, activation, float(negative_slope), bool(shared_weights))
+    out = y if head_weight is not None else h_all
+    return out.reshape(*lead, out.shape[-1])

@@ -1,0 +1,1 @@
+"""Triton kernels of spinal_ops (installed as ``spinal_ops.triton_kernels``)."""
