@@ -23,13 +23,11 @@
 
 #include "spinal_args.h"
 
-extern "C" {
 // Importing spinal_ops._C loads this library, whose static initialisers register the ops. No Python
 // bindings: everything is reached through torch.ops.spinal_ops.
-PyObject* PyInit__C(void) {
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
-}
 }
 
 namespace spinal_ops {

@@ -122,15 +122,13 @@ class SpinalLinear(nn.Module):
         x_slots, h_slots = reference.num_slots(num_layers, shared_weights)
         self.weight_x = nn.Parameter(torch.empty(x_slots, layer_width, self.chunk, **factory))
         self.weight_h = nn.Parameter(torch.empty(h_slots, layer_width, layer_width, **factory))
-        self.bias = nn.Parameter(torch.empty(x_slots, layer_width, **factory)) if bias else None
-        if head:
-            self.head_weight = nn.Parameter(torch.empty(out_features, num_layers * layer_width, **factory))
-            self.head_bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
-        else:
-            self.register_parameter("head_weight", None)
-            self.register_parameter("head_bias", None)
-        if not bias:
-            self.register_parameter("bias", None)
+        self.register_parameter("bias", nn.Parameter(torch.empty(x_slots, layer_width, **factory)) if bias else None)
+        self.register_parameter(
+            "head_weight", nn.Parameter(torch.empty(out_features, num_layers * layer_width, **factory)) if head else None
+        )
+        self.register_parameter(
+            "head_bias", nn.Parameter(torch.empty(out_features, **factory)) if (head and bias) else None
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

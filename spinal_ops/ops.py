@@ -26,7 +26,9 @@ try:
     from . import _C  # noqa: F401  (loads the native library, which registers the ops)
 
     NATIVE_IMPORT_ERROR: ImportError | None = None
-except ImportError as exc:  # a source checkout without a build: only `reference` (and `triton`) work
+except ModuleNotFoundError as exc:  # a source checkout without a build: only `reference` (and `triton`) work
+    if exc.name != f"{__package__}._C":
+        raise
     NATIVE_IMPORT_ERROR = exc
 
 TRITON_IMPORT_ERROR: Exception | None = None

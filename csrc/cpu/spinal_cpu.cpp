@@ -1,0 +1,371 @@
+// Fused C++ CPU kernels of the spinal ops (backend `cpu`): forward and backward, float32 and float64.
+//
+// Layout: x (B, D) and H (B, L*w) row-major; sub-layer i owns columns [i*w, (i+1)*w) of H.
+//
+// Forward, per tile of kRowTile rows (tiles run in parallel, one per task; rows are independent):
+//   for i = 0 .. L-1:  H_i  = x[:, s_i : s_i+c1] @ Wx_i[:, :c1].T          (one GEMM)
+//                      H_i += x[:, 0 : c2]      @ Wx_i[:, c1:].T          (only when the chunk wraps)
+//                      H_i += H_{i-1} @ Wh_i.T                            (i >= 1: the recurrence)
+//                      H_i  = act(H_i + b_i)                              (in place, one pass)
+//   y = H @ Wo.T + bo                                                     (head mode)
+// The tile of H is written and read back while it is still in cache; nothing else is allocated.
+//
+// Backward, with G = dL/dy and dH = G @ Wo (+ grad_H), in two phases:
+//   1. per row tile (parallel): dZ_i = (dH_i + carry) * act'(.) for i = L-1 .. 0, written over dH in one
+//      (B, L*w) scratch tensor; carry = dZ_i @ Wh_i; dx[:, chunk_i] += dZ_i @ Wx_i (scatter with wrap, in
+//      sub-layer order, so the sum order is fixed). act' comes from H, or from Z recomputed from x and H
+//      for gelu, silu and leaky_relu with a negative slope.
+//   2. weight gradients as full-batch GEMMs over rows (dWx_i = dZ_i.T @ x_chunk, dWh_i = dZ_i.T @ H_{i-1},
+//      dWo = G.T @ H), shared slots accumulating in sub-layer order; bias gradients as column sums.
+// GEMMs go to the BLAS PyTorch links (MKL on x86-64); inside a parallel region they run single-threaded.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+#include "spinal_args.h"
+
+extern "C" {
+// Fortran BLAS, exported by libtorch_cpu (column-major, 32-bit integers).
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc);
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc);
+}
+
+namespace spinal_ops {
+namespace {
+
+// Rows per tile. 64 rows keep a tile of H (64 * L*w values) and the scratch of one sub-layer in L2 for every
+// head of the original repository (L*w <= 5120), and give MKL GEMMs with m = 64, large enough to run at
+// full vector width.
+constexpr int64_t kRowTile = 64;
+
+// Row-major GEMM: C (m x n, ldc) = alpha * op(A) (m x k) @ op(B) (k x n) + beta * C.
+// trans_a / trans_b: use the transpose of the stored row-major A (k x m, lda) / B (n x k, ldb).
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+          int64_t ldb, T beta, T* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {  // BLAS would reject the leading dimensions of an empty operand
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t j = 0; j < n; ++j) c[r * ldc + j] = beta == T(0) ? T(0) : beta * c[r * ldc + j];
+    return;
+  }
+  // A row-major matrix is its transpose in column-major order, so C.T = op(B).T @ op(A).T in column-major.
+  const char ta = trans_b ? 'T' : 'N';
+  const char tb = trans_a ? 'T' : 'N';
+  const int mm = static_cast<int>(n), nn = static_cast<int>(m), kk = static_cast<int>(k);
+  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+  if constexpr (std::is_same_v<T, float>) {
+    sgemm_(&ta, &tb, &mm, &nn, &kk, &alpha, b, &la, a, &lb, &beta, c, &lc);
+  } else {
+    dgemm_(&ta, &tb, &mm, &nn, &kk, &alpha, b, &la, a, &lb, &beta, c, &lc);
+  }
+}
+
+template <typename T>
+T activate(Activation act, T z, T slope) {
+  switch (act) {
+    case Activation::kRelu: return z > T(0) ? z : T(0);
+    case Activation::kLeakyRelu: return z > T(0) ? z : z * slope;
+    case Activation::kTanh: return std::tanh(z);
+    case Activation::kSigmoid: return T(1) / (T(1) + std::exp(-z));
+    case Activation::kIdentity: return z;
+    case Activation::kGelu: return T(0.5) * z * (T(1) + std::erf(z * T(M_SQRT1_2)));
+    case Activation::kSilu: return z / (T(1) + std::exp(-z));
+  }
+  return z;
+}
+
+// act'(Z) from the output h = act(Z) (for activations where needs_preactivation() is false).
+template <typename T>
+T derivative_from_output(Activation act, T h, T slope) {
+  switch (act) {
+    case Activation::kRelu: return h > T(0) ? T(1) : T(0);
+    case Activation::kLeakyRelu: return h > T(0) ? T(1) : slope;
+    case Activation::kTanh: return T(1) - h * h;
+    case Activation::kSigmoid: return h * (T(1) - h);
+    default: return T(1);  // identity
+  }
+}
+
+// act'(Z) from the pre-activation Z.
+template <typename T>
+T derivative_from_input(Activation act, T z, T slope) {
+  switch (act) {
+    case Activation::kGelu: {
+      const T cdf = T(0.5) * (T(1) + std::erf(z * T(M_SQRT1_2)));
+      const T pdf = std::exp(T(-0.5) * z * z) * T(0.5 * M_2_SQRTPI * M_SQRT1_2);
+      return cdf + z * pdf;
+    }
+    case Activation::kSilu: {
+      const T s = T(1) / (T(1) + std::exp(-z));
+      return s * (T(1) + z * (T(1) - s));
+    }
+    case Activation::kLeakyRelu: return z > T(0) ? T(1) : slope;
+    default: return derivative_from_output(act, activate(act, z, slope), slope);
+  }
+}
+
+// Raw pointers and sizes of one call.
+template <typename T>
+struct Problem {
+  SpinalDims d;
+  const int64_t* starts;
+  const T* x;    // (B, D)
+  const T* wx;   // (Lx, w, c)
+  const T* wh;   // (Lh, w, w)
+  const T* b;    // (Lx, w) or nullptr
+  const T* wo;   // (out, L*w) or nullptr
+  const T* bo;   // (out) or nullptr
+
+  const T* wx_slot(int64_t i) const { return wx + d.x_slot(i) * d.width * d.chunk; }
+  const T* wh_slot(int64_t i) const { return wh + d.h_slot(i) * d.width * d.width; }
+  const T* b_slot(int64_t i) const { return b ? b + d.x_slot(i) * d.width : nullptr; }
+};
+
+// Z_i (rows [r0, r0+m), sub-layer i) into z (ldz), from x and H_{i-1}; the bias is NOT added.
+template <typename T>
+void input_and_recurrent_product(const Problem<T>& p, int64_t i, int64_t r0, int64_t m, const T* h_all, T* z,
+                                 int64_t ldz) {
+  const SpinalDims& d = p.d;
+  const int64_t s = p.starts[i];
+  const int64_t c1 = std::min(d.chunk, d.in_features - s);
+  const int64_t c2 = d.chunk - c1;
+  const int64_t lw = d.hidden();
+  const T* wxi = p.wx_slot(i);
+  gemm<T>(false, true, m, d.width, c1, T(1), p.x + r0 * d.in_features + s, d.in_features, wxi, d.chunk, T(0), z, ldz);
+  if (c2 > 0) {
+    gemm<T>(false, true, m, d.width, c2, T(1), p.x + r0 * d.in_features, d.in_features, wxi + c1, d.chunk, T(1), z,
+            ldz);
+  }
+  if (i > 0) {
+    gemm<T>(false, true, m, d.width, d.width, T(1), h_all + r0 * lw + (i - 1) * d.width, lw, p.wh_slot(i), d.width,
+            T(1), z, ldz);
+  }
+}
+
+template <typename T>
+void forward_tile(const Problem<T>& p, int64_t r0, int64_t m, T* h_all, T* y) {
+  const SpinalDims& d = p.d;
+  const int64_t lw = d.hidden();
+  const T slope = static_cast<T>(d.negative_slope);
+  for (int64_t i = 0; i < d.layers; ++i) {
+    T* hi = h_all + r0 * lw + i * d.width;
+    input_and_recurrent_product(p, i, r0, m, h_all, hi, lw);
+    const T* bi = p.b_slot(i);
+    for (int64_t r = 0; r < m; ++r) {
+      T* row = hi + r * lw;
+      for (int64_t j = 0; j < d.width; ++j) row[j] = activate(d.activation, bi ? row[j] + bi[j] : row[j], slope);
+    }
+  }
+  if (d.has_head) {
+    T* yt = y + r0 * d.out;
+    gemm<T>(false, true, m, d.out, lw, T(1), h_all + r0 * lw, lw, p.wo, lw, T(0), yt, d.out);
+    if (p.bo) {
+      for (int64_t r = 0; r < m; ++r)
+        for (int64_t j = 0; j < d.out; ++j) yt[r * d.out + j] += p.bo[j];
+    }
+  }
+}
+
+// Runs fn(r0, m) over row tiles; in parallel when there is more than one tile.
+template <typename F>
+void for_each_tile(int64_t rows, const F& fn) {
+  const int64_t tiles = (rows + kRowTile - 1) / kRowTile;
+  auto body = [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = t * kRowTile;
+      fn(r0, std::min(kRowTile, rows - r0));
+    }
+  };
+  if (tiles <= 1) {
+    body(0, tiles);
+  } else {
+    at::parallel_for(0, tiles, 1, body);
+  }
+}
+
+template <typename T>
+Problem<T> make_problem(const SpinalDims& d, c10::IntArrayRef starts, const at::Tensor& x, const at::Tensor& wx,
+                        const at::Tensor& wh, const std::optional<at::Tensor>& b,
+                        const std::optional<at::Tensor>& wo, const std::optional<at::Tensor>& bo) {
+  return Problem<T>{d,
+                    starts.data(),
+                    x.const_data_ptr<T>(),
+                    wx.const_data_ptr<T>(),
+                    wh.const_data_ptr<T>(),
+                    b ? b->const_data_ptr<T>() : nullptr,
+                    wo ? wo->const_data_ptr<T>() : nullptr,
+                    bo ? bo->const_data_ptr<T>() : nullptr};
+}
+
+void check_cpu_dtype(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "spinal_ops cpu backend: x must be float32 or float64, got ", x.scalar_type(),
+              " (the reference backend runs every dtype: spinal_ops.use_backend('reference'))");
+  TORCH_CHECK(x.device().is_cpu(), "spinal_ops cpu backend: x must be a CPU tensor, got ", x.device());
+}
+
+std::tuple<at::Tensor, at::Tensor> spinal_forward_cpu(const at::Tensor& x, const at::Tensor& weight_x,
+                                                      const at::Tensor& weight_h,
+                                                      const std::optional<at::Tensor>& bias,
+                                                      const std::optional<at::Tensor>& head_weight,
+                                                      const std::optional<at::Tensor>& head_bias,
+                                                      c10::IntArrayRef starts, c10::string_view activation,
+                                                      double negative_slope, bool shared_weights) {
+  const SpinalDims d = check_forward_args(x, weight_x, weight_h, bias, head_weight, head_bias, starts,
+                                          activation, negative_slope, shared_weights);
+  check_cpu_dtype(x);
+  at::Tensor h_all = at::empty({d.rows, d.hidden()}, x.options());
+  at::Tensor y = at::empty({d.rows, d.out}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "spinal_forward_cpu", [&] {
+    const auto p = make_problem<scalar_t>(d, starts, x, weight_x, weight_h, bias, head_weight, head_bias);
+    scalar_t* hp = h_all.mutable_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    for_each_tile(d.rows, [&](int64_t r0, int64_t m) { forward_tile(p, r0, m, hp, yp); });
+  });
+  return {h_all, y};
+}
+
+// Phase 1 of the backward for one row tile: dz (B, L*w) holds dH on entry and dZ on exit; dx rows written.
+template <typename T>
+void backward_chain_tile(const Problem<T>& p, int64_t r0, int64_t m, const T* h_all, T* dz, T* dx,
+                         std::vector<T>& carry, std::vector<T>& zbuf) {
+  const SpinalDims& d = p.d;
+  const int64_t lw = d.hidden();
+  const int64_t w = d.width;
+  const T slope = static_cast<T>(d.negative_slope);
+  const bool from_input = needs_preactivation(d.activation, d.negative_slope);
+  carry.assign(static_cast<size_t>(m * w), T(0));
+  if (from_input) zbuf.resize(static_cast<size_t>(m * w));
+  for (int64_t i = d.layers - 1; i >= 0; --i) {
+    T* dzi = dz + r0 * lw + i * w;
+    const T* hi = h_all + r0 * lw + i * w;
+    if (from_input) {
+      input_and_recurrent_product(p, i, r0, m, h_all, zbuf.data(), w);
+      const T* bi = p.b_slot(i);
+      for (int64_t r = 0; r < m; ++r)
+        for (int64_t j = 0; j < w; ++j) {
+          const T z = zbuf[r * w + j] + (bi ? bi[j] : T(0));
+          dzi[r * lw + j] = (dzi[r * lw + j] + carry[r * w + j]) * derivative_from_input(d.activation, z, slope);
+        }
+    } else {
+      for (int64_t r = 0; r < m; ++r)
+        for (int64_t j = 0; j < w; ++j)
+          dzi[r * lw + j] = (dzi[r * lw + j] + carry[r * w + j]) *
+                            derivative_from_output(d.activation, hi[r * lw + j], slope);
+    }
+    if (i > 0) gemm<T>(false, false, m, w, w, T(1), dzi, lw, p.wh_slot(i), w, T(0), carry.data(), w);
+    if (dx) {
+      const int64_t s = p.starts[i];
+      const int64_t c1 = std::min(d.chunk, d.in_features - s);
+      const int64_t c2 = d.chunk - c1;
+      T* dxt = dx + r0 * d.in_features;
+      gemm<T>(false, false, m, c1, w, T(1), dzi, lw, p.wx_slot(i), d.chunk, T(1), dxt + s, d.in_features);
+      if (c2 > 0) gemm<T>(false, false, m, c2, w, T(1), dzi, lw, p.wx_slot(i) + c1, d.chunk, T(1), dxt, d.in_features);
+    }
+  }
+}
+
+// Column sums of a (rows x n, ld) block, accumulated into out (n), rows in order.
+template <typename T>
+void add_column_sums(const T* a, int64_t rows, int64_t n, int64_t ld, T* out) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < n; ++j) out[j] += a[r * ld + j];
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> spinal_backward_cpu(
+    const std::optional<at::Tensor>& grad_y, const std::optional<at::Tensor>& grad_h, const at::Tensor& x,
+    const at::Tensor& h_all, const at::Tensor& weight_x, const at::Tensor& weight_h,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& head_weight, c10::IntArrayRef starts,
+    c10::string_view activation, double negative_slope, bool shared_weights, std::array<bool, 6> output_mask) {
+  const SpinalDims d = check_forward_args(x, weight_x, weight_h, bias, head_weight, std::nullopt, starts,
+                                          activation, negative_slope, shared_weights);
+  check_backward_args(d, x, grad_y, grad_h, h_all);
+  check_cpu_dtype(x);
+  const bool want_dx = output_mask[kGradX];
+  const bool want_wx = output_mask[kGradWeightX];
+  const bool want_wh = output_mask[kGradWeightH];
+  const bool want_b = output_mask[kGradBias] && d.has_bias;
+  const bool want_wo = output_mask[kGradHeadWeight] && d.has_head;
+  const bool want_bo = output_mask[kGradHeadBias] && d.has_head;
+  const bool need_chain = want_dx || want_wx || want_wh || want_b;
+  const bool has_gy = grad_y.has_value();
+
+  auto empty = x.new_empty({0});
+  at::Tensor dx = want_dx ? at::zeros_like(x) : empty;
+  at::Tensor dwx = want_wx ? at::zeros_like(weight_x) : empty;
+  at::Tensor dwh = want_wh ? at::zeros_like(weight_h) : empty;
+  at::Tensor db = want_b ? at::zeros_like(*bias) : empty;
+  at::Tensor dwo = want_wo ? at::zeros_like(*head_weight) : empty;
+  at::Tensor dbo = want_bo ? at::zeros({d.out}, x.options()) : empty;
+  const int64_t lw = d.hidden();
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "spinal_backward_cpu", [&] {
+    using T = scalar_t;
+    const auto p = make_problem<T>(d, starts, x, weight_x, weight_h, bias, head_weight, std::nullopt);
+    const T* hp = h_all.const_data_ptr<T>();
+    const T* gy = has_gy ? grad_y->const_data_ptr<T>() : nullptr;
+    const T* gh = grad_h ? grad_h->const_data_ptr<T>() : nullptr;
+    if (has_gy && want_wo) gemm<T>(true, false, d.out, lw, d.rows, T(1), gy, d.out, hp, lw, T(0),
+                                   dwo.mutable_data_ptr<T>(), lw);
+    if (has_gy && want_bo) add_column_sums(gy, d.rows, d.out, d.out, dbo.mutable_data_ptr<T>());
+    if (!need_chain) return;
+
+    at::Tensor dz_t = at::empty({d.rows, lw}, x.options());
+    T* dz = dz_t.mutable_data_ptr<T>();
+    T* dxp = want_dx ? dx.mutable_data_ptr<T>() : nullptr;
+    for_each_tile(d.rows, [&](int64_t r0, int64_t m) {
+      T* dzt = dz + r0 * lw;
+      if (has_gy) {
+        gemm<T>(false, false, m, lw, d.out, T(1), gy + r0 * d.out, d.out, p.wo, lw, T(0), dzt, lw);
+      } else {
+        std::fill(dzt, dzt + m * lw, T(0));
+      }
+      if (gh) {
+        const T* ght = gh + r0 * lw;
+        for (int64_t k = 0; k < m * lw; ++k) dzt[k] += ght[k];
+      }
+      std::vector<T> carry, zbuf;
+      backward_chain_tile(p, r0, m, hp, dz, dxp, carry, zbuf);
+    });
+
+    for (int64_t i = 0; i < d.layers; ++i) {
+      const T* dzi = dz + i * d.width;
+      if (want_wx) {
+        const int64_t s = starts[i];
+        const int64_t c1 = std::min(d.chunk, d.in_features - s);
+        const int64_t c2 = d.chunk - c1;
+        T* g = dwx.mutable_data_ptr<T>() + d.x_slot(i) * d.width * d.chunk;
+        gemm<T>(true, false, d.width, c1, d.rows, T(1), dzi, lw, p.x + s, d.in_features, T(1), g, d.chunk);
+        if (c2 > 0) gemm<T>(true, false, d.width, c2, d.rows, T(1), dzi, lw, p.x, d.in_features, T(1), g + c1, d.chunk);
+      }
+      if (want_wh && i > 0) {
+        T* g = dwh.mutable_data_ptr<T>() + d.h_slot(i) * d.width * d.width;
+        gemm<T>(true, false, d.width, d.width, d.rows, T(1), dzi, lw, hp + (i - 1) * d.width, lw, T(1), g, d.width);
+      }
+      if (want_b) add_column_sums(dzi, d.rows, d.width, lw, db.mutable_data_ptr<T>() + d.x_slot(i) * d.width);
+    }
+  });
+  return {dx, dwx, dwh, db, dwo, dbo};
+}
+
+}  // namespace
+}  // namespace spinal_ops
+
+TORCH_LIBRARY_IMPL(spinal_ops, CPU, m) {
+  m.impl("spinal_forward", &spinal_ops::spinal_forward_cpu);
+  m.impl("spinal_backward", &spinal_ops::spinal_backward_cpu);
+}

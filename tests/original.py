@@ -1,0 +1,108 @@
+"""Spinal layers written like the original SpinalNet scripts: literal ``nn.Linear`` chains.
+
+They are independent of spinal_ops (only ``torch.nn``): the tests load them into ``SpinalLinear`` with
+``from_linears`` and compare outputs and every gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def make_activation(name: str, negative_slope: float = 0.01) -> nn.Module:
+    return {
+        "relu": nn.ReLU(),
+        "leaky_relu": nn.LeakyReLU(negative_slope),
+        "tanh": nn.Tanh(),
+        "sigmoid": nn.Sigmoid(),
+        "identity": nn.Identity(),
+        "gelu": nn.GELU(),
+        "silu": nn.SiLU(),
+    }[name]
+
+
+class HalvesHead(nn.Module):
+    """The fixed 4-layer head of the MNIST/CIFAR scripts: alternating halves ``x[:, 0:half]``, ``x[:, half:2*half]``."""
+
+    def __init__(self, in_features: int, width: int, out: int):
+        super().__init__()
+        self.in_features = in_features
+        self.half = int(np.round(in_features / 2))
+        half = self.half
+        self.fc_spinal_layer1 = nn.Sequential(nn.Linear(half, width), nn.ReLU(inplace=True))
+        self.fc_spinal_layer2 = nn.Sequential(nn.Linear(half + width, width), nn.ReLU(inplace=True))
+        self.fc_spinal_layer3 = nn.Sequential(nn.Linear(half + width, width), nn.ReLU(inplace=True))
+        self.fc_spinal_layer4 = nn.Sequential(nn.Linear(half + width, width), nn.ReLU(inplace=True))
+        self.fc_out = nn.Linear(width * 4, out)
+
+    def forward(self, x):
+        half = self.half
+        x1 = self.fc_spinal_layer1(x[:, 0:half])
+        x2 = self.fc_spinal_layer2(torch.cat([x[:, half : 2 * half], x1], dim=1))
+        x3 = self.fc_spinal_layer3(torch.cat([x[:, 0:half], x2], dim=1))
+        x4 = self.fc_spinal_layer4(torch.cat([x[:, half : 2 * half], x3], dim=1))
+        x = torch.cat([x1, x2, x3, x4], dim=1)
+        return self.fc_out(x)
+
+    def linears(self):
+        layers = [self.fc_spinal_layer1[0], self.fc_spinal_layer2[0], self.fc_spinal_layer3[0], self.fc_spinal_layer4[0]]
+        return layers, self.fc_out
+
+
+class CustomizableSpinal(nn.Module):
+    """The customizable model: ``x`` tiled until it is ``L * c`` wide, sub-layer ``i`` reads ``[i*c, (i+1)*c)``.
+
+    ``shared=True`` is "SpinalNet SW": sub-layers 1.. are one module. ``head=False`` returns the concatenation.
+    """
+
+    def __init__(self, in_features, num_splits, width, num_layers, out, activation="relu", negative_slope=0.01,
+                 shared=False, head=True, bias=True):
+        super().__init__()
+        self.in_features = in_features
+        self.chunk = int(np.round(in_features / num_splits))
+        self.num_layers = num_layers
+        self.act = make_activation(activation, negative_slope)
+        first = nn.Linear(self.chunk, width, bias=bias)
+        rest = [nn.Linear(self.chunk + width, width, bias=bias) for _ in range(num_layers - 1)]
+        if shared and rest:
+            rest = [rest[0]] * len(rest)
+        self.layers = nn.ModuleList([first, *rest])  # a repeated module is registered once
+        self._order = [first, *rest]
+        self.fc_out = nn.Linear(width * num_layers, out, bias=bias) if head else None
+
+    def forward(self, x):
+        c = self.chunk
+        reps = math.ceil(self.num_layers * c / x.shape[1])
+        xt = torch.cat([x] * reps, dim=1)
+        h = self.act(self._order[0](xt[:, 0:c]))
+        outs = [h]
+        for i in range(1, self.num_layers):
+            h = self.act(self._order[i](torch.cat([xt[:, i * c : (i + 1) * c], h], dim=1)))
+            outs.append(h)
+        hcat = torch.cat(outs, dim=1)
+        return self.fc_out(hcat) if self.fc_out is not None else hcat
+
+    def linears(self):
+        return list(self._order), self.fc_out
+
+
+def packed_grads(layers, head, chunk: int, shared: bool) -> dict:
+    """Gradients of an original chain, packed like SpinalLinear's parameters (read after ``backward``)."""
+    slots = layers[:2] if shared else layers
+    grads = {
+        "weight_x": torch.stack([lin.weight.grad[:, :chunk] for lin in slots]),
+        "weight_h": torch.stack([lin.weight.grad[:, chunk:] for lin in slots[1:]])
+        if len(slots) > 1
+        else layers[0].weight.new_zeros(0, layers[0].out_features, layers[0].out_features),
+    }
+    if layers[0].bias is not None:
+        grads["bias"] = torch.stack([lin.bias.grad for lin in slots])
+    if head is not None:
+        grads["head_weight"] = head.weight.grad
+        if head.bias is not None:
+            grads["head_bias"] = head.bias.grad
+    return grads
