@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import importlib.util
 import os
 
@@ -29,22 +28,33 @@ _ENV_BACKEND = os.environ.get("SPINAL_OPS_BACKEND") or None
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("spinal_ops_backend", default=None)
 
 
+# Facts about this process, fixed at import so that torch.compile traces backend choice as constants.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_native_keys: frozenset[str] = frozenset()
+
+
+def record_native_kernels() -> None:
+    """Note which dispatch keys have native kernels (called once ``spinal_ops._C`` is loaded)."""
+    global _native_keys
+    _native_keys = frozenset(
+        key for key in ("CPU", "CUDA")
+        if torch._C._dispatch_has_kernel_for_dispatch_key("spinal_ops::spinal_forward", key)
+    )
+
+
 def _native_kernel(dispatch_key: str) -> bool:
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key("spinal_ops::spinal_forward", dispatch_key)
-    except RuntimeError:  # the op is not defined: spinal_ops._C did not load
-        return False
+    return dispatch_key in _native_keys
 
 
-@functools.cache
 def triton_importable() -> bool:
     """Triton is installed (checked without importing it)."""
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def triton_interpreted() -> bool:
-    """Triton kernels run on CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Triton kernels run on CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1`` at import)."""
+    return _TRITON_INTERPRET
 
 
 def _serves(name: str, device_type: str) -> bool:

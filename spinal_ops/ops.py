@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
+from . import backends
 from .backends import select_backend
 
 try:
@@ -111,6 +112,7 @@ def _register(forward_name: str, backward_name: str, backward_op) -> None:
 
 
 if NATIVE_IMPORT_ERROR is None:
+    backends.record_native_kernels()
     _register("spinal_ops::spinal_forward", "spinal_ops::spinal_backward", torch.ops.spinal_ops.spinal_backward)
 
 

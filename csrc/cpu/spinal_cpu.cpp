@@ -77,8 +77,8 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
 template <typename T>
 T activate(Activation act, T z, T slope) {
   switch (act) {
-    case Activation::kRelu: return z > T(0) ? z : T(0);
-    case Activation::kLeakyRelu: return z > T(0) ? z : z * slope;
+    case Activation::kRelu: return z < T(0) ? T(0) : z;  // written so that NaN propagates, as in torch.relu
+    case Activation::kLeakyRelu: return z < T(0) ? z * slope : z;
     case Activation::kTanh: return std::tanh(z);
     case Activation::kSigmoid: return T(1) / (T(1) + std::exp(-z));
     case Activation::kIdentity: return z;
@@ -304,13 +304,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const bool need_chain = want_dx || want_wx || want_wh || want_b;
   const bool has_gy = grad_y.has_value();
 
-  auto empty = x.new_empty({0});
-  at::Tensor dx = want_dx ? at::zeros_like(x) : empty;
-  at::Tensor dwx = want_wx ? at::zeros_like(weight_x) : empty;
-  at::Tensor dwh = want_wh ? at::zeros_like(weight_h) : empty;
-  at::Tensor db = want_b ? at::zeros_like(*bias) : empty;
-  at::Tensor dwo = want_wo ? at::zeros_like(*head_weight) : empty;
-  at::Tensor dbo = want_bo ? at::zeros({d.out}, x.options()) : empty;
+  // Gradients nobody asked for come back as distinct empty tensors (outputs must not alias).
+  auto empty = [&] { return x.new_empty({0}); };
+  at::Tensor dx = want_dx ? at::zeros_like(x) : empty();
+  at::Tensor dwx = want_wx ? at::zeros_like(weight_x) : empty();
+  at::Tensor dwh = want_wh ? at::zeros_like(weight_h) : empty();
+  at::Tensor db = want_b ? at::zeros_like(*bias) : empty();
+  at::Tensor dwo = want_wo ? at::zeros_like(*head_weight) : empty();
+  at::Tensor dbo = want_bo ? at::zeros({d.out}, x.options()) : empty();
   const int64_t lw = d.hidden();
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "spinal_backward_cpu", [&] {
