@@ -197,3 +197,21 @@ def test_float16_input_falls_back_with_a_clear_error():
     with pytest.raises(RuntimeError, match="float32 or float64, got Half"):
         with spinal_ops.use_backend("cpu"):
             m(torch.randn(2, 10, dtype=torch.float16))
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda a: a.__setitem__(2, a[2][:, :-1].contiguous()), r"weight_h must have shape \[3, 5, 5\], got \[3, 4, 5\]"),
+        (lambda a: a.__setitem__(1, a[1].float()), "weight_x must have the dtype of x \\(Double\\), got Float"),
+        (lambda a: a.__setitem__(6, [0, 4, 99, 0, 0]), r"starts\[2\] must be in \[0, 13\), got 99"),
+        (lambda a: a.__setitem__(7, "swish"), "activation must be one of .*got 'swish'"),
+        (lambda a: a.__setitem__(0, a[0].t()), "x must be 2-D|x must be contiguous"),
+    ],
+    ids=["weight_h-shape", "weight_x-dtype", "start-range", "activation", "x-layout"],
+)
+def test_op_argument_errors(mutate, match):
+    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in _op_args(CASES[0])]
+    mutate(args)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.spinal_ops.spinal_forward(*args)
