@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <cmath>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "spinal_args.h"
@@ -49,7 +50,7 @@ namespace {
 // Rows per tile. 64 rows keep a tile of H (64 * L*w values) and the scratch of one sub-layer in L2 for every
 // head of the original repository (L*w <= 5120), and give MKL GEMMs with m = 64, large enough to run at
 // full vector width.
-constexpr int64_t kRowTile = 64;
+constexpr int64_t kRowTile = 512;
 
 // Row-major GEMM: C (m x n, ldc) = alpha * op(A) (m x k) @ op(B) (k x n) + beta * C.
 // trans_a / trans_b: use the transpose of the stored row-major A (k x m, lda) / B (n x k, ldb).
@@ -74,47 +75,49 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
   }
 }
 
-template <typename T>
-T activate(Activation act, T z, T slope) {
-  switch (act) {
-    case Activation::kRelu: return z < T(0) ? T(0) : z;  // written so that NaN propagates, as in torch.relu
-    case Activation::kLeakyRelu: return z < T(0) ? z * slope : z;
-    case Activation::kTanh: return std::tanh(z);
-    case Activation::kSigmoid: return T(1) / (T(1) + std::exp(-z));
-    case Activation::kIdentity: return z;
-    case Activation::kGelu: return T(0.5) * z * (T(1) + std::erf(z * T(M_SQRT1_2)));
-    case Activation::kSilu: return z / (T(1) + std::exp(-z));
-  }
-  return z;
+// Activation functions, one instantiation per activation so the element loops are branch-free and vectorize.
+template <Activation A, typename T>
+inline T act_forward(T z, T slope) {
+  if constexpr (A == Activation::kRelu) return z < T(0) ? T(0) : z;  // NaN propagates, as in torch.relu
+  if constexpr (A == Activation::kLeakyRelu) return z < T(0) ? z * slope : z;
+  if constexpr (A == Activation::kTanh) return std::tanh(z);
+  if constexpr (A == Activation::kSigmoid) return T(1) / (T(1) + std::exp(-z));
+  if constexpr (A == Activation::kIdentity) return z;
+  if constexpr (A == Activation::kGelu) return T(0.5) * z * (T(1) + std::erf(z * T(M_SQRT1_2)));
+  if constexpr (A == Activation::kSilu) return z / (T(1) + std::exp(-z));
 }
 
-// act'(Z) from the output h = act(Z) (for activations where needs_preactivation() is false).
-template <typename T>
-T derivative_from_output(Activation act, T h, T slope) {
-  switch (act) {
-    case Activation::kRelu: return h > T(0) ? T(1) : T(0);
-    case Activation::kLeakyRelu: return h > T(0) ? T(1) : slope;
-    case Activation::kTanh: return T(1) - h * h;
-    case Activation::kSigmoid: return h * (T(1) - h);
-    default: return T(1);  // identity
+// act'(Z), from the output h = act(Z) or from Z itself (needs_preactivation() says which is valid).
+template <Activation A, typename T>
+inline T act_derivative(T h, T z, T slope) {
+  if constexpr (A == Activation::kRelu) return h > T(0) ? T(1) : T(0);
+  if constexpr (A == Activation::kLeakyRelu) return (slope >= T(0) ? h : z) > T(0) ? T(1) : slope;
+  if constexpr (A == Activation::kTanh) return T(1) - h * h;
+  if constexpr (A == Activation::kSigmoid) return h * (T(1) - h);
+  if constexpr (A == Activation::kIdentity) return T(1);
+  if constexpr (A == Activation::kGelu) {
+    const T cdf = T(0.5) * (T(1) + std::erf(z * T(M_SQRT1_2)));
+    const T pdf = std::exp(T(-0.5) * z * z) * T(0.5 * M_2_SQRTPI * M_SQRT1_2);
+    return cdf + z * pdf;
+  }
+  if constexpr (A == Activation::kSilu) {
+    const T s = T(1) / (T(1) + std::exp(-z));
+    return s * (T(1) + z * (T(1) - s));
   }
 }
 
-// act'(Z) from the pre-activation Z.
-template <typename T>
-T derivative_from_input(Activation act, T z, T slope) {
-  switch (act) {
-    case Activation::kGelu: {
-      const T cdf = T(0.5) * (T(1) + std::erf(z * T(M_SQRT1_2)));
-      const T pdf = std::exp(T(-0.5) * z * z) * T(0.5 * M_2_SQRTPI * M_SQRT1_2);
-      return cdf + z * pdf;
-    }
-    case Activation::kSilu: {
-      const T s = T(1) / (T(1) + std::exp(-z));
-      return s * (T(1) + z * (T(1) - s));
-    }
-    case Activation::kLeakyRelu: return z > T(0) ? T(1) : slope;
-    default: return derivative_from_output(act, activate(act, z, slope), slope);
+// Calls fn(std::integral_constant<Activation, A>{}) for the runtime activation a.
+template <typename F>
+void dispatch_activation(Activation a, const F& fn) {
+  using A = Activation;
+  switch (a) {
+    case A::kRelu: return fn(std::integral_constant<A, A::kRelu>{});
+    case A::kLeakyRelu: return fn(std::integral_constant<A, A::kLeakyRelu>{});
+    case A::kTanh: return fn(std::integral_constant<A, A::kTanh>{});
+    case A::kSigmoid: return fn(std::integral_constant<A, A::kSigmoid>{});
+    case A::kIdentity: return fn(std::integral_constant<A, A::kIdentity>{});
+    case A::kGelu: return fn(std::integral_constant<A, A::kGelu>{});
+    case A::kSilu: return fn(std::integral_constant<A, A::kSilu>{});
   }
 }
 
@@ -156,18 +159,19 @@ void input_and_recurrent_product(const Problem<T>& p, int64_t i, int64_t r0, int
   }
 }
 
-template <typename T>
-void forward_tile(const Problem<T>& p, int64_t r0, int64_t m, T* h_all, T* y) {
+template <Activation A, typename T>
+void forward_tile(const Problem<T>& p, int64_t r0, int64_t m, T* h_all, T* y, const T* zero_bias) {
   const SpinalDims& d = p.d;
   const int64_t lw = d.hidden();
   const T slope = static_cast<T>(d.negative_slope);
   for (int64_t i = 0; i < d.layers; ++i) {
     T* hi = h_all + r0 * lw + i * d.width;
     input_and_recurrent_product(p, i, r0, m, h_all, hi, lw);
-    const T* bi = p.b_slot(i);
+    const T* bi = p.b ? p.b_slot(i) : zero_bias;
     for (int64_t r = 0; r < m; ++r) {
       T* row = hi + r * lw;
-      for (int64_t j = 0; j < d.width; ++j) row[j] = activate(d.activation, bi ? row[j] + bi[j] : row[j], slope);
+#pragma omp simd
+      for (int64_t j = 0; j < d.width; ++j) row[j] = act_forward<A>(row[j] + bi[j], slope);
     }
   }
   if (d.has_head) {
@@ -234,15 +238,20 @@ std::tuple<at::Tensor, at::Tensor> spinal_forward_cpu(const at::Tensor& x, const
     const auto p = make_problem<scalar_t>(d, starts, x, weight_x, weight_h, bias, head_weight, head_bias);
     scalar_t* hp = h_all.mutable_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    for_each_tile(d.rows, [&](int64_t r0, int64_t m) { forward_tile(p, r0, m, hp, yp); });
+    const std::vector<scalar_t> zero_bias(static_cast<size_t>(d.width), scalar_t(0));
+    dispatch_activation(d.activation, [&](auto act) {
+      for_each_tile(d.rows, [&](int64_t r0, int64_t m) {
+        forward_tile<decltype(act)::value>(p, r0, m, hp, yp, zero_bias.data());
+      });
+    });
   });
   return {h_all, y};
 }
 
 // Phase 1 of the backward for one row tile: dz (B, L*w) holds dH on entry and dZ on exit; dx rows written.
-template <typename T>
+template <Activation A, typename T>
 void backward_chain_tile(const Problem<T>& p, int64_t r0, int64_t m, const T* h_all, T* dz, T* dx,
-                         std::vector<T>& carry, std::vector<T>& zbuf) {
+                         std::vector<T>& carry, std::vector<T>& zbuf, const T* zero_bias) {
   const SpinalDims& d = p.d;
   const int64_t lw = d.hidden();
   const int64_t w = d.width;
@@ -255,17 +264,22 @@ void backward_chain_tile(const Problem<T>& p, int64_t r0, int64_t m, const T* h_
     const T* hi = h_all + r0 * lw + i * w;
     if (from_input) {
       input_and_recurrent_product(p, i, r0, m, h_all, zbuf.data(), w);
-      const T* bi = p.b_slot(i);
-      for (int64_t r = 0; r < m; ++r)
-        for (int64_t j = 0; j < w; ++j) {
-          const T z = zbuf[r * w + j] + (bi ? bi[j] : T(0));
-          dzi[r * lw + j] = (dzi[r * lw + j] + carry[r * w + j]) * derivative_from_input(d.activation, z, slope);
-        }
+      const T* bi = p.b ? p.b_slot(i) : zero_bias;
+      for (int64_t r = 0; r < m; ++r) {
+        T* dzr = dzi + r * lw;
+        const T* zr = zbuf.data() + r * w;
+        const T* cr = carry.data() + r * w;
+#pragma omp simd
+        for (int64_t j = 0; j < w; ++j) dzr[j] = (dzr[j] + cr[j]) * act_derivative<A>(T(0), zr[j] + bi[j], slope);
+      }
     } else {
-      for (int64_t r = 0; r < m; ++r)
-        for (int64_t j = 0; j < w; ++j)
-          dzi[r * lw + j] = (dzi[r * lw + j] + carry[r * w + j]) *
-                            derivative_from_output(d.activation, hi[r * lw + j], slope);
+      for (int64_t r = 0; r < m; ++r) {
+        T* dzr = dzi + r * lw;
+        const T* hr = hi + r * lw;
+        const T* cr = carry.data() + r * w;
+#pragma omp simd
+        for (int64_t j = 0; j < w; ++j) dzr[j] = (dzr[j] + cr[j]) * act_derivative<A>(hr[j], T(0), slope);
+      }
     }
     if (i > 0) gemm<T>(false, false, m, w, w, T(1), dzi, lw, p.wh_slot(i), w, T(0), carry.data(), w);
     if (dx) {
@@ -326,6 +340,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (!need_chain) return;
 
     at::Tensor dz_t = at::empty({d.rows, lw}, x.options());
+    const std::vector<T> zero_bias(static_cast<size_t>(d.width), T(0));
     T* dz = dz_t.mutable_data_ptr<T>();
     T* dxp = want_dx ? dx.mutable_data_ptr<T>() : nullptr;
     for_each_tile(d.rows, [&](int64_t r0, int64_t m) {
@@ -340,7 +355,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         for (int64_t k = 0; k < m * lw; ++k) dzt[k] += ght[k];
       }
       std::vector<T> carry, zbuf;
-      backward_chain_tile(p, r0, m, hp, dz, dxp, carry, zbuf);
+      dispatch_activation(d.activation, [&](auto act) {
+        backward_chain_tile<decltype(act)::value>(p, r0, m, hp, dz, dxp, carry, zbuf, zero_bias.data());
+      });
     });
 
     for (int64_t i = 0; i < d.layers; ++i) {
