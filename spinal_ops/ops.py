@@ -1,8 +1,9 @@
 """Python-side registrations of the spinal ops, and the functional form.
 
-This is the one module that registers fake kernels, autograd formulas and the Triton ops. The native
+This is the one Python module that registers fake kernels, autograd formulas and the Triton ops. The native
 schemas are defined in ``csrc/spinal_ops.cpp``; the Triton ops mirror them one to one (same arguments, same
-outputs), so both families share the fake kernels and the autograd formula below.
+outputs), so both families share the fake kernels below. The native ops' autograd is the same formula written
+in C++ (``csrc/spinal_autograd.cpp``), which keeps Python off the per-call path of training.
 
 Op contract (2-D ``x``; see :mod:`spinal_ops.reference` for the math):
 
@@ -18,6 +19,7 @@ Saved for backward: ``x``, ``H`` and the weights; nothing else.
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from . import reference
 from . import backends
@@ -104,24 +106,26 @@ def _no_double_backward(ctx, *grads):
     )
 
 
-def _register(forward_name: str, backward_name: str, backward_op) -> None:
+def _register(forward_name: str, backward_name: str, backward_op=None) -> None:
+    """Fake kernels for both ops; autograd too when ``backward_op`` is given (the Triton ops)."""
     torch.library.register_fake(forward_name)(_fake_forward)
     torch.library.register_fake(backward_name)(_fake_backward)
-    torch.library.register_autograd(forward_name, _make_backward(backward_op), setup_context=_setup_context)
-    torch.library.register_autograd(backward_name, _no_double_backward, setup_context=lambda ctx, inputs, output: None)
+    if backward_op is not None:
+        torch.library.register_autograd(forward_name, _make_backward(backward_op), setup_context=_setup_context)
+        torch.library.register_autograd(backward_name, _no_double_backward,
+                                        setup_context=lambda ctx, inputs, output: None)
 
 
 if NATIVE_IMPORT_ERROR is None:
     backends.record_native_kernels()
-    _register("spinal_ops::spinal_forward", "spinal_ops::spinal_backward", torch.ops.spinal_ops.spinal_backward)
+    # The native ops carry their autograd in C++ (csrc/spinal_autograd.cpp): same formula, no Python per call.
+    _register("spinal_ops::spinal_forward", "spinal_ops::spinal_backward")
 
 
 # ------------------------------------------------------------------------------------------------- Triton ops
 
 
 def _register_triton() -> None:
-    from torch import Tensor
-
     from .triton_kernels import spinal_bwd_triton, spinal_fwd_triton
 
     @torch.library.triton_op("spinal_ops::spinal_forward_triton", mutates_args=())

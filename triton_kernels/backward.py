@@ -1,0 +1,436 @@
+"""Backward Triton kernels of the spinal layer (at most two launches) and their launcher.
+
+Launch 1, ``_spinal_bwd_chain_kernel``: the reverse recurrence per row tile, writing ``dZ`` (a float32 /
+float64 scratch ``(B, L*w)``, read again by launch 2) and ``dx``.
+Launch 2, ``_spinal_bwd_weights_kernel``: ``dweight_x``, ``dbias``, ``dweight_h``, ``dhead_weight``,
+``dhead_bias``; every program owns one output tile and reduces it over all rows in a fixed order.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from . import config
+from ._common import _act_grad_from_h, _act_grad_from_z, _input_projection, activation_code, needs_preactivation
+from .forward import starts_tensor
+
+
+@triton.jit
+def _spinal_bwd_chain_kernel(
+    gy_ptr,  # (B, OUT) incoming gradient of y, read when HAS_GY
+    gh_ptr,  # (B, L * W) incoming gradient of H, read when HAS_GH
+    x_ptr,  # (B, D) contiguous
+    h_ptr,  # (B, L * W): H from the forward
+    wx_ptr,  # (Lx, W, C)
+    wh_ptr,  # (Lh, W, W)
+    b_ptr,  # (Lx, W), read when HAS_BIAS and NEED_Z
+    wo_ptr,  # (OUT, L * W), read when HAS_GY
+    starts_ptr,  # (L,) int32
+    dz_ptr,  # (B, L * W) out, ACC dtype: dZ of every sub-layer
+    dx_ptr,  # (B, D) out, written when NEED_DX
+    B,
+    D,
+    C,
+    W,
+    L,
+    OUT,
+    NEG_SLOPE: tl.constexpr,
+    ACT: tl.constexpr,
+    SHARED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_GY: tl.constexpr,
+    HAS_GH: tl.constexpr,
+    NEED_Z: tl.constexpr,
+    NEED_DX: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    # Program p owns rows [p * BLOCK_B, (p + 1) * BLOCK_B), as in the forward.
+    # Phase 1, sub-layers i = L-1 .. 0: dZ_i = (dH_i + carry) * act'(Z_i), carry = dZ_i @ Wh[i]. Kept in
+    # registers: the carry (BLOCK_B x BLOCK_W) and the incoming head gradient G (BLOCK_B x BLOCK_O, loaded
+    # once); dH_i = G @ Wo[:, i-th block] (+ grad_H) is formed per sub-layer. act' comes from h (loaded from H)
+    # or, when NEED_Z (gelu, silu, leaky_relu with a negative slope), from Z recomputed from x, h_{i-1} and the
+    # weights exactly as the forward computed it. dZ_i is stored to the scratch.
+    # Phase 2 (NEED_DX), after a barrier so this program's dZ stores are visible to all its threads: dx is
+    # computed as a gather, column tile by column tile (BLOCK_C columns): dx[:, col] = sum over sub-layers i
+    # whose chunk holds col of dZ_i @ Wx[i][:, (col - s_i) mod D]. Each dx element is written once (zero where
+    # no chunk reads the column): no atomics, no pre-zeroing, deterministic.
+    # Assumptions: BLOCK_W >= W, BLOCK_O >= OUT, C <= D, tile dimensions >= 16.
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_mask = rows < B
+    rows64 = rows.to(tl.int64)
+    cols_w = tl.arange(0, BLOCK_W)
+    w_mask = cols_w < W
+    cols_o = tl.arange(0, BLOCK_O)
+    o_mask = cols_o < OUT
+    hidden = L * W
+    rw_mask = row_mask[:, None] & w_mask[None, :]
+
+    if HAS_GY:
+        g = tl.load(gy_ptr + rows64[:, None] * OUT + cols_o[None, :], mask=row_mask[:, None] & o_mask[None, :],
+                    other=0.0)
+    carry = tl.zeros((BLOCK_B, BLOCK_W), dtype=ACC_DTYPE)
+    for t in range(0, L):
+        i = L - 1 - t
+        dh = carry
+        if HAS_GH:
+            dh += tl.load(gh_ptr + rows64[:, None] * hidden + i * W + cols_w[None, :], mask=rw_mask,
+                          other=0.0).to(ACC_DTYPE)
+        if HAS_GY:
+            # wo[o, k] = head_weight[o, i * W + k]
+            wo = tl.load(wo_ptr + cols_o[:, None] * hidden + i * W + cols_w[None, :],
+                         mask=o_mask[:, None] & w_mask[None, :], other=0.0)
+            dh = tl.dot(g.to(DOT_DTYPE), wo.to(DOT_DTYPE), dh, input_precision=PRECISION)
+        if SHARED:
+            xs = tl.minimum(i, 1)
+            hs = 0
+        else:
+            xs = i
+            hs = i - 1
+        if NEED_Z:
+            start = tl.load(starts_ptr + i)
+            z = tl.zeros((BLOCK_B, BLOCK_W), dtype=ACC_DTYPE)
+            z = _input_projection(z, x_ptr, wx_ptr + xs * W * C, start, rows64, row_mask, cols_w, w_mask, D, C,
+                                  W, DOT_DTYPE, PRECISION, BLOCK_C)
+            if i > 0:
+                h_prev = tl.load(h_ptr + rows64[:, None] * hidden + (i - 1) * W + cols_w[None, :], mask=rw_mask,
+                                 other=0.0)
+                wh_t = tl.load(wh_ptr + hs * W * W + cols_w[None, :] * W + cols_w[:, None],
+                               mask=w_mask[:, None] & w_mask[None, :], other=0.0)
+                z = tl.dot(h_prev.to(DOT_DTYPE), wh_t.to(DOT_DTYPE), z, input_precision=PRECISION)
+            if HAS_BIAS:
+                bias = tl.load(b_ptr + xs * W + cols_w, mask=w_mask, other=0.0).to(ACC_DTYPE)
+                z = z + bias[None, :]
+            d = _act_grad_from_z(z, NEG_SLOPE, ACT)
+        else:
+            h = tl.load(h_ptr + rows64[:, None] * hidden + i * W + cols_w[None, :], mask=rw_mask,
+                        other=0.0).to(ACC_DTYPE)
+            d = _act_grad_from_h(h, NEG_SLOPE, ACT)
+        dz = tl.where(rw_mask, dh * d, 0.0)
+        tl.store(dz_ptr + rows64[:, None] * hidden + i * W + cols_w[None, :], dz, mask=rw_mask)
+        if i > 0:
+            # wh[n, k] = weight_h[hs][n, k]: carry = dZ_i @ Wh
+            wh = tl.load(wh_ptr + hs * W * W + cols_w[:, None] * W + cols_w[None, :],
+                         mask=w_mask[:, None] & w_mask[None, :], other=0.0)
+            carry = tl.dot(dz.to(DOT_DTYPE), wh.to(DOT_DTYPE), tl.zeros((BLOCK_B, BLOCK_W), dtype=ACC_DTYPE),
+                           input_precision=PRECISION)
+
+    if NEED_DX:
+        tl.debug_barrier()
+        offs_d = tl.arange(0, BLOCK_C)
+        for d0 in range(0, D, BLOCK_C):
+            cols = d0 + offs_d
+            d_mask = cols < D
+            n_cols = tl.minimum(D - d0, BLOCK_C)
+            acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=ACC_DTYPE)
+            for i in range(0, L):
+                start = tl.load(starts_ptr + i)
+                rel = d0 - start
+                rel = tl.where(rel < 0, rel + D, rel)
+                # the tile holds a column of chunk i iff its first offset is < C or its offsets wrap to 0
+                if (rel < C) | (rel + n_cols > D):
+                    if SHARED:
+                        xs = tl.minimum(i, 1)
+                    else:
+                        xs = i
+                    j = cols - start
+                    j = tl.where(j < 0, j + D, j)
+                    j_mask = d_mask & (j < C)
+                    dz = tl.load(dz_ptr + rows64[:, None] * hidden + i * W + cols_w[None, :], mask=rw_mask,
+                                 other=0.0)
+                    # wx[k, col] = weight_x[xs][k, j(col)]
+                    wx = tl.load(wx_ptr + xs * W * C + cols_w[:, None] * C + j[None, :],
+                                 mask=w_mask[:, None] & j_mask[None, :], other=0.0)
+                    acc = tl.dot(dz.to(DOT_DTYPE), wx.to(DOT_DTYPE), acc, input_precision=PRECISION)
+            tl.store(dx_ptr + rows64[:, None] * D + cols[None, :], acc.to(dx_ptr.dtype.element_ty),
+                     mask=row_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _reduce_rows(
+    acc,  # (BLOCK_M, BLOCK_N)
+    vec,  # (BLOCK_M,) running column sum of the left operand (bias gradients)
+    a_ptr,  # left operand: a[r, m] at a_ptr + r * a_stride + m
+    a_stride,
+    m_idx,
+    m_mask,
+    b_ptr,  # right operand: b[r, n] at b_ptr + r * b_stride + n_col[n]
+    b_stride,
+    n_col,
+    n_mask,
+    B,
+    WANT_MAT: tl.constexpr,
+    WANT_VEC: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """acc += a[rows, m].T @ b[rows, n] and vec += a[rows, m].sum(0), over all B rows in order."""
+    offs_r = tl.arange(0, BLOCK_R)
+    for r0 in range(0, B, BLOCK_R):
+        r = r0 + offs_r
+        r_mask = r < B
+        r64 = r.to(tl.int64)
+        a = tl.load(a_ptr + r64[:, None] * a_stride + m_idx[None, :], mask=r_mask[:, None] & m_mask[None, :],
+                    other=0.0)
+        if WANT_MAT:
+            b = tl.load(b_ptr + r64[:, None] * b_stride + n_col[None, :], mask=r_mask[:, None] & n_mask[None, :],
+                        other=0.0)
+            acc = tl.dot(tl.trans(a.to(DOT_DTYPE)), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        if WANT_VEC:
+            vec += tl.sum(a.to(ACC_DTYPE), axis=0)
+    return acc, vec
+
+
+@triton.jit
+def _spinal_bwd_weights_kernel(
+    x_ptr,  # (B, D)
+    h_ptr,  # (B, L * W)
+    gy_ptr,  # (B, OUT), read when HAS_GY
+    dz_ptr,  # (B, L * W) ACC dtype, from the chain kernel
+    starts_ptr,  # (L,) int32
+    dwx_ptr,  # (Lx, W, C) out, when NEED_WX
+    db_ptr,  # (Lx, W) out, when NEED_B
+    dwh_ptr,  # (Lh, W, W) out, when NEED_WH
+    dwo_ptr,  # (OUT, L * W) out, when NEED_WO
+    dbo_ptr,  # (OUT,) out, when NEED_BO
+    B,
+    D,
+    C,
+    W,
+    L,
+    OUT,
+    LX,
+    LH,
+    SHARED: tl.constexpr,
+    HAS_GY: tl.constexpr,
+    NEED_WX: tl.constexpr,
+    NEED_B: tl.constexpr,
+    NEED_WH: tl.constexpr,
+    NEED_WO: tl.constexpr,
+    NEED_BO: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    # One program per output tile (BLOCK_M x BLOCK_N) of one gradient; the 1-D grid is split into three task
+    # ranges, in this order:
+    #   A. dweight_x[s] (W x C) and dbias[s]: s < LX, tile (m over W, n over C). Sums dZ_i.T @ x[:, idx_i] over
+    #      the sub-layers i of slot s (slot 1 collects 1..L-1 with shared weights). dbias[s] is summed by the
+    #      n == 0 tiles. (With only dbias wanted, one n tile per m tile.)
+    #   B. dweight_h[s] (W x W): s < LH, tile (m over W, n over W). Sums dZ_i.T @ h_{i-1} over i of slot s.
+    #   C. dhead_weight (OUT x L*W) = G.T @ H and dhead_bias = G.sum(0) (by the n == 0 tiles).
+    # Each program walks all B rows in BLOCK_R steps, sub-layers in increasing order: a fixed summation order,
+    # so results are bitwise reproducible; no atomics, no partial buffers. Only the accumulator tile
+    # (BLOCK_M x BLOCK_N) and the bias vector stay in registers. Without an incoming G, task C writes zeros.
+    pid = tl.program_id(0)
+    hidden = L * W
+    tm_w = tl.cdiv(W, BLOCK_M)
+    if NEED_WX:
+        tn_a = tl.cdiv(C, BLOCK_N)
+    else:
+        tn_a = 1
+    if NEED_WX or NEED_B:
+        n_a = LX * tm_w * tn_a
+    else:
+        n_a = 0
+    if NEED_WH:
+        tn_b = tl.cdiv(W, BLOCK_N)
+        n_b = LH * tm_w * tn_b
+    else:
+        tn_b = 1
+        n_b = 0
+    if NEED_WO:
+        tn_c = tl.cdiv(hidden, BLOCK_N)
+    else:
+        tn_c = 1
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    vec = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
+    if pid < n_a:
+        s = pid // (tm_w * tn_a)
+        rem = pid % (tm_w * tn_a)
+        m_idx = (rem // tn_a) * BLOCK_M + offs_m
+        n_idx = (rem % tn_a) * BLOCK_N + offs_n
+        m_mask = m_idx < W
+        n_mask = n_idx < C
+        i_lo = s
+        i_hi = s + 1
+        if SHARED:
+            if s == 1:
+                i_hi = L
+        want_vec = (rem % tn_a) == 0
+        for i in range(i_lo, i_hi):
+            start = tl.load(starts_ptr + i)
+            col = start + n_idx
+            col = tl.where(col >= D, col - D, col)
+            if NEED_B:
+                if want_vec:
+                    acc, vec = _reduce_rows(acc, vec, dz_ptr + i * W, hidden, m_idx, m_mask, x_ptr, D, col, n_mask,
+                                            B, NEED_WX, True, DOT_DTYPE, ACC_DTYPE, PRECISION, BLOCK_R)
+                else:
+                    acc, vec = _reduce_rows(acc, vec, dz_ptr + i * W, hidden, m_idx, m_mask, x_ptr, D, col, n_mask,
+                                            B, NEED_WX, False, DOT_DTYPE, ACC_DTYPE, PRECISION, BLOCK_R)
+            else:
+                acc, vec = _reduce_rows(acc, vec, dz_ptr + i * W, hidden, m_idx, m_mask, x_ptr, D, col, n_mask,
+                                        B, NEED_WX, False, DOT_DTYPE, ACC_DTYPE, PRECISION, BLOCK_R)
+        if NEED_WX:
+            tl.store(dwx_ptr + s * W * C + m_idx[:, None] * C + n_idx[None, :], acc.to(dwx_ptr.dtype.element_ty),
+                     mask=m_mask[:, None] & n_mask[None, :])
+        if NEED_B:
+            if want_vec:
+                tl.store(db_ptr + s * W + m_idx, vec.to(db_ptr.dtype.element_ty), mask=m_mask)
+    elif pid < n_a + n_b:
+        q = pid - n_a
+        s = q // (tm_w * tn_b)
+        rem = q % (tm_w * tn_b)
+        m_idx = (rem // tn_b) * BLOCK_M + offs_m
+        n_idx = (rem % tn_b) * BLOCK_N + offs_n
+        m_mask = m_idx < W
+        n_mask = n_idx < W
+        i_lo = s + 1
+        i_hi = s + 2
+        if SHARED:
+            i_hi = L
+        for i in range(i_lo, i_hi):
+            acc, vec = _reduce_rows(acc, vec, dz_ptr + i * W, hidden, m_idx, m_mask, h_ptr, hidden,
+                                    (i - 1) * W + n_idx, n_mask, B, True, False, DOT_DTYPE, ACC_DTYPE, PRECISION,
+                                    BLOCK_R)
+        tl.store(dwh_ptr + s * W * W + m_idx[:, None] * W + n_idx[None, :], acc.to(dwh_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & n_mask[None, :])
+    else:
+        q = pid - n_a - n_b
+        m_idx = (q // tn_c) * BLOCK_M + offs_m
+        n_idx = (q % tn_c) * BLOCK_N + offs_n
+        m_mask = m_idx < OUT
+        n_mask = n_idx < hidden
+        want_vec = (q % tn_c) == 0
+        if HAS_GY:
+            if NEED_BO:
+                if want_vec:
+                    acc, vec = _reduce_rows(acc, vec, gy_ptr, OUT, m_idx, m_mask, h_ptr, hidden, n_idx, n_mask, B,
+                                            NEED_WO, True, DOT_DTYPE, ACC_DTYPE, PRECISION, BLOCK_R)
+                else:
+                    acc, vec = _reduce_rows(acc, vec, gy_ptr, OUT, m_idx, m_mask, h_ptr, hidden, n_idx, n_mask, B,
+                                            NEED_WO, False, DOT_DTYPE, ACC_DTYPE, PRECISION, BLOCK_R)
+            else:
+                acc, vec = _reduce_rows(acc, vec, gy_ptr, OUT, m_idx, m_mask, h_ptr, hidden, n_idx, n_mask, B,
+                                        NEED_WO, False, DOT_DTYPE, ACC_DTYPE, PRECISION, BLOCK_R)
+        if NEED_WO:
+            tl.store(dwo_ptr + m_idx[:, None] * hidden + n_idx[None, :], acc.to(dwo_ptr.dtype.element_ty),
+                     mask=m_mask[:, None] & n_mask[None, :])
+        if NEED_BO:
+            if want_vec:
+                tl.store(dbo_ptr + m_idx, vec.to(dbo_ptr.dtype.element_ty), mask=m_mask)
+
+
+_spinal_bwd_chain_kernel_tuned = triton.autotune(
+    configs=config.chain_autotune_configs(),
+    key=config.AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": config.chain_prune},
+)(_spinal_bwd_chain_kernel)
+
+
+def _weight_grid_size(rows, chunk, width, num_layers, out, lx, lh, mask, s: config.WeightSettings) -> int:
+    """Number of programs of the weights kernel (must mirror the task ranges computed inside it)."""
+    tm_w = triton.cdiv(width, s.block_m)
+    n_a = lx * tm_w * (triton.cdiv(chunk, s.block_n) if mask[1] else 1) if (mask[1] or mask[3]) else 0
+    n_b = lh * tm_w * triton.cdiv(width, s.block_n) if mask[2] else 0
+    n_c = (triton.cdiv(out, s.block_m) * (triton.cdiv(num_layers * width, s.block_n) if mask[4] else 1)
+           if (mask[4] or mask[5]) else 0)
+    return n_a + n_b + n_c
+
+
+def spinal_bwd_triton(
+    grad_y: torch.Tensor | None,
+    grad_H: torch.Tensor | None,
+    x: torch.Tensor,
+    H: torch.Tensor,
+    weight_x: torch.Tensor,
+    weight_h: torch.Tensor,
+    bias: torch.Tensor | None,
+    head_weight: torch.Tensor | None,
+    starts: list[int],
+    activation: str,
+    negative_slope: float,
+    shared_weights: bool,
+    output_mask: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of the spinal layer in at most two Triton launches.
+
+    Parameters follow the ``spinal_backward`` op (``csrc/spinal_ops.cpp``): ``grad_y (B, out)?``,
+    ``grad_H (B, L*w)?``, ``x (B, D)``, ``H (B, L*w)``, weights as in the forward, ``output_mask`` (6 bools).
+    Returns ``(dx, dweight_x, dweight_h, dbias, dhead_weight, dhead_bias)``; entries not asked for by
+    ``output_mask`` are empty tensors.
+    """
+    rows, in_features = x.shape
+    num_layers = len(starts)
+    lx, width, chunk = weight_x.shape
+    lh = weight_h.shape[0]
+    has_head = head_weight is not None
+    out = head_weight.shape[0] if has_head else 0
+    mask = [bool(m) for m in output_mask]
+    mask[3] = mask[3] and bias is not None
+    mask[4] = mask[4] and has_head
+    mask[5] = mask[5] and has_head
+    if not has_head:
+        grad_y = None
+    plan = config.dtype_plan(x.dtype)
+    # one fresh empty tensor per skipped gradient: op outputs must not alias each other
+    dx = torch.empty_like(x) if mask[0] else x.new_empty(0)
+    dwx = torch.empty_like(weight_x) if mask[1] else x.new_empty(0)
+    dwh = torch.empty_like(weight_h) if mask[2] else x.new_empty(0)
+    db = torch.empty_like(bias) if mask[3] else x.new_empty(0)
+    dwo = torch.empty_like(head_weight) if mask[4] else x.new_empty(0)
+    dbo = x.new_empty(out) if mask[5] else x.new_empty(0)
+
+    need_dz = mask[0] or mask[1] or mask[2] or mask[3]
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dz = torch.empty(rows, num_layers * width, dtype=acc_dtype, device=x.device) if need_dz else x
+    starts_t = starts_tensor(starts, x.device)
+    bw, bo = config.width_tile(width), config.out_tile(out)
+
+    if need_dz and rows > 0:
+        args = (grad_y if grad_y is not None else x, grad_H if grad_H is not None else x, x, H, weight_x, weight_h,
+                bias if bias is not None else x, head_weight if has_head else x, starts_t, dz,
+                dx if mask[0] else dz, rows, in_features, chunk, width, num_layers, out)
+        consts = dict(NEG_SLOPE=float(negative_slope), ACT=activation_code(activation), SHARED=bool(shared_weights),
+                      HAS_BIAS=bias is not None, HAS_GY=grad_y is not None, HAS_GH=grad_H is not None,
+                      NEED_Z=needs_preactivation(activation, negative_slope), NEED_DX=mask[0], DOT_DTYPE=plan.dot,
+                      ACC_DTYPE=plan.acc, PRECISION=plan.precision, BLOCK_W=bw, BLOCK_O=bo)
+        if config.autotune_enabled():
+            grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_B"]),)  # noqa: E731
+            wrap_triton(_spinal_bwd_chain_kernel_tuned)[grid](*args, **consts)
+        else:
+            s = config.chain_settings(rows, chunk, width, out, x.dtype)
+            wrap_triton(_spinal_bwd_chain_kernel)[(triton.cdiv(rows, s.block_b),)](*args, **consts, **s.meta())
+
+    if any(mask[1:]):
+        s = config.weight_settings(rows, chunk, width, out, x.dtype)
+        programs = _weight_grid_size(rows, chunk, width, num_layers, out, lx, lh, mask, s)
+        if programs > 0:
+            wrap_triton(_spinal_bwd_weights_kernel)[(programs,)](
+                x, H, grad_y if grad_y is not None else x, dz if need_dz else x, starts_t,
+                dwx if mask[1] else x, db if mask[3] else x, dwh if mask[2] else x, dwo if mask[4] else x,
+                dbo if mask[5] else x,
+                rows, in_features, chunk, width, num_layers, out, lx, lh,
+                SHARED=bool(shared_weights), HAS_GY=grad_y is not None, NEED_WX=mask[1], NEED_B=mask[3],
+                NEED_WH=mask[2], NEED_WO=mask[4], NEED_BO=mask[5], DOT_DTYPE=plan.dot, ACC_DTYPE=plan.acc,
+                PRECISION=plan.precision, **s.meta(),
+            )
+    return dx, dwx, dwh, db, dwo, dbo

@@ -1,0 +1,168 @@
+"""Forward Triton kernel of the spinal layer (one launch: whole chain and head) and its launcher."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from . import config
+from ._common import _activate, _input_projection, activation_code
+
+
+@triton.jit
+def _spinal_fwd_kernel(
+    x_ptr,  # (B, D) contiguous, storage dtype
+    wx_ptr,  # (Lx, W, C) contiguous
+    wh_ptr,  # (Lh, W, W) contiguous (never read when L == 1)
+    b_ptr,  # (Lx, W) contiguous, read when HAS_BIAS
+    wo_ptr,  # (OUT, L * W) contiguous, read when HAS_HEAD
+    bo_ptr,  # (OUT,), read when HAS_HEAD_BIAS
+    starts_ptr,  # (L,) int32: chunk i reads columns (starts[i] + j) mod D, j < C
+    h_out_ptr,  # (B, L * W) out, written when STORE_H
+    y_ptr,  # (B, OUT) out, written when HAS_HEAD
+    B,
+    D,
+    C,
+    W,
+    L,
+    OUT,
+    NEG_SLOPE: tl.constexpr,
+    ACT: tl.constexpr,
+    SHARED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_HEAD: tl.constexpr,
+    HAS_HEAD_BIAS: tl.constexpr,
+    STORE_H: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    # Program p owns rows [p * BLOCK_B, (p + 1) * BLOCK_B) and runs the whole chain for them: rows are
+    # independent in the forward, so programs never synchronise.
+    # Kept in registers for the whole chain: h (BLOCK_B x BLOCK_W, the previous sub-layer's output, rounded to
+    # the storage dtype exactly as H stores it) and the head accumulator y (BLOCK_B x BLOCK_O). Per sub-layer
+    # the pre-activation z (BLOCK_B x BLOCK_W) is accumulated from the gathered input chunk (K-steps of
+    # BLOCK_C columns, wrapping past column D - 1), the recurrent product h @ Wh.T (one BLOCK_W x BLOCK_W tile)
+    # and the bias. Weights stream from global memory (L2-resident: every program reads the same ones).
+    # Assumptions: BLOCK_W >= W and BLOCK_O >= OUT (whole widths per tile, padded lanes masked to zero);
+    # C <= D; every tile dimension >= 16 (tl.dot).
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_mask = rows < B
+    rows64 = rows.to(tl.int64)
+    cols_w = tl.arange(0, BLOCK_W)
+    w_mask = cols_w < W
+    cols_o = tl.arange(0, BLOCK_O)
+    o_mask = cols_o < OUT
+    hidden = L * W
+
+    h = tl.zeros((BLOCK_B, BLOCK_W), dtype=ACC_DTYPE)
+    y = tl.zeros((BLOCK_B, BLOCK_O), dtype=ACC_DTYPE)
+    for i in range(0, L):
+        if SHARED:
+            xs = tl.minimum(i, 1)
+        else:
+            xs = i
+        start = tl.load(starts_ptr + i)
+        z = tl.zeros((BLOCK_B, BLOCK_W), dtype=ACC_DTYPE)
+        z = _input_projection(z, x_ptr, wx_ptr + xs * W * C, start, rows64, row_mask, cols_w, w_mask, D, C, W,
+                              DOT_DTYPE, PRECISION, BLOCK_C)
+        if i > 0:
+            if SHARED:
+                hs = 0
+            else:
+                hs = i - 1
+            # wh_t[k, n] = weight_h[hs][n, k]
+            wh_t = tl.load(wh_ptr + hs * W * W + cols_w[None, :] * W + cols_w[:, None],
+                           mask=w_mask[:, None] & w_mask[None, :], other=0.0)
+            z = tl.dot(h.to(DOT_DTYPE), wh_t.to(DOT_DTYPE), z, input_precision=PRECISION)
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + xs * W + cols_w, mask=w_mask, other=0.0).to(ACC_DTYPE)
+            z = z + bias[None, :]
+        h = _activate(z, NEG_SLOPE, ACT)
+        h = tl.where(w_mask[None, :], h, 0.0)
+        h = h.to(h_out_ptr.dtype.element_ty).to(ACC_DTYPE)
+        if STORE_H:
+            tl.store(h_out_ptr + rows64[:, None] * hidden + i * W + cols_w[None, :],
+                     h.to(h_out_ptr.dtype.element_ty), mask=row_mask[:, None] & w_mask[None, :])
+        if HAS_HEAD:
+            # wo_t[k, o] = head_weight[o, i * W + k]
+            wo_t = tl.load(wo_ptr + cols_o[None, :] * hidden + i * W + cols_w[:, None],
+                           mask=w_mask[:, None] & o_mask[None, :], other=0.0)
+            y = tl.dot(h.to(DOT_DTYPE), wo_t.to(DOT_DTYPE), y, input_precision=PRECISION)
+    if HAS_HEAD:
+        if HAS_HEAD_BIAS:
+            bo = tl.load(bo_ptr + cols_o, mask=o_mask, other=0.0).to(ACC_DTYPE)
+            y = y + bo[None, :]
+        tl.store(y_ptr + rows64[:, None] * OUT + cols_o[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=row_mask[:, None] & o_mask[None, :])
+
+
+_spinal_fwd_kernel_tuned = triton.autotune(
+    configs=config.forward_autotune_configs(),
+    key=config.AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": config.forward_prune},
+)(_spinal_fwd_kernel)
+
+
+def starts_tensor(starts, device) -> torch.Tensor:
+    """The chunk starts as an int32 device tensor (the kernels read starts[i] per sub-layer)."""
+    return torch.tensor(list(starts), dtype=torch.int32, device=device)
+
+
+def spinal_fwd_triton(
+    x: torch.Tensor,
+    weight_x: torch.Tensor,
+    weight_h: torch.Tensor,
+    bias: torch.Tensor | None,
+    head_weight: torch.Tensor | None,
+    head_bias: torch.Tensor | None,
+    starts: list[int],
+    activation: str,
+    negative_slope: float,
+    shared_weights: bool,
+    *,
+    store_h: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward of the spinal layer in one Triton launch.
+
+    Parameters follow the ``spinal_forward`` op (``csrc/spinal_ops.cpp``): ``x (B, D)`` contiguous,
+    ``weight_x (Lx, w, c)``, ``weight_h (Lh, w, w)``, ``bias (Lx, w)?``, ``head_weight (out, L*w)?``,
+    ``head_bias (out,)?``, ``starts`` (L first columns). Returns ``(H (B, L*w), y (B, out) or (B, 0))``.
+
+    ``store_h=False`` (internal; head mode only) skips writing ``H``, for inference where no backward follows;
+    the returned ``H`` is then uninitialised memory.
+    """
+    rows, in_features = x.shape
+    num_layers = len(starts)
+    width, chunk = weight_x.shape[1], weight_x.shape[2]
+    out = head_weight.shape[0] if head_weight is not None else 0
+    has_head = head_weight is not None
+    h_all = x.new_empty(rows, num_layers * width)
+    y = x.new_empty(rows, out)
+    if rows == 0:
+        return h_all, y
+    plan = config.dtype_plan(x.dtype)
+    starts_t = starts_tensor(starts, x.device)
+    bw, bo = config.width_tile(width), config.out_tile(out)
+    args = (x, weight_x, weight_h, bias if bias is not None else x, head_weight if has_head else x,
+            head_bias if head_bias is not None else x, starts_t, h_all, y if has_head else h_all,
+            rows, in_features, chunk, width, num_layers, out)
+    consts = dict(NEG_SLOPE=float(negative_slope), ACT=activation_code(activation), SHARED=bool(shared_weights),
+                  HAS_BIAS=bias is not None, HAS_HEAD=has_head, HAS_HEAD_BIAS=head_bias is not None,
+                  STORE_H=bool(store_h or not has_head), DOT_DTYPE=plan.dot, ACC_DTYPE=plan.acc,
+                  PRECISION=plan.precision, BLOCK_W=bw, BLOCK_O=bo)
+    if config.autotune_enabled():
+        grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_B"]),)  # noqa: E731
+        wrap_triton(_spinal_fwd_kernel_tuned)[grid](*args, **consts)
+    else:
+        s = config.forward_settings(rows, chunk, width, out, x.dtype)
+        grid = (triton.cdiv(rows, s.block_b),)
+        wrap_triton(_spinal_fwd_kernel)[grid](*args, **consts, **s.meta())
+    return h_all, y
