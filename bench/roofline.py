@@ -1,6 +1,6 @@
 """Roofline MODEL of the fused spinal forward on an NVIDIA H100 SXM. Not a measurement: no GPU was used.
 
-For each configuration of ``bench/configs.py`` and batch size B: forward FLOPs (``reference.flops_per_row``, and
+For each configuration of ``spinal_ops/configs.py`` and batch size B: forward FLOPs (``reference.flops_per_row``, and
 the dense ``nn.Linear(D, L*w)`` + head it replaces, ``reference.dense_flops_per_row``), the minimum bytes the
 fused forward must move through HBM (x once, every parameter once, H and y written once; H is written because
 the op returns it for the backward), and the time floor ``max(FLOPs / peak, bytes / bandwidth)`` for
@@ -14,14 +14,9 @@ Run ``python bench/roofline.py`` for the table; import :func:`roofline_rows` for
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from configs import BATCH_SIZES, CONFIGS, SpinalConfig  # noqa: E402
-
-from spinal_ops import reference  # noqa: E402
+from spinal_ops import reference
+from spinal_ops.configs import CONFIGS, ROOFLINE_BATCH_SIZES, SpinalConfig
 
 # NVIDIA H100 Tensor Core GPU datasheet, H100 SXM column:
 #   BF16 Tensor Core 1,979 TFLOPS is quoted *with sparsity*; the dense rate is half: 989.5 TFLOPS.
@@ -71,7 +66,7 @@ def roofline_row(cfg: SpinalConfig, rows: int) -> RooflineRow:
 
 
 def roofline_rows() -> list[RooflineRow]:
-    return [roofline_row(cfg, rows) for cfg in CONFIGS for rows in BATCH_SIZES]
+    return [roofline_row(cfg, rows) for cfg in CONFIGS for rows in ROOFLINE_BATCH_SIZES]
 
 
 def _fmt_time(seconds: float) -> str:

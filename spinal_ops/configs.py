@@ -42,5 +42,6 @@ CONFIGS: list[SpinalConfig] = [
 
 CONFIG_BY_NAME = {c.name: c for c in CONFIGS}
 
-# Batch sizes of the CPU report; the roofline model adds 65536.
+# Batch sizes of the CPU report, and of the GPU roofline model (which adds 65536).
 BENCH_BATCH_SIZES: tuple[int, ...] = (1, 64, 1024)
+ROOFLINE_BATCH_SIZES: tuple[int, ...] = (1, 64, 1024, 65536)

@@ -233,14 +233,11 @@ def test_float32_precision_follows_torch():
 def test_autotune_prune_keeps_a_fitting_config():
     """For every benchmark configuration and batch size the GPU autotune space keeps at least one config, and
     every kept one respects the row cap."""
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
-    from configs import BATCH_SIZES, CONFIGS
+    from spinal_ops.configs import CONFIGS, ROOFLINE_BATCH_SIZES
     from spinal_ops.triton_kernels import config
 
     for cfg in CONFIGS:
-        for rows in BATCH_SIZES:
+        for rows in ROOFLINE_BATCH_SIZES:
             for configs, prune in ((config.forward_autotune_configs(), config.forward_prune),
                                    (config.chain_autotune_configs(), config.chain_prune)):
                 named = {"B": rows, "x_ptr": torch.empty(0, dtype=torch.bfloat16)}
