@@ -8,8 +8,8 @@ Backends:
 - ``triton``: the Triton kernels (CUDA tensors; CPU tensors when ``TRITON_INTERPRET=1`` was set before
   Triton was imported).
 
-Automatic choice: the fastest available for the tensor's device (CUDA tensors: ``cuda``, then ``triton``,
-then ``reference``; CPU tensors: ``cpu``, then ``reference``). ``SPINAL_OPS_BACKEND`` (read once, at import)
+Automatic choice: the fastest available for the tensor's device and dtype (CUDA tensors: ``cuda``, then
+``triton``, then ``reference``; CPU tensors: ``cpu`` for float32/float64, else ``reference``). ``SPINAL_OPS_BACKEND`` (read once, at import)
 and :func:`use_backend` (a context manager, which wins over the variable) force one.
 """
 
@@ -32,11 +32,13 @@ _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("spinal_ops
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _native_keys: frozenset[str] = frozenset()
+_automatic: dict[tuple, str] = {}  # (device type, dtype) -> automatic choice; facts above never change
 
 
 def record_native_kernels() -> None:
     """Note which dispatch keys have native kernels (called once ``spinal_ops._C`` is loaded)."""
     global _native_keys
+    _automatic.clear()
     _native_keys = frozenset(
         key for key in ("CPU", "CUDA")
         if torch._C._dispatch_has_kernel_for_dispatch_key("spinal_ops::spinal_forward", key)
@@ -57,12 +59,15 @@ def triton_interpreted() -> bool:
     return _TRITON_INTERPRET
 
 
-def _serves(name: str, device_type: str) -> bool:
-    """Whether backend ``name`` can run on tensors of ``device_type`` in this process."""
+_CPU_DTYPES = (torch.float32, torch.float64)
+
+
+def _serves(name: str, device_type: str, dtype: torch.dtype | None = None) -> bool:
+    """Whether backend ``name`` can run on tensors of ``device_type`` (and ``dtype``) in this process."""
     if name == "reference":
         return True
     if name == "cpu":
-        return device_type == "cpu" and _native_kernel("CPU")
+        return device_type == "cpu" and _native_kernel("CPU") and (dtype is None or dtype in _CPU_DTYPES)
     if name == "cuda":
         return device_type == "cuda" and _native_kernel("CUDA")
     if name == "triton":
@@ -111,19 +116,28 @@ def use_backend(name: str):
         _forced.reset(token)
 
 
-def select_backend(device: torch.device) -> str:
-    """The backend that runs a spinal op on tensors of ``device``: forced, or the fastest available."""
+def select_backend(device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The backend that runs a spinal op on tensors of ``device`` and ``dtype``: forced, or the fastest available.
+
+    The ``cpu`` backend runs float32 and float64; other dtypes on CPU go to ``reference`` automatically.
+    """
     forced = _forced.get() or _ENV_BACKEND
-    if forced is not None:
-        if forced not in BACKENDS:
-            raise ValueError(
-                f"SPINAL_OPS_BACKEND={forced!r} is not a spinal_ops backend; valid names: {', '.join(BACKENDS)}"
-            )
-        if not _serves(forced, device.type):
-            raise RuntimeError(
-                f"spinal_ops backend {forced!r} cannot run on {device.type} tensors; backends for "
-                f"{device.type}: {', '.join(b for b in BACKENDS if _serves(b, device.type))}"
-            )
-        return forced
-    order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
-    return next(name for name in order if _serves(name, device.type))
+    if forced is None:
+        key = (device.type, dtype)
+        choice = _automatic.get(key)
+        if choice is None:
+            order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
+            choice = _automatic[key] = next(name for name in order if _serves(name, device.type, dtype))
+        return choice
+    if forced not in BACKENDS:
+        raise ValueError(
+            f"SPINAL_OPS_BACKEND={forced!r} is not a spinal_ops backend; valid names: {', '.join(BACKENDS)}"
+        )
+    if not _serves(forced, device.type, dtype):
+        what = f"{device.type} tensors of dtype {dtype}" if dtype is not None else f"{device.type} tensors"
+        raise RuntimeError(
+            f"spinal_ops backend {forced!r} cannot run {what}; backends for them: "
+            f"{', '.join(b for b in BACKENDS if _serves(b, device.type, dtype))}"
+            + (" (the cpu backend runs float32 and float64)" if forced == "cpu" else "")
+        )
+    return forced

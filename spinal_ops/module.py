@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from . import reference
-from .ops import spinal_linear
+from .ops import apply_spinal, spinal_linear
 
 
 def default_layer_width(in_features: int, num_splits: int) -> int:
@@ -116,7 +116,7 @@ class SpinalLinear(nn.Module):
         self.shared_weights = shared_weights
         self.head = head
         self.chunk = reference.chunk_size(in_features, num_splits)
-        reference.split_starts(in_features, num_splits, num_layers, split_mode)  # validates alternate mode
+        self._starts = reference.split_starts(in_features, num_splits, num_layers, split_mode)
 
         factory = {"device": device, "dtype": dtype}
         x_slots, h_slots = reference.num_slots(num_layers, shared_weights)
@@ -154,7 +154,15 @@ class SpinalLinear(nn.Module):
             raise ValueError(
                 f"SpinalLinear: expected input of shape (*, {self.in_features}) (in_features), got shape {got}"
             )
-        return spinal_linear(
+        p = self._parameters
+        params = (p["weight_x"], p["weight_h"], p["bias"], p["head_weight"], p["head_bias"])
+        wx = params[0]
+        if input.dtype == wx.dtype and input.device == wx.device and wx.is_contiguous():
+            # The common case, kept short (it runs on every call): hyper-parameters were validated at
+            # construction, and parameters made by this module are contiguous (the kernels check the rest).
+            return apply_spinal(input, params, self._starts, self.activation, self.negative_slope,
+                                self.shared_weights)
+        return spinal_linear(  # validates the input against the parameters, with messages naming both
             input, self.weight_x, self.weight_h, self.bias, self.head_weight, self.head_bias,
             num_layers=self.num_layers, num_splits=self.num_splits, split_mode=self.split_mode,
             activation=self.activation, negative_slope=self.negative_slope, shared_weights=self.shared_weights,

@@ -165,13 +165,16 @@ def _triton_forward():
 
 
 def _forward_op(backend: str):
+    if backend == "cpu" or backend == "cuda":
+        return _NATIVE_FORWARD
     if backend == "reference":
         return reference.spinal_forward
-    if backend in ("cpu", "cuda"):
-        return torch.ops.spinal_ops.spinal_forward
     if backend == "triton":
         return _triton_forward()
     raise AssertionError(backend)
+
+
+_NATIVE_FORWARD = torch.ops.spinal_ops.spinal_forward.default if NATIVE_IMPORT_ERROR is None else None
 
 
 def spinal_linear(
@@ -251,14 +254,27 @@ def spinal_linear(
             f"spinal_linear: head_weight must have shape (out, L*w) = (out, {num_layers * width}), got "
             f"{tuple(head_weight.shape)}"
         )
-    starts = reference.split_starts(in_features, num_splits, num_layers, split_mode)
-    backend = select_backend(input.device)
     if activation not in reference.ACTIVATIONS:
         raise ValueError(f"spinal_linear: activation must be one of {reference.ACTIVATIONS}, got {activation!r}")
+    starts = reference.split_starts(in_features, num_splits, num_layers, split_mode)
+    params = tuple(t.contiguous() if t is not None else None
+                   for t in (weight_x, weight_h, bias, head_weight, head_bias))
+    return apply_spinal(input, params, starts, activation, float(negative_slope), bool(shared_weights))
 
-    lead = input.shape[:-1]
-    x2d = input.reshape(-1, in_features).contiguous()
-    params = [t.contiguous() if t is not None else None for t in (weight_x, weight_h, bias, head_weight, head_bias)]
-    h_all, y = _forward_op(backend)(x2d, *params, starts, activation, float(negative_slope), bool(shared_weights))
-    out = y if head_weight is not None else h_all
-    return out.reshape(*lead, out.shape[-1])
+
+def apply_spinal(input: Tensor, params: tuple, starts: list[int], activation: str, negative_slope: float,
+                 shared_weights: bool) -> Tensor:
+    """Run validated arguments on the chosen backend: ``(*, D) -> (*, out)`` or ``(*, L*w)``.
+
+    ``params`` is ``(weight_x, weight_h, bias, head_weight, head_bias)``, contiguous, of the input's dtype and
+    device. :func:`spinal_linear` and :class:`SpinalLinear` validate, then call this (it is on the per-call path
+    of every layer, so it does no more than it must).
+    """
+    backend = select_backend(input.device, input.dtype)
+    two_d = input.dim() == 2
+    x2d = input if two_d else input.reshape(-1, input.shape[-1])
+    if not x2d.is_contiguous():
+        x2d = x2d.contiguous()
+    h_all, y = _forward_op(backend)(x2d, *params, starts, activation, negative_slope, shared_weights)
+    out = h_all if params[3] is None else y
+    return out if two_d else out.reshape(*input.shape[:-1], out.shape[-1])

@@ -192,11 +192,19 @@ def test_leading_dims_like_linear(shape):
     assert x.grad.shape == x.shape
 
 
-def test_float16_input_falls_back_with_a_clear_error():
-    m = SpinalLinear(10, 3, layer_width=4, dtype=torch.float16)
-    with pytest.raises(RuntimeError, match="float32 or float64, got Half"):
+def test_other_dtypes_go_to_the_reference_or_raise_when_forced():
+    m = SpinalLinear(10, 3, layer_width=4, dtype=torch.bfloat16)
+    x = torch.randn(2, 10, dtype=torch.bfloat16)
+    assert spinal_ops.backends.select_backend(x.device, x.dtype) == "reference"
+    with spinal_ops.use_backend("reference"):
+        expected = m(x)
+    assert torch.equal(m(x), expected)
+    with pytest.raises(RuntimeError, match="'cpu' cannot run cpu tensors of dtype torch.bfloat16.*float32 and float64"):
         with spinal_ops.use_backend("cpu"):
-            m(torch.randn(2, 10, dtype=torch.float16))
+            m(x)
+    with pytest.raises(RuntimeError, match="x must be float32 or float64, got BFloat16"):  # the op itself checks too
+        torch.ops.spinal_ops.spinal_forward(x, m.weight_x, m.weight_h, m.bias, m.head_weight, m.head_bias,
+                                            [0, 5, 0, 5], "relu", 0.01, False)
 
 
 @pytest.mark.parametrize(
