@@ -2,7 +2,7 @@
 //
 // Layout: x (B, D) and H (B, L*w) row-major; sub-layer i owns columns [i*w, (i+1)*w) of H.
 //
-// Forward, per tile of kRowTile rows (tiles run in parallel, one per task; rows are independent):
+// Forward, per tile of kRowTile rows (tiles are independent jobs, run in parallel):
 //   for i = 0 .. L-1:  H_i  = x[:, s_i : s_i+c1] @ Wx_i[:, :c1].T          (one GEMM)
 //                      H_i += x[:, 0 : c2]      @ Wx_i[:, c1:].T          (only when the chunk wraps)
 //                      H_i += H_{i-1} @ Wh_i.T                            (i >= 1: the recurrence)
@@ -11,13 +11,18 @@
 // The tile of H is written and read back while it is still in cache; nothing else is allocated.
 //
 // Backward, with G = dL/dy and dH = G @ Wo (+ grad_H), in two phases:
-//   1. per row tile (parallel): dZ_i = (dH_i + carry) * act'(.) for i = L-1 .. 0, written over dH in one
+//   1. per row tile (parallel jobs): dZ_i = (dH_i + carry) * act'(.) for i = L-1 .. 0, written over dH in one
 //      (B, L*w) scratch tensor; carry = dZ_i @ Wh_i; dx[:, chunk_i] += dZ_i @ Wx_i (scatter with wrap, in
 //      sub-layer order, so the sum order is fixed). act' comes from H, or from Z recomputed from x and H
 //      for gelu, silu and leaky_relu with a negative slope.
-//   2. weight gradients as full-batch GEMMs over rows (dWx_i = dZ_i.T @ x_chunk, dWh_i = dZ_i.T @ H_{i-1},
-//      dWo = G.T @ H), shared slots accumulating in sub-layer order; bias gradients as column sums.
-// GEMMs go to the BLAS PyTorch links (MKL on x86-64); inside a parallel region they run single-threaded.
+//   2. weight gradients, one job per sub-layer and kind, each a GEMM over all rows (dWx_i = dZ_i.T @ x_chunk,
+//      dWh_i = dZ_i.T @ H_{i-1}, dWo[:, block i] = G.T @ H_i); shared slots get per-sub-layer partials that are
+//      added in sub-layer order afterwards; bias gradients are column sums in row order.
+//
+// Determinism: every GEMM goes to the BLAS PyTorch links (MKL on x86-64) with BLAS threading switched off for
+// the call (MKL_Set_Num_Threads_Local), and the split into jobs depends only on the problem sizes, so outputs
+// and gradients are bitwise identical across runs and across thread counts. (With a BLAS other than MKL the
+// switch is absent and the BLAS's own threading may change the last bits.)
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -35,6 +40,8 @@
 #include "spinal_args.h"
 
 extern "C" {
+// MKL's per-thread switch of its own threading (weak: absent when PyTorch links another BLAS).
+int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));  // the C interface
 // Fortran BLAS, exported by libtorch_cpu (column-major, 32-bit integers).
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
             const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
@@ -47,10 +54,11 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 namespace spinal_ops {
 namespace {
 
-// Rows per tile. 64 rows keep a tile of H (64 * L*w values) and the scratch of one sub-layer in L2 for every
-// head of the original repository (L*w <= 5120), and give MKL GEMMs with m = 64, large enough to run at
-// full vector width.
-constexpr int64_t kRowTile = 512;
+// Rows per tile (fixed, independent of the thread count, which keeps results bitwise reproducible). Chosen by
+// `python -m spinal_ops bench` over {64, 128, 256, 512} on the configurations of spinal_ops/configs.py: 256
+// amortises the per-GEMM call overhead that dominates narrow layers (w = 20..50: one tile is 3L+1 BLAS calls)
+// while a tile of H (256 * L*w values, <= 5 MB for L*w = 5120) still streams through L2 for the wide ones.
+constexpr int64_t kRowTile = 256;
 
 // Row-major GEMM: C (m x n, ldc) = alpha * op(A) (m x k) @ op(B) (k x n) + beta * C.
 // trans_a / trans_b: use the transpose of the stored row-major A (k x m, lda) / B (n x k, ldb).
@@ -184,21 +192,41 @@ void forward_tile(const Problem<T>& p, int64_t r0, int64_t m, T* h_all, T* y, co
   }
 }
 
-// Runs fn(r0, m) over row tiles; in parallel when there is more than one tile.
+// Keeps the BLAS single-threaded on this thread while alive: parallelism comes from our jobs only.
+class SequentialBlas {
+ public:
+  SequentialBlas() : previous_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous_);
+  }
+  SequentialBlas(const SequentialBlas&) = delete;
+  SequentialBlas& operator=(const SequentialBlas&) = delete;
+
+ private:
+  int previous_;
+};
+
+// Runs fn(j) for j = 0 .. jobs-1, in parallel over PyTorch's intra-op threads, each job with sequential BLAS.
+template <typename F>
+void run_jobs(int64_t jobs, const F& fn) {
+  auto body = [&](int64_t j0, int64_t j1) {
+    SequentialBlas sequential;
+    for (int64_t j = j0; j < j1; ++j) fn(j);
+  };
+  if (jobs <= 1) {
+    body(0, jobs);
+  } else {
+    at::parallel_for(0, jobs, 1, body);
+  }
+}
+
+// Runs fn(r0, m) for every tile of kRowTile rows, as parallel jobs.
 template <typename F>
 void for_each_tile(int64_t rows, const F& fn) {
-  const int64_t tiles = (rows + kRowTile - 1) / kRowTile;
-  auto body = [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t r0 = t * kRowTile;
-      fn(r0, std::min(kRowTile, rows - r0));
-    }
-  };
-  if (tiles <= 1) {
-    body(0, tiles);
-  } else {
-    at::parallel_for(0, tiles, 1, body);
-  }
+  run_jobs((rows + kRowTile - 1) / kRowTile, [&](int64_t t) {
+    const int64_t r0 = t * kRowTile;
+    fn(r0, std::min(kRowTile, rows - r0));
+  });
 }
 
 template <typename T>
@@ -334,47 +362,78 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const T* hp = h_all.const_data_ptr<T>();
     const T* gy = has_gy ? grad_y->const_data_ptr<T>() : nullptr;
     const T* gh = grad_h ? grad_h->const_data_ptr<T>() : nullptr;
-    if (has_gy && want_wo) gemm<T>(true, false, d.out, lw, d.rows, T(1), gy, d.out, hp, lw, T(0),
-                                   dwo.mutable_data_ptr<T>(), lw);
-    if (has_gy && want_bo) add_column_sums(gy, d.rows, d.out, d.out, dbo.mutable_data_ptr<T>());
-    if (!need_chain) return;
-
-    at::Tensor dz_t = at::empty({d.rows, lw}, x.options());
-    const std::vector<T> zero_bias(static_cast<size_t>(d.width), T(0));
-    T* dz = dz_t.mutable_data_ptr<T>();
-    T* dxp = want_dx ? dx.mutable_data_ptr<T>() : nullptr;
-    for_each_tile(d.rows, [&](int64_t r0, int64_t m) {
-      T* dzt = dz + r0 * lw;
-      if (has_gy) {
-        gemm<T>(false, false, m, lw, d.out, T(1), gy + r0 * d.out, d.out, p.wo, lw, T(0), dzt, lw);
-      } else {
-        std::fill(dzt, dzt + m * lw, T(0));
-      }
-      if (gh) {
-        const T* ght = gh + r0 * lw;
-        for (int64_t k = 0; k < m * lw; ++k) dzt[k] += ght[k];
-      }
-      std::vector<T> carry, zbuf;
-      dispatch_activation(d.activation, [&](auto act) {
-        backward_chain_tile<decltype(act)::value>(p, r0, m, hp, dz, dxp, carry, zbuf, zero_bias.data());
+    T* dz = nullptr;
+    at::Tensor dz_t;
+    if (need_chain) {
+      dz_t = at::empty({d.rows, lw}, x.options());
+      dz = dz_t.mutable_data_ptr<T>();
+      const std::vector<T> zero_bias(static_cast<size_t>(d.width), T(0));
+      T* dxp = want_dx ? dx.mutable_data_ptr<T>() : nullptr;
+      for_each_tile(d.rows, [&](int64_t r0, int64_t m) {
+        T* dzt = dz + r0 * lw;
+        if (has_gy) {
+          gemm<T>(false, false, m, lw, d.out, T(1), gy + r0 * d.out, d.out, p.wo, lw, T(0), dzt, lw);
+        } else {
+          std::fill(dzt, dzt + m * lw, T(0));
+        }
+        if (gh) {
+          const T* ght = gh + r0 * lw;
+          for (int64_t k = 0; k < m * lw; ++k) dzt[k] += ght[k];
+        }
+        std::vector<T> carry, zbuf;
+        dispatch_activation(d.activation, [&](auto act) {
+          backward_chain_tile<decltype(act)::value>(p, r0, m, hp, dz, dxp, carry, zbuf, zero_bias.data());
+        });
       });
-    });
+    }
 
-    for (int64_t i = 0; i < d.layers; ++i) {
-      const T* dzi = dz + i * d.width;
-      if (want_wx) {
+    // Phase 2: weight gradients. Jobs [0, L): dWx_i; [L, 2L): dWh_i; [2L, 3L): dWo block i; 3L: biases.
+    // A shared slot (sub-layers 1.. with shared weights) receives per-sub-layer partials, summed below.
+    const int64_t xsize = d.width * d.chunk, hsize = d.width * d.width;
+    const bool shared = d.shared && d.layers > 2;
+    std::vector<T> xpart(shared && want_wx ? static_cast<size_t>(d.layers * xsize) : 0);
+    std::vector<T> hpart(shared && want_wh ? static_cast<size_t>(d.layers * hsize) : 0);
+    const bool bias_job = want_b || (has_gy && want_bo);
+    run_jobs(3 * d.layers + 1, [&](int64_t job) {
+      const int64_t i = job % d.layers;
+      const T* dzi = dz ? dz + i * d.width : nullptr;
+      if (job < d.layers) {
+        if (!want_wx) return;
         const int64_t s = starts[i];
         const int64_t c1 = std::min(d.chunk, d.in_features - s);
         const int64_t c2 = d.chunk - c1;
-        T* g = dwx.mutable_data_ptr<T>() + d.x_slot(i) * d.width * d.chunk;
-        gemm<T>(true, false, d.width, c1, d.rows, T(1), dzi, lw, p.x + s, d.in_features, T(1), g, d.chunk);
-        if (c2 > 0) gemm<T>(true, false, d.width, c2, d.rows, T(1), dzi, lw, p.x, d.in_features, T(1), g + c1, d.chunk);
+        T* g = (shared && i >= 1) ? xpart.data() + i * xsize : dwx.mutable_data_ptr<T>() + d.x_slot(i) * xsize;
+        gemm<T>(true, false, d.width, c1, d.rows, T(1), dzi, lw, p.x + s, d.in_features, T(0), g, d.chunk);
+        if (c2 > 0) gemm<T>(true, false, d.width, c2, d.rows, T(1), dzi, lw, p.x, d.in_features, T(0), g + c1, d.chunk);
+      } else if (job < 2 * d.layers) {
+        if (!want_wh || i == 0) return;
+        T* g = shared ? hpart.data() + i * hsize : dwh.mutable_data_ptr<T>() + d.h_slot(i) * hsize;
+        gemm<T>(true, false, d.width, d.width, d.rows, T(1), dzi, lw, hp + (i - 1) * d.width, lw, T(0), g, d.width);
+      } else if (job < 3 * d.layers) {
+        if (!(has_gy && want_wo)) return;
+        gemm<T>(true, false, d.out, d.width, d.rows, T(1), gy, d.out, hp + i * d.width, lw, T(0),
+                dwo.mutable_data_ptr<T>() + i * d.width, lw);
+      } else if (bias_job) {
+        if (want_b) {
+          for (int64_t l = 0; l < d.layers; ++l)
+            add_column_sums(dz + l * d.width, d.rows, d.width, lw, db.mutable_data_ptr<T>() + d.x_slot(l) * d.width);
+        }
+        if (has_gy && want_bo) add_column_sums(gy, d.rows, d.out, d.out, dbo.mutable_data_ptr<T>());
       }
-      if (want_wh && i > 0) {
-        T* g = dwh.mutable_data_ptr<T>() + d.h_slot(i) * d.width * d.width;
-        gemm<T>(true, false, d.width, d.width, d.rows, T(1), dzi, lw, hp + (i - 1) * d.width, lw, T(1), g, d.width);
+    });
+    if (shared) {  // partials of the shared slot, added in sub-layer order
+      for (int64_t i = 1; i < d.layers; ++i) {
+        if (want_wx) {
+          T* g = dwx.mutable_data_ptr<T>() + xsize;
+          const T* part = xpart.data() + i * xsize;
+          for (int64_t k = 0; k < xsize; ++k) g[k] += part[k];
+        }
+        if (want_wh) {
+          T* g = dwh.mutable_data_ptr<T>();
+          const T* part = hpart.data() + i * hsize;
+          for (int64_t k = 0; k < hsize; ++k) g[k] += part[k];
+        }
       }
-      if (want_b) add_column_sums(dzi, d.rows, d.width, lw, db.mutable_data_ptr<T>() + d.x_slot(i) * d.width);
     }
   });
   return {dx, dwx, dwh, db, dwo, dbo};
