@@ -95,32 +95,38 @@ def _call(module, backend, x):
         return module(x)
 
 
-def time_provider(module, backend, x, mode: str, min_run_time: float) -> float:
-    """Median seconds per call of ``mode`` for one provider."""
-    from torch.utils.benchmark import Timer
-
+def make_step(module, backend, x, mode: str):
+    """A no-argument callable running one ``mode`` step of one provider on ``x``."""
     if mode == "forward":
-        def stmt():
+        def step():
             with torch.no_grad():
                 _call(module, backend, x)
     elif mode == "fwd+bwd":
         xg = x.detach().requires_grad_()
         grad = torch.ones(x.shape[0], _call(module, backend, x[:1]).shape[1], dtype=x.dtype, device=x.device)
 
-        def stmt():
+        def step():
             _call(module, backend, xg).backward(grad)
     elif mode == "backward":
         xg = x.detach().requires_grad_()
         y = _call(module, backend, xg)
         grad = torch.ones_like(y)
 
-        def stmt():
+        def step():
             y.backward(grad, retain_graph=True)
     else:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return step
+
+
+def time_provider(module, backend, x, mode: str, min_run_time: float) -> float:
+    """Median seconds per call of ``mode`` for one provider."""
+    from torch.utils.benchmark import Timer
+
+    step = make_step(module, backend, x, mode)
     for _ in range(2):  # warm-up (and compilation for the compiled provider)
-        stmt()
-    return Timer("stmt()", globals={"stmt": stmt}).blocked_autorange(min_run_time=min_run_time).median
+        step()
+    return Timer("step()", globals={"step": step}).blocked_autorange(min_run_time=min_run_time).median
 
 
 def saved_activation_values(module, backend, x) -> int:
