@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import re
 
 import torch
 from torch import nn
@@ -52,11 +54,30 @@ class SpinalLinear(nn.Module):
         Sub-layers ``1 .. L-1`` share one set of weights (the original "SpinalNet SW").
     head : bool
         Classifier head (``True``) or hidden layer (``False``).
+    dropout : float
+        Probability ``p`` of a ``Dropout`` before each sub-layer's Linear (on ``cat([x_chunk, h_prev])``) and
+        before the head (the VGG and transfer-learning heads). Default 0: none.
+    batch_norm : bool
+        A ``BatchNorm1d(layer_width)`` after each sub-layer's Linear, before the activation (in
+        :attr:`norms`, one per ``weight_x`` slot; shared with the weights under ``shared_weights``).
+
+    With ``dropout > 0`` or ``batch_norm``, train mode runs the blocks unfused, in plain PyTorch
+    (:func:`spinal_ops.reference.spinal_forward_blocks`: dropout and batch statistics cannot run inside the
+    fused kernels). Eval mode runs fused on any backend: dropout is the identity and each batch norm is folded
+    into ``weight_x``, ``weight_h`` and ``bias`` with its running statistics
+    (:func:`spinal_ops.reference.fold_batch_norm`). Without either, nothing changes on the fused path.
+
+    ``dropout`` may be changed later by assigning the attribute; whether there are batch norms is fixed at
+    construction.
+
+    Under ``torch.autocast`` the layer computes in the autocast dtype, as ``nn.Linear`` does
+    (:func:`spinal_ops.ops.autocast_args`).
 
     Attributes
     ----------
     weight_x : ``(Lx, w, c)``; ``weight_h`` : ``(Lh, w, w)``; ``bias`` : ``(Lx, w)`` or None;
     head_weight : ``(out_features, L * w)`` or None; head_bias : ``(out_features,)`` or None.
+    norms : ``nn.ModuleList`` of ``Lx`` ``nn.BatchNorm1d(w)``, or None.
     ``Lx = L`` and ``Lh = L - 1``, or ``min(L, 2)`` and ``min(L - 1, 1)`` with shared weights.
     """
 
@@ -74,6 +95,8 @@ class SpinalLinear(nn.Module):
         negative_slope: float = 0.01,
         shared_weights: bool = False,
         head: bool = True,
+        dropout: float = 0.0,
+        batch_norm: bool = False,
         device=None,
         dtype=None,
     ) -> None:
@@ -104,6 +127,8 @@ class SpinalLinear(nn.Module):
                 )
         if not isinstance(layer_width, int) or isinstance(layer_width, bool) or layer_width < 1:
             raise ValueError(f"SpinalLinear: layer_width must be an integer >= 1, got {layer_width!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"SpinalLinear: dropout must be a probability in [0, 1], got {dropout!r}")
 
         self.in_features = in_features
         self.out_features = out_features
@@ -129,7 +154,23 @@ class SpinalLinear(nn.Module):
         self.register_parameter(
             "head_bias", nn.Parameter(torch.empty(out_features, **factory)) if (head and bias) else None
         )
+        if batch_norm:
+            self.norms = nn.ModuleList(nn.BatchNorm1d(layer_width, **factory) for _ in range(x_slots))
+        else:
+            self.norms = None
+        self.dropout = dropout  # also sets self._blocks
         self.reset_parameters()
+
+    @property
+    def dropout(self) -> float:
+        """Dropout probability before each sub-layer and the head (0: none)."""
+        return self._dropout
+
+    @dropout.setter
+    def dropout(self, p: float) -> None:
+        self._dropout = float(p)
+        # One flag read by forward: False keeps the fused fast path exactly as without these features.
+        self._blocks = self._dropout > 0 or self.norms is not None
 
     def reset_parameters(self) -> None:
         """Initialise like the ``nn.Linear`` chain it replaces: uniform in ``+-1/sqrt(fan_in)``."""
@@ -154,6 +195,8 @@ class SpinalLinear(nn.Module):
             raise ValueError(
                 f"SpinalLinear: expected input of shape (*, {self.in_features}) (in_features), got shape {got}"
             )
+        if self._blocks:
+            return self._forward_blocks(input)
         p = self._parameters
         params = (p["weight_x"], p["weight_h"], p["bias"], p["head_weight"], p["head_bias"])
         wx = params[0]
@@ -162,19 +205,62 @@ class SpinalLinear(nn.Module):
             # construction, and parameters made by this module are contiguous (the kernels check the rest).
             return apply_spinal(input, params, self._starts, self.activation, self.negative_slope,
                                 self.shared_weights)
+        return self._fused(input, self.weight_x, self.weight_h, self.bias)
+
+    def _fused(self, input, weight_x, weight_h, bias) -> torch.Tensor:
         return spinal_linear(  # validates the input against the parameters, with messages naming both
-            input, self.weight_x, self.weight_h, self.bias, self.head_weight, self.head_bias,
+            input, weight_x, weight_h, bias, self.head_weight, self.head_bias,
             num_layers=self.num_layers, num_splits=self.num_splits, split_mode=self.split_mode,
             activation=self.activation, negative_slope=self.negative_slope, shared_weights=self.shared_weights,
         )
 
+    def _forward_blocks(self, input: torch.Tensor) -> torch.Tensor:
+        """Forward with dropout and/or batch norm: fused when they reduce to an affine map, else unfused."""
+        norms = self.norms
+        unfused = (self.training and self._dropout > 0) or (
+            norms is not None and any(n.training or n.running_var is None for n in norms)
+        )
+        if not unfused:
+            if norms is None:  # eval-mode dropout is the identity
+                return self._fused(input, self.weight_x, self.weight_h, self.bias)
+            scale, shift = self._batch_norm_affine()
+            weight_x, weight_h, bias = reference.fold_batch_norm(self.weight_x, self.weight_h, self.bias, scale, shift)
+            return self._fused(input, weight_x, weight_h, bias)
+        wx = self.weight_x
+        if input.dtype != wx.dtype and not torch.is_autocast_enabled(input.device.type):
+            raise TypeError(f"SpinalLinear: weight_x has dtype {wx.dtype} but input has dtype {input.dtype}; "
+                            "they must match (cast the module with .to(dtype) or the input)")
+        x2d = input.reshape(-1, self.in_features)
+        out = reference.spinal_forward_blocks(
+            x2d, wx, self.weight_h, self.bias, self.head_weight, self.head_bias, self._starts, self.activation,
+            self.negative_slope, self.shared_weights, dropout=self._dropout, training=self.training, norms=norms,
+        )
+        return out.reshape(*input.shape[:-1], out.shape[-1])
+
+    def _batch_norm_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, shift)``, each ``(Lx, w)``: eval-mode batch norm of slot ``j`` is ``z * scale[j] + shift[j]``."""
+        scales, shifts = [], []
+        for n in self.norms:
+            scale = 1.0 / torch.sqrt(n.running_var + n.eps)
+            if n.weight is not None:
+                scale = scale * n.weight
+            shift = -n.running_mean * scale
+            if n.bias is not None:
+                shift = shift + n.bias
+            scales.append(scale)
+            shifts.append(shift)
+        return torch.stack(scales), torch.stack(shifts)
+
     def extra_repr(self) -> str:
-        return (
+        text = (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"layer_width={self.layer_width}, num_layers={self.num_layers}, num_splits={self.num_splits}, "
             f"split_mode={self.split_mode!r}, activation={self.activation!r}, negative_slope={self.negative_slope}, "
             f"shared_weights={self.shared_weights}, head={self.head}"
         )
+        if self._dropout > 0:
+            text += f", dropout={self._dropout}"
+        return text  # the batch norms print as the child module `norms`
 
     # ------------------------------------------------------------------------------ original-script interop
 
@@ -182,74 +268,162 @@ class SpinalLinear(nn.Module):
     def from_linears(
         cls,
         in_features: int,
-        layers: list[nn.Linear],
-        head: nn.Linear | None = None,
+        layers: list[nn.Module],
+        head: nn.Module | None = None,
         *,
         num_splits: int = 2,
         split_mode: str = "cyclic",
-        activation: str = "relu",
-        negative_slope: float = 0.01,
+        activation: str | None = None,
+        negative_slope: float | None = None,
     ) -> SpinalLinear:
-        """Build from the original scripts' sub-layer ``nn.Linear`` list and optional head.
+        """Build from the original scripts' sub-layers and optional head.
 
-        ``layers[0]`` has ``in_features == c``, the others ``c + w`` (chunk columns first, then the previous
-        output, as ``torch.cat([x_chunk, h_prev], 1)``). The same module object repeated for sub-layers
-        ``1 ..`` means shared weights. ``head`` is the final ``Linear(L * w, out)``, or None for a hidden layer.
-        Weights are copied (exact); the result is on the device and dtype of ``layers[0]``.
+        Each of ``layers`` is an ``nn.Linear`` or an original block ``nn.Sequential([Dropout,] Linear,
+        [BatchNorm1d,] [activation])``; ``head`` is an ``nn.Linear``, ``nn.Sequential([Dropout,] Linear)`` or
+        None for a hidden layer. ``layers[0]``'s Linear has ``in_features == c``, the others ``c + w`` (chunk
+        columns first, then the previous output, as ``torch.cat([x_chunk, h_prev], 1)``); the head's is
+        ``L * w``. The same module object repeated for sub-layers ``1 ..`` means shared weights.
+
+        Dropout modules must all have one probability (before every sub-layer and the head); batch norms are
+        on every sub-layer or none (copied with their running statistics, eps and momentum). ``activation`` and
+        ``negative_slope`` default to what the blocks' activation modules say, else ``"relu"`` and 0.01; given
+        explicitly, they must agree with those modules. Weights are copied (exact); the result is on the device
+        and dtype of ``layers[0]``'s Linear.
         """
+        where = "SpinalLinear.from_linears"
         layers = list(layers)
         if not layers:
-            raise ValueError("SpinalLinear.from_linears: layers must hold at least one nn.Linear, got none")
+            raise ValueError(f"{where}: layers must hold at least one nn.Linear, got none")
+        blocks = [_parse_block(block, f"layers[{i}]", is_head=False) for i, block in enumerate(layers)]
+        head_block = _parse_block(head, "head", is_head=True) if head is not None else None
+        linears = [b.linear for b in blocks]
         chunk = reference.chunk_size(in_features, num_splits)
-        width = layers[0].out_features
-        bias = layers[0].bias is not None
-        for i, lin in enumerate(layers):
-            if not isinstance(lin, nn.Linear):
-                raise TypeError(f"SpinalLinear.from_linears: layers[{i}] must be nn.Linear, got {type(lin).__name__}")
+        width = linears[0].out_features
+        bias = linears[0].bias is not None
+        for i, lin in enumerate(linears):
             fan_in = chunk if i == 0 else chunk + width
             if lin.in_features != fan_in or lin.out_features != width:
                 raise ValueError(
-                    f"SpinalLinear.from_linears: layers[{i}] must be Linear({fan_in}, {width}) for in_features="
+                    f"{where}: layers[{i}] must be Linear({fan_in}, {width}) for in_features="
                     f"{in_features}, num_splits={num_splits}; got Linear({lin.in_features}, {lin.out_features})"
                 )
             if (lin.bias is not None) != bias:
-                raise ValueError("SpinalLinear.from_linears: all layers (and the head) must agree on bias")
-        shared = len(layers) > 2 and all(lin is layers[1] for lin in layers[1:])
-        num_layers = len(layers)
-        if head is not None:
-            if head.in_features != num_layers * width:
+                raise ValueError(f"{where}: all layers (and the head) must agree on bias")
+        shared = len(linears) > 2 and all(lin is linears[1] for lin in linears[1:])
+        num_layers = len(linears)
+        head_lin = head_block.linear if head_block is not None else None
+        if head_lin is not None:
+            if head_lin.in_features != num_layers * width:
                 raise ValueError(
-                    f"SpinalLinear.from_linears: head must have in_features = L * w = {num_layers * width}, "
-                    f"got {head.in_features}"
+                    f"{where}: head must have in_features = L * w = {num_layers * width}, got {head_lin.in_features}"
                 )
-            if (head.bias is not None) != bias:
-                raise ValueError("SpinalLinear.from_linears: all layers (and the head) must agree on bias")
-        out_features = head.out_features if head is not None else num_layers * width
-        ref = layers[0].weight
+            if (head_lin.bias is not None) != bias:
+                raise ValueError(f"{where}: all layers (and the head) must agree on bias")
+
+        # Dropout: one probability everywhere.
+        named = [(f"layers[{i}]", b) for i, b in enumerate(blocks)] + ([("head", head_block)] if head_block else [])
+        probs = {name: b.dropout for name, b in named}
+        if len(set(probs.values())) > 1:
+            listed = ", ".join(f"{name}: {p}" for name, p in probs.items())
+            raise ValueError(f"{where}: SpinalLinear has one dropout probability before every sub-layer and the "
+                             f"head; the blocks have different ones ({listed})")
+        dropout = blocks[0].dropout
+
+        # Activation: from the blocks, agreeing with the arguments.
+        found = {(b.activation if b.activation is None else b.activation[0]) for b in blocks}
+        if len(found) > 1:
+            raise ValueError(f"{where}: the sub-layer blocks disagree on the activation: "
+                             + ", ".join(f"layers[{i}]: {b.activation_text}" for i, b in enumerate(blocks)))
+        if blocks[0].activation is not None:
+            block_act, block_slope = blocks[0].activation
+            slopes = {b.activation[1] for b in blocks}
+            if len(slopes) > 1:
+                raise ValueError(f"{where}: the sub-layer blocks disagree on the LeakyReLU negative_slope: "
+                                 f"{sorted(slopes)}")
+            if activation is not None and activation != block_act:
+                raise ValueError(f"{where}: activation={activation!r} but the blocks hold "
+                                 f"{blocks[0].activation_text} ({block_act!r})")
+            if negative_slope is not None and block_act == "leaky_relu" and negative_slope != block_slope:
+                raise ValueError(f"{where}: negative_slope={negative_slope} but the blocks hold "
+                                 f"{blocks[0].activation_text}")
+            activation = block_act
+            if block_act == "leaky_relu":
+                negative_slope = block_slope
+        activation = "relu" if activation is None else activation
+        negative_slope = 0.01 if negative_slope is None else negative_slope
+
+        # Batch norm: on every sub-layer or none, shared exactly when the weights are.
+        norms = [b.norm for b in blocks]
+        if any(n is None for n in norms) and any(n is not None for n in norms):
+            raise ValueError(f"{where}: BatchNorm1d must follow the Linear of every sub-layer or of none; "
+                             "missing in " + ", ".join(f"layers[{i}]" for i, n in enumerate(norms) if n is None))
+        batch_norm = norms[0] is not None
+        if batch_norm:
+            for i, n in enumerate(norms):
+                if n.num_features != width:
+                    raise ValueError(f"{where}: layers[{i}] has BatchNorm1d({n.num_features}) after a Linear of "
+                                     f"width {width}; expected BatchNorm1d({width})")
+            if shared and not all(n is norms[1] for n in norms[1:]):
+                raise ValueError(f"{where}: the sub-layers 1.. share one Linear, so they must share one "
+                                 "BatchNorm1d too (repeat the whole block)")
+            if not shared and len({id(n) for n in norms}) != len(norms):
+                raise ValueError(f"{where}: sub-layers with their own Linear must have their own BatchNorm1d")
+
+        ref = linears[0].weight
         module = cls(
-            in_features, out_features, bias, layer_width=width, num_layers=num_layers, num_splits=num_splits,
-            split_mode=split_mode, activation=activation, negative_slope=negative_slope, shared_weights=shared,
-            head=head is not None, device=ref.device, dtype=ref.dtype,
+            in_features, head_lin.out_features if head_lin is not None else num_layers * width, bias,
+            layer_width=width, num_layers=num_layers, num_splits=num_splits, split_mode=split_mode,
+            activation=activation, negative_slope=negative_slope, shared_weights=shared, head=head_lin is not None,
+            dropout=dropout, batch_norm=batch_norm, device=ref.device, dtype=ref.dtype,
         )
         with torch.no_grad():
             for slot in range(module.weight_x.shape[0]):
-                lin = layers[slot]
+                lin = linears[slot]
                 module.weight_x[slot].copy_(lin.weight[:, :chunk])
                 if slot >= 1:
                     module.weight_h[slot - 1].copy_(lin.weight[:, chunk:])
                 if bias:
                     module.bias[slot].copy_(lin.bias)
-            if head is not None:
-                module.head_weight.copy_(head.weight)
+                if batch_norm:
+                    module.norms[slot] = copy.deepcopy(norms[slot])
+            if head_lin is not None:
+                module.head_weight.copy_(head_lin.weight)
                 if bias:
-                    module.head_bias.copy_(head.bias)
+                    module.head_bias.copy_(head_lin.bias)
         return module
 
     def to_linears(self) -> tuple[list[nn.Linear], nn.Linear | None]:
         """The equivalent original-script modules: ``(layers, head)`` (head None in hidden mode).
 
-        With shared weights, ``layers[1:]`` are the same module object. Weights are copies.
+        With shared weights, ``layers[1:]`` are the same module object. Weights are copies. A layer with
+        dropout or batch norm raises ``ValueError`` (use :meth:`to_blocks`, which keeps them).
         """
+        if self._blocks:
+            raise ValueError("SpinalLinear.to_linears: this layer has dropout or batch norm, which plain nn.Linear "
+                             "modules cannot hold; use to_blocks()")
+        return self._linears()
+
+    def to_blocks(self) -> tuple[list[nn.Sequential], nn.Module | None]:
+        """The original-script blocks: ``(layers, head)`` with ``layers[i] = nn.Sequential([Dropout,] Linear,
+        [BatchNorm1d,] activation)`` and ``head = nn.Sequential(Dropout, Linear)`` (just the Linear without
+        dropout; None in hidden mode). Copies; with shared weights ``layers[1:]`` are one module object.
+        :meth:`from_linears` reads them back exactly.
+        """
+        linears, head = self._linears()
+        made = []
+        for slot in range(self.weight_x.shape[0]):
+            parts = [nn.Dropout(self._dropout)] if self._dropout > 0 else []
+            parts.append(linears[slot])
+            if self.norms is not None:
+                parts.append(copy.deepcopy(self.norms[slot]))
+            parts.append(_activation_module(self.activation, self.negative_slope))
+            made.append(nn.Sequential(*parts))
+        blocks = made if not self.shared_weights else made[:1] + [made[1]] * (self.num_layers - 1)
+        if head is not None and self._dropout > 0:
+            head = nn.Sequential(nn.Dropout(self._dropout), head)
+        return blocks, head
+
+    def _linears(self) -> tuple[list[nn.Linear], nn.Linear | None]:
         factory = {"device": self.weight_x.device, "dtype": self.weight_x.dtype}
         has_bias = self.bias is not None
         made: list[nn.Linear] = []
@@ -272,3 +446,110 @@ class SpinalLinear(nn.Module):
                 if has_bias:
                     head.bias.copy_(self.head_bias)
         return layers, head
+
+
+# ------------------------------------------------------------------------------------ parsing original blocks
+
+_ACTIVATION_MODULES = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid",
+                       nn.Identity: "identity", nn.GELU: "gelu", nn.SiLU: "silu"}
+
+
+def _activation_module(name: str, negative_slope: float) -> nn.Module:
+    if name == "leaky_relu":
+        return nn.LeakyReLU(negative_slope)
+    return next(kind for kind, n in _ACTIVATION_MODULES.items() if n == name)()
+
+
+class _Block:
+    """One original sub-layer (or head) block, taken apart."""
+
+    def __init__(self, linear, dropout=0.0, norm=None, activation=None, activation_text="no activation module"):
+        self.linear = linear
+        self.dropout = dropout
+        self.norm = norm
+        self.activation = activation  # (name, negative_slope) or None
+        self.activation_text = activation_text
+
+
+def _parse_block(block: nn.Module, where: str, is_head: bool) -> _Block:
+    layout = "[Dropout,] Linear" if is_head else "[Dropout,] Linear, [BatchNorm1d,] [activation]"
+    prefix = f"SpinalLinear.from_linears: {where}"
+    if isinstance(block, nn.Linear):
+        return _Block(block)
+    if not isinstance(block, nn.Sequential):
+        raise TypeError(f"{prefix} must be nn.Linear or nn.Sequential({layout}), got {type(block).__name__}")
+    parts = list(block)
+    names = ", ".join(type(m).__name__ for m in parts)
+    found = _Block(None)
+    i = 0
+    if i < len(parts) and isinstance(parts[i], nn.Dropout):
+        found.dropout = float(parts[i].p)
+        i += 1
+    if i < len(parts) and isinstance(parts[i], nn.Linear):
+        found.linear = parts[i]
+        i += 1
+    if not is_head and i < len(parts) and isinstance(parts[i], nn.BatchNorm1d):
+        found.norm = parts[i]
+        i += 1
+    if not is_head and i < len(parts) and type(parts[i]) in _ACTIVATION_MODULES:
+        act = parts[i]
+        name = _ACTIVATION_MODULES[type(act)]
+        if name == "gelu" and act.approximate != "none":
+            raise ValueError(f"{prefix}: GELU(approximate={act.approximate!r}) is not supported; "
+                             "SpinalLinear's gelu is the exact one")
+        found.activation = (name, float(act.negative_slope) if name == "leaky_relu" else None)
+        found.activation_text = repr(act)
+        i += 1
+    if found.linear is None or i != len(parts):
+        raise ValueError(f"{prefix} must be nn.Sequential({layout}); got nn.Sequential({names})")
+    return found
+
+
+# ---------------------------------------------------------------------------------------- swapping a head
+
+_PATH = re.compile(r"(?:[^.\[\]]+|\[-?\d+\])(?:\.[^.\[\]]+|\[-?\d+\])*")
+_PATH_TOKEN = re.compile(r"\[(-?\d+)\]|([^.\[\]]+)")
+
+
+def replace_linear(model: nn.Module, name: str = "fc", **spinal_kwargs) -> SpinalLinear:
+    """Replace the ``nn.Linear`` at ``name`` in ``model`` by a :class:`SpinalLinear` of the same in/out features.
+
+    ``name`` is a dotted path as in ``model.named_modules()`` (``"fc"``, ``"head"``, ``"classifier.6"``), where a
+    bracketed index picks a child by position (``"classifier[-1]"``, ``"blocks[2].fc"``). The new layer is
+    on the old one's device and dtype, in its train/eval mode, with a bias when it had one (unless
+    ``spinal_kwargs`` say otherwise); ``spinal_kwargs`` go to :class:`SpinalLinear`. Returns the new layer
+    (already in the model; its parameters are new, so build the optimizer afterwards).
+
+    Raises ``ValueError`` (a path that does not parse), ``AttributeError`` (no such child), ``IndexError``
+    (position out of range) or ``TypeError`` (not an ``nn.Linear``), each naming the path.
+    """
+    where = "replace_linear"
+    if not isinstance(name, str) or not _PATH.fullmatch(name):
+        raise ValueError(f"{where}: cannot parse module path {name!r}; write e.g. 'fc', 'classifier.6' or "
+                         "'classifier[-1]'")
+    parent, key, walked = None, None, ""
+    current = model
+    for index, attr in _PATH_TOKEN.findall(name):
+        parent, parent_path = current, repr(walked) if walked else "the model"
+        children = list(current._modules)
+        if attr:
+            walked = f"{walked}.{attr}" if walked else attr
+            if attr not in children:
+                raise AttributeError(f"{where}: {type(model).__name__} has no submodule {walked!r} ({parent_path} "
+                                     f"is {type(parent).__name__} with children: {', '.join(children) or 'none'})")
+            key = attr
+        else:
+            walked = f"{walked}[{index}]"
+            if not -len(children) <= int(index) < len(children):
+                raise IndexError(f"{where}: index {index} in {walked!r} is out of range: {parent_path} is "
+                                 f"{type(parent).__name__} with {len(children)} children")
+            key = children[int(index)]
+        current = current._modules[key]
+    if not isinstance(current, nn.Linear):
+        raise TypeError(f"{where}: {walked!r} is {type(current).__name__}, not nn.Linear")
+    weight = current.weight
+    kwargs = {"bias": current.bias is not None, **spinal_kwargs, "device": weight.device, "dtype": weight.dtype}
+    spinal = SpinalLinear(current.in_features, current.out_features, **kwargs)
+    spinal.train(current.training)
+    setattr(parent, key, spinal)
+    return spinal

@@ -214,6 +214,9 @@ def spinal_linear(
         raise TypeError(f"spinal_linear: input must be a floating-point tensor, got dtype {input.dtype}")
     if input.dim() < 1:
         raise ValueError("spinal_linear: input must have at least 1 dimension (*, in_features), got a scalar")
+    if torch._C._is_any_autocast_enabled():  # cast first, so that the checks see what will run
+        input, (weight_x, weight_h, bias, head_weight, head_bias) = autocast_args(
+            input, (weight_x, weight_h, bias, head_weight, head_bias))
     for name, t in (("weight_x", weight_x), ("weight_h", weight_h), ("bias", bias), ("head_weight", head_weight),
                     ("head_bias", head_bias)):
         if t is None:
@@ -262,14 +265,40 @@ def spinal_linear(
     return apply_spinal(input, params, starts, activation, float(negative_slope), bool(shared_weights))
 
 
+def autocast_args(input: Tensor, params: tuple) -> tuple[Tensor, tuple]:
+    """``(input, params)`` cast as ``torch.autocast`` casts the arguments of ``nn.Linear``; unchanged when off.
+
+    When autocast is enabled for the input's device type, every floating-point tensor except float64 is cast
+    to ``torch.get_autocast_dtype(device_type)`` (CPU: bfloat16 by default; CUDA: float16 or bfloat16), so
+    the layer computes and returns that dtype, and gradients flow back to the parameters in their own dtype.
+    float64 is left alone, as autocast leaves it. On CPU, the ``cpu`` backend runs float32 and float64
+    only, so a bfloat16 or float16 autocast region runs on the ``reference`` backend (see
+    :func:`spinal_ops.backends.select_backend`).
+    """
+    device_type = input.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return input, params
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        if t is None or not t.is_floating_point() or t.dtype == torch.float64 or t.dtype == dtype:
+            return t
+        return t.to(dtype)
+
+    return cast(input), tuple(cast(t) for t in params)
+
+
 def apply_spinal(input: Tensor, params: tuple, starts: list[int], activation: str, negative_slope: float,
                  shared_weights: bool) -> Tensor:
     """Run validated arguments on the chosen backend: ``(*, D) -> (*, out)`` or ``(*, L*w)``.
 
     ``params`` is ``(weight_x, weight_h, bias, head_weight, head_bias)``, contiguous, of the input's dtype and
     device. :func:`spinal_linear` and :class:`SpinalLinear` validate, then call this (it is on the per-call path
-    of every layer, so it does no more than it must).
+    of every layer, so it does no more than it must). Under ``torch.autocast`` it computes in the autocast
+    dtype (:func:`autocast_args`).
     """
+    if torch._C._is_any_autocast_enabled():  # the one cheap check when autocast is off
+        input, params = autocast_args(input, params)
     backend = select_backend(input.device, input.dtype)
     two_d = input.dim() == 2
     x2d = input if two_d else input.reshape(-1, input.shape[-1])

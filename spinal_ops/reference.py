@@ -153,3 +153,80 @@ def dense_flops_per_row(in_features: int, width: int, num_layers: int, out_featu
 def init_bound(fan_in: int) -> float:
     """``nn.Linear``'s default init: weights and biases uniform in ``+-1/sqrt(fan_in)``."""
     return 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+
+# ------------------------------------------------------------------------------------ dropout and batch norm
+
+
+def spinal_forward_blocks(
+    x: torch.Tensor,
+    weight_x: torch.Tensor,
+    weight_h: torch.Tensor,
+    bias: torch.Tensor | None,
+    head_weight: torch.Tensor | None,
+    head_bias: torch.Tensor | None,
+    starts: list[int],
+    activation: str,
+    negative_slope: float,
+    shared_weights: bool,
+    *,
+    dropout: float = 0.0,
+    training: bool = False,
+    norms=None,
+) -> torch.Tensor:
+    """The chain as the original VGG / transfer-learning heads build it, block by block, on 2-D ``x``.
+
+    Sub-layer ``i``: ``Dropout(p) -> Linear -> norms[x_slot(i)] -> act`` on ``cat([x_chunk_i, h_{i-1}])``;
+    head: ``Dropout(p) -> Linear`` on ``H``. Returns ``y`` ``(B, out)``, or ``H`` ``(B, L * w)`` in hidden mode.
+
+    Dropout runs only when ``training`` and ``dropout > 0``; it draws its masks in the order and shapes of
+    the original ``nn.Sequential`` blocks (``(B, c)``, then ``(B, c + w)`` per sub-layer, then ``(B, L * w)``
+    for the head), so with the same seed the result is the original's, bit for bit. ``norms`` is ``None`` or
+    one callable per ``weight_x`` slot (the ``nn.BatchNorm1d`` modules, which use their own train/eval mode
+    and update their own running statistics). Plain differentiable PyTorch: this is the path that runs when
+    dropout or batch norm cannot be fused (train mode).
+    """
+    d = x.shape[1]
+    c = weight_x.shape[2]
+    outs = []
+    h = None
+    for i, s in enumerate(starts):
+        slot = x_slot(i, shared_weights)
+        inp = x.index_select(1, chunk_columns(d, s, c, x.device))
+        weight = weight_x[slot]
+        if i > 0:
+            inp = torch.cat([inp, h], dim=1)
+            weight = torch.cat([weight, weight_h[h_slot(i, shared_weights)]], dim=1)
+        if training and dropout > 0:
+            inp = F.dropout(inp, dropout, training=True)
+        z = F.linear(inp, weight, bias[slot] if bias is not None else None)
+        if norms is not None:
+            z = norms[slot](z)
+        h = activate(z, activation, negative_slope)
+        outs.append(h)
+    H = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+    if head_weight is None:
+        return H
+    if training and dropout > 0:
+        H = F.dropout(H, dropout, training=True)
+    return F.linear(H, head_weight, head_bias)
+
+
+def fold_batch_norm(
+    weight_x: torch.Tensor,
+    weight_h: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fold an eval-mode batch norm after each sub-layer's Linear into the packed weights.
+
+    ``scale = gamma / sqrt(running_var + eps)`` and ``shift = beta - running_mean * scale``, both ``(Lx, w)``,
+    one row per ``weight_x`` slot. ``BN(z) = z * scale + shift`` with ``z = Wx x + Wh h + b`` gives
+    ``Wx' = Wx * scale``, ``Wh' = Wh * scale`` (``weight_h`` slot ``j`` serves ``weight_x`` slot ``j + 1``) and
+    ``b' = b * scale + shift = (b - mean) * scale + beta``. Returns ``(weight_x', weight_h', bias')``.
+    """
+    wx = weight_x * scale.unsqueeze(2)
+    wh = weight_h * scale[1:].unsqueeze(2)
+    b = shift if bias is None else bias * scale + shift
+    return wx, wh, b

@@ -1,7 +1,8 @@
-"""Test configuration: RNG hygiene."""
+"""Test configuration: RNG hygiene, hypothesis profiles."""
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -18,3 +19,22 @@ def _rng_hygiene():
     yield
     torch.random.set_rng_state(torch_state)
     random.setstate(py_state)
+
+
+# Hypothesis profiles (tests/test_fuzz.py), chosen by HYPOTHESIS_PROFILE; the default is "ci" when the CI
+# variable is set (CI services set it), else "dev". Both run the same number of examples with no deadline (the
+# Triton interpreter is slow and uneven) and print a failing example with its @reproduce_failure blob.
+# - "dev": fresh examples every run; failing examples are kept in the example database (.hypothesis/) and replayed
+#   first on the next run.
+# - "ci": the same examples every run (derandomize; Hypothesis then keeps no database).
+# - "explore": as "dev", with ten times as many examples (test_fuzz.py scales its budgets by the profile name).
+try:
+    from hypothesis import HealthCheck, settings
+except ModuleNotFoundError:  # hypothesis is a dev requirement; only test_fuzz.py needs it
+    pass
+else:
+    _common = dict(deadline=None, print_blob=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    settings.register_profile("dev", **_common)
+    settings.register_profile("explore", **_common)
+    settings.register_profile("ci", derandomize=True, **_common)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))

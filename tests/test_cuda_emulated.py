@@ -14,9 +14,9 @@ import sys
 
 import pytest
 import torch
+from helpers import CASES, Case, assert_close, make_inputs
 from torch.overrides import TorchFunctionMode
 
-from helpers import CASES, Case, assert_close, make_inputs
 from spinal_ops import reference
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "cuda_emulated"))
@@ -95,7 +95,9 @@ class _Tf32Matmul(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func in (torch.matmul, torch.Tensor.__matmul__, torch.Tensor.matmul, torch.mm):
-            args = tuple(_round_tf32(a) if isinstance(a, torch.Tensor) and a.dtype == torch.float32 else a for a in args)
+            args = tuple(
+                _round_tf32(a) if isinstance(a, torch.Tensor) and a.dtype == torch.float32 else a for a in args
+            )
         return func(*args, **(kwargs or {}))
 
 
@@ -119,7 +121,7 @@ def _reference(case, x, params, starts, dtype, cotangents, tf32=False):
     with _Tf32Matmul() if tf32 else contextlib.nullcontext():
         H, y = reference.spinal_forward(*leaves, *_hyper(case, starts))
     outs, cots = [], []
-    for out, cot in zip((H, y), cotangents):
+    for out, cot in zip((H, y), cotangents, strict=True):
         if cot is not None and out.numel():
             outs.append(out)
             cots.append(cot.to(dtype))
@@ -127,7 +129,7 @@ def _reference(case, x, params, starts, dtype, cotangents, tf32=False):
     grads = torch.autograd.grad(outs, used, cots, allow_unused=True) if outs else [None] * len(used)
     it = iter(grads)
     full = [next(it) if t is not None else None for t in leaves]
-    full = [g if g is not None or t is None else torch.zeros_like(t) for g, t in zip(full, leaves)]
+    full = [g if g is not None or t is None else torch.zeros_like(t) for g, t in zip(full, leaves, strict=True)]
     return H.detach(), y.detach(), full
 
 
@@ -168,7 +170,7 @@ def test_forward_and_gradients_match_reference(emu, variant: Variant, schedule: 
     grads = emu.backward(grad_y, grad_h, x, H_lo, params["weight_x"], params["weight_h"], params["bias"],
                          params["head_weight"], *_hyper(case, starts), mask)
     # The backward is fed H of the reference in the kernel's dtype, so its error is its own.
-    for name, wanted, got, hi, lo in zip(GRAD_NAMES, mask, grads, grads_hi, grads_lo):
+    for name, wanted, got, hi, lo in zip(GRAD_NAMES, mask, grads, grads_hi, grads_lo, strict=True):
         if wanted:
             assert_close(got, hi, lo, what=f"{what}: d{name}")
         else:
@@ -192,7 +194,7 @@ def test_backward_honours_output_mask_and_counts_launches(emu, mask):
     expected = int(mask[0] or mask[1] or mask[2] or mask[3]) + int(any(mask[1:]))
     assert launches == expected, f"cuda (emulated) {case.id} mask {mask}: {launches} launches, expected {expected}"
     _, _, ref = _reference(case, x, params, starts, torch.float64, (None, grad_y))
-    for name, wanted, got, hi in zip(GRAD_NAMES, mask, grads, ref):
+    for name, wanted, got, hi in zip(GRAD_NAMES, mask, grads, ref, strict=True):
         if wanted:
             assert_close(got, hi, what=f"cuda (emulated) {case.id}: d{name} with mask {mask}")
         else:
@@ -224,7 +226,7 @@ def test_empty_batch_gives_zero_weight_gradients(emu):
     assert H.shape == (0, case.num_layers * case.width) and y.shape == (0, case.out), f"{case.id}: output shapes"
     grads = emu.backward(torch.zeros(0, case.out), None, x, H, params["weight_x"], params["weight_h"], params["bias"],
                          params["head_weight"], *_hyper(case, starts), [True] * 6)
-    for name, got, like in zip(GRAD_NAMES, grads, [x, *[params[k] for k in PARAM_NAMES]]):
+    for name, got, like in zip(GRAD_NAMES, grads, [x, *[params[k] for k in PARAM_NAMES]], strict=True):
         assert got.shape == like.shape, f"cuda (emulated) {case.id}: d{name} shape {tuple(got.shape)}"
         assert not got.any(), f"cuda (emulated) {case.id}: d{name} must be zero for an empty batch"
 

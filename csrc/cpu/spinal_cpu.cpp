@@ -86,8 +86,9 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
 // Activation functions, one instantiation per activation so the element loops are branch-free and vectorize.
 template <Activation A, typename T>
 inline T act_forward(T z, T slope) {
-  if constexpr (A == Activation::kRelu) return z < T(0) ? T(0) : z;  // NaN propagates, as in torch.relu
-  if constexpr (A == Activation::kLeakyRelu) return z < T(0) ? z * slope : z;
+  // Written as selects (no branch on the sign: the loops vectorize); NaN propagates, as in torch.relu.
+  if constexpr (A == Activation::kRelu) return z < T(0) ? T(0) : z;
+  if constexpr (A == Activation::kLeakyRelu) return z * (z < T(0) ? slope : T(1));
   if constexpr (A == Activation::kTanh) return std::tanh(z);
   if constexpr (A == Activation::kSigmoid) return T(1) / (T(1) + std::exp(-z));
   if constexpr (A == Activation::kIdentity) return z;
@@ -99,7 +100,10 @@ inline T act_forward(T z, T slope) {
 template <Activation A, typename T>
 inline T act_derivative(T h, T z, T slope) {
   if constexpr (A == Activation::kRelu) return h > T(0) ? T(1) : T(0);
-  if constexpr (A == Activation::kLeakyRelu) return (slope >= T(0) ? h : z) > T(0) ? T(1) : slope;
+  if constexpr (A == Activation::kLeakyRelu) {
+    const T v = slope >= T(0) ? h : z;
+    return v > T(0) ? T(1) : slope;
+  }
   if constexpr (A == Activation::kTanh) return T(1) - h * h;
   if constexpr (A == Activation::kSigmoid) return h * (T(1) - h);
   if constexpr (A == Activation::kIdentity) return T(1);
@@ -167,6 +171,24 @@ void input_and_recurrent_product(const Problem<T>& p, int64_t i, int64_t r0, int
   }
 }
 
+// row = act(row + bias), one row of one sub-layer (locals and __restrict let the loop vectorize).
+template <Activation A, typename T>
+void bias_activation(T* __restrict row, const T* __restrict bias, int64_t n, T slope) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) row[j] = act_forward<A>(row[j] + bias[j], slope);
+}
+
+// dz = (dz + carry) * act'(h or z + bias), one row of one sub-layer.
+template <Activation A, bool kFromInput, typename T>
+void chain_rule(T* __restrict dz, const T* __restrict carry, const T* __restrict hz, const T* __restrict bias,
+                int64_t n, T slope) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const T g = kFromInput ? act_derivative<A>(T(0), hz[j] + bias[j], slope) : act_derivative<A>(hz[j], T(0), slope);
+    dz[j] = (dz[j] + carry[j]) * g;
+  }
+}
+
 template <Activation A, typename T>
 void forward_tile(const Problem<T>& p, int64_t r0, int64_t m, T* h_all, T* y, const T* zero_bias) {
   const SpinalDims& d = p.d;
@@ -176,11 +198,7 @@ void forward_tile(const Problem<T>& p, int64_t r0, int64_t m, T* h_all, T* y, co
     T* hi = h_all + r0 * lw + i * d.width;
     input_and_recurrent_product(p, i, r0, m, h_all, hi, lw);
     const T* bi = p.b ? p.b_slot(i) : zero_bias;
-    for (int64_t r = 0; r < m; ++r) {
-      T* row = hi + r * lw;
-#pragma omp simd
-      for (int64_t j = 0; j < d.width; ++j) row[j] = act_forward<A>(row[j] + bi[j], slope);
-    }
+    for (int64_t r = 0; r < m; ++r) bias_activation<A>(hi + r * lw, bi, d.width, slope);
   }
   if (d.has_head) {
     T* yt = y + r0 * d.out;
@@ -206,14 +224,21 @@ class SequentialBlas {
   int previous_;
 };
 
-// Runs fn(j) for j = 0 .. jobs-1, in parallel over PyTorch's intra-op threads, each job with sequential BLAS.
+// Below this many multiply-adds in all, jobs run on the calling thread: waking the thread pool costs more
+// than it saves (measured: a B = 32 backward took 0.67 ms on one thread and up to 20 ms through the pool on a
+// loaded 2-core machine). About 10 us of work on one core.
+constexpr int64_t kParallelWork = int64_t(1) << 18;
+
+// Runs fn(j) for j = 0 .. jobs-1, in parallel over PyTorch's intra-op threads when there is enough work, each
+// job with sequential BLAS. `work` is the multiply-adds of all jobs together. Which thread runs a job never
+// changes its result.
 template <typename F>
-void run_jobs(int64_t jobs, const F& fn) {
+void run_jobs(int64_t jobs, int64_t work, const F& fn) {
   auto body = [&](int64_t j0, int64_t j1) {
     SequentialBlas sequential;
     for (int64_t j = j0; j < j1; ++j) fn(j);
   };
-  if (jobs <= 1) {
+  if (jobs <= 1 || work < kParallelWork) {
     body(0, jobs);
   } else {
     at::parallel_for(0, jobs, 1, body);
@@ -222,8 +247,10 @@ void run_jobs(int64_t jobs, const F& fn) {
 
 // Runs fn(r0, m) for every tile of kRowTile rows, as parallel jobs.
 template <typename F>
-void for_each_tile(int64_t rows, const F& fn) {
-  run_jobs((rows + kRowTile - 1) / kRowTile, [&](int64_t t) {
+void for_each_tile(const SpinalDims& d, const F& fn) {
+  const int64_t rows = d.rows;
+  const int64_t work = rows * (d.layers * d.width * (d.chunk + d.width) + d.hidden() * d.out);
+  run_jobs((rows + kRowTile - 1) / kRowTile, work, [&](int64_t t) {
     const int64_t r0 = t * kRowTile;
     fn(r0, std::min(kRowTile, rows - r0));
   });
@@ -268,7 +295,7 @@ std::tuple<at::Tensor, at::Tensor> spinal_forward_cpu(const at::Tensor& x, const
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     const std::vector<scalar_t> zero_bias(static_cast<size_t>(d.width), scalar_t(0));
     dispatch_activation(d.activation, [&](auto act) {
-      for_each_tile(d.rows, [&](int64_t r0, int64_t m) {
+      for_each_tile(d, [&](int64_t r0, int64_t m) {
         forward_tile<decltype(act)::value>(p, r0, m, hp, yp, zero_bias.data());
       });
     });
@@ -293,21 +320,11 @@ void backward_chain_tile(const Problem<T>& p, int64_t r0, int64_t m, const T* h_
     if (from_input) {
       input_and_recurrent_product(p, i, r0, m, h_all, zbuf.data(), w);
       const T* bi = p.b ? p.b_slot(i) : zero_bias;
-      for (int64_t r = 0; r < m; ++r) {
-        T* dzr = dzi + r * lw;
-        const T* zr = zbuf.data() + r * w;
-        const T* cr = carry.data() + r * w;
-#pragma omp simd
-        for (int64_t j = 0; j < w; ++j) dzr[j] = (dzr[j] + cr[j]) * act_derivative<A>(T(0), zr[j] + bi[j], slope);
-      }
+      for (int64_t r = 0; r < m; ++r)
+        chain_rule<A, true>(dzi + r * lw, carry.data() + r * w, zbuf.data() + r * w, bi, w, slope);
     } else {
-      for (int64_t r = 0; r < m; ++r) {
-        T* dzr = dzi + r * lw;
-        const T* hr = hi + r * lw;
-        const T* cr = carry.data() + r * w;
-#pragma omp simd
-        for (int64_t j = 0; j < w; ++j) dzr[j] = (dzr[j] + cr[j]) * act_derivative<A>(hr[j], T(0), slope);
-      }
+      for (int64_t r = 0; r < m; ++r)
+        chain_rule<A, false>(dzi + r * lw, carry.data() + r * w, hi + r * lw, zero_bias, w, slope);
     }
     if (i > 0) gemm<T>(false, false, m, w, w, T(1), dzi, lw, p.wh_slot(i), w, T(0), carry.data(), w);
     if (dx) {
@@ -369,7 +386,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       dz = dz_t.mutable_data_ptr<T>();
       const std::vector<T> zero_bias(static_cast<size_t>(d.width), T(0));
       T* dxp = want_dx ? dx.mutable_data_ptr<T>() : nullptr;
-      for_each_tile(d.rows, [&](int64_t r0, int64_t m) {
+      for_each_tile(d, [&](int64_t r0, int64_t m) {
         T* dzt = dz + r0 * lw;
         if (has_gy) {
           gemm<T>(false, false, m, lw, d.out, T(1), gy + r0 * d.out, d.out, p.wo, lw, T(0), dzt, lw);
@@ -394,7 +411,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     std::vector<T> xpart(shared && want_wx ? static_cast<size_t>(d.layers * xsize) : 0);
     std::vector<T> hpart(shared && want_wh ? static_cast<size_t>(d.layers * hsize) : 0);
     const bool bias_job = want_b || (has_gy && want_bo);
-    run_jobs(3 * d.layers + 1, [&](int64_t job) {
+    const int64_t weight_work = d.rows * (d.layers * d.width * (d.chunk + d.width) + d.hidden() * d.out);
+    run_jobs(3 * d.layers + 1, weight_work, [&](int64_t job) {
       const int64_t i = job % d.layers;
       const T* dzi = dz ? dz + i * d.width : nullptr;
       if (job < d.layers) {

@@ -619,6 +619,11 @@ T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32,
       static_cast<int>(delta), width, loc);
 }
 
+// ------------------------------------------------------------------------------------- nvcuda::wmma
+// Every lane holds the whole tile (the CUDA element-to-lane mapping is opaque, so any mapping is legal).
+// mma_sync accumulates in fp32; tf32 operands are rounded as the hardware does. store_matrix_sync has lane
+// i write elements i, i + 32, ... so that reading another lane's part without __syncwarp stays a race.
+namespace nvcuda::wmma {
 // Round to the tensor-float-32 format like cvt.rna.tf32.f32 (nearest, ties away from zero).
 inline float __float_to_tf32(float v) {
   uint32_t u;
@@ -628,11 +633,6 @@ inline float __float_to_tf32(float v) {
   return v;
 }
 
-// ------------------------------------------------------------------------------------- nvcuda::wmma
-// Every lane holds the whole tile (the CUDA element-to-lane mapping is opaque, so any mapping is legal).
-// mma_sync accumulates in fp32; tf32 operands are rounded as the hardware does. store_matrix_sync has lane
-// i write elements i, i + 32, ... so that reading another lane's part without __syncwarp stays a race.
-namespace nvcuda::wmma {
 struct matrix_a {};
 struct matrix_b {};
 struct accumulator {};

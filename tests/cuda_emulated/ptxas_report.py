@@ -52,10 +52,11 @@ def main(argv: list[str]) -> int:
         return 1
     names = demangle([k["name"] for k in kernels])
     spilling = 0
-    for k, name in zip(kernels, names):
+    for k, name in zip(kernels, names, strict=True):
         spills = k["spill_st"] + k["spill_ld"]
         spilling += spills > 0
-        print(f"{k['arch']}  regs {k['regs']:>3}  stack {k['stack']:>4} B  spill {k['spill_st']:>3}/{k['spill_ld']:<3} B"
+        print(f"{k['arch']}  regs {k['regs']:>3}  stack {k['stack']:>4} B  "
+              f"spill {k['spill_st']:>3}/{k['spill_ld']:<3} B"
               f"  {'SPILLS  ' if spills else ''}{short(name)}")
     print(f"{len(kernels)} kernel instantiations, {spilling} with register spills")
     if "--fail-on-spills" in argv and spilling:

@@ -1,0 +1,253 @@
+// Pieces shared by the spinal kernels: types, activations, and the block-tile GEMM every phase uses.
+//
+// Block tile: BM = 16 rows x BN = 64 columns, reduced in BK = 32 slices, kThreads = 128 threads (4 warps).
+//   * BM = 16 is the row size of a wmma tile, so the tensor-core path covers a block tile with one row of
+//     16x16 tiles, one per warp (4 warps x 16 columns = BN). Small BM also keeps many row tiles per SM for
+//     typical batches (B = 256 gives 16 blocks).
+//   * BK = 32 is two 16-deep wmma steps (four 8-deep tf32 steps) per staging round, and keeps the staged
+//     operands small: (BM + BN) * (BK + 8) elements, 6.4 KB in fp16, 25.6 KB in fp64.
+//   * kThreads = 128: each thread owns 8 results of the 16x64 tile in the FMA path (registers: 8
+//     accumulators), and 4 warps match the 4 wmma column tiles.
+// These are derived from the tile geometry (see README.md for the occupancy they give), not from a sweep:
+// no GPU is available to measure one.
+//
+// Ownership of the results of a tile (both paths, after `finish`): thread t owns row t / 8 and columns
+// t % 8 + 8 * j, j = 0..7. Every epilogue uses this mapping, so a value accumulated across phases by the
+// same (row, column) is always touched by the same thread.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "simt.h"
+
+namespace spinal_ops::cuda {
+
+constexpr int kThreads = 128;
+// Second __launch_bounds__ argument. Without it ptxas 13.0 capped these kernels at 64 registers and
+// spilled (measured: up to 80 bytes of spill stores); asking for 2 resident blocks per SM only caps them at
+// 255, and they settle at 56-128 registers with no spills (see README.md for the occupancy that gives).
+constexpr int kMinBlocksPerSM = 2;
+constexpr int BM = 16;
+constexpr int BN = 64;
+constexpr int BK = 32;
+constexpr int LDS = BK + 8;  // staged row stride: a multiple of 8 elements (wmma ldm rule), breaks bank stride
+constexpr int LDC = BN + 4;  // fp32 result tile stride (multiple of 4 floats, the wmma store rule)
+constexpr int kPerThread = BM * BN / kThreads;  // 8 results per thread
+constexpr int kColsPerRow = BN / kPerThread;     // 8 threads share a row
+
+// Activations, in the order of spinal_ops::Activation.
+enum class Act : int { kRelu = 0, kLeakyRelu, kTanh, kSigmoid, kIdentity, kGelu, kSilu };
+
+// How a tile product is computed: FMA (fp32/fp64), tensor cores on 16-bit operands (fp16/bf16), or tensor
+// cores on tf32-rounded fp32 operands.
+enum class Mma : int { kNone = 0, kHalf, kTf32 };
+
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+// Accumulation type: fp32 for every dtype but fp64.
+template <typename T>
+using acc_t = typename AccOf<T>::type;
+
+// Type of the staged operands: the input dtype on tensor cores, fp32 for tf32, else the accumulation type.
+template <typename T, Mma M>
+using stage_t = std::conditional_t<M == Mma::kHalf, T, std::conditional_t<M == Mma::kTf32, float, acc_t<T>>>;
+
+template <typename T>
+inline constexpr bool is_16bit = std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;
+
+template <typename To, typename From>
+__device__ __forceinline__ To convert(From v) {
+  if constexpr (std::is_same_v<To, From>) {
+    return v;
+  } else if constexpr (std::is_same_v<From, __half>) {  // intrinsics: torch builds without implicit conversions
+    return convert<To>(__half2float(v));
+  } else if constexpr (std::is_same_v<From, __nv_bfloat16>) {
+    return convert<To>(__bfloat162float(v));
+  } else if constexpr (std::is_same_v<To, __half>) {
+    return __float2half_rn(static_cast<float>(v));
+  } else if constexpr (std::is_same_v<To, __nv_bfloat16>) {
+    return __float2bfloat16_rn(static_cast<float>(v));
+  } else {
+    return static_cast<To>(v);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ T zero() {
+  return convert<T>(0.0f);
+}
+
+__device__ __forceinline__ float math_exp(float v) { return expf(v); }
+__device__ __forceinline__ double math_exp(double v) { return exp(v); }
+__device__ __forceinline__ float math_tanh(float v) { return tanhf(v); }
+__device__ __forceinline__ double math_tanh(double v) { return tanh(v); }
+__device__ __forceinline__ float math_erf(float v) { return erff(v); }
+__device__ __forceinline__ double math_erf(double v) { return erf(v); }
+
+// act(z). gelu is the exact erf form of nn.GELU().
+template <Act A, typename F>
+__device__ __forceinline__ F activate(F z, F slope) {
+  const F one = F(1), zero_ = F(0);
+  if constexpr (A == Act::kRelu) return z > zero_ ? z : zero_;
+  if constexpr (A == Act::kLeakyRelu) return z > zero_ ? z : z * slope;
+  if constexpr (A == Act::kTanh) return math_tanh(z);
+  if constexpr (A == Act::kSigmoid) return one / (one + math_exp(-z));
+  if constexpr (A == Act::kIdentity) return z;
+  if constexpr (A == Act::kGelu) return F(0.5) * z * (one + math_erf(z * F(0.70710678118654752440)));
+  if constexpr (A == Act::kSilu) return z / (one + math_exp(-z));
+}
+
+// act'(z) from the output h = act(z): relu, leaky_relu with slope >= 0, tanh, sigmoid, identity.
+template <Act A, typename F>
+__device__ __forceinline__ F act_grad_from_h(F h, F slope) {
+  const F one = F(1), zero_ = F(0);
+  if constexpr (A == Act::kRelu) return h > zero_ ? one : zero_;
+  if constexpr (A == Act::kLeakyRelu) return h > zero_ ? one : slope;
+  if constexpr (A == Act::kTanh) return one - h * h;
+  if constexpr (A == Act::kSigmoid) return h * (one - h);
+  if constexpr (A == Act::kIdentity) return one;
+  return one;  // not reached: the others recompute z
+}
+
+// act'(z) from the pre-activation: gelu, silu, leaky_relu with a negative slope.
+template <Act A, typename F>
+__device__ __forceinline__ F act_grad_from_z(F z, F slope) {
+  const F one = F(1), zero_ = F(0);
+  if constexpr (A == Act::kLeakyRelu) return z > zero_ ? one : slope;
+  if constexpr (A == Act::kGelu) {
+    const F cdf = F(0.5) * (one + math_erf(z * F(0.70710678118654752440)));
+    const F pdf = F(0.39894228040143267794) * math_exp(F(-0.5) * z * z);
+    return cdf + z * pdf;
+  }
+  if constexpr (A == Act::kSilu) {
+    const F s = one / (one + math_exp(-z));
+    return s * (one + z * (one - s));
+  }
+  return one;  // not reached
+}
+
+// Which sub-layers a parameter slot serves (DESIGN.md section 1, shared weights).
+struct SlotRange {
+  int begin, end;
+};
+__device__ __forceinline__ SlotRange x_slot_layers(int slot, int layers, bool shared) {
+  if (!shared) return {slot, slot + 1};
+  return slot == 0 ? SlotRange{0, 1} : SlotRange{1, layers};
+}
+__device__ __forceinline__ SlotRange h_slot_layers(int slot, int layers, bool shared) {
+  if (!shared) return {slot + 1, slot + 2};
+  return {1, layers};
+}
+__device__ __forceinline__ int x_slot(int i, bool shared) { return shared ? (i < 1 ? i : 1) : i; }
+__device__ __forceinline__ int h_slot(int i, bool shared) { return shared ? 0 : i - 1; }
+
+// ------------------------------------------------------------------------------------ block-tile GEMM
+// A tile result C[BM][BN] += A[BM][K] * B[BN][K]^T, with A and B produced element-wise by loaders
+// (a(r, k), b(n, k) return the staged type, zero outside the problem). Staged in shared memory:
+// As[BM][LDS] and Bs[BN][LDS] (B is stored n-major, i.e. column-major for the wmma B operand).
+template <typename S, typename Acc, Mma M>
+struct Tile;
+
+// FMA path: thread t accumulates its 8 owned results in registers.
+template <typename S, typename Acc>
+struct Tile<S, Acc, Mma::kNone> {
+  Acc v[kPerThread];
+  __device__ __forceinline__ void zero_all() {
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) v[j] = Acc(0);
+  }
+  __device__ __forceinline__ void step(const S* As, const S* Bs) {
+    const int r = threadIdx.x / kColsPerRow, c = threadIdx.x % kColsPerRow;
+#pragma unroll 4
+    for (int k = 0; k < BK; ++k) {
+      const Acc a = As[r * LDS + k];
+#pragma unroll
+      for (int j = 0; j < kPerThread; ++j) v[j] += a * Bs[(c + kColsPerRow * j) * LDS + k];
+    }
+  }
+  __device__ __forceinline__ void finish(float*) {}
+  __device__ __forceinline__ Acc get(const float*, int j) const { return v[j]; }
+};
+
+// Tensor-core path: warp q owns the 16x16 result tile of columns 16q..16q+15.
+template <typename S, Mma M>
+struct WmmaShape {
+  static constexpr int K = M == Mma::kTf32 ? 8 : 16;
+  using In = std::conditional_t<M == Mma::kTf32, nvcuda::wmma::precision::tf32, S>;
+};
+
+template <typename S, Mma M>
+struct WmmaTile {
+  using Shape = WmmaShape<S, M>;
+  static constexpr int MK = Shape::K;
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, MK, float> c;
+  __device__ __forceinline__ void zero_all() { nvcuda::wmma::fill_fragment(c, 0.0f); }
+  __device__ __forceinline__ void step(const S* As, const S* Bs) {
+    using namespace nvcuda;
+    const int q = threadIdx.x / 32;
+    wmma::fragment<wmma::matrix_a, 16, 16, MK, typename Shape::In, wmma::row_major> a;
+    wmma::fragment<wmma::matrix_b, 16, 16, MK, typename Shape::In, wmma::col_major> b;
+#pragma unroll
+    for (int k = 0; k < BK; k += MK) {
+      wmma::load_matrix_sync(a, As + k, LDS);
+      wmma::load_matrix_sync(b, Bs + q * 16 * LDS + k, LDS);
+      if constexpr (M == Mma::kTf32) {
+        for (int e = 0; e < a.num_elements; ++e) a.x[e] = nvcuda::wmma::__float_to_tf32(a.x[e]);
+        for (int e = 0; e < b.num_elements; ++e) b.x[e] = nvcuda::wmma::__float_to_tf32(b.x[e]);
+      }
+      wmma::mma_sync(c, a, b, c);
+    }
+  }
+  // Publishes the warp tiles to Cs[BM][LDC] so each thread can read its owned results. Reached by every
+  // thread of the block (it holds barriers).
+  __device__ __forceinline__ void finish(float* Cs) {
+    __syncthreads();  // earlier readers of Cs are done
+    nvcuda::wmma::store_matrix_sync(Cs + (threadIdx.x / 32) * 16, c, LDC, nvcuda::wmma::mem_row_major);
+    __syncthreads();
+  }
+  __device__ __forceinline__ float get(const float* Cs, int j) const {
+    const int r = threadIdx.x / kColsPerRow, col = threadIdx.x % kColsPerRow + kColsPerRow * j;
+    return Cs[r * LDC + col];
+  }
+};
+
+template <typename S>
+struct Tile<S, float, Mma::kHalf> : WmmaTile<S, Mma::kHalf> {};
+template <typename S>
+struct Tile<S, float, Mma::kTf32> : WmmaTile<S, Mma::kTf32> {};
+
+// Accumulates A[BM][K] * B[BN][K]^T into `acc`. Every thread of the block calls it with the same K.
+template <typename S, typename TileT, typename ALoad, typename BLoad>
+__device__ __forceinline__ void gemm(TileT& acc, int K, S* As, S* Bs, ALoad a, BLoad b) {
+  const int t = threadIdx.x;
+  for (int k0 = 0; k0 < K; k0 += BK) {
+    __syncthreads();  // the previous step's readers of As / Bs are done; earlier epilogue writes are visible
+    for (int e = t; e < BM * BK; e += kThreads) {
+      const int r = e / BK, k = e % BK;
+      As[r * LDS + k] = k0 + k < K ? a(r, k0 + k) : zero<S>();
+    }
+    for (int e = t; e < BN * BK; e += kThreads) {
+      const int n = e / BK, k = e % BK;
+      Bs[n * LDS + k] = k0 + k < K ? b(n, k0 + k) : zero<S>();
+    }
+    __syncthreads();
+    acc.step(As, Bs);
+  }
+}
+
+// Owned row / column of result j of this thread.
+__device__ __forceinline__ int own_row() { return threadIdx.x / kColsPerRow; }
+__device__ __forceinline__ int own_col(int j) { return threadIdx.x % kColsPerRow + kColsPerRow * j; }
+
+// Round a byte offset up to 128 (wmma needs 256-bit aligned tile pointers; 128 keeps every carve aligned).
+__host__ __device__ constexpr size_t align128(size_t bytes) { return (bytes + 127) / 128 * 128; }
+
+}  // namespace spinal_ops::cuda

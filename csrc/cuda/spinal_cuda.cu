@@ -1,0 +1,42 @@
+// CUDA binding of the spinal kernels: device guard, current stream, launch checks (inside the launchers,
+// after every launch), and the registration for the CUDA dispatch key. Schemas: csrc/spinal_ops.cpp.
+#include <ATen/Context.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "spinal_torch.h"
+
+namespace spinal_ops::cuda {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> spinal_forward_cuda(
+    const at::Tensor& x, const at::Tensor& weight_x, const at::Tensor& weight_h, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& head_weight, const std::optional<at::Tensor>& head_bias, c10::IntArrayRef starts,
+    c10::string_view activation, double negative_slope, bool shared_weights) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  LaunchOptions opt;
+  opt.allow_tf32 = at::globalContext().allowTF32CuBLAS();
+  return forward_impl(x, weight_x, weight_h, bias, head_weight, head_bias, starts,
+                      std::string_view(activation.data(), activation.size()), negative_slope, shared_weights, opt,
+                      at::cuda::getCurrentCUDAStream().stream());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> spinal_backward_cuda(
+    const std::optional<at::Tensor>& grad_y, const std::optional<at::Tensor>& grad_h, const at::Tensor& x,
+    const at::Tensor& h_all, const at::Tensor& weight_x, const at::Tensor& weight_h,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& head_weight, c10::IntArrayRef starts,
+    c10::string_view activation, double negative_slope, bool shared_weights, std::array<bool, 6> output_mask) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return backward_impl(grad_y, grad_h, x, h_all, weight_x, weight_h, bias, head_weight, starts,
+                       std::string_view(activation.data(), activation.size()), negative_slope, shared_weights,
+                       output_mask, at::cuda::getCurrentCUDAStream().stream());
+}
+
+}  // namespace
+}  // namespace spinal_ops::cuda
+
+TORCH_LIBRARY_IMPL(spinal_ops, CUDA, m) {
+  m.impl("spinal_forward", &spinal_ops::cuda::spinal_forward_cuda);
+  m.impl("spinal_backward", &spinal_ops::cuda::spinal_backward_cuda);
+}

@@ -1,0 +1,163 @@
+// Tensor-level entry points of the spinal kernels: argument checks (csrc/spinal_args.h), output and
+// workspace allocation, and the launchers of spinal_launch.h. Shared by the CUDA binding (spinal_cuda.cu,
+// CUDA tensors on the current stream) and the emulated binding (spinal_emulated.cpp, CPU tensors).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <array>
+#include <limits>
+#include <optional>
+#include <string_view>
+#include <tuple>
+#include <vector>
+
+#include "../spinal_args.h"
+#include "spinal_launch.h"
+
+namespace spinal_ops::cuda {
+
+inline DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kDouble: return DType::kFloat64;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK(false, "spinal_ops (cuda backend): unsupported dtype ", t.scalar_type(),
+                         "; expected float32, float64, float16 or bfloat16");
+  }
+}
+
+template <typename T>
+const T* cptr(const at::Tensor& t) {
+  return reinterpret_cast<const T*>(t.data_ptr());
+}
+template <typename T>
+const T* cptr(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? cptr<T>(*t) : nullptr;
+}
+template <typename T>
+T* mptr(const at::Tensor& t) {
+  return t.numel() > 0 ? reinterpret_cast<T*>(t.data_ptr()) : nullptr;
+}
+
+inline void check_int32(const SpinalDims& d) {
+  constexpr int64_t kMax = std::numeric_limits<int>::max();
+  TORCH_CHECK(d.rows <= kMax && d.in_features <= kMax && d.hidden() <= kMax && d.out <= kMax &&
+                  d.chunk * d.width <= kMax,
+              "spinal_ops (cuda backend): sizes must fit in 32-bit indices per dimension, got B=", d.rows,
+              ", D=", d.in_features, ", L*w=", d.hidden(), ", out=", d.out);
+}
+
+// starts as an int32 tensor on the device of x (kernel argument).
+inline at::Tensor device_starts(c10::IntArrayRef starts, const at::Tensor& x) {
+  std::vector<int> v(starts.begin(), starts.end());
+  return at::tensor(v, at::TensorOptions().dtype(at::kInt)).to(x.device());
+}
+
+inline void check_launch(simt::Status s, const char* name) {
+  TORCH_CHECK(simt::ok(s), "spinal_ops: launch of ", name, " failed: ", simt::error_string(s));
+}
+
+inline std::tuple<at::Tensor, at::Tensor> forward_impl(
+    const at::Tensor& x, const at::Tensor& weight_x, const at::Tensor& weight_h,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& head_weight,
+    const std::optional<at::Tensor>& head_bias, c10::IntArrayRef starts, std::string_view activation,
+    double negative_slope, bool shared_weights, LaunchOptions opt, simt::Stream stream) {
+  const SpinalDims d = check_forward_args(x, weight_x, weight_h, bias, head_weight, head_bias, starts, activation,
+                                          negative_slope, shared_weights);
+  check_int32(d);
+  at::Tensor h_all = at::empty({d.rows, d.hidden()}, x.options());
+  at::Tensor y = at::empty({d.rows, d.has_head ? d.out : 0}, x.options());
+  if (d.rows == 0) return {h_all, y};
+  at::Tensor starts_dev = device_starts(starts, x);
+  with_dtype(dtype_of(x), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    at::Tensor y_ws;
+    if (forward_needs_y_workspace<T>(static_cast<int>(d.out), d.has_head)) {
+      y_ws = at::empty({d.rows, d.out}, x.options().dtype(std::is_same_v<T, double> ? at::kDouble : at::kFloat));
+    }
+    FwdParams<T> p{};
+    p.x = cptr<T>(x);
+    p.wx = cptr<T>(weight_x);
+    p.wh = weight_h.numel() ? cptr<T>(weight_h) : nullptr;
+    p.bias = cptr<T>(bias);
+    p.wo = cptr<T>(head_weight);
+    p.bo = cptr<T>(head_bias);
+    p.starts = starts_dev.data_ptr<int>();
+    p.h_all = mptr<T>(h_all);
+    p.y = d.has_head ? mptr<T>(y) : nullptr;
+    p.y_ws = y_ws.defined() ? reinterpret_cast<acc_t<T>*>(y_ws.data_ptr()) : nullptr;
+    p.rows = static_cast<int>(d.rows);
+    p.in_features = static_cast<int>(d.in_features);
+    p.layers = static_cast<int>(d.layers);
+    p.width = static_cast<int>(d.width);
+    p.chunk = static_cast<int>(d.chunk);
+    p.out = static_cast<int>(d.out);
+    p.shared = d.shared;
+    p.slope = static_cast<acc_t<T>>(d.negative_slope);
+    launch_forward(p, static_cast<Act>(d.activation), opt, stream, check_launch);
+  });
+  return {h_all, y};
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
+    const std::optional<at::Tensor>& grad_y, const std::optional<at::Tensor>& grad_h, const at::Tensor& x,
+    const at::Tensor& h_all, const at::Tensor& weight_x, const at::Tensor& weight_h,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& head_weight, c10::IntArrayRef starts,
+    std::string_view activation, double negative_slope, bool shared_weights, std::array<bool, 6> mask,
+    simt::Stream stream) {
+  const SpinalDims d = check_forward_args(x, weight_x, weight_h, bias, head_weight, std::nullopt, starts,
+                                          activation, negative_slope, shared_weights);
+  check_backward_args(d, x, grad_y, grad_h, h_all);
+  check_int32(d);
+  auto none = [&] { return x.new_empty({0}); };
+  at::Tensor dx = mask[kGradX] ? at::empty_like(x) : none();
+  at::Tensor dwx = mask[kGradWeightX] ? at::empty_like(weight_x) : none();
+  at::Tensor dwh = mask[kGradWeightH] ? at::empty_like(weight_h) : none();
+  at::Tensor db = mask[kGradBias] && d.has_bias ? at::empty_like(*bias) : none();
+  at::Tensor dwo = mask[kGradHeadWeight] && d.has_head ? at::empty_like(*head_weight) : none();
+  at::Tensor dbo = mask[kGradHeadBias] && d.has_head ? at::empty({d.out}, x.options()) : none();
+  const bool chain = (mask[kGradX] || mask[kGradWeightX] || mask[kGradWeightH] || (mask[kGradBias] && d.has_bias));
+  at::Tensor starts_dev = device_starts(starts, x);
+  with_dtype(dtype_of(x), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using Acc = acc_t<T>;
+    const auto acc_options = x.options().dtype(std::is_same_v<Acc, double> ? at::kDouble : at::kFloat);
+    at::Tensor dz = chain ? at::empty({d.rows, d.layers, d.width}, acc_options) : at::Tensor();
+    at::Tensor dx_acc = (mask[kGradX] && !std::is_same_v<T, Acc>) ? at::empty({d.rows, d.in_features}, acc_options) : dx;
+    BwdParams<T> p{};
+    p.gy = d.has_head ? cptr<T>(grad_y) : nullptr;
+    p.gh = cptr<T>(grad_h);
+    p.x = cptr<T>(x);
+    p.h_all = cptr<T>(h_all);
+    p.wx = cptr<T>(weight_x);
+    p.wh = weight_h.numel() ? cptr<T>(weight_h) : nullptr;
+    p.bias = cptr<T>(bias);
+    p.wo = cptr<T>(head_weight);
+    p.starts = starts_dev.data_ptr<int>();
+    p.dz = dz.defined() ? reinterpret_cast<Acc*>(dz.data_ptr()) : nullptr;
+    p.dx_acc = mask[kGradX] && dx_acc.numel() ? reinterpret_cast<Acc*>(dx_acc.data_ptr()) : nullptr;
+    p.dx = mask[kGradX] ? mptr<T>(dx) : nullptr;
+    p.dwx = mask[kGradWeightX] ? mptr<T>(dwx) : nullptr;
+    p.dwh = mask[kGradWeightH] ? mptr<T>(dwh) : nullptr;
+    p.db = mask[kGradBias] && d.has_bias ? mptr<T>(db) : nullptr;
+    p.dwo = mask[kGradHeadWeight] && d.has_head ? mptr<T>(dwo) : nullptr;
+    p.dbo = mask[kGradHeadBias] && d.has_head ? mptr<T>(dbo) : nullptr;
+    p.rows = static_cast<int>(d.rows);
+    p.in_features = static_cast<int>(d.in_features);
+    p.layers = static_cast<int>(d.layers);
+    p.width = static_cast<int>(d.width);
+    p.chunk = static_cast<int>(d.chunk);
+    p.out = static_cast<int>(d.out);
+    p.x_slots = static_cast<int>(d.x_slots);
+    p.h_slots = static_cast<int>(d.h_slots);
+    p.shared = d.shared;
+    p.slope = static_cast<Acc>(d.negative_slope);
+    launch_backward(p, static_cast<Act>(d.activation), stream, check_launch);
+  });
+  return {dx, dwx, dwh, db, dwo, dbo};
+}
+
+}  // namespace spinal_ops::cuda

@@ -1,0 +1,482 @@
+"""Dropout and BatchNorm1d heads, autocast, and swapping a model's head.
+
+The dropout / batch-norm heads are compared with literal ``nn.Sequential`` blocks written like the VGG and
+transfer-learning scripts (``Dropout -> Linear -> BatchNorm1d -> ReLU`` per sub-layer, ``Dropout -> Linear``
+head), loaded with ``SpinalLinear.from_linears``: train mode runs unfused and must match them bit for bit
+(same seed, same dropout masks); eval mode folds the batch norms into the fused weights and must match to
+rounding on every backend.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import spinal_ops
+from spinal_ops import SpinalLinear, reference
+
+from helpers import assert_close
+from original import make_activation, packed_grads
+
+
+class BlockHead(nn.Module):
+    """The VGG / transfer-learning head, as those scripts write it: one ``nn.Sequential`` per sub-layer.
+
+    ``split="halves"``: sub-layer ``i`` reads ``x[:, 0:half]`` or ``x[:, half:2*half]`` alternately (the fixed
+    heads); ``split="tiled"``: ``x`` tiled until ``L * c`` wide, sub-layer ``i`` reads ``[i*c, (i+1)*c)`` (the
+    customizable model). ``shared=True`` repeats one block for sub-layers 1.. (SpinalNet SW).
+    """
+
+    def __init__(self, in_features, num_splits, width, num_layers, out, p, batch_norm=True, activation="relu",
+                 negative_slope=0.01, shared=False, head=True, split="tiled"):
+        super().__init__()
+        self.chunk = int(np.round(in_features / num_splits))
+        self.num_splits = num_splits
+        self.num_layers = num_layers
+        self.split = split
+        c = self.chunk
+
+        def block(fan_in):
+            parts = [nn.Dropout(p=p), nn.Linear(fan_in, width)]
+            parts += [nn.BatchNorm1d(width)] if batch_norm else []
+            parts += [make_activation(activation, negative_slope)]
+            return nn.Sequential(*parts)
+
+        first = block(c)
+        rest = [block(c + width) for _ in range(num_layers - 1)]
+        if shared and rest:
+            rest = [rest[0]] * len(rest)
+        self.fc_spinal_layers = nn.ModuleList([first, *rest])
+        self._order = [first, *rest]
+        self.fc_out = nn.Sequential(nn.Dropout(p=p), nn.Linear(width * num_layers, out)) if head else None
+
+    def forward(self, x):
+        c = self.chunk
+        if self.split == "tiled":
+            xt = torch.cat([x] * math.ceil(self.num_layers * c / x.shape[1]), dim=1)
+            chunks = [xt[:, i * c : (i + 1) * c] for i in range(self.num_layers)]
+        else:
+            chunks = [x[:, (i % self.num_splits) * c : (i % self.num_splits + 1) * c] for i in range(self.num_layers)]
+        h = self._order[0](chunks[0])
+        outs = [h]
+        for i in range(1, self.num_layers):
+            h = self._order[i](torch.cat([chunks[i], h], dim=1))
+            outs.append(h)
+        hcat = torch.cat(outs, dim=1)
+        return self.fc_out(hcat) if self.fc_out is not None else hcat
+
+    def spinal(self, in_features, **kw) -> SpinalLinear:
+        split_mode = "cyclic" if self.split == "tiled" else "alternate"
+        return SpinalLinear.from_linears(in_features, self._order, self.fc_out, num_splits=self.num_splits,
+                                         split_mode=split_mode, **kw)
+
+    def linears(self):
+        return [blk[1] for blk in self._order], (self.fc_out[1] if self.fc_out is not None else None)
+
+    def norms(self):
+        return [blk[2] for blk in self._order if isinstance(blk[2], nn.BatchNorm1d)]
+
+
+# (id, D, K, w, L, out, p, batch_norm, activation, shared, head, split)
+HEADS = [
+    ("vgg-halves", 16, 2, 6, 4, 5, 0.5, True, "relu", False, True, "halves"),
+    ("tiled-K3-leaky", 13, 3, 5, 5, 3, 0.3, True, "leaky_relu", False, True, "tiled"),
+    ("shared", 12, 2, 4, 5, 3, 0.25, True, "relu", True, True, "tiled"),
+    ("hidden-tanh", 11, 2, 5, 3, 0, 0.2, True, "tanh", False, False, "tiled"),
+    ("dropout-only", 10, 2, 4, 3, 4, 0.5, False, "relu", False, True, "tiled"),
+    ("batchnorm-only", 10, 2, 4, 3, 4, 0.0, True, "gelu", False, True, "tiled"),
+]
+
+
+def _build(spec, dtype=torch.float64, seed=0):
+    _, d, k, w, L, out, p, bn, act, shared, head, split = spec
+    torch.manual_seed(seed)
+    orig = BlockHead(d, k, w, L, out, p, batch_norm=bn, activation=act, negative_slope=0.2, shared=shared,
+                     head=head, split=split).to(dtype)
+    with torch.no_grad():  # non-trivial batch-norm state, so that folding has something to fold
+        for n in orig.norms():
+            n.weight.uniform_(0.5, 1.5)
+            n.bias.uniform_(-0.5, 0.5)
+            n.running_mean.uniform_(-0.3, 0.3)
+            n.running_var.uniform_(0.5, 2.0)
+    return orig, orig.spinal(d)
+
+
+def _grads(model_params, x):
+    return [x.grad] + [p.grad for p in model_params]
+
+
+@pytest.mark.parametrize("spec", HEADS, ids=[h[0] for h in HEADS])
+def test_train_mode_matches_original_blocks_bitwise(spec):
+    orig, spinal = _build(spec)
+    orig.train()
+    spinal.train()
+    x = torch.randn(9, spec[1], dtype=torch.float64)
+    for step in range(2):  # two steps: running statistics are updated the same way too
+        xa = x.clone().requires_grad_()
+        xb = x.clone().requires_grad_()
+        torch.manual_seed(100 + step)
+        ya = orig(xa)
+        torch.manual_seed(100 + step)
+        yb = spinal(xb)
+        assert torch.equal(ya, yb), f"{spec[0]} step {step}: train-mode output differs from the original blocks " \
+            f"(max diff {(ya - yb).abs().max().item():.3e})"
+        ya.square().sum().backward()
+        yb.square().sum().backward()
+        assert_close(xb.grad, xa.grad, what=f"{spec[0]} train step {step} grad x")
+    layers, head = orig.linears()
+    expected = packed_grads(layers, head, orig.chunk, spec[9])
+    got = dict(spinal.named_parameters())
+    for name, ref in expected.items():
+        assert_close(got[name].grad, ref, what=f"{spec[0]} train grad {name} (accumulated over two steps)")
+    for i, (a, b) in enumerate(zip(orig.norms()[: len(spinal.norms or [])], spinal.norms or [], strict=True)):
+        for name in ("running_mean", "running_var", "weight"):
+            ref = getattr(a, name) if name != "weight" else a.weight.grad
+            val = getattr(b, name) if name != "weight" else b.weight.grad
+            assert_close(val, ref, what=f"{spec[0]} batch norm {i} {name}")
+        assert int(a.num_batches_tracked) == int(b.num_batches_tracked) >= 2, (
+            f"{spec[0]} batch norm {i}: {int(b.num_batches_tracked)} batches tracked, original "
+            f"{int(a.num_batches_tracked)}")
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("spec", HEADS, ids=[h[0] for h in HEADS])
+def test_eval_mode_folds_batch_norm_on_every_backend(spec, backend, monkeypatch):
+    if backend not in spinal_ops.available_backends():
+        pytest.skip(f"backend {backend!r} not available here")
+    orig, spinal = _build(spec)
+    orig.eval()
+    spinal.eval()
+
+    def unfused(*args, **kwargs):
+        raise AssertionError("eval mode ran the unfused blocks instead of the fused op")
+
+    monkeypatch.setattr(reference, "spinal_forward_blocks", unfused)
+    x = torch.randn(7, spec[1], dtype=torch.float64)
+    xa = x.clone().requires_grad_()
+    xb = x.clone().requires_grad_()
+    ya = orig(xa)
+    with spinal_ops.use_backend(backend):
+        yb = spinal(xb)
+    what = f"{spec[0]}/{backend} eval"
+    assert_close(yb.detach(), ya.detach(), what=f"{what} output")
+    cot = torch.randn(ya.shape, dtype=torch.float64)
+    ya.backward(cot)
+    yb.backward(cot)
+    assert_close(xb.grad, xa.grad, what=f"{what} grad x")
+    layers, head = orig.linears()
+    got = dict(spinal.named_parameters())
+    for name, ref in packed_grads(layers, head, orig.chunk, spec[9]).items():
+        assert_close(got[name].grad, ref, what=f"{what} grad {name}")
+    for i, (a, b) in enumerate(zip(orig.norms()[: len(spinal.norms or [])], spinal.norms or [], strict=True)):
+        assert_close(b.weight.grad, a.weight.grad, what=f"{what} grad batch norm {i} weight")
+        assert_close(b.bias.grad, a.bias.grad, what=f"{what} grad batch norm {i} bias")
+
+
+def test_fold_batch_norm_is_exact_in_float64():
+    torch.manual_seed(0)
+    L, w, c = 3, 4, 5
+    wx, wh, b = torch.randn(L, w, c, dtype=torch.float64), torch.randn(L - 1, w, w, dtype=torch.float64), None
+    bn = [nn.BatchNorm1d(w).double().eval() for _ in range(L)]
+    for n in bn:
+        with torch.no_grad():
+            n.weight.uniform_(0.5, 2)
+            n.bias.uniform_(-1, 1)
+            n.running_mean.uniform_(-1, 1)
+            n.running_var.uniform_(0.1, 3)
+    m = SpinalLinear(9, 2, bias=False, layer_width=w, num_layers=L, batch_norm=True, dtype=torch.float64)
+    m.norms = nn.ModuleList(bn)
+    scale, shift = m._batch_norm_affine()
+    fx, fh, fb = reference.fold_batch_norm(wx, wh, b, scale, shift)
+    x, h = torch.randn(6, c, dtype=torch.float64), torch.randn(6, w, dtype=torch.float64)
+    for i in range(L):
+        z = x @ wx[i].T + (h @ wh[i - 1].T if i else 0)
+        folded = x @ fx[i].T + (h @ fh[i - 1].T if i else 0) + fb[i]
+        assert_close(folded, bn[i](z), what=f"folded sub-layer {i} vs Linear -> BatchNorm1d (eval)")
+
+
+def test_dropout_zero_and_no_batch_norm_keep_the_fast_path(monkeypatch):
+    m = SpinalLinear(10, 3, dropout=0.0, batch_norm=False)
+    assert m.norms is None and m._blocks is False
+
+    def slow(*args, **kwargs):
+        raise AssertionError("the plain layer left the fused fast path")
+
+    monkeypatch.setattr(SpinalLinear, "_forward_blocks", slow)
+    m(torch.randn(4, 10))
+    assert set(m.state_dict()) == {"weight_x", "weight_h", "bias", "head_weight", "head_bias"}
+
+
+def test_dropout_is_random_in_train_mode_and_identity_in_eval():
+    m = SpinalLinear(20, 4, layer_width=8, dropout=0.5)
+    plain = SpinalLinear(20, 4, layer_width=8)
+    plain.load_state_dict(m.state_dict())
+    x = torch.randn(64, 20)
+    m.train()
+    a, b = m(x), m(x)
+    assert not torch.equal(a, b), "two train-mode calls with dropout gave the same output"
+    m.eval()
+    assert torch.equal(m(x), plain(x)), "eval-mode dropout is not the identity on the fused path"
+    m.dropout = 0.0
+    m.train()
+    assert m._blocks is False and torch.equal(m(x), plain(x)), "setting dropout = 0 did not restore the fast path"
+
+
+def test_batch_norm_state_dict_and_modes():
+    a = SpinalLinear(13, 3, layer_width=5, num_splits=3, dropout=0.1, batch_norm=True)
+    a.train()
+    a(torch.randn(16, 13))  # moves the running statistics
+    keys = set(a.state_dict())
+    for k in ("norms.0.weight", "norms.0.bias", "norms.3.running_mean", "norms.3.running_var",
+              "norms.3.num_batches_tracked"):
+        assert k in keys, f"{k} missing from the state dict: {sorted(keys)}"
+    b = SpinalLinear(13, 3, layer_width=5, num_splits=3, dropout=0.1, batch_norm=True)
+    b.load_state_dict(a.state_dict())
+    a.eval()
+    b.eval()
+    assert all(not n.training for n in b.norms), ".eval() did not reach the batch norms"
+    x = torch.randn(4, 13)
+    assert torch.equal(a(x), b(x)), "eval outputs differ after a state_dict round trip"
+    assert "dropout=0.1" in repr(a) and "BatchNorm1d(5" in repr(a)
+
+
+def test_frozen_batch_norm_in_train_mode_runs_fused(monkeypatch):
+    m = SpinalLinear(12, 3, layer_width=4, batch_norm=True).double()
+    with torch.no_grad():
+        for n in m.norms:
+            n.running_mean.uniform_(-1, 1)
+            n.running_var.uniform_(0.5, 2)
+    m.train()
+    m.norms.eval()  # the usual fine-tuning trick: freeze the statistics
+    x = torch.randn(5, 12, dtype=torch.float64)
+    unfused = reference.spinal_forward_blocks(x, m.weight_x, m.weight_h, m.bias, m.head_weight, m.head_bias,
+                                              m._starts, "relu", 0.01, False, norms=m.norms)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("frozen batch norms without dropout ran unfused")
+
+    monkeypatch.setattr(reference, "spinal_forward_blocks", boom)
+    assert_close(m(x).detach(), unfused.detach(), what="frozen batch norm, fused vs unfused")
+
+
+@pytest.mark.parametrize("spec", HEADS, ids=[h[0] for h in HEADS])
+def test_to_blocks_round_trip_is_exact(spec):
+    _, spinal = _build(spec)
+    layers, head = spinal.to_blocks()
+    assert (layers[1] is layers[-1]) == spec[9]
+    back = SpinalLinear.from_linears(spec[1], layers, head, num_splits=spec[2], split_mode=spinal.split_mode)
+    assert back.dropout == spinal.dropout and (back.norms is None) == (spinal.norms is None)
+    assert back.activation == spinal.activation and back.negative_slope == spinal.negative_slope
+    for (name, p), (_, q) in zip(spinal.state_dict().items(), back.state_dict().items(), strict=True):
+        assert torch.equal(p, q), f"{spec[0]}: {name} differs after to_blocks -> from_linears"
+    with pytest.raises(ValueError, match="use to_blocks"):
+        spinal.to_linears()
+
+
+def _blocks(p_first=0.5, p_rest=0.5, bn=(True, True, True), act=nn.ReLU):
+    def blk(fan_in, p, with_bn):
+        return nn.Sequential(*([nn.Dropout(p)] if p else []), nn.Linear(fan_in, 4),
+                             *([nn.BatchNorm1d(4)] if with_bn else []), act())
+
+    return [blk(5, p_first, bn[0]), blk(9, p_rest, bn[1]), blk(9, p_rest, bn[2])]
+
+
+@pytest.mark.parametrize(
+    "layers,head,kwargs,error,match",
+    [
+        (_blocks(p_rest=0.3), None, {}, ValueError, r"one dropout probability.*layers\[0\]: 0.5, layers\[1\]: 0.3"),
+        (_blocks(), nn.Linear(12, 3), {}, ValueError, r"one dropout probability.*head: 0.0"),
+        (_blocks(bn=(True, False, True)), None, {}, ValueError, r"every sub-layer or of none; missing in layers\[1\]"),
+        (_blocks(), None, {"activation": "tanh"}, ValueError, r"activation='tanh' but the blocks hold ReLU"),
+        ([nn.Sequential(nn.Linear(5, 4), nn.Dropout(0.5))], None, {}, ValueError,
+         r"layers\[0\] must be nn.Sequential\(\[Dropout,\] Linear.*got nn.Sequential\(Linear, Dropout\)"),
+        (_blocks(), nn.Sequential(nn.Dropout(0.5), nn.Linear(12, 3), nn.ReLU()), {}, ValueError,
+         r"head must be nn.Sequential\(\[Dropout,\] Linear\); got nn.Sequential\(Dropout, Linear, ReLU\)"),
+        ([nn.Conv1d(5, 4, 1)], None, {}, TypeError, r"layers\[0\] must be nn.Linear or nn.Sequential.*Conv1d"),
+    ],
+    ids=["dropout-mismatch", "head-without-dropout", "batch-norm-missing", "activation-conflict", "block-order",
+         "head-with-activation", "not-a-block"],
+)
+def test_from_blocks_errors_name_the_block(layers, head, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        SpinalLinear.from_linears(10, layers, head, **kwargs)
+
+
+def test_bad_dropout_probability():
+    with pytest.raises(ValueError, match=r"dropout must be a probability in \[0, 1\], got 1.5"):
+        SpinalLinear(10, 3, dropout=1.5)
+
+
+# ---------------------------------------------------------------------------------------------------- autocast
+
+
+def _autocast_dtypes():
+    dtypes = [torch.bfloat16]
+    try:
+        with torch.autocast("cpu", dtype=torch.float16):
+            pass
+        dtypes.append(torch.float16)
+    except RuntimeError:
+        pass
+    return dtypes
+
+
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16], ids=["f32-input", "bf16-input"])
+@pytest.mark.parametrize("dtype", _autocast_dtypes(), ids=str)
+def test_autocast_computes_in_the_autocast_dtype_like_nn_linear(dtype, input_dtype):
+    m = SpinalLinear(13, 3, layer_width=5, num_splits=3)
+    x = torch.randn(6, 13).to(input_dtype)
+    with torch.autocast("cpu", dtype=dtype):
+        expected_dtype = nn.Linear(13, 3)(x).dtype
+        y = m(x)
+        y_functional = spinal_ops.spinal_linear(x, m.weight_x, m.weight_h, m.bias, m.head_weight, m.head_bias,
+                                                num_splits=3)
+    assert expected_dtype == dtype
+    assert y.dtype == expected_dtype, f"autocast {dtype}: SpinalLinear returned {y.dtype}, nn.Linear {expected_dtype}"
+    assert y_functional.dtype == expected_dtype, f"autocast {dtype}: spinal_linear returned {y_functional.dtype}"
+    params = [t.detach() for t in (m.weight_x, m.weight_h, m.bias, m.head_weight, m.head_bias)]
+    args = (m._starts, "relu", 0.01, False)
+    x64 = x.detach().double()
+    hi = reference.spinal_forward(x64, *[t.double() for t in params], *args)[1]
+    same = reference.spinal_forward(x.to(dtype), *[t.to(dtype) for t in params], *args)[1]
+    assert_close(y.detach(), hi, same, what=f"autocast {dtype} output")
+    assert_close(y_functional.detach(), hi, same, what=f"autocast {dtype} functional output")
+    y.float().sum().backward()
+    assert m.weight_x.grad.dtype == torch.float32, f"parameter gradient has dtype {m.weight_x.grad.dtype}"
+
+
+def test_autocast_leaves_float64_alone_like_nn_linear():
+    m = SpinalLinear(10, 3).double()
+    x = torch.randn(4, 10, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert nn.Linear(10, 3).double()(x).dtype == torch.float64
+        y = m(x)
+    assert y.dtype == torch.float64, f"float64 under autocast became {y.dtype}"
+    assert torch.equal(y, m(x))
+
+
+def test_autocast_off_inside_an_autocast_region():
+    m = SpinalLinear(10, 3)
+    x = torch.randn(4, 10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", enabled=False):
+            y = m(x)
+    assert y.dtype == torch.float32 and torch.equal(y, m(x))
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train-unfused", "eval-folded"])
+def test_autocast_with_batch_norm_heads(train):
+    orig, spinal = _build(HEADS[0], dtype=torch.float32)
+    orig.train(train)
+    spinal.train(train)
+    x = torch.randn(8, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(3)
+        ya = orig(x)
+        torch.manual_seed(3)
+        yb = spinal(x)
+    assert yb.dtype == ya.dtype == torch.bfloat16, f"original gives {ya.dtype}, SpinalLinear {yb.dtype}"
+    if train:  # the same ops in the same order: identical
+        assert torch.equal(ya, yb), f"train-mode autocast output differs, max {(ya - yb).abs().max().item():.3e}"
+    else:  # folded weights rounded to bfloat16 against Linear -> BatchNorm1d: a few bfloat16 ulps of the scale
+        tol = 0.05 * ya.float().abs().max().item()
+        err = (ya.float() - yb.float()).abs().max().item()
+        assert err <= tol, f"eval-mode autocast output differs by {err:.3e} > {tol:.3e}"
+
+
+# ---------------------------------------------------------------------------------------------- head swapping
+
+
+class _ResNetLike(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 12), nn.ReLU())
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+class _VGGLike(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Linear(6, 12)
+        self.classifier = nn.Sequential(nn.Dropout(0.5), nn.Linear(12, 16), nn.ReLU(), nn.Dropout(0.5),
+                                        nn.Linear(16, 7))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+class _ViTLike(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(6, 6), nn.Linear(6, 6)])
+        self.head = nn.Linear(6, 4, bias=False)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+@pytest.mark.parametrize(
+    "make,name,out,getter",
+    [
+        (_ResNetLike, "fc", 5, lambda m: m.fc),
+        (_VGGLike, "classifier.4", 7, lambda m: m.classifier[4]),
+        (_VGGLike, "classifier[-1]", 7, lambda m: m.classifier[-1]),
+        (_ViTLike, "head", 4, lambda m: m.head),
+        (_ViTLike, "blocks[1]", 4, lambda m: m.blocks[1]),  # the output goes through head
+    ],
+    ids=["fc", "classifier.4", "classifier[-1]", "head-nobias", "blocks[1]"],
+)
+def test_replace_linear_swaps_the_named_layer(make, name, out, getter):
+    model = make().double().eval()
+    old = getter(model)
+    new = spinal_ops.replace_linear(model, name, num_layers=3)
+    assert getter(model) is new, f"{name}: the model does not hold the returned layer"
+    assert isinstance(new, SpinalLinear) and new.num_layers == 3
+    assert (new.in_features, new.out_features) == (old.in_features, old.out_features)
+    assert new.weight_x.dtype == torch.float64 and new.weight_x.device == old.weight.device
+    assert (new.bias is None) == (old.bias is None) and not new.training
+    y = model(torch.randn(3, 6, dtype=torch.float64))
+    assert y.shape == (3, out)
+    assert sum(1 for m in model.modules() if m is old) == 0, f"{name}: the old Linear is still in the model"
+
+
+@pytest.mark.parametrize(
+    "name,error,match",
+    [
+        ("classifier.9", AttributeError, r"no submodule 'classifier.9' \('classifier' is Sequential with children: "
+                                         r"0, 1, 2, 3, 4\)"),
+        ("head", AttributeError, r"no submodule 'head' \(the model is _VGGLike with children: features, classifier\)"),
+        ("classifier[5]", IndexError, r"index 5 in 'classifier\[5\]' is out of range: 'classifier' is Sequential "
+                                      r"with 5 children"),
+        ("classifier[-2]", TypeError, r"'classifier\[-2\]' is Dropout, not nn.Linear"),
+        ("classifier", TypeError, r"'classifier' is Sequential, not nn.Linear"),
+        ("classifier..4", ValueError, r"cannot parse module path 'classifier..4'"),
+    ],
+    ids=["missing-index-name", "missing-attribute", "index-out-of-range", "not-linear", "container", "bad-path"],
+)
+def test_replace_linear_errors_name_the_path(name, error, match):
+    model = _VGGLike()
+    with pytest.raises(error, match=match):
+        spinal_ops.replace_linear(model, name)
+
+
+def test_replace_linear_then_train_a_step():
+    torch.manual_seed(0)
+    model = _VGGLike()
+    spinal_ops.replace_linear(model, "classifier[-1]", dropout=0.2, batch_norm=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, target = torch.randn(8, 6), torch.randint(0, 7, (8,))
+    loss = nn.functional.cross_entropy(model(x), target)
+    loss.backward()
+    head = model.classifier[-1]
+    assert head.weight_x.grad is not None and head.norms[0].weight.grad is not None
+    opt.step()
