@@ -40,7 +40,17 @@ def _cuda_include_dirs():
     return [d for d in dirs if os.path.isdir(d)]
 
 
+def _cuda_home():
+    """CUDA_HOME, else /usr/local/cuda. (torch's own guess walks up from `nvcc` on PATH, which can be a wrapper
+    script in /usr/local/bin whose parent has no CUDA libraries.) Set before torch.utils.cpp_extension loads."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if not home and os.path.exists("/usr/local/cuda/bin/nvcc"):
+        home = os.environ["CUDA_HOME"] = "/usr/local/cuda"
+    return home
+
+
 def _extensions():
+    cuda_home = _cuda_home()
     import torch
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
@@ -54,11 +64,9 @@ def _extensions():
     sources += [os.path.relpath(p, HERE) for p in sorted(glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))]
     cuda_sources = [os.path.relpath(p, HERE) for p in sorted(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")))]
 
-    nvcc = shutil.which("nvcc") or (
-        os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
-        if os.path.exists(os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"))
-        else None
-    )
+    nvcc = os.path.join(cuda_home, "bin", "nvcc") if cuda_home else shutil.which("nvcc")
+    if nvcc is not None and not os.path.exists(nvcc):
+        nvcc = None
     skip_cuda = _env_flag("SPINAL_OPS_SKIP_CUDA")
     with_cuda = bool(cuda_sources) and not skip_cuda and nvcc is not None and torch.version.cuda is not None
     arch_list = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
@@ -66,7 +74,7 @@ def _extensions():
 
     print("spinal_ops build configuration:", file=sys.stderr)
     print(f"  torch {torch.__version__} (CUDA build: {torch.version.cuda})", file=sys.stderr)
-    print(f"  nvcc: {nvcc}", file=sys.stderr)
+    print(f"  CUDA_HOME={cuda_home}  nvcc: {nvcc}", file=sys.stderr)
     print(f"  SPINAL_OPS_SKIP_CUDA={int(skip_cuda)} -> CUDA kernels {'ON' if with_cuda else 'OFF'}", file=sys.stderr)
     print(f"  TORCH_CUDA_ARCH_LIST={arch_list}", file=sys.stderr)
     print(f"  SPINAL_OPS_PTXAS_REPORT={ptxas_report or '(not kept)'}", file=sys.stderr)

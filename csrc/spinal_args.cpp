@@ -6,6 +6,9 @@
 #include <sstream>
 #include <string>
 
+// Every message starts by naming the backend whose kernel refused the arguments.
+#define SPINAL_PREFIX "spinal_ops ", std::string(backend), " backend: "
+
 namespace spinal_ops {
 
 namespace {
@@ -18,84 +21,92 @@ std::string shape_str(const at::Tensor& t) {
   return os.str();
 }
 
-void check_tensor(const at::Tensor& t, const char* name, const at::Tensor& x, c10::IntArrayRef expected) {
-  TORCH_CHECK(t.device() == x.device(), "spinal_ops: ", name, " must be on the device of x (", x.device(),
+void check_tensor(std::string_view backend, const at::Tensor& t, const char* name, const at::Tensor& x,
+                  c10::IntArrayRef expected) {
+  TORCH_CHECK(t.device() == x.device(), SPINAL_PREFIX, name, " must be on the device of x (", x.device(),
               "), got ", t.device());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "spinal_ops: ", name, " must have the dtype of x (",
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), SPINAL_PREFIX, name, " must have the dtype of x (",
               x.scalar_type(), "), got ", t.scalar_type());
-  TORCH_CHECK(t.sizes() == expected, "spinal_ops: ", name, " must have shape ", expected, ", got ",
+  TORCH_CHECK(t.sizes() == expected, SPINAL_PREFIX, name, " must have shape ", expected, ", got ",
               shape_str(t));
-  TORCH_CHECK(t.is_contiguous(), "spinal_ops: ", name, " must be contiguous");
+  TORCH_CHECK(t.is_contiguous(), SPINAL_PREFIX, name, " must be contiguous");
 }
 
 }  // namespace
 
-Activation parse_activation(std::string_view name) {
+Activation parse_activation(std::string_view name, std::string_view backend) {
   for (int i = 0; i < 7; ++i) {
     if (name == kActivationNames[i]) return static_cast<Activation>(i);
   }
-  TORCH_CHECK(false, "spinal_ops: activation must be one of relu, leaky_relu, tanh, sigmoid, identity, gelu, silu; "
+  TORCH_CHECK(false, SPINAL_PREFIX, "activation must be one of relu, leaky_relu, tanh, sigmoid, identity, gelu, silu; "
                      "got '", std::string(name), "'");
 }
 
-SpinalDims check_forward_args(const at::Tensor& x, const at::Tensor& weight_x, const at::Tensor& weight_h,
+SpinalDims check_forward_args(std::string_view backend, const at::Tensor& x, const at::Tensor& weight_x, const at::Tensor& weight_h,
                               const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& head_weight,
                               const std::optional<at::Tensor>& head_bias, c10::IntArrayRef starts,
                               std::string_view activation, double negative_slope, bool shared_weights) {
   SpinalDims d;
-  d.activation = parse_activation(activation);
+  d.activation = parse_activation(activation, backend);
   d.negative_slope = negative_slope;
   d.shared = shared_weights;
-  TORCH_CHECK(x.dim() == 2, "spinal_ops: x must be 2-D (B, D), got shape ", shape_str(x));
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "spinal_ops: x must be a floating-point tensor, got ",
+  TORCH_CHECK(x.dim() == 2, SPINAL_PREFIX, "x must be 2-D (B, D), got shape ", shape_str(x));
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), SPINAL_PREFIX, "x must be a floating-point tensor, got ",
               x.scalar_type());
-  TORCH_CHECK(x.is_contiguous(), "spinal_ops: x must be contiguous");
+  TORCH_CHECK(x.is_contiguous(), SPINAL_PREFIX, "x must be contiguous");
   d.rows = x.size(0);
   d.in_features = x.size(1);
   d.layers = static_cast<int64_t>(starts.size());
-  TORCH_CHECK(d.layers >= 1, "spinal_ops: starts must hold one entry per sub-layer (>= 1), got 0");
-  TORCH_CHECK(d.in_features >= 1, "spinal_ops: x must have at least one column, got shape ", shape_str(x));
-  TORCH_CHECK(weight_x.dim() == 3, "spinal_ops: weight_x must be 3-D (Lx, w, c), got shape ", shape_str(weight_x));
+  TORCH_CHECK(d.layers >= 1, SPINAL_PREFIX, "starts must hold one entry per sub-layer (>= 1), got 0");
+  TORCH_CHECK(d.in_features >= 1, SPINAL_PREFIX, "x must have at least one column, got shape ", shape_str(x));
+  TORCH_CHECK(weight_x.dim() == 3, SPINAL_PREFIX, "weight_x must be 3-D (Lx, w, c), got shape ", shape_str(weight_x));
   d.width = weight_x.size(1);
   d.chunk = weight_x.size(2);
-  TORCH_CHECK(d.width >= 1 && d.chunk >= 1, "spinal_ops: weight_x must have w >= 1 and c >= 1, got shape ",
+  TORCH_CHECK(d.width >= 1 && d.chunk >= 1, SPINAL_PREFIX, "weight_x must have w >= 1 and c >= 1, got shape ",
               shape_str(weight_x));
-  TORCH_CHECK(d.chunk <= d.in_features, "spinal_ops: chunk size c = weight_x.size(2) = ", d.chunk,
+  TORCH_CHECK(d.chunk <= d.in_features, SPINAL_PREFIX, "chunk size c = weight_x.size(2) = ", d.chunk,
               " must be at most D = ", d.in_features);
   d.x_slots = shared_weights ? std::min<int64_t>(d.layers, 2) : d.layers;
   d.h_slots = shared_weights ? std::min<int64_t>(d.layers - 1, 1) : d.layers - 1;
   for (int64_t i = 0; i < d.layers; ++i) {
-    TORCH_CHECK(starts[i] >= 0 && starts[i] < d.in_features, "spinal_ops: starts[", i, "] must be in [0, ",
+    TORCH_CHECK(starts[i] >= 0 && starts[i] < d.in_features, SPINAL_PREFIX, "starts[", i, "] must be in [0, ",
                 d.in_features, "), got ", starts[i]);
   }
-  check_tensor(weight_x, "weight_x", x, {d.x_slots, d.width, d.chunk});
-  check_tensor(weight_h, "weight_h", x, {d.h_slots, d.width, d.width});
+  check_tensor(backend, weight_x, "weight_x", x, {d.x_slots, d.width, d.chunk});
+  check_tensor(backend, weight_h, "weight_h", x, {d.h_slots, d.width, d.width});
   d.has_bias = bias.has_value();
-  if (d.has_bias) check_tensor(*bias, "bias", x, {d.x_slots, d.width});
+  if (d.has_bias) check_tensor(backend, *bias, "bias", x, {d.x_slots, d.width});
   d.has_head = head_weight.has_value();
   if (d.has_head) {
-    TORCH_CHECK(head_weight->dim() == 2, "spinal_ops: head_weight must be 2-D (out, L*w), got shape ",
+    TORCH_CHECK(head_weight->dim() == 2, SPINAL_PREFIX, "head_weight must be 2-D (out, L*w), got shape ",
                 shape_str(*head_weight));
     d.out = head_weight->size(0);
-    check_tensor(*head_weight, "head_weight", x, {d.out, d.hidden()});
+    check_tensor(backend, *head_weight, "head_weight", x, {d.out, d.hidden()});
   }
   d.has_head_bias = head_bias.has_value();
   if (d.has_head_bias) {
-    TORCH_CHECK(d.has_head, "spinal_ops: head_bias given without head_weight (hidden mode has no head)");
-    check_tensor(*head_bias, "head_bias", x, {d.out});
+    TORCH_CHECK(d.has_head, SPINAL_PREFIX, "head_bias given without head_weight (hidden mode has no head)");
+    check_tensor(backend, *head_bias, "head_bias", x, {d.out});
   }
   return d;
 }
 
-void check_backward_args(const SpinalDims& dims, const at::Tensor& x, const std::optional<at::Tensor>& grad_y,
+void check_backward_args(std::string_view backend, const SpinalDims& dims, const at::Tensor& x, const std::optional<at::Tensor>& grad_y,
                          const std::optional<at::Tensor>& grad_h, const at::Tensor& h_all) {
-  check_tensor(h_all, "H", x, {dims.rows, dims.hidden()});
+  check_tensor(backend, h_all, "H", x, {dims.rows, dims.hidden()});
   if (grad_y.has_value()) {
-    TORCH_CHECK(dims.has_head, "spinal_ops: grad_y given in hidden mode (no head_weight)");
-    check_tensor(*grad_y, "grad_y", x, {dims.rows, dims.out});
+    TORCH_CHECK(dims.has_head, SPINAL_PREFIX, "grad_y given in hidden mode (no head_weight)");
+    check_tensor(backend, *grad_y, "grad_y", x, {dims.rows, dims.out});
   }
-  if (grad_h.has_value()) check_tensor(*grad_h, "grad_H", x, {dims.rows, dims.hidden()});
+  if (grad_h.has_value()) check_tensor(backend, *grad_h, "grad_H", x, {dims.rows, dims.hidden()});
+}
+
+void check_args_op(c10::string_view backend, const at::Tensor& x, const at::Tensor& weight_x, const at::Tensor& weight_h,
+                   const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& head_weight,
+                   const std::optional<at::Tensor>& head_bias, c10::IntArrayRef starts, c10::string_view activation,
+                   double negative_slope, bool shared_weights) {
+  check_forward_args(backend, x, weight_x, weight_h, bias, head_weight, head_bias, starts, activation, negative_slope,
+                     shared_weights);
 }
 
 }  // namespace spinal_ops
-

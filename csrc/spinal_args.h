@@ -18,7 +18,7 @@ namespace spinal_ops {
 enum class Activation : int { kRelu = 0, kLeakyRelu, kTanh, kSigmoid, kIdentity, kGelu, kSilu };
 
 // Parses the `activation` argument; throws naming the allowed values.
-Activation parse_activation(std::string_view name);
+Activation parse_activation(std::string_view name, std::string_view backend);
 
 // True when act'(Z) cannot be computed from h = act(Z) alone (the kernels then recompute Z).
 inline bool needs_preactivation(Activation a, double negative_slope) {
@@ -48,15 +48,22 @@ struct SpinalDims {
   int64_t hidden() const { return layers * width; }  // L * w, the width of H
 };
 
+// `backend` ("cpu", "cuda") names the caller in every message.
 // Validates the forward arguments (see the schema in spinal_ops.cpp) and returns the sizes.
-SpinalDims check_forward_args(const at::Tensor& x, const at::Tensor& weight_x, const at::Tensor& weight_h,
+SpinalDims check_forward_args(std::string_view backend, const at::Tensor& x, const at::Tensor& weight_x, const at::Tensor& weight_h,
                               const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& head_weight,
                               const std::optional<at::Tensor>& head_bias, c10::IntArrayRef starts,
                               std::string_view activation, double negative_slope, bool shared_weights);
 
 // Validates the extra backward arguments (grad_y, grad_H, H) against sizes from check_forward_args.
-void check_backward_args(const SpinalDims& dims, const at::Tensor& x, const std::optional<at::Tensor>& grad_y,
+void check_backward_args(std::string_view backend, const SpinalDims& dims, const at::Tensor& x, const std::optional<at::Tensor>& grad_y,
                          const std::optional<at::Tensor>& grad_h, const at::Tensor& h_all);
+
+// The `_check_args` op: check_forward_args for callers outside C++ (the Triton ops), raising the same errors.
+void check_args_op(c10::string_view backend, const at::Tensor& x, const at::Tensor& weight_x, const at::Tensor& weight_h,
+                   const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& head_weight,
+                   const std::optional<at::Tensor>& head_bias, c10::IntArrayRef starts, c10::string_view activation,
+                   double negative_slope, bool shared_weights);
 
 // Index of each gradient in the backward op's output tuple and output mask.
 enum GradIndex : int { kGradX = 0, kGradWeightX, kGradWeightH, kGradBias, kGradHeadWeight, kGradHeadBias };

@@ -17,6 +17,8 @@
 
 #include <torch/library.h>
 
+#include "spinal_args.h"
+
 // Importing spinal_ops._C loads this library, whose static initialisers register the ops. No Python
 // bindings: everything is reached through torch.ops.spinal_ops.
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
@@ -33,4 +35,9 @@ TORCH_LIBRARY(spinal_ops, m) {
       "spinal_backward(Tensor? grad_y, Tensor? grad_H, Tensor x, Tensor H, Tensor weight_x, Tensor weight_h, "
       "Tensor? bias, Tensor? head_weight, int[] starts, str activation, float negative_slope, "
       "bool shared_weights, bool[6] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The shared argument checks as an op, for the backends written in Python (Triton): raises or returns nothing.
+  m.def(
+      "_check_args(str backend, Tensor x, Tensor weight_x, Tensor weight_h, Tensor? bias, Tensor? head_weight, "
+      "Tensor? head_bias, int[] starts, str activation, float negative_slope, bool shared_weights) -> ()",
+      &spinal_ops::check_args_op);
 }

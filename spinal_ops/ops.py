@@ -125,6 +125,12 @@ if NATIVE_IMPORT_ERROR is None:
 # ------------------------------------------------------------------------------------------------- Triton ops
 
 
+def _check_triton_args(*args) -> None:
+    """The shared C++ argument checks (csrc/spinal_args.cpp), naming the triton backend in every message."""
+    if NATIVE_IMPORT_ERROR is None:
+        torch.ops.spinal_ops._check_args("triton", *args)
+
+
 def _register_triton() -> None:
     from .triton_kernels import spinal_bwd_triton, spinal_fwd_triton
 
@@ -133,6 +139,8 @@ def _register_triton() -> None:
         x: Tensor, weight_x: Tensor, weight_h: Tensor, bias: Tensor | None, head_weight: Tensor | None,
         head_bias: Tensor | None, starts: list[int], activation: str, negative_slope: float, shared_weights: bool,
     ) -> tuple[Tensor, Tensor]:
+        _check_triton_args(x, weight_x, weight_h, bias, head_weight, head_bias, starts, activation, negative_slope,
+                           shared_weights)
         return spinal_fwd_triton(x, weight_x, weight_h, bias, head_weight, head_bias, starts, activation,
                                  negative_slope, shared_weights)
 
@@ -142,6 +150,8 @@ def _register_triton() -> None:
         bias: Tensor | None, head_weight: Tensor | None, starts: list[int], activation: str,
         negative_slope: float, shared_weights: bool, output_mask: list[bool],
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        _check_triton_args(x, weight_x, weight_h, bias, head_weight, None, starts, activation, negative_slope,
+                           shared_weights)
         return spinal_bwd_triton(grad_y, grad_H, x, H, weight_x, weight_h, bias, head_weight, starts, activation,
                                  negative_slope, shared_weights, output_mask)
 

@@ -119,17 +119,10 @@ def test_triton_head_with_10000_outputs(width):
 
 # ------------------------------------------------------------------------------------------------ hard limits
 
-HARD_LIMIT_NOT_ENFORCED = pytest.mark.xfail(
-    strict=True,
-    reason="not enforced yet: the triton launchers pass any width to the kernels, which fail inside Triton with "
-           "'numel (...) exceeds triton maximum tensor numel' (no backend, argument or fallback named)",
-)
-
-
 @pytest.mark.triton
 @pytest.mark.parametrize("case", [
-    pytest.param(Case(3, 20, 2, 1100, 2), marks=HARD_LIMIT_NOT_ENFORCED, id="w1100"),
-    pytest.param(Case(3, 20, 2, 8, 2, out=70_000), marks=HARD_LIMIT_NOT_ENFORCED, id="out70000"),
+    pytest.param(Case(3, 20, 2, 1100, 2), id="w1100"),
+    pytest.param(Case(3, 20, 2, 8, 2, out=70_000), id="out70000"),
 ])
 def test_triton_tile_limits_raise_a_clear_error(case):
     """Beyond the Triton tile limit the backend must say so: which backend, which argument, the supported values
@@ -170,20 +163,12 @@ BAD_ARGUMENTS = [
      r"(?=.*[Ff]loat8)(?=.*float32).*(x|dtype)"),
 ]
 OP_BACKENDS = {"cpu": "spinal_forward", "triton": "spinal_forward_triton"}
-NAMES_BACKEND = {("cpu", "dtype"), ("triton", "dtype")}  # the only messages that name the backend today
 
 
 def _error_cases():
     for backend in OP_BACKENDS:
         for name, mutate, match in BAD_ARGUMENTS:
-            marks = []
-            if (backend, name) not in NAMES_BACKEND:
-                reason = ("the shared checks in csrc/spinal_ops.cpp say 'spinal_ops:' without the backend"
-                          if backend == "cpu" else
-                          "the triton ops validate no arguments (wrong shapes, starts out of range and non-contiguous "
-                          "x run the kernels anyway)")
-                marks.append(pytest.mark.xfail(strict=True, reason=reason))
-            yield pytest.param(backend, mutate, match, id=f"{backend}-{name}", marks=marks)
+            yield pytest.param(backend, mutate, match, id=f"{backend}-{name}")
 
 
 @pytest.mark.parametrize("backend,mutate,match", list(_error_cases()))

@@ -384,6 +384,7 @@ def spinal_bwd_triton(
     lh = weight_h.shape[0]
     has_head = head_weight is not None
     out = head_weight.shape[0] if has_head else 0
+    config.check_tile_limits(width, out)
     mask = [bool(m) for m in output_mask]
     mask[3] = mask[3] and bias is not None
     mask[4] = mask[4] and has_head
@@ -418,19 +419,21 @@ def spinal_bwd_triton(
             wrap_triton(_spinal_bwd_chain_kernel_tuned)[grid](*args, **consts)
         else:
             s = config.chain_settings(rows, chunk, width, out, x.dtype)
-            wrap_triton(_spinal_bwd_chain_kernel)[(triton.cdiv(rows, s.block_b),)](*args, **consts, **s.meta())
+            with config.launch_guard():
+                wrap_triton(_spinal_bwd_chain_kernel)[(triton.cdiv(rows, s.block_b),)](*args, **consts, **s.meta())
 
     if any(mask[1:]):
         s = config.weight_settings(rows, chunk, width, out, x.dtype)
         programs = _weight_grid_size(rows, chunk, width, num_layers, out, lx, lh, mask, s)
         if programs > 0:
-            wrap_triton(_spinal_bwd_weights_kernel)[(programs,)](
-                x, H, grad_y if grad_y is not None else x, dz if need_dz else x, starts_t,
-                dwx if mask[1] else x, db if mask[3] else x, dwh if mask[2] else x, dwo if mask[4] else x,
-                dbo if mask[5] else x,
-                rows, in_features, chunk, width, num_layers, out, lx, lh,
-                SHARED=bool(shared_weights), HAS_GY=grad_y is not None, NEED_WX=mask[1], NEED_B=mask[3],
-                NEED_WH=mask[2], NEED_WO=mask[4], NEED_BO=mask[5], DOT_DTYPE=plan.dot, ACC_DTYPE=plan.acc,
-                PRECISION=plan.precision, **s.meta(),
-            )
+            with config.launch_guard():
+                wrap_triton(_spinal_bwd_weights_kernel)[(programs,)](
+                    x, H, grad_y if grad_y is not None else x, dz if need_dz else x, starts_t,
+                    dwx if mask[1] else x, db if mask[3] else x, dwh if mask[2] else x, dwo if mask[4] else x,
+                    dbo if mask[5] else x,
+                    rows, in_features, chunk, width, num_layers, out, lx, lh,
+                    SHARED=bool(shared_weights), HAS_GY=grad_y is not None, NEED_WX=mask[1], NEED_B=mask[3],
+                    NEED_WH=mask[2], NEED_WO=mask[4], NEED_BO=mask[5], DOT_DTYPE=plan.dot, ACC_DTYPE=plan.acc,
+                    PRECISION=plan.precision, **s.meta(),
+                )
     return dx, dwx, dwh, db, dwo, dbo

@@ -29,6 +29,8 @@ about ``2**-11 * sqrt(c)`` per dot product; the tests do not run tf32, the inter
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import dataclasses
 import os
 
@@ -49,6 +51,15 @@ INTERPRETER_ROW_TILE = 64  # interpreter: large tiles, few programs (speed only)
 
 def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
+
+
+# Triton's interpreter is process-global (each launch patches triton.language): launches are serialised there.
+INTERPRETER_LOCK = threading.Lock()
+
+
+def launch_guard():
+    """Context for a launcher's kernel launches: the interpreter lock under ``TRITON_INTERPRET=1``, else nothing."""
+    return INTERPRETER_LOCK if interpreted() else contextlib.nullcontext()
 
 
 def interpreted() -> bool:
@@ -90,6 +101,27 @@ def dtype_plan(dtype: torch.dtype) -> DtypePlan:
 
 
 # ------------------------------------------------------------------------------------------------ tile sizes
+
+
+# Triton caps one tile (block) at 2^20 elements; the kernels hold a (BLOCK_W x BLOCK_W) recurrent-weight tile
+# and a (BLOCK_W x BLOCK_O) head-weight tile.
+MAX_TILE_ELEMENTS = 1 << 20
+
+
+def check_tile_limits(width: int, out: int) -> None:
+    """Raise a clear error (backend, argument, supported values, fallback) when a layer exceeds the tile cap."""
+    bw, bo = width_tile(width), out_tile(out) if out else MIN_DOT
+    if bw * bw > MAX_TILE_ELEMENTS:
+        raise ValueError(
+            f"spinal_ops triton backend: layer_width={width} (tile {bw}) exceeds Triton's 2^20-element tile limit; "
+            f"supported: layer_width <= 1024; use the cuda, cpu or reference backend (spinal_ops.use_backend(...))"
+        )
+    if bw * bo > MAX_TILE_ELEMENTS:
+        raise ValueError(
+            f"spinal_ops triton backend: layer_width={width} with out_features={out} (tiles {bw} x {bo}) exceeds "
+            f"Triton's 2^20-element tile limit; supported: padded(layer_width) * padded(out_features) <= 2^20; use "
+            f"the cuda, cpu or reference backend (spinal_ops.use_backend(...))"
+        )
 
 
 def width_tile(width: int) -> int:

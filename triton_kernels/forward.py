@@ -143,6 +143,7 @@ def spinal_fwd_triton(
     num_layers = len(starts)
     width, chunk = weight_x.shape[1], weight_x.shape[2]
     out = head_weight.shape[0] if head_weight is not None else 0
+    config.check_tile_limits(width, out)
     has_head = head_weight is not None
     h_all = x.new_empty(rows, num_layers * width)
     y = x.new_empty(rows, out)
@@ -164,5 +165,6 @@ def spinal_fwd_triton(
     else:
         s = config.forward_settings(rows, chunk, width, out, x.dtype)
         grid = (triton.cdiv(rows, s.block_b),)
-        wrap_triton(_spinal_fwd_kernel)[grid](*args, **consts, **s.meta())
+        with config.launch_guard():
+            wrap_triton(_spinal_fwd_kernel)[grid](*args, **consts, **s.meta())
     return h_all, y

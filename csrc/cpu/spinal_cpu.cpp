@@ -284,7 +284,7 @@ std::tuple<at::Tensor, at::Tensor> spinal_forward_cpu(const at::Tensor& x, const
                                                       const std::optional<at::Tensor>& head_bias,
                                                       c10::IntArrayRef starts, c10::string_view activation,
                                                       double negative_slope, bool shared_weights) {
-  const SpinalDims d = check_forward_args(x, weight_x, weight_h, bias, head_weight, head_bias, starts,
+  const SpinalDims d = check_forward_args("cpu", x, weight_x, weight_h, bias, head_weight, head_bias, starts,
                                           activation, negative_slope, shared_weights);
   check_cpu_dtype(x);
   at::Tensor h_all = at::empty({d.rows, d.hidden()}, x.options());
@@ -350,9 +350,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& h_all, const at::Tensor& weight_x, const at::Tensor& weight_h,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& head_weight, c10::IntArrayRef starts,
     c10::string_view activation, double negative_slope, bool shared_weights, std::array<bool, 6> output_mask) {
-  const SpinalDims d = check_forward_args(x, weight_x, weight_h, bias, head_weight, std::nullopt, starts,
+  const SpinalDims d = check_forward_args("cpu", x, weight_x, weight_h, bias, head_weight, std::nullopt, starts,
                                           activation, negative_slope, shared_weights);
-  check_backward_args(d, x, grad_y, grad_h, h_all);
+  check_backward_args("cpu", d, x, grad_y, grad_h, h_all);
   check_cpu_dtype(x);
   const bool want_dx = output_mask[kGradX];
   const bool want_wx = output_mask[kGradWeightX];

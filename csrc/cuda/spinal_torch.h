@@ -65,7 +65,7 @@ inline std::tuple<at::Tensor, at::Tensor> forward_impl(
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& head_weight,
     const std::optional<at::Tensor>& head_bias, c10::IntArrayRef starts, std::string_view activation,
     double negative_slope, bool shared_weights, LaunchOptions opt, simt::Stream stream) {
-  const SpinalDims d = check_forward_args(x, weight_x, weight_h, bias, head_weight, head_bias, starts, activation,
+  const SpinalDims d = check_forward_args("cuda", x, weight_x, weight_h, bias, head_weight, head_bias, starts, activation,
                                           negative_slope, shared_weights);
   check_int32(d);
   at::Tensor h_all = at::empty({d.rows, d.hidden()}, x.options());
@@ -108,9 +108,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& head_weight, c10::IntArrayRef starts,
     std::string_view activation, double negative_slope, bool shared_weights, std::array<bool, 6> mask,
     simt::Stream stream) {
-  const SpinalDims d = check_forward_args(x, weight_x, weight_h, bias, head_weight, std::nullopt, starts,
+  const SpinalDims d = check_forward_args("cuda", x, weight_x, weight_h, bias, head_weight, std::nullopt, starts,
                                           activation, negative_slope, shared_weights);
-  check_backward_args(d, x, grad_y, grad_h, h_all);
+  check_backward_args("cuda", d, x, grad_y, grad_h, h_all);
   check_int32(d);
   auto none = [&] { return x.new_empty({0}); };
   at::Tensor dx = mask[kGradX] ? at::empty_like(x) : none();
