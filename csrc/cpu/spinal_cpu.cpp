@@ -27,6 +27,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
@@ -365,11 +366,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   // Gradients nobody asked for come back as distinct empty tensors (outputs must not alias).
   auto empty = [&] { return x.new_empty({0}); };
+  // Weight gradients that one job writes whole (beta = 0) need no zero fill: a shared slot (sum of partials),
+  // a head without grad_y and the accumulated dx and bias gradients do.
+  const bool sums_partials = d.shared && d.layers > 2;
+  auto grad_like = [&](const at::Tensor& t, bool written_whole) {
+    return written_whole ? at::empty_like(t) : at::zeros_like(t);
+  };
   at::Tensor dx = want_dx ? at::zeros_like(x) : empty();
-  at::Tensor dwx = want_wx ? at::zeros_like(weight_x) : empty();
-  at::Tensor dwh = want_wh ? at::zeros_like(weight_h) : empty();
+  at::Tensor dwx = want_wx ? grad_like(weight_x, !sums_partials) : empty();
+  at::Tensor dwh = want_wh ? grad_like(weight_h, !sums_partials) : empty();
   at::Tensor db = want_b ? at::zeros_like(*bias) : empty();
-  at::Tensor dwo = want_wo ? at::zeros_like(*head_weight) : empty();
+  at::Tensor dwo = want_wo ? grad_like(*head_weight, has_gy) : empty();
   at::Tensor dbo = want_bo ? at::zeros({d.out}, x.options()) : empty();
   const int64_t lw = d.hidden();
 
@@ -407,7 +414,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     // Phase 2: weight gradients. Jobs [0, L): dWx_i; [L, 2L): dWh_i; [2L, 3L): dWo block i; 3L: biases.
     // A shared slot (sub-layers 1.. with shared weights) receives per-sub-layer partials, summed below.
     const int64_t xsize = d.width * d.chunk, hsize = d.width * d.width;
-    const bool shared = d.shared && d.layers > 2;
+    const bool shared = sums_partials;
     std::vector<T> xpart(shared && want_wx ? static_cast<size_t>(d.layers * xsize) : 0);
     std::vector<T> hpart(shared && want_wh ? static_cast<size_t>(d.layers * hsize) : 0);
     const bool bias_job = want_b || (has_gy && want_bo);
