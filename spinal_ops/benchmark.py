@@ -120,13 +120,18 @@ def make_step(module, backend, x, mode: str):
 
 
 def time_provider(module, backend, x, mode: str, min_run_time: float) -> float:
-    """Median seconds per call of ``mode`` for one provider."""
+    """Median seconds per call of ``mode`` for one provider, with all of torch's intra-op threads.
+
+    ``torch.utils.benchmark.Timer`` runs single-threaded unless told otherwise (``num_threads=1`` is its default):
+    it is given the thread count the report records, so every provider runs as it would in the caller's process.
+    """
     from torch.utils.benchmark import Timer
 
     step = make_step(module, backend, x, mode)
     for _ in range(2):  # warm-up (and compilation for the compiled provider)
         step()
-    return Timer("step()", globals={"step": step}).blocked_autorange(min_run_time=min_run_time).median
+    timer = Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
 def saved_activation_values(module, backend, x) -> int:
@@ -160,6 +165,7 @@ def environment(dtype) -> dict:
         "device": "cpu",
         "cpu": cpu,
         "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "dtype": str(dtype).replace("torch.", ""),
         "torch": torch.__version__,
         "spinal_ops": spinal_ops.__version__,
