@@ -70,6 +70,16 @@ CASES = [
     Case(7, 10, 2, 4, 3, activation="identity", layout="3d"),
 ]
 
+# One-tile batches wide enough that the cpu kernel splits each sub-layer's products into column blocks
+# (csrc/cpu/spinal_cpu.cpp, ColumnSplit: B <= 256 rows, a product of >= 2^18 multiply-adds, >= 128 columns):
+# w = 200 -> 3 blocks (80, 80, 40); c = round(150.5) = 150 -> 2 blocks (80, 70), the first straddling the wrap of
+# the chunk starting at column 300 of 301; w = 131 -> 2 blocks (80, 51), c = 128 -> 2 blocks (64, 64).
+COLUMN_SPLIT_CASES = [
+    Case(7, 301, 2, 200, 3, activation="gelu"),  # Z and carry split (recomputed Z), dx not (210k products)
+    Case(64, 301, 2, 200, 3, shared=True, head=False, activation="tanh"),  # Z, carry and dx split
+    Case(9, 257, 2, 131, 4, bias=False, activation="leaky_relu", negative_slope=-0.1),  # Z split only
+]
+
 
 def make_inputs(case: Case, dtype=torch.float64, device="cpu", seed=0):
     """``(x, params)``: input of the case's layout and packed parameters, drawn from a fixed seed.

@@ -8,7 +8,7 @@ import torch
 import spinal_ops
 from spinal_ops import SpinalLinear, reference
 
-from helpers import CASES, Case, assert_close, functional_kwargs, make_inputs, require_backend, run_and_grad
+from helpers import CASES, COLUMN_SPLIT_CASES, Case, assert_close, functional_kwargs, make_inputs, require_backend, run_and_grad
 
 pytestmark = pytest.mark.usefixtures("_cpu_backend")
 
@@ -27,7 +27,7 @@ def _run(backend, case, x, params):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+@pytest.mark.parametrize("case", CASES + COLUMN_SPLIT_CASES, ids=[c.id for c in CASES + COLUMN_SPLIT_CASES])
 def test_matches_reference(case, dtype):
     x, params = make_inputs(case, dtype)
     out, grads = _run("cpu", case, x, params)

@@ -9,7 +9,7 @@ import re
 
 import pytest
 import torch
-from helpers import Case, functional_kwargs, make_inputs, require_backend, run_and_grad
+from helpers import COLUMN_SPLIT_CASES, Case, functional_kwargs, make_inputs, require_backend, run_and_grad
 
 import spinal_ops
 
@@ -18,8 +18,8 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Several row tiles of the cpu kernel (256 rows each) and the weight-gradient GEMMs over all rows, where a
 # threaded BLAS would split the reduction by thread count; wrap-around chunks, shared slots (partials added
-# afterwards), hidden mode, act' from a recomputed Z.
-CPU_CASES = [
+# afterwards), hidden mode, act' from a recomputed Z; one-tile batches whose products are split into column blocks.
+CPU_CASES = [*COLUMN_SPLIT_CASES,
     Case(257, 13, 2, 5, 4),
     Case(1100, 200, 2, 64, 4, out=10),
     Case(1100, 24, 8, 7, 10, activation="gelu", shared=True),

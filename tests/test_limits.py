@@ -50,8 +50,7 @@ def test_cpu_row_offsets_past_2_31_elements():
     rows exceed 2^31. The memory is never written except for the last 3 rows: fresh pages of the OS read as
     zeros without being allocated, so the test needs ~10 MB of RAM. Checked: the forward of those rows (per-tile
     pointer offsets) and the weight gradients, whose GEMMs run over all rows with leading dimension D (32-bit
-    BLAS sizes, 64-bit pointer offsets). Not covered: B >= 2^31 rows, which would need the BLAS ``k`` of the
-    weight-gradient GEMMs (a 32-bit int) to be split; that needs >= 8 GiB of written memory."""
+    BLAS sizes, 64-bit pointer offsets). B >= 2^31 rows is refused (next test)."""
     require_backend("cpu")
     d, extra = 1 << 16, 3
     rows = (1 << 15) + extra
@@ -88,6 +87,25 @@ def test_cpu_row_offsets_past_2_31_elements():
     names = ("weight_x", "weight_h", "bias", "head_weight", "head_bias")
     for name, g_got, g_exp in zip(names, got[1:], expected, strict=True):
         assert_close(g_got, g_exp, what=f"{what}: d{name}")
+
+
+def test_cpu_refuses_2_31_rows_naming_the_limit_and_the_fallback():
+    """The row count is the ``k`` of the weight-gradient GEMMs, a 32-bit integer of the BLAS interface: 2^31 rows
+    are refused before any work, by the forward and the backward op. x (one column) and H are address space that
+    is never touched."""
+    require_backend("cpu")
+    rows = 2**31
+    try:
+        x, h_all = torch.empty(rows, 1), torch.empty(rows, 2)
+    except RuntimeError as exc:  # e.g. vm.overcommit_memory = 2
+        pytest.skip(f"cannot reserve 24 GiB of address space: {exc}")
+    wx, wh, b = torch.zeros(1, 2, 1), torch.zeros(0, 2, 2), torch.zeros(1, 2)
+    hyper = ([0], "relu", 0.01, False)
+    match = rf"cpu backend: the number of rows of x \(B\) must be at most 2\^31 - 1.*got {rows}.*reference"
+    with pytest.raises(ValueError, match=match):
+        torch.ops.spinal_ops.spinal_forward(x, wx, wh, b, None, None, *hyper)
+    with pytest.raises(ValueError, match=match):
+        torch.ops.spinal_ops.spinal_backward(None, h_all, x, h_all, wx, wh, b, None, *hyper, [True] * 6)
 
 
 # ------------------------------------------------------------------------------------------- very large heads
