@@ -192,7 +192,10 @@ def spinal_forward_blocks(
     h = None
     for i, s in enumerate(starts):
         slot = x_slot(i, shared_weights)
-        inp = x.index_select(1, chunk_columns(d, s, c, x.device))
+        if s + c <= d:  # a view, as the original blocks slice x (BLAS may round a strided operand differently)
+            inp = x[:, s : s + c]
+        else:
+            inp = x.index_select(1, chunk_columns(d, s, c, x.device))
         weight = weight_x[slot]
         if i > 0:
             inp = torch.cat([inp, h], dim=1)
