@@ -241,6 +241,21 @@ def test_bad_arguments_use_the_shared_checks(emu):
         emu.forward(x, *[params[k] for k in PARAM_NAMES], starts, "swish", 0.01, False, 0, False)
 
 
+def test_2_31_rows_are_refused_naming_the_limit_and_the_fallback(emu):
+    """Rows are 32-bit indices in the kernels: 2^31 rows are refused before any launch. x (one column) is address
+    space that is never touched."""
+    try:
+        x = torch.empty(2**31, 1)
+    except RuntimeError as exc:  # e.g. vm.overcommit_memory = 2
+        pytest.skip(f"cannot reserve 8 GiB of address space: {exc}")
+    wx, wh, b = torch.zeros(1, 2, 1), torch.zeros(0, 2, 2), torch.zeros(1, 2)
+    before = emu.launch_count()
+    match = r"cuda backend: the number of rows of x \(B\) must be at most 2\^31 - 1.*got 2147483648.*reference"
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        emu.forward(x, wx, wh, b, None, None, [0], "relu", 0.01, False, 0, False)
+    assert emu.launch_count() == before, "cuda (emulated): a refused call must launch nothing"
+
+
 # ------------------------------------------------------------------------------------------- planted bugs
 
 

@@ -8,6 +8,7 @@
 
 #include <array>
 #include <limits>
+#include <utility>
 #include <optional>
 #include <string_view>
 #include <tuple>
@@ -42,12 +43,19 @@ T* mptr(const at::Tensor& t) {
   return t.numel() > 0 ? reinterpret_cast<T*>(t.data_ptr()) : nullptr;
 }
 
+// The kernels index rows, columns and weight slots with 32-bit integers (per dimension; offsets are 64-bit).
 inline void check_int32(const SpinalDims& d) {
   constexpr int64_t kMax = std::numeric_limits<int>::max();
-  TORCH_CHECK(d.rows <= kMax && d.in_features <= kMax && d.hidden() <= kMax && d.out <= kMax &&
-                  d.chunk * d.width <= kMax,
-              "spinal_ops (cuda backend): sizes must fit in 32-bit indices per dimension, got B=", d.rows,
-              ", D=", d.in_features, ", L*w=", d.hidden(), ", out=", d.out);
+  const std::pair<const char*, int64_t> sizes[] = {{"the number of rows of x (B)", d.rows},
+                                                   {"in_features (D)", d.in_features},
+                                                   {"num_layers * layer_width (L*w)", d.hidden()},
+                                                   {"out_features", d.out},
+                                                   {"layer_width * chunk (w*c)", d.chunk * d.width}};
+  for (const auto& [name, value] : sizes) {
+    TORCH_CHECK_VALUE(value <= kMax, "spinal_ops cuda backend: ", name, " must be at most 2^31 - 1 (32-bit ",
+                      "indices), got ", value, "; split the batch, or use the triton or reference backend ",
+                      "(spinal_ops.use_backend(...))");
+  }
 }
 
 // starts as an int32 tensor on the device of x (kernel argument).
