@@ -1,5 +1,5 @@
 """The `triton` backend against the reference: outputs, every gradient, gradcheck, launch counts, original-style
-modules.
+modules; the same for the kernels' wide path (forced with small tiles) and the choice between fast and wide path.
 
 Runs on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` in the environment before pytest starts)
 or on CUDA tensors on a GPU. Skipped when Triton is not installed, or when neither is available: the import of
@@ -19,6 +19,7 @@ from original import CustomizableSpinal, packed_grads
 
 import spinal_ops
 from spinal_ops import SpinalLinear
+from spinal_ops.configs import CONFIG_BY_NAME, CONFIGS, ROOFLINE_BATCH_SIZES
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cpu" if INTERPRETED else "cuda"
@@ -178,6 +179,144 @@ def test_backward_deterministic():
         assert torch.equal(first[name], second[name]), f"backend=triton case={case.id}: d{name} not bitwise equal"
 
 
+# ------------------------------------------------------------------------------------------------- wide path
+
+# Forced wide-path tiles: BLOCK_N = BLOCK_K = BLOCK_O = 16, so a w = 40 layer spans 3 column tiles and 3 K-steps
+# (the last ones masked: 40 = 16 + 16 + 8) and a 37-output head 3 output tiles.
+WIDE_TILE = 16
+WIDE_CASES = [
+    # chunks wrap (D = 13, K = 3: c = 4); width and head both end in a partial tile
+    Case(7, 13, 3, 40, 4, out=37),
+    # gelu: act' from Z recomputed tile by tile; out = 16: exactly one head tile
+    Case(7, 13, 3, 21, 3, out=16, activation="gelu"),
+    # leaky_relu with a negative slope (Z recompute), shared weights; D = 11, c = 3: sub-layer 3 reads 9, 10, 0
+    Case(7, 11, 4, 19, 6, out=5, activation="leaky_relu", negative_slope=-0.3, shared=True),
+    # hidden mode, shared weights, no bias, alternate split, silu (Z recompute); grad_H only
+    Case(9, 16, 4, 37, 5, split_mode="alternate", shared=True, bias=False, head=False, activation="silu"),
+    # two row tiles (the interpreter's row tile is 64), c = round(4.5) = 4, w a multiple of the tile
+    Case(70, 9, 2, 32, 3, activation="tanh"),
+    # L = 1: no recurrence, no carry
+    Case(5, 11, 2, 20, 1, out=3, activation="sigmoid"),
+]
+
+
+@pytest.fixture
+def force_wide(monkeypatch):
+    """Forces the wide path with WIDE_TILE-sized tiles (patches ``config.path_plan``, the one place that chooses)
+    and records the ``WIDE`` flag of every forward / chain launch, so a test can check that the wide path ran."""
+    from spinal_ops.triton_kernels import config
+
+    plan = config.PathPlan(wide=True, block_w=WIDE_TILE, block_o=WIDE_TILE, block_n=WIDE_TILE, block_k=WIDE_TILE)
+    monkeypatch.setattr(config, "path_plan", lambda width, out, dtype: plan)
+    seen = []
+    for name, kernel in _launched_kernels().items():
+        if name == "weights":  # tiled for any size, no path flag
+            continue
+        original = kernel.run
+
+        def recording_run(*args, _original=original, **kwargs):
+            seen.append(kwargs.get("WIDE"))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(kernel, "run", recording_run)
+    return seen
+
+
+def _assert_ran_wide(seen, what):
+    assert seen and all(flag is True for flag in seen), f"{what}: launches with WIDE = {seen}, expected all True"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=_dtype_id)
+@pytest.mark.parametrize("case", WIDE_CASES, ids=lambda c: c.id)
+def test_wide_path_matches_reference(case, dtype, force_wide):
+    out, grads = _run("triton", case, dtype)
+    ref_hi, grads_hi = _run("reference", case, torch.float64)
+    ref_same, grads_same = _run("reference", case, dtype)
+    what = f"backend=triton path=wide tile={WIDE_TILE} case={case.id} dtype={_dtype_id(dtype)}"
+    _assert_ran_wide(force_wide, what)
+    assert_close(out, ref_hi, ref_same, what=f"{what}: output")
+    assert grads.keys() == grads_hi.keys(), f"{what}: gradient set {sorted(grads)} != {sorted(grads_hi)}"
+    for name in grads_hi:
+        _check_grad(name, grads[name], grads_hi[name], grads_same[name], what)
+
+
+WIDE_GRADCHECK = [("gelu", 0.01, True), ("tanh", 0.01, False), ("leaky_relu", -0.3, False)]
+
+
+@pytest.mark.parametrize("activation,slope,head", WIDE_GRADCHECK,
+                         ids=[f"{a}{'' if s == 0.01 else f'({s})'}-{'head' if h else 'hidden'}"
+                              for a, s, h in WIDE_GRADCHECK])
+def test_wide_path_gradcheck(activation, slope, head, force_wide):
+    """gradcheck through the wide path: w = 17 spans two column tiles and K-steps (the second masked down to one
+    column), the second chunk wraps (D = 3, c = 2: columns 2, 0). ``fast_mode`` compares random projections
+    ``v^T J u`` of the numerical and analytical Jacobians of every input: ~2 s a case, where the full Jacobians
+    take minutes in the interpreter (gradcheck still computes them on a failure, for its message: a failing case
+    takes ~3 minutes). Every gradient element is compared with the reference by test_wide_path_matches_reference."""
+    case = Case(2, 3, 2, WIDE_TILE + 1, 2, out=2, activation=activation, negative_slope=slope, head=head)
+    x, params = make_inputs(case, torch.float64, device=DEVICE)
+    names = [k for k, v in params.items() if v is not None]
+
+    def fn(x_, *tensors):
+        return spinal_ops.spinal_linear(x_, **dict(zip(names, tensors, strict=True)), **functional_kwargs(case))
+
+    with spinal_ops.use_backend("triton"):
+        assert torch.autograd.gradcheck(fn, (x, *[params[k] for k in names]), eps=1e-6, atol=1e-7, rtol=1e-5,
+                                        fast_mode=True), f"backend=triton path=wide case={case.id}: gradcheck failed"
+    _assert_ran_wide(force_wide, f"backend=triton path=wide case={case.id}")
+
+
+def test_wide_path_launch_counts(force_wide, launches):
+    case = WIDE_CASES[0]
+    x, params = make_inputs(case, torch.float32, device=DEVICE)
+    what = f"backend=triton path=wide case={case.id}"
+    with spinal_ops.use_backend("triton"):
+        out = spinal_ops.spinal_linear(x, **params, **functional_kwargs(case))  # warm-up (autotuning on a GPU)
+        out.sum().backward()
+        launches.clear()
+        out = spinal_ops.spinal_linear(x, **params, **functional_kwargs(case))
+        assert launches == {"forward": 1}, f"{what}: forward launches {launches}"
+        launches.clear()
+        out.sum().backward()
+    assert launches == {"chain": 1, "weights": 1}, f"{what}: backward launches {launches}, expected chain + weights"
+    _assert_ran_wide(force_wide, what)
+
+
+def test_path_choice():
+    """The fast path for the benchmark's narrow layers, the wide path where the fast path's whole tiles would not
+    fit (wide layers, large heads); whole-width tiles on the fast path, tiles >= 16 (tl.dot) on both."""
+    from spinal_ops.triton_kernels import config
+
+    for dtype in DTYPES:
+        for name in ("resnet-head", "vit-custom", "regression", "vgg-head"):  # w = 20, 20, 50, 128; out 10 or 1
+            cfg = CONFIG_BY_NAME[name]
+            path = config.path_plan(cfg.width, cfg.out, dtype)
+            assert not path.wide, f"{name} ({dtype}): wide path chosen for w={cfg.width} out={cfg.out}"
+            assert path.block_w >= cfg.width and path.block_o >= cfg.out, f"{name} ({dtype}): {path}"
+        assert not config.path_plan(20, 0, dtype).wide, f"hidden mode w=20 ({dtype}): wide path chosen"
+        for width, out in ((512, 10), (1100, 3), (8, 10_000), (100, 10_000), (8, 70_000), (4096, 0)):
+            path = config.path_plan(width, out, dtype)
+            assert path.wide, f"w={width} out={out} ({dtype}): fast path chosen, whole tiles do not fit"
+            assert min(path.block_n, path.block_k, path.block_o) >= 16, f"w={width} out={out} ({dtype}): {path}"
+    # where the whole w x w tile stops fitting 160 KB of shared memory depends on the element size
+    assert config.path_plan(128, 10, torch.float32).wide is False
+    assert config.path_plan(256, 10, torch.float32).wide is True
+    assert config.path_plan(256, 10, torch.float16).wide is False
+    assert config.path_plan(512, 10, torch.float16).wide is True
+
+
+def test_index_limit_error_names_backend_argument_and_fallback():
+    """The one size limit left, 32-bit offsets inside a weight tensor, raises before any launch."""
+    from spinal_ops.triton_kernels import config
+
+    config.check_index_limits(3, 20, 10, 1100, 2, 70_000, 2, 1)  # the sizes tests/test_limits.py runs: no error
+    with pytest.raises(ValueError, match=r"triton backend: out_features.*head_weight \(65536, 32768\).*2\^31.*"
+                                         r"cuda, cpu or reference"):
+        config.check_index_limits(3, 20, 10, 16384, 2, 65536, 2, 1)
+    with pytest.raises(ValueError, match=r"triton backend: layer_width.*weight_h \(1, 46341, 46341\).*"
+                                         r"cuda, cpu or reference"):
+        config.check_index_limits(3, 20, 10, 46341, 2, 10, 2, 1)
+
+
 # ------------------------------------------------------------------------------------ original-style modules
 
 ORIGINAL_STYLE = [
@@ -230,20 +369,26 @@ def test_float32_precision_follows_torch():
     assert config.dtype_plan(torch.float64).precision == "ieee"
 
 
-def test_autotune_prune_keeps_a_fitting_config():
-    """For every benchmark configuration and batch size the GPU autotune space keeps at least one config, and
-    every kept one respects the row cap."""
-    from spinal_ops.configs import CONFIGS, ROOFLINE_BATCH_SIZES
+def test_autotune_prune_keeps_a_fitting_config(monkeypatch):
+    """For every benchmark configuration (fast and wide path) and batch size the GPU autotune space keeps at least
+    one config, and every kept one respects the row cap."""
     from spinal_ops.triton_kernels import config
 
+    monkeypatch.setattr(config, "interpreted", lambda: False)  # the GPU tiles of path_plan
+    paths = set()
     for cfg in CONFIGS:
-        for rows in ROOFLINE_BATCH_SIZES:
-            for configs, prune in ((config.forward_autotune_configs(), config.forward_prune),
-                                   (config.chain_autotune_configs(), config.chain_prune)):
-                named = {"B": rows, "x_ptr": torch.empty(0, dtype=torch.bfloat16)}
-                kept = prune(configs, named, BLOCK_W=config.width_tile(cfg.width), BLOCK_O=config.out_tile(cfg.out))
-                assert kept, f"{cfg.name} B={rows}: every autotune config pruned"
-                assert all(c.kwargs["BLOCK_B"] <= max(16, triton_pow2(rows)) for c in kept), f"{cfg.name} B={rows}"
+        for dtype in (torch.bfloat16, torch.float32):
+            path = config.path_plan(cfg.width, cfg.out, dtype)
+            paths.add(path.wide)
+            for rows in ROOFLINE_BATCH_SIZES:
+                for configs, prune in ((config.forward_autotune_configs(), config.forward_prune),
+                                       (config.chain_autotune_configs(), config.chain_prune)):
+                    named = {"B": rows, "x_ptr": torch.empty(0, dtype=dtype)}
+                    kept = prune(configs, named, **path.meta())  # the constexprs the launcher passes
+                    what = f"{cfg.name} {dtype} B={rows} wide={path.wide}"
+                    assert kept, f"{what}: every autotune config pruned"
+                    assert all(c.kwargs["BLOCK_B"] <= max(16, triton_pow2(rows)) for c in kept), what
+    assert paths == {False, True}, f"the benchmark configurations should exercise both paths, got wide in {paths}"
 
 
 def triton_pow2(n: int) -> int:

@@ -6,6 +6,23 @@
   recurrence per row tile: dZ and dx) and ``_spinal_bwd_weights_kernel`` (weight and bias gradients, each
   output tile reduced over all rows in a fixed order: deterministic).
 
+Each program of the forward and chain kernels owns a tile of rows and runs the whole chain for them; the two
+kernels have two paths, one ``WIDE`` constexpr flag, chosen per layer by :func:`config.path_plan`:
+
+- fast path (narrow layers): a sub-layer's whole width and the whole head row are single tiles; ``h`` (forward)
+  or the carry ``dZ @ Wh`` (backward) stays in registers across sub-layers, and the whole ``w x w`` recurrent
+  weight and ``w x out`` head-weight tiles are loaded per sub-layer. Used while those tiles fit the modelled
+  shared memory (160 KB) and registers: e.g. fp32 ``w <= 128`` with ``out <= 128``, 16-bit ``w <= 256`` with
+  ``out <= 64``; never for ``out > 1024``.
+- wide path (everything else): the width is tiled into column tiles and K-steps, the head into output tiles; each
+  sub-layer's ``h`` (forward) or ``dZ`` (backward) is written to global memory and read back by the next
+  sub-layer after a ``tl.debug_barrier()``. No limit on ``layer_width`` or ``out_features``; the same launch
+  counts (forward 1, backward at most 2).
+
+The only size limit left is 32-bit index arithmetic inside weight tensors: fewer than 2^31 rows and fewer than
+2^31 elements per weight tensor (:func:`config.check_index_limits` raises a ``ValueError`` naming the fallback
+backends).
+
 Both launch through ``torch.library.wrap_triton`` so that the ``torch.library.triton_op`` registrations in
 :mod:`spinal_ops.ops` (``spinal_ops::spinal_forward_triton`` / ``spinal_backward_triton``) are traceable by
 ``torch.compile`` on a GPU.
@@ -16,7 +33,7 @@ CPU tensors: set ``TRITON_INTERPRET=1`` in the environment *before* Triton is fi
 interpreter's bf16 dot is broken), and ``torch.compile`` through the Triton ops does not work (FakeTensors
 have no data pointer): eager only.
 
-Launch settings (tiles, warps, stages, autotuning, the float32 ieee/tf32 choice) come from
+Launch settings (path, tiles, warps, stages, autotuning, the float32 ieee/tf32 choice) come from
 :mod:`spinal_ops.triton_kernels.config`.
 """
 

@@ -1,5 +1,8 @@
-"""Device helpers shared by the forward and backward Triton kernels: activations, their derivatives, and the
-gathered (wrapping) input projection of one sub-layer.
+"""Device helpers shared by the forward and backward Triton kernels: activations, their derivatives, the
+gathered (wrapping) input projection of one sub-layer for a tile of its output columns, the K-loop of a row tile
+times a matrix read from global memory, and the pre-activation tile of one sub-layer with ``h_{i-1}`` read back
+from ``H`` (the wide path's building blocks; the fast path uses the first and, in the backward, the last two with
+whole-width tiles).
 
 Activation codes are the positions in :data:`spinal_ops.reference.ACTIVATIONS`. The leaky_relu slope is a
 constexpr (``NEG_SLOPE``): a Python float kernel argument is passed as float32, which would round the slope
@@ -107,23 +110,37 @@ def _act_grad_from_z(z, NEG_SLOPE: tl.constexpr, ACT: tl.constexpr):
 
 
 @triton.jit
+def _slots(i, SHARED: tl.constexpr):
+    """``(x_slot, h_slot)`` of sub-layer ``i``: its weight_x / bias slot and the weight_h slot serving it (i >= 1).
+
+    Separate weights: ``(i, i - 1)``. Shared weights: sub-layer 0 keeps slot 0, 1..L-1 share x slot 1 and h slot 0.
+    """
+    if SHARED:
+        xs = tl.minimum(i, 1)
+        hs = i * 0
+    else:
+        xs = i
+        hs = i - 1
+    return xs, hs
+
+
+@triton.jit
 def _input_projection(
-    acc,  # (BLOCK_B, BLOCK_W) accumulator, ACC dtype
+    acc,  # (BLOCK_B, BLOCK_N) accumulator, ACC dtype
     x_ptr,  # (B, D) contiguous
     wx_slot_ptr,  # (W, C) contiguous: weight_x[x_slot(i)]
     start,  # first column of the chunk; column of j is (start + j) mod D
     rows64,  # (BLOCK_B,) int64 row indices
     row_mask,  # (BLOCK_B,)
-    cols_w,  # (BLOCK_W,) output-feature indices
-    w_mask,  # (BLOCK_W,)
+    cols_n,  # (BLOCK_N,) output-feature indices of the tile (the whole padded width on the fast path)
+    n_mask,  # (BLOCK_N,) cols_n < W
     D,
     C,
-    W,
     DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """acc += x[rows, (start + j) mod D] @ weight_x[slot].T, stepping j by BLOCK_C."""
+    """acc += x[rows, (start + j) mod D] @ weight_x[slot][cols_n, :].T, stepping j by BLOCK_C."""
     offs_c = tl.arange(0, BLOCK_C)
     for c0 in range(0, C, BLOCK_C):
         j = c0 + offs_c
@@ -132,6 +149,85 @@ def _input_projection(
         col = tl.where(col >= D, col - D, col)  # start < D and j < C <= D: one wrap at most
         xt = tl.load(x_ptr + rows64[:, None] * D + col[None, :], mask=row_mask[:, None] & j_mask[None, :], other=0.0)
         # wt[j, n] = weight_x[slot][n, j]
-        wt = tl.load(wx_slot_ptr + cols_w[None, :] * C + j[:, None], mask=j_mask[:, None] & w_mask[None, :], other=0.0)
+        wt = tl.load(wx_slot_ptr + cols_n[None, :] * C + j[:, None], mask=j_mask[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(xt.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc, input_precision=PRECISION)
     return acc
+
+
+@triton.jit
+def _dot_k_loop(
+    acc,  # (BLOCK_B, BLOCK_N) accumulator, ACC dtype
+    a_ptr,  # left operand: a[r, k] at a_ptr + r * a_stride + k (a row tile of H, dZ or grad_y)
+    a_stride,
+    rows64,  # (BLOCK_B,) int64 row indices
+    row_mask,  # (BLOCK_B,)
+    K,  # reduction extent: k < K
+    b_ptr,  # right operand: b[k, n] at b_ptr + k * b_stride_k + n_off[n] (a weight matrix, either orientation)
+    b_stride_k,
+    n_off,  # (BLOCK_N,) element offset of each output column in b
+    n_mask,  # (BLOCK_N,)
+    DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """acc += a[rows, 0:K] @ b[0:K, n], stepping k by BLOCK_K; padded rows, k and n are masked to zero.
+
+    The left operand is read from global memory: on the wide path a tile this program stored earlier (H, dZ),
+    which the kernels make visible to all of the program's threads with ``tl.debug_barrier()`` before reading.
+    """
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        k_mask = k < K
+        a = tl.load(
+            a_ptr + rows64[:, None] * a_stride + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0
+        )
+        b = tl.load(b_ptr + k[:, None] * b_stride_k + n_off[None, :], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _preactivation_tile(
+    x_ptr,  # (B, D)
+    wx_slot_ptr,  # (W, C): weight_x[x_slot(i)]
+    start,  # first column of chunk i
+    h_prev_ptr,  # H + (i - 1) * W: h_{i-1}[r, k] at h_prev_ptr + r * HIDDEN + k (read only when i > 0)
+    wh_slot_ptr,  # (W, W): weight_h[h_slot(i)] (read only when i > 0)
+    b_slot_ptr,  # (W,): bias[x_slot(i)] (read only when HAS_BIAS)
+    i,  # sub-layer index
+    rows64,
+    row_mask,
+    cols_n,  # (BLOCK_N,) output-feature indices of the tile
+    n_mask,
+    D,
+    C,
+    W,
+    HIDDEN,  # L * W, the row stride of H
+    HAS_BIAS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Z_i[rows, cols_n] = x[rows, idx_i] @ Wx.T + h_{i-1} @ Wh.T (i > 0) + b, in the ACC dtype.
+
+    h_{i-1} is read back from H (storage dtype: exactly the values sub-layer i used in the forward) in
+    K-steps of BLOCK_K columns, so any width works; with BLOCK_N = BLOCK_K >= W it is one tile and one step.
+    """
+    z = tl.zeros((BLOCK_B, BLOCK_N), dtype=ACC_DTYPE)
+    z = _input_projection(
+        z, x_ptr, wx_slot_ptr, start, rows64, row_mask, cols_n, n_mask, D, C, DOT_DTYPE, PRECISION, BLOCK_C
+    )
+    if i > 0:
+        wh_off = cols_n * W  # b[k, n] = weight_h[slot][n, k]
+        z = _dot_k_loop(
+            z, h_prev_ptr, HIDDEN, rows64, row_mask, W, wh_slot_ptr, 1, wh_off, n_mask, DOT_DTYPE, PRECISION, BLOCK_K
+        )
+    if HAS_BIAS:
+        bias = tl.load(b_slot_ptr + cols_n, mask=n_mask, other=0.0).to(ACC_DTYPE)
+        z = z + bias[None, :]
+    return z

@@ -1,4 +1,11 @@
-"""Launch settings of the Triton kernels: the one place that picks tile sizes, warps and stages.
+"""Launch settings of the Triton kernels: the one place that picks the path (fast or wide), tile sizes, warps and
+stages, and that enforces the kernels' remaining limit (32-bit weight offsets, :func:`check_index_limits`).
+
+Two paths of the row-tiled kernels (forward, backward chain), chosen by :func:`path_plan`: the fast path keeps a
+whole sub-layer width and the whole head row as single tiles (h in registers, the whole recurrent and head weight
+tiles staged at once); the wide path tiles the width (BLOCK_N columns, K-steps of BLOCK_K) and the head (BLOCK_O
+outputs), reading h / dZ back from global memory, and so has no limit on layer_width or out_features. The fast
+path is used while its whole tiles fit the shared-memory and register model below (:func:`fast_path_fits`).
 
 Nothing here was timed on a GPU (none is available to this project). Every constant comes from a simple model
 of an NVIDIA H100 / A100 SM, stated next to it:
@@ -18,8 +25,9 @@ only, never results.
 
 On a GPU the forward and backward chain kernels are wrapped in ``triton.autotune`` over the row tile, warps and
 stages (:func:`forward_autotune_configs`, :func:`chain_autotune_configs`), pruned by the register and
-shared-memory model above; ``SPINAL_OPS_TRITON_AUTOTUNE=0`` uses the model's single choice instead. The tuning
-key includes the batch size ``B``: one tuning per distinct batch size.
+shared-memory model above on the path :func:`path_plan` chose (the path and its BLOCK_W / BLOCK_O / BLOCK_N /
+BLOCK_K are fixed by this module, not tuned); ``SPINAL_OPS_TRITON_AUTOTUNE=0`` uses the model's single choice
+instead. The tuning key includes the batch size ``B`` and the path: one tuning per distinct batch size and path.
 
 float32 ``tl.dot`` precision follows PyTorch's own switch, ``torch.get_float32_matmul_precision()``:
 ``"highest"`` (PyTorch's default) -> ``"ieee"`` (exact fp32 products, what the tests use); ``"high"`` or
@@ -30,9 +38,9 @@ about ``2**-11 * sqrt(c)`` per dot product; the tests do not run tf32, the inter
 from __future__ import annotations
 
 import contextlib
-import threading
 import dataclasses
 import os
+import threading
 
 import torch
 import triton
@@ -100,44 +108,159 @@ def dtype_plan(dtype: torch.dtype) -> DtypePlan:
     raise TypeError(f"spinal_ops triton backend: unsupported dtype {dtype}; use float16, bfloat16, float32 or float64")
 
 
-# ------------------------------------------------------------------------------------------------ tile sizes
+# ------------------------------------------------------------------------------------------------ index limits
+
+INDEX_LIMIT = (1 << 31) - 1  # the kernels compute weight offsets in 32-bit integers (row offsets are 64-bit)
 
 
-# Triton caps one tile (block) at 2^20 elements; the kernels hold a (BLOCK_W x BLOCK_W) recurrent-weight tile
-# and a (BLOCK_W x BLOCK_O) head-weight tile.
-MAX_TILE_ELEMENTS = 1 << 20
+def check_index_limits(rows: int, in_features: int, chunk: int, width: int, num_layers: int, out: int, lx: int,
+                       lh: int) -> None:
+    """Raise a clear error (backend, argument, supported values, fallback) past the kernels' 32-bit index math.
+
+    Rows are addressed with 64-bit offsets, so ``x``, ``H`` and ``y`` may exceed 2^31 elements; row indices,
+    column indices and offsets inside one weight tensor are 32-bit: fewer than 2^31 rows, and each of
+    ``weight_x (Lx, w, c)``, ``weight_h (Lh, w, w)`` and ``head_weight (out, L*w)`` below 2^31 elements. There is
+    no limit on layer_width or out_features by themselves (the wide path tiles both).
+    """
+    fallback = "use the cuda, cpu or reference backend (spinal_ops.use_backend(...))"
+    checks = [
+        ("batch rows", rows, f"B = {rows}"),
+        ("layer_width (weight_x)", lx * width * chunk, f"weight_x ({lx}, {width}, {chunk})"),
+        ("layer_width (weight_h)", lh * width * width, f"weight_h ({lh}, {width}, {width})"),
+        ("out_features (head_weight)", out * num_layers * width, f"head_weight ({out}, {num_layers * width})"),
+    ]
+    for argument, size, shape in checks:
+        if size > INDEX_LIMIT:
+            raise ValueError(
+                f"spinal_ops triton backend: {argument}: {shape} has {size} elements, past the kernels' 32-bit "
+                f"index arithmetic; supported: fewer than 2^31 batch rows and fewer than 2^31 elements per weight "
+                f"tensor (any layer_width and out_features within that); {fallback}"
+            )
 
 
-def check_tile_limits(width: int, out: int) -> None:
-    """Raise a clear error (backend, argument, supported values, fallback) when a layer exceeds the tile cap."""
-    bw, bo = width_tile(width), out_tile(out) if out else MIN_DOT
-    if bw * bw > MAX_TILE_ELEMENTS:
-        raise ValueError(
-            f"spinal_ops triton backend: layer_width={width} (tile {bw}) exceeds Triton's 2^20-element tile limit; "
-            f"supported: layer_width <= 1024; use the cuda, cpu or reference backend (spinal_ops.use_backend(...))"
-        )
-    if bw * bo > MAX_TILE_ELEMENTS:
-        raise ValueError(
-            f"spinal_ops triton backend: layer_width={width} with out_features={out} (tiles {bw} x {bo}) exceeds "
-            f"Triton's 2^20-element tile limit; supported: padded(layer_width) * padded(out_features) <= 2^20; use "
-            f"the cuda, cpu or reference backend (spinal_ops.use_backend(...))"
-        )
+# ------------------------------------------------------------------------------------------ paths and tiles
 
 
 def width_tile(width: int) -> int:
-    """BLOCK_W: the whole sub-layer width (h lives in registers as one tile), padded to a power of two >= 16."""
+    """Fast path BLOCK_W: the whole sub-layer width (h lives in registers as one tile), a power of two >= 16."""
     return max(MIN_DOT, _pow2(width))
 
 
 def out_tile(out: int) -> int:
-    """BLOCK_O: the whole head width (the head accumulator y stays in registers), padded likewise."""
+    """Fast path BLOCK_O: the whole head width (the head accumulator y stays in registers), padded likewise."""
     return max(MIN_DOT, _pow2(out))
 
 
 def k_step(extent: int, dtype: torch.dtype) -> int:
     """K-step over chunk columns / input columns: one 128-byte line per row, at most the padded extent."""
-    per_line = LINE_BYTES // max(torch.empty((), dtype=dtype).element_size(), 2)
+    per_line = LINE_BYTES // max(_element_size(dtype), 2)
     return max(MIN_DOT, min(per_line, _pow2(extent)))
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+# The fast path's fit model. It stages two whole weight tiles as tl.dot operands in shared memory: the recurrent
+# weight (BLOCK_W x BLOCK_W) and, with a head, the head-weight block of the sub-layer (BLOCK_W x BLOCK_O). Both
+# must fit SMEM_BUDGET_BYTES (160 KB) together, at the storage dtype's element size. Its accumulators (the
+# backward chain's, the larger kernel: 4 width tiles + the head row per row) must fit the register budget of
+# 8 warps at the smallest row tile (16 rows): 16 * (4 * BLOCK_W + BLOCK_O) <= 128 * 32 * 8 = 32768 values.
+# What that selects (padded w and out; wide beyond):
+#   fp32 / tf32: w <= 128 with out <= 128 (64 KB + 64 KB), w <= 64 with out <= 512, w <= 32 with out <= 1024.
+#   16-bit:      w <= 256 with out <= 64 (128 KB + 32 KB), w <= 128 with out <= 512, w <= 64 with out <= 1024.
+#   fp64:        w <= 128 with out <= 32, w <= 64 with out <= 256, w <= 32 with out <= 512.
+#   Any dtype:   out > 1024 is wide (registers: 16 rows x a 2048-wide head row alone is 32768 values).
+# The benchmark configurations resnet-head and vit-custom (w = 20), regression (50) and vgg-head (128) stay on the
+# fast path; wide-resnet-* (w = 512) take the wide path. Compiled for sm_90a (Triton 3.8, no GPU needed to
+# compile), the fast path's shared memory matches the model (fp32 w = 128, out = 10: 72 KB for the tiles) while a
+# forced fast path at fp32 w = 256 asks for 272 KB, more than any GPU has. Not timed on a GPU (none available):
+# the threshold is where the model says the whole tiles stop fitting, not a measured crossover.
+FAST_PATH_MAX_WARPS = 8
+
+
+def fast_path_fits(width: int, out: int, dtype: torch.dtype) -> bool:
+    """True when the fast path's whole weight tiles fit shared memory and its accumulators fit registers."""
+    bw = width_tile(width)
+    bo = out_tile(out) if out else 0
+    smem = (bw * bw + bw * bo) * _element_size(dtype)
+    live = MIN_DOT * (4 * bw + max(bo, MIN_DOT))
+    return smem <= SMEM_BUDGET_BYTES and live <= ACC_VALUES_PER_THREAD * THREADS_PER_WARP * FAST_PATH_MAX_WARPS
+
+
+# Wide-path tiles on a GPU (model, not timed):
+# - BLOCK_N = 64 columns of the width per z / dZ tile: the backward keeps 3 such tiles per row (dH, act', Z);
+#   a 64-wide tile is 256 bytes of fp32 per row, two full cache lines per load and store of H / dZ.
+# - BLOCK_K = one 128-byte line per row and K-step (32 fp32, 64 16-bit, 16 fp64), as the input projection's
+#   K-step: every load of H / dZ / a weight row segment is whole cache lines. Staged per pipeline stage:
+#   (BLOCK_B x BLOCK_K + BLOCK_K x BLOCK_N) operands = 12 KB at the forward's 32 rows in fp32.
+# - BLOCK_O = 64 outputs per head tile (the y accumulator is the size of a z tile), also the K-step over OUT of
+#   the backward's G @ Wo.
+# The row tile and warps of the wide path come from ptxas reports (WIDE_ROW_TILE below), not from this model.
+# Under the interpreter the tiles are as large as the problem (up to 256 columns / 1024 outputs): fewer loop
+# trips, and tile sizes change speed only there, never results.
+WIDE_BLOCK_N = 64
+WIDE_BLOCK_O = 64
+INTERPRETER_WIDE_BLOCK = 256
+INTERPRETER_WIDE_BLOCK_O = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class PathPlan:
+    """The path of the row-tiled kernels (forward, backward chain) and its tiles: the ``WIDE`` flag and block
+    sizes passed as constexprs.
+
+    Fast path (``wide=False``): ``block_w >= w`` and ``block_o >= out`` (whole widths per tile);
+    ``block_n = block_k = block_w`` (the backward's dx K-loop then has one step).
+    Wide path (``wide=True``): ``block_n`` columns of the width per tile, ``block_k`` K-step over the width and
+    over the L*w columns of H, ``block_o`` outputs per head tile (and the K-step over out in the backward);
+    ``block_w`` is unused (MIN_DOT).
+    """
+
+    wide: bool
+    block_w: int
+    block_o: int
+    block_n: int
+    block_k: int
+
+    def meta(self) -> dict:
+        return dict(WIDE=self.wide, BLOCK_W=self.block_w, BLOCK_O=self.block_o, BLOCK_N=self.block_n,
+                    BLOCK_K=self.block_k)
+
+
+def path_plan(width: int, out: int, dtype: torch.dtype) -> PathPlan:
+    """The one place that picks fast vs wide (:func:`fast_path_fits`) and the tiles of either path.
+
+    The same model decides under the interpreter, so CPU tests run the path a GPU would. Tests force the wide
+    path with small tiles by monkeypatching this function.
+    """
+    if fast_path_fits(width, out, dtype):
+        bw = width_tile(width)
+        return PathPlan(False, bw, out_tile(out), bw, bw)
+    if interpreted():
+        block = min(INTERPRETER_WIDE_BLOCK, width_tile(width))
+        return PathPlan(True, MIN_DOT, min(INTERPRETER_WIDE_BLOCK_O, out_tile(out)), block, block)
+    return PathPlan(True, MIN_DOT, WIDE_BLOCK_O, WIDE_BLOCK_N, k_step(width, dtype))
+
+
+def live_per_row(path: PathPlan, kernel: str) -> int:
+    """Accumulator values per row of a program (the register model), for ``kernel`` "forward" or "chain".
+
+    Fast forward: h and z (2 width tiles) + y; fast chain: carry, dH, h and dZ (4 width tiles) + G.
+    Wide forward: one z tile or one y tile; wide chain: dH, act' and Z (3 column tiles).
+    """
+    if path.wide:
+        return max(path.block_n, path.block_o) if kernel == "forward" else 3 * path.block_n
+    return (2 if kernel == "forward" else 4) * path.block_w + path.block_o
+
+
+def _staged_bytes(path: PathPlan, block_b: int, block_c: int, stages: int, elem: int) -> int:
+    """Shared memory of a program: pipelined K-loop operands, plus the fast path's whole recurrent tile."""
+    if path.wide:
+        per_stage = max(block_b * block_c + block_c * path.block_n,
+                        block_b * path.block_k + path.block_k * max(path.block_n, path.block_o))
+        return stages * per_stage * elem
+    return stages * (block_b * block_c + block_c * path.block_w) * elem + path.block_w * path.block_w * elem
 
 
 def _row_tile(rows: int, live_per_row: int, num_warps: int) -> int:
@@ -156,12 +279,10 @@ def _warps_for(live_values: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class ChainSettings:
-    """Settings of the row-tiled kernels (forward, backward chain)."""
+    """Launch settings of the row-tiled kernels (forward, backward chain) that autotuning would choose."""
 
     block_b: int
     block_c: int  # K-step over chunk columns (forward, Z recompute) / column tile of dx (backward)
-    block_w: int
-    block_o: int
     num_warps: int
     num_stages: int
 
@@ -169,62 +290,84 @@ class ChainSettings:
         return dict(BLOCK_B=self.block_b, BLOCK_C=self.block_c, num_warps=self.num_warps, num_stages=self.num_stages)
 
 
-def _chain_settings(rows, chunk, width, out, dtype, live_tiles_w) -> ChainSettings:
-    bw, bo = width_tile(width), out_tile(out)
+# Wide path, no autotuning: row tile and warps from ptxas resource reports, not from the register model (which
+# undercounts there: the wide K-loops keep 64-bit pointer tiles of both operands live). The kernels were compiled
+# with Triton 3.8 on this machine (compiling needs no GPU; ptxas -v on the generated PTX), BLOCK_N = BLOCK_O = 64,
+# BLOCK_K one line, gelu with a head (Z recompute: the largest chain kernel): forward at 32 rows x 8 warps and
+# chain at 16 rows x 8 warps spill nothing in fp16 / bf16 and at most 8 bytes (sm_90a) / 24 bytes (sm_80) in
+# fp32 (ieee) and fp64, using 10-40 KB of shared memory; 64 rows x 4 warps spilled 0.5-3 KB on sm_90a.
+WIDE_ROW_TILE = {"forward": 32, "chain": 16}
+WIDE_WARPS = 8
+
+
+def _chain_settings(rows: int, chunk: int, path: PathPlan, dtype: torch.dtype, kernel: str) -> ChainSettings:
     bc = k_step(chunk, dtype)
     if interpreted():
         return ChainSettings(min(INTERPRETER_ROW_TILE, max(MIN_DOT, _pow2(rows))), max(bc, min(64, _pow2(chunk))),
-                             bw, bo, 4, 1)
-    live_per_row = live_tiles_w * bw + bo
-    warps = _warps_for(MIN_DOT * live_per_row)
-    bb = _row_tile(rows, live_per_row, warps)
-    # 2 stages: double-buffer the x / weight_x tiles of the K loop; a third stage buys nothing when the loop
-    # has only c / BLOCK_C <= 8 trips (every configuration of bench/configs.py), see the autotune configs.
-    return ChainSettings(bb, bc, bw, bo, warps, 2)
+                             4, 1)
+    # 2 stages: double-buffer the operand tiles of the K loops; a third stage buys nothing when the input
+    # projection's loop has only c / BLOCK_C <= 8 trips (every configuration of bench/configs.py).
+    if path.wide:
+        return ChainSettings(min(WIDE_ROW_TILE[kernel], max(MIN_DOT, _pow2(rows))), bc, WIDE_WARPS, 2)
+    live = live_per_row(path, kernel)
+    warps = _warps_for(MIN_DOT * live)
+    bb = _row_tile(rows, live, warps)
+    return ChainSettings(bb, bc, warps, 2)
 
 
-def forward_settings(rows: int, chunk: int, width: int, out: int, dtype: torch.dtype) -> ChainSettings:
-    """Forward: live accumulators per row are h and z (2 * BLOCK_W) plus the head's y (BLOCK_O)."""
-    return _chain_settings(rows, chunk, width, out, dtype, 2)
+def forward_settings(rows: int, chunk: int, path: PathPlan, dtype: torch.dtype) -> ChainSettings:
+    """Forward: row tile from the forward's accumulators per row (:func:`live_per_row`)."""
+    return _chain_settings(rows, chunk, path, dtype, "forward")
 
 
-def chain_settings(rows: int, chunk: int, width: int, out: int, dtype: torch.dtype) -> ChainSettings:
-    """Backward chain: carry, dH, h and dZ (4 * BLOCK_W) plus the incoming head gradient (BLOCK_O)."""
-    return _chain_settings(rows, chunk, width, out, dtype, 4)
+def chain_settings(rows: int, chunk: int, path: PathPlan, dtype: torch.dtype) -> ChainSettings:
+    """Backward chain: row tile from the chain kernel's accumulators per row (:func:`live_per_row`)."""
+    return _chain_settings(rows, chunk, path, dtype, "chain")
 
 
 @dataclasses.dataclass(frozen=True)
 class WeightSettings:
-    """Settings of the weight-gradient kernel: output tiles (BLOCK_M x BLOCK_N), row step BLOCK_R."""
+    """Settings of the weight-gradient kernel: output tiles (BLOCK_M x BLOCK_N over the width, BLOCK_O x BLOCK_N
+    over the head), row step BLOCK_R."""
 
     block_m: int
     block_n: int
+    block_o: int
     block_r: int
     num_warps: int
     num_stages: int
 
     def meta(self) -> dict:
-        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_R=self.block_r, num_warps=self.num_warps,
-                    num_stages=self.num_stages)
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_O=self.block_o, BLOCK_R=self.block_r,
+                    num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+# Interpreter: the cost is per program and per executed operation (each call of a @triton.jit helper re-patches
+# triton.language, ~1-3 ms), so the weight-gradient tiles grow with the problem up to these caps (speed only).
+INTERPRETER_WEIGHT_TILE = 256
+INTERPRETER_HEAD_TILE = 1024
 
 
 def weight_settings(rows: int, chunk: int, width: int, out: int, dtype: torch.dtype) -> WeightSettings:
     """Each program reduces one output tile over all rows, in order (deterministic, no atomics).
 
-    Output tile 64 x 64: 4096 fp32 accumulators = 32 per thread at 4 warps, small enough to leave registers
-    for the two operand tiles; row step 32 (fp32) / 64 (16-bit) = 128 bytes per column.
+    Output tile 64 x 64 (the head's too): 4096 fp32 accumulators = 32 per thread at 4 warps, small enough to leave
+    registers for the two operand tiles; row step 32 (fp32) / 64 (16-bit) = 128 bytes per column.
     """
     if interpreted():
-        return WeightSettings(min(64, max(MIN_DOT, _pow2(width))), min(64, max(MIN_DOT, _pow2(max(chunk, width)))),
+        return WeightSettings(min(INTERPRETER_WEIGHT_TILE, max(MIN_DOT, _pow2(width))),
+                              min(INTERPRETER_WEIGHT_TILE, max(MIN_DOT, _pow2(max(chunk, width)))),
+                              min(INTERPRETER_HEAD_TILE, max(MIN_DOT, _pow2(out))),
                               min(INTERPRETER_ROW_TILE, max(MIN_DOT, _pow2(rows))), 4, 1)
-    return WeightSettings(64, 64, k_step(rows, dtype), 4, 2)
+    return WeightSettings(64, 64, 64, k_step(rows, dtype), 4, 2)
 
 
 # ------------------------------------------------------------------------------------------ autotune (GPU)
 
 
-def _chain_configs(live_tiles_w: int):
-    """Row tile x warps x stages; pruned per problem by :func:`_prune_chain`."""
+def _chain_configs():
+    """Row tile x warps x stages; pruned per problem by the kernel's prune function. The path (``WIDE``) and its
+    tiles (``BLOCK_W``, ``BLOCK_O``, ``BLOCK_N``, ``BLOCK_K``) are not tuned: :func:`path_plan` fixes them."""
     return [
         triton.Config({"BLOCK_B": bb, "BLOCK_C": bc}, num_warps=nw, num_stages=ns)
         for bb in (16, 32, 64, 128)
@@ -234,22 +377,31 @@ def _chain_configs(live_tiles_w: int):
     ]
 
 
-def _make_prune(live_tiles_w: int):
+def _path_of(named_args: dict, kwargs: dict) -> PathPlan:
+    """The launcher's :class:`PathPlan`, rebuilt from the constexpr arguments the kernel was called with."""
+
+    def arg(name):
+        return kwargs[name] if name in kwargs else named_args[name]
+
+    return PathPlan(bool(arg("WIDE")), arg("BLOCK_W"), arg("BLOCK_O"), arg("BLOCK_N"), arg("BLOCK_K"))
+
+
+def _make_prune(kernel: str):
     def prune(configs, named_args, **kwargs):
         """Keep configs whose accumulators fit the register budget (x1.5 slack: the model is rough) and whose
-        staged operand tiles fit shared memory; never more rows than the batch; always keep one."""
+        staged operand tiles fit shared memory, on the path the launcher chose; never more rows than the batch;
+        always keep one."""
         rows = named_args["B"]
-        bw = kwargs.get("BLOCK_W", named_args.get("BLOCK_W"))
-        bo = kwargs.get("BLOCK_O", named_args.get("BLOCK_O"))
+        path = _path_of(named_args, kwargs)
+        per_row = live_per_row(path, kernel)
         elem = named_args["x_ptr"].element_size()
         kept = []
         for cfg in configs:
             bb, bc = cfg.kwargs["BLOCK_B"], cfg.kwargs["BLOCK_C"]
-            live = bb * (live_tiles_w * bw + bo)
-            regs_ok = live <= 1.5 * ACC_VALUES_PER_THREAD * THREADS_PER_WARP * cfg.num_warps
-            smem = cfg.num_stages * (bb * bc + bc * bw) * elem + bw * bw * elem
+            regs_ok = bb * per_row <= 1.5 * ACC_VALUES_PER_THREAD * THREADS_PER_WARP * cfg.num_warps
+            smem_ok = _staged_bytes(path, bb, bc, cfg.num_stages, elem) <= SMEM_BUDGET_BYTES
             rows_ok = bb <= max(MIN_DOT, _pow2(rows))
-            if regs_ok and smem <= SMEM_BUDGET_BYTES and rows_ok:
+            if regs_ok and smem_ok and rows_ok:
                 kept.append(cfg)
         if not kept:
             kept = [min(configs, key=lambda c: (c.kwargs["BLOCK_B"], c.kwargs["BLOCK_C"], c.num_stages))]
@@ -262,14 +414,15 @@ def forward_autotune_configs():
     """Candidates for the forward kernel: BLOCK_B in 16..128 (rows per program: more rows reuse each weight tile
     more, at the cost of registers), BLOCK_C 32/64 (one or two cache lines per row and K-step), 4/8 warps, 2/3
     stages. The prune keeps what the register / shared-memory model allows."""
-    return _chain_configs(2)
+    return _chain_configs()
 
 
 def chain_autotune_configs():
-    """Candidates for the backward chain kernel, same space, pruned with its 4 live width tiles per row."""
-    return _chain_configs(4)
+    """Candidates for the backward chain kernel, same space, pruned with the chain kernel's accumulators."""
+    return _chain_configs()
 
 
-forward_prune = _make_prune(2)
-chain_prune = _make_prune(4)
-AUTOTUNE_KEY = ["B", "C", "W", "L", "OUT"]
+forward_prune = _make_prune("forward")
+chain_prune = _make_prune("chain")
+# WIDE is part of the key: a forced or changed path never reuses the other path's tuning.
+AUTOTUNE_KEY = ["B", "C", "W", "L", "OUT", "WIDE"]

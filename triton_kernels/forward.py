@@ -8,7 +8,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import config
-from ._common import _activate, _input_projection, activation_code
+from ._common import _activate, _dot_k_loop, _input_projection, _preactivation_tile, _slots, activation_code
 
 
 @triton.jit
@@ -20,7 +20,7 @@ def _spinal_fwd_kernel(
     wo_ptr,  # (OUT, L * W) contiguous, read when HAS_HEAD
     bo_ptr,  # (OUT,), read when HAS_HEAD_BIAS
     starts_ptr,  # (L,) int32: chunk i reads columns (starts[i] + j) mod D, j < C
-    h_out_ptr,  # (B, L * W) out, written when STORE_H
+    h_out_ptr,  # (B, L * W) out: written when STORE_H (fast path) and always on the wide path
     y_ptr,  # (B, OUT) out, written when HAS_HEAD
     B,
     D,
@@ -38,70 +38,112 @@ def _spinal_fwd_kernel(
     DOT_DTYPE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
+    WIDE: tl.constexpr,
     BLOCK_W: tl.constexpr,
     BLOCK_O: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    # Program p owns rows [p * BLOCK_B, (p + 1) * BLOCK_B) and runs the whole chain for them: rows are
-    # independent in the forward, so programs never synchronise.
+    # Program p owns rows [p * BLOCK_B, (p + 1) * BLOCK_B) and runs the whole chain and head for them: rows are
+    # independent in the forward, so programs never synchronise with each other. The path (WIDE) and its tiles
+    # come from config.path_plan.
+    #
+    # Fast path (WIDE = False; BLOCK_W >= W, BLOCK_O >= OUT: whole widths per tile, padded lanes masked to zero).
     # Kept in registers for the whole chain: h (BLOCK_B x BLOCK_W, the previous sub-layer's output, rounded to
     # the storage dtype exactly as H stores it) and the head accumulator y (BLOCK_B x BLOCK_O). Per sub-layer
     # the pre-activation z (BLOCK_B x BLOCK_W) is accumulated from the gathered input chunk (K-steps of
-    # BLOCK_C columns, wrapping past column D - 1), the recurrent product h @ Wh.T (one BLOCK_W x BLOCK_W tile)
-    # and the bias. Weights stream from global memory (L2-resident: every program reads the same ones).
-    # Assumptions: BLOCK_W >= W and BLOCK_O >= OUT (whole widths per tile, padded lanes masked to zero);
-    # C <= D; every tile dimension >= 16 (tl.dot).
+    # BLOCK_C columns, wrapping past column D - 1), the recurrent product h @ Wh.T (the whole BLOCK_W x BLOCK_W
+    # weight tile) and the bias; the head adds h @ Wo[:, i-th block].T (a BLOCK_W x BLOCK_O tile). H is stored
+    # only when STORE_H.
+    #
+    # Wide path (WIDE = True; any W and OUT). H in global memory is the working storage (always written): per
+    # sub-layer i, for each column tile n of the width (BLOCK_N columns), z = gathered input projection of those
+    # columns + h_{i-1} @ Wh.T[:, n] as a K-loop (BLOCK_K steps) over h_{i-1} read back from H + bias; h = act(z)
+    # is stored to H. A barrier after each sub-layer makes the stores of all the program's threads visible before
+    # the next sub-layer reads them (global memory is coherent within a block after a barrier). Then the head:
+    # for each tile of OUT (BLOCK_O columns), y = H @ Wo.T[:, o] as a K-loop over the L*W columns of H, + head
+    # bias, stored. On-chip per program: one accumulator tile (BLOCK_B x BLOCK_N, or BLOCK_B x BLOCK_O in the
+    # head) and the operand tiles of one K-step; every weight streams from global memory (L2-resident: every
+    # program reads the same ones).
+    #
+    # Assumptions: C <= D; every tile dimension >= 16 (tl.dot); each weight tensor has < 2^31 elements (32-bit
+    # weight offsets; row offsets are 64-bit), checked by config.check_index_limits.
     pid = tl.program_id(0)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
     rows64 = rows.to(tl.int64)
-    cols_w = tl.arange(0, BLOCK_W)
-    w_mask = cols_w < W
-    cols_o = tl.arange(0, BLOCK_O)
-    o_mask = cols_o < OUT
     hidden = L * W
 
-    h = tl.zeros((BLOCK_B, BLOCK_W), dtype=ACC_DTYPE)
-    y = tl.zeros((BLOCK_B, BLOCK_O), dtype=ACC_DTYPE)
-    for i in range(0, L):
-        if SHARED:
-            xs = tl.minimum(i, 1)
-        else:
-            xs = i
-        start = tl.load(starts_ptr + i)
-        z = tl.zeros((BLOCK_B, BLOCK_W), dtype=ACC_DTYPE)
-        z = _input_projection(z, x_ptr, wx_ptr + xs * W * C, start, rows64, row_mask, cols_w, w_mask, D, C, W,
-                              DOT_DTYPE, PRECISION, BLOCK_C)
-        if i > 0:
-            if SHARED:
-                hs = 0
-            else:
-                hs = i - 1
-            # wh_t[k, n] = weight_h[hs][n, k]
-            wh_t = tl.load(wh_ptr + hs * W * W + cols_w[None, :] * W + cols_w[:, None],
-                           mask=w_mask[:, None] & w_mask[None, :], other=0.0)
-            z = tl.dot(h.to(DOT_DTYPE), wh_t.to(DOT_DTYPE), z, input_precision=PRECISION)
-        if HAS_BIAS:
-            bias = tl.load(b_ptr + xs * W + cols_w, mask=w_mask, other=0.0).to(ACC_DTYPE)
-            z = z + bias[None, :]
-        h = _activate(z, NEG_SLOPE, ACT)
-        h = tl.where(w_mask[None, :], h, 0.0)
-        h = h.to(h_out_ptr.dtype.element_ty).to(ACC_DTYPE)
-        if STORE_H:
-            tl.store(h_out_ptr + rows64[:, None] * hidden + i * W + cols_w[None, :],
-                     h.to(h_out_ptr.dtype.element_ty), mask=row_mask[:, None] & w_mask[None, :])
+    if WIDE:
+        offs_n = tl.arange(0, BLOCK_N)
+        for i in range(0, L):
+            xs, hs = _slots(i, SHARED)
+            start = tl.load(starts_ptr + i)
+            for n0 in range(0, W, BLOCK_N):
+                cols_n = n0 + offs_n
+                n_mask = cols_n < W
+                z = _preactivation_tile(x_ptr, wx_ptr + xs * W * C, start, h_out_ptr + (i - 1) * W,
+                                        wh_ptr + hs * W * W, b_ptr + xs * W, i, rows64, row_mask, cols_n, n_mask, D,
+                                        C, W, hidden, HAS_BIAS, DOT_DTYPE, ACC_DTYPE, PRECISION, BLOCK_B, BLOCK_N,
+                                        BLOCK_C, BLOCK_K)
+                h = _activate(z, NEG_SLOPE, ACT)
+                tl.store(h_out_ptr + rows64[:, None] * hidden + i * W + cols_n[None, :],
+                         h.to(h_out_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+            tl.debug_barrier()  # h_i complete and visible to every thread before sub-layer i + 1 / the head
         if HAS_HEAD:
-            # wo_t[k, o] = head_weight[o, i * W + k]
-            wo_t = tl.load(wo_ptr + cols_o[None, :] * hidden + i * W + cols_w[:, None],
-                           mask=w_mask[:, None] & o_mask[None, :], other=0.0)
-            y = tl.dot(h.to(DOT_DTYPE), wo_t.to(DOT_DTYPE), y, input_precision=PRECISION)
-    if HAS_HEAD:
-        if HAS_HEAD_BIAS:
-            bo = tl.load(bo_ptr + cols_o, mask=o_mask, other=0.0).to(ACC_DTYPE)
-            y = y + bo[None, :]
-        tl.store(y_ptr + rows64[:, None] * OUT + cols_o[None, :], y.to(y_ptr.dtype.element_ty),
-                 mask=row_mask[:, None] & o_mask[None, :])
+            offs_o = tl.arange(0, BLOCK_O)
+            for o0 in range(0, OUT, BLOCK_O):
+                cols_o = o0 + offs_o
+                o_mask = cols_o < OUT
+                y = tl.zeros((BLOCK_B, BLOCK_O), dtype=ACC_DTYPE)
+                # b[k, o] = head_weight[o, k]
+                y = _dot_k_loop(y, h_out_ptr, hidden, rows64, row_mask, hidden, wo_ptr, 1, cols_o * hidden, o_mask,
+                                DOT_DTYPE, PRECISION, BLOCK_K)
+                if HAS_HEAD_BIAS:
+                    bo = tl.load(bo_ptr + cols_o, mask=o_mask, other=0.0).to(ACC_DTYPE)
+                    y = y + bo[None, :]
+                tl.store(y_ptr + rows64[:, None] * OUT + cols_o[None, :], y.to(y_ptr.dtype.element_ty),
+                         mask=row_mask[:, None] & o_mask[None, :])
+    else:
+        cols_w = tl.arange(0, BLOCK_W)
+        w_mask = cols_w < W
+        cols_o = tl.arange(0, BLOCK_O)
+        o_mask = cols_o < OUT
+        h = tl.zeros((BLOCK_B, BLOCK_W), dtype=ACC_DTYPE)
+        y = tl.zeros((BLOCK_B, BLOCK_O), dtype=ACC_DTYPE)
+        for i in range(0, L):
+            xs, hs = _slots(i, SHARED)
+            start = tl.load(starts_ptr + i)
+            z = tl.zeros((BLOCK_B, BLOCK_W), dtype=ACC_DTYPE)
+            z = _input_projection(z, x_ptr, wx_ptr + xs * W * C, start, rows64, row_mask, cols_w, w_mask, D, C,
+                                  DOT_DTYPE, PRECISION, BLOCK_C)
+            if i > 0:
+                # wh_t[k, n] = weight_h[hs][n, k]
+                wh_t = tl.load(wh_ptr + hs * W * W + cols_w[None, :] * W + cols_w[:, None],
+                               mask=w_mask[:, None] & w_mask[None, :], other=0.0)
+                z = tl.dot(h.to(DOT_DTYPE), wh_t.to(DOT_DTYPE), z, input_precision=PRECISION)
+            if HAS_BIAS:
+                bias = tl.load(b_ptr + xs * W + cols_w, mask=w_mask, other=0.0).to(ACC_DTYPE)
+                z = z + bias[None, :]
+            h = _activate(z, NEG_SLOPE, ACT)
+            h = tl.where(w_mask[None, :], h, 0.0)
+            h = h.to(h_out_ptr.dtype.element_ty).to(ACC_DTYPE)
+            if STORE_H:
+                tl.store(h_out_ptr + rows64[:, None] * hidden + i * W + cols_w[None, :],
+                         h.to(h_out_ptr.dtype.element_ty), mask=row_mask[:, None] & w_mask[None, :])
+            if HAS_HEAD:
+                # wo_t[k, o] = head_weight[o, i * W + k]
+                wo_t = tl.load(wo_ptr + cols_o[None, :] * hidden + i * W + cols_w[:, None],
+                               mask=w_mask[:, None] & o_mask[None, :], other=0.0)
+                y = tl.dot(h.to(DOT_DTYPE), wo_t.to(DOT_DTYPE), y, input_precision=PRECISION)
+        if HAS_HEAD:
+            if HAS_HEAD_BIAS:
+                bo = tl.load(bo_ptr + cols_o, mask=o_mask, other=0.0).to(ACC_DTYPE)
+                y = y + bo[None, :]
+            tl.store(y_ptr + rows64[:, None] * OUT + cols_o[None, :], y.to(y_ptr.dtype.element_ty),
+                     mask=row_mask[:, None] & o_mask[None, :])
 
 
 _spinal_fwd_kernel_tuned = triton.autotune(
@@ -136,34 +178,35 @@ def spinal_fwd_triton(
     ``weight_x (Lx, w, c)``, ``weight_h (Lh, w, w)``, ``bias (Lx, w)?``, ``head_weight (out, L*w)?``,
     ``head_bias (out,)?``, ``starts`` (L first columns). Returns ``(H (B, L*w), y (B, out) or (B, 0))``.
 
-    ``store_h=False`` (internal; head mode only) skips writing ``H``, for inference where no backward follows;
-    the returned ``H`` is then uninitialised memory.
+    ``store_h=False`` (internal; head mode only) skips writing ``H`` on the fast path, for inference where no
+    backward follows; the returned ``H`` is then uninitialised memory (the wide path always writes it: it is
+    that path's working storage).
     """
     rows, in_features = x.shape
     num_layers = len(starts)
-    width, chunk = weight_x.shape[1], weight_x.shape[2]
+    lx, width, chunk = weight_x.shape
     out = head_weight.shape[0] if head_weight is not None else 0
-    config.check_tile_limits(width, out)
+    config.check_index_limits(rows, in_features, chunk, width, num_layers, out, lx, weight_h.shape[0])
     has_head = head_weight is not None
     h_all = x.new_empty(rows, num_layers * width)
     y = x.new_empty(rows, out)
     if rows == 0:
         return h_all, y
     plan = config.dtype_plan(x.dtype)
+    path = config.path_plan(width, out, x.dtype)
     starts_t = starts_tensor(starts, x.device)
-    bw, bo = config.width_tile(width), config.out_tile(out)
     args = (x, weight_x, weight_h, bias if bias is not None else x, head_weight if has_head else x,
             head_bias if head_bias is not None else x, starts_t, h_all, y if has_head else h_all,
             rows, in_features, chunk, width, num_layers, out)
     consts = dict(NEG_SLOPE=float(negative_slope), ACT=activation_code(activation), SHARED=bool(shared_weights),
                   HAS_BIAS=bias is not None, HAS_HEAD=has_head, HAS_HEAD_BIAS=head_bias is not None,
                   STORE_H=bool(store_h or not has_head), DOT_DTYPE=plan.dot, ACC_DTYPE=plan.acc,
-                  PRECISION=plan.precision, BLOCK_W=bw, BLOCK_O=bo)
+                  PRECISION=plan.precision, **path.meta())
     if config.autotune_enabled():
         grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_B"]),)  # noqa: E731
         wrap_triton(_spinal_fwd_kernel_tuned)[grid](*args, **consts)
     else:
-        s = config.forward_settings(rows, chunk, width, out, x.dtype)
+        s = config.forward_settings(rows, chunk, path, x.dtype)
         grid = (triton.cdiv(rows, s.block_b),)
         with config.launch_guard():
             wrap_triton(_spinal_fwd_kernel)[grid](*args, **consts, **s.meta())
