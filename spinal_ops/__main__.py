@@ -55,7 +55,7 @@ def _check(args) -> int:
                     y = m(xg)
                 y.square().sum().backward()
                 results.append([y.detach(), xg.grad] + [p.grad.clone() for p in m.parameters()])
-            for a, b in zip(*results):
+            for a, b in zip(*results, strict=False):
                 scale = max(a.abs().max().item(), 1.0)
                 worst = max(worst, (a - b).abs().max().item() / scale)
         ok = worst <= 1e-12

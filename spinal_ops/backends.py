@@ -9,8 +9,9 @@ Backends:
   Triton was imported).
 
 Automatic choice: the fastest available for the tensor's device and dtype (CUDA tensors: ``cuda``, then
-``triton``, then ``reference``; CPU tensors: ``cpu`` for float32/float64, else ``reference``). ``SPINAL_OPS_BACKEND`` (read once, at import)
-and :func:`use_backend` (a context manager, which wins over the variable) force one.
+``triton``, then ``reference``; CPU tensors: ``cpu`` for float32/float64, else ``reference``).
+``SPINAL_OPS_BACKEND`` (read once, at import) and :func:`use_backend` (a context manager, which wins over the
+variable) force one.
 """
 
 from __future__ import annotations

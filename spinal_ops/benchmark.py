@@ -53,7 +53,7 @@ class EagerSpinal(nn.Module):
     def forward(self, x):
         outs = []
         h = None
-        for lin, s in zip(self.layers, self.starts):
+        for lin, s in zip(self.layers, self.starts, strict=False):
             xi = self._chunk(x, s)
             z = lin(xi if h is None else torch.cat([xi, h], dim=1))
             h = reference.activate(z, self.activation, self.negative_slope)
@@ -263,7 +263,7 @@ def plot(report: dict, path: str) -> None:
     rows = ratios(report)
     modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
     fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4), squeeze=False)
-    for ax, mode in zip(axes[0], modes):
+    for ax, mode in zip(axes[0], modes, strict=False):
         for cfg in dict.fromkeys(r["config"] for r in rows):
             pts = sorted((r["rows"], 1 / r["fused/dense"]) for r in rows if r["config"] == cfg and r["mode"] == mode)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=cfg)

@@ -149,7 +149,8 @@ class SpinalLinear(nn.Module):
         self.weight_h = nn.Parameter(torch.empty(h_slots, layer_width, layer_width, **factory))
         self.register_parameter("bias", nn.Parameter(torch.empty(x_slots, layer_width, **factory)) if bias else None)
         self.register_parameter(
-            "head_weight", nn.Parameter(torch.empty(out_features, num_layers * layer_width, **factory)) if head else None
+            "head_weight",
+            nn.Parameter(torch.empty(out_features, num_layers * layer_width, **factory)) if head else None
         )
         self.register_parameter(
             "head_bias", nn.Parameter(torch.empty(out_features, **factory)) if (head and bias) else None

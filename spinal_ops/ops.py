@@ -21,8 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import reference
-from . import backends
+from . import backends, reference
 from .backends import select_backend
 
 try:
@@ -93,7 +92,7 @@ def _make_backward(backward_op):
             grad_h.contiguous() if grad_h is not None else None,
             x, h_all, weight_x, weight_h, bias, head_weight, *ctx.hyper, mask,
         )
-        return tuple(g if m else None for g, m in zip(grads, mask)) + (None,) * 4
+        return tuple(g if m else None for g, m in zip(grads, mask, strict=False)) + (None,) * 4
 
     return backward
 

@@ -50,7 +50,8 @@ class Case:
         flags += [] if self.bias else ["nobias"]
         flags += ["head"] if self.head else ["hidden"]
         flags += [] if self.layout == "contiguous" else [self.layout]
-        return f"B{self.rows}-D{self.in_features}-K{self.num_splits}-w{self.width}-L{self.num_layers}-" + "-".join(flags)
+        sizes = f"B{self.rows}-D{self.in_features}-K{self.num_splits}-w{self.width}-L{self.num_layers}"
+        return sizes + "-" + "-".join(flags)
 
     def replace(self, **kw) -> Case:
         return dataclasses.replace(self, **kw)
@@ -106,7 +107,8 @@ def make_inputs(case: Case, dtype=torch.float64, device="cpu", seed=0):
         "weight_x": rand(lx, w, c, scale=reference.init_bound(c) * 2),
         "weight_h": rand(lh, w, w, scale=reference.init_bound(c + w) * 2),
         "bias": rand(lx, w) if case.bias else None,
-        "head_weight": rand(case.out, case.num_layers * w, scale=reference.init_bound(case.num_layers * w)) if case.head else None,
+        "head_weight": rand(case.out, case.num_layers * w, scale=reference.init_bound(case.num_layers * w))
+        if case.head else None,
         "head_bias": rand(case.out) if (case.head and case.bias) else None,
     }
     return x, params
@@ -152,7 +154,7 @@ def run_and_grad(fn, x, params, seed=1):
     cot = (torch.rand(out.shape, generator=g, dtype=torch.float64) * 2 - 1).to(out.dtype)
     leaves = {"x": x, **{k: v for k, v in params.items() if v is not None}}
     grads = torch.autograd.grad(out, list(leaves.values()), cot.to(out.device), allow_unused=True)
-    return out.detach(), dict(zip(leaves.keys(), grads))
+    return out.detach(), dict(zip(leaves.keys(), grads, strict=False))
 
 
 def require_backend(name: str) -> None:

@@ -49,7 +49,8 @@ class HalvesHead(nn.Module):
         return self.fc_out(x)
 
     def linears(self):
-        layers = [self.fc_spinal_layer1[0], self.fc_spinal_layer2[0], self.fc_spinal_layer3[0], self.fc_spinal_layer4[0]]
+        layers = [self.fc_spinal_layer1[0], self.fc_spinal_layer2[0], self.fc_spinal_layer3[0],
+                  self.fc_spinal_layer4[0]]
         return layers, self.fc_out
 
 

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import (
+    CASES,
+    COLUMN_SPLIT_CASES,
+    Case,
+    assert_close,
+    functional_kwargs,
+    make_inputs,
+    require_backend,
+    run_and_grad,
+)
 
 import spinal_ops
 from spinal_ops import SpinalLinear, reference
-
-from helpers import CASES, COLUMN_SPLIT_CASES, Case, assert_close, functional_kwargs, make_inputs, require_backend, run_and_grad
 
 pytestmark = pytest.mark.usefixtures("_cpu_backend")
 
@@ -58,7 +66,7 @@ def test_gradcheck(case):
 
     def fn(x, *tensors):
         with spinal_ops.use_backend("cpu"):
-            return spinal_ops.spinal_linear(x, **dict(zip(names, tensors)), **functional_kwargs(case))
+            return spinal_ops.spinal_linear(x, **dict(zip(names, tensors, strict=False)), **functional_kwargs(case))
 
     assert torch.autograd.gradcheck(fn, (x, *[params[n] for n in names]), eps=1e-6, atol=1e-7, rtol=1e-5)
 
@@ -86,12 +94,12 @@ def test_opcheck_backward(case, mask):
     h_all, y = torch.ops.spinal_ops.spinal_forward(x, wx, wh, b, wo, bo, starts, act, slope, shared)
     grad_y = torch.randn_like(y) if wo is not None else None
     grad_h = torch.randn_like(h_all)
-    mask = [m and t is not None for m, t in zip(mask, (x, wx, wh, b, wo, bo))]
+    mask = [m and t is not None for m, t in zip(mask, (x, wx, wh, b, wo, bo), strict=False)]
     args = (grad_y, grad_h, x.detach(), h_all.detach(), wx.detach(), wh.detach(), b.detach() if b is not None else None,
             wo.detach() if wo is not None else None, starts, act, slope, shared, mask)
     torch.library.opcheck(torch.ops.spinal_ops.spinal_backward.default, args)
     grads = torch.ops.spinal_ops.spinal_backward(*args)
-    for wanted, g, t in zip(mask, grads, (x, wx, wh, b, wo, bo)):
+    for wanted, g, t in zip(mask, grads, (x, wx, wh, b, wo, bo), strict=False):
         assert (g.shape == t.shape) if wanted else g.numel() == 0, "output mask not honoured"
 
 
@@ -103,7 +111,8 @@ def test_backward_matches_reference_on_its_own():
     expected = torch.autograd.grad((h_all, y), (x, wx, wh, b, wo, bo), (grad_h, grad_y))
     got = torch.ops.spinal_ops.spinal_backward(grad_y, grad_h, x.detach(), h_all.detach(), wx.detach(), wh.detach(),
                                                b.detach(), wo.detach(), starts, act, slope, shared, [True] * 6)
-    for name, g, e in zip(("x", "weight_x", "weight_h", "bias", "head_weight", "head_bias"), got, expected):
+    names = ("x", "weight_x", "weight_h", "bias", "head_weight", "head_bias")
+    for name, g, e in zip(names, got, expected, strict=False):
         assert_close(g, e, what=f"cpu backward op grad {name} (grad_y and grad_H both given)")
 
 
@@ -210,7 +219,8 @@ def test_other_dtypes_go_to_the_reference_or_raise_when_forced():
 @pytest.mark.parametrize(
     "mutate,match",
     [
-        (lambda a: a.__setitem__(2, a[2][:, :-1].contiguous()), r"weight_h must have shape \[3, 5, 5\], got \[3, 4, 5\]"),
+        (lambda a: a.__setitem__(2, a[2][:, :-1].contiguous()),
+         r"weight_h must have shape \[3, 5, 5\], got \[3, 4, 5\]"),
         (lambda a: a.__setitem__(1, a[1].float()), "weight_x must have the dtype of x \\(Double\\), got Float"),
         (lambda a: a.__setitem__(6, [0, 4, 99, 0, 0]), r"starts\[2\] must be in \[0, 13\), got 99"),
         (lambda a: a.__setitem__(7, "swish"), "activation must be one of .*got 'swish'"),

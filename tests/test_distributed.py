@@ -7,12 +7,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from helpers import assert_close
 from torch import nn
 
 import spinal_ops
 from spinal_ops import SpinalLinear
-
-from helpers import assert_close
 
 WORLD = 2
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_close
 from torch import nn
 
 import spinal_ops
 from spinal_ops import SpinalLinear
-
-from helpers import assert_close
 
 
 def test_repr_shows_every_hyper_parameter():
@@ -69,7 +68,7 @@ def test_linears_round_trip_is_exact(shared, head):
     assert (layers[1] is layers[3]) == shared
     back = SpinalLinear.from_linears(17, layers, head_lin, num_splits=3, activation="tanh")
     assert back.shared_weights == shared
-    for (name, p), (_, q) in zip(m.named_parameters(), back.named_parameters()):
+    for (name, p), (_, q) in zip(m.named_parameters(), back.named_parameters(), strict=False):
         assert torch.equal(p, q), name
     x = torch.randn(3, 17)
     assert torch.equal(m(x), back(x))
@@ -91,7 +90,8 @@ def _x(*shape, dtype=torch.float32):
 @pytest.mark.parametrize(
     "build,call,error,match",
     [
-        (lambda: SpinalLinear(10, 3), lambda m: m(_x(4, 9)), ValueError, r"expected input of shape \(\*, 10\).*\(4, 9\)"),
+        (lambda: SpinalLinear(10, 3), lambda m: m(_x(4, 9)), ValueError,
+         r"expected input of shape \(\*, 10\).*\(4, 9\)"),
         (lambda: SpinalLinear(10, 3), lambda m: m(_x(4, 10, dtype=torch.float64)), TypeError,
          "weight_x has dtype torch.float32 but input has dtype torch.float64"),
         (lambda: SpinalLinear(10, 3), lambda m: m(torch.ones(4, 10, dtype=torch.int64)), TypeError,

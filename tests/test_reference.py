@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_close, require_backend
+from original import CustomizableSpinal, HalvesHead, packed_grads
 
 import spinal_ops
 from spinal_ops import SpinalLinear, reference
-
-from helpers import assert_close, require_backend
-from original import CustomizableSpinal, HalvesHead, packed_grads
 
 # (id, constructor of the original module, from_linears keyword arguments, rows)
 ORIGINALS = [
@@ -23,7 +22,8 @@ ORIGINALS = [
     ("hidden", lambda: CustomizableSpinal(14, 2, 6, 4, 0, head=False), dict(num_splits=2), 5),
     ("leaky-regression", lambda: CustomizableSpinal(8, 2, 50, 6, 1, "leaky_relu", 0.1),
      dict(num_splits=2, activation="leaky_relu", negative_slope=0.1), 33),
-    ("gelu-nobias", lambda: CustomizableSpinal(9, 2, 4, 3, 2, "gelu", bias=False), dict(num_splits=2, activation="gelu"), 5),
+    ("gelu-nobias", lambda: CustomizableSpinal(9, 2, 4, 3, 2, "gelu", bias=False),
+     dict(num_splits=2, activation="gelu"), 5),
 ]
 
 

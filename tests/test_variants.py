@@ -14,13 +14,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import assert_close
+from original import make_activation, packed_grads
 from torch import nn
 
 import spinal_ops
 from spinal_ops import SpinalLinear, reference
-
-from helpers import assert_close
-from original import make_activation, packed_grads
 
 
 class BlockHead(nn.Module):
