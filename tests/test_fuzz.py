@@ -7,8 +7,8 @@ reference run on the very same inputs upcast to float64 (exact up to float64 rou
 the backend's dtype (the error PyTorch itself makes there).
 
 Budget: 200 examples on the ``cpu`` backend, 60 on the ``reference`` (against literal ``nn.Linear`` chains
-written like the original scripts), 60 on ``triton`` (tiny shapes: the interpreter costs ~0.1 s per call); ten
-times as many under ``HYPOTHESIS_PROFILE=explore``. A failure prints the smallest example found and a
+written like the original scripts), 60 on ``triton`` and 30 on its wide path (tiny shapes: the interpreter costs
+~0.1 s per call); ten times as many under ``HYPOTHESIS_PROFILE=explore``. A failure prints the smallest example found and a
 ``@reproduce_failure`` line; under the "dev" profile (the default outside CI) it also stays in ``.hypothesis/``
 and is tried first on the next run; under "ci" every run draws the same examples. See conftest.py.
 """
@@ -172,6 +172,27 @@ def test_cpu_matches_reference(problem, dtype, value_seed):
 def test_triton_matches_reference(problem, dtype, value_seed):
     _require("triton")
     check_against_reference("triton", *problem, dtype, value_seed, device="cpu" if INTERPRETED else "cuda")
+
+
+# The wide path of the Triton kernels (chosen on a GPU for layers whose whole tiles would not fit, see
+# triton_kernels/config.py) forced with 16-wide tiles, so that widths and heads up to 40 span several tiles with a
+# masked last one; the config's own choice is what test_triton_matches_reference exercises.
+WIDE_TILE = 16
+
+
+@_budget(30)
+@given(problem=problems(max_features=20, max_width=40, max_layers=4, max_out=40, max_rows=20),
+       dtype=st.sampled_from([torch.float64, torch.float32, torch.float16, torch.bfloat16]),
+       value_seed=st.integers(0, 2**16))
+def test_triton_wide_path_matches_reference(problem, dtype, value_seed):
+    _require("triton")
+    from unittest import mock
+
+    from spinal_ops.triton_kernels import config
+
+    plan = config.PathPlan(wide=True, block_w=WIDE_TILE, block_o=WIDE_TILE, block_n=WIDE_TILE, block_k=WIDE_TILE)
+    with mock.patch.object(config, "path_plan", lambda width, out, dtype: plan):
+        check_against_reference("triton", *problem, dtype, value_seed, device="cpu" if INTERPRETED else "cuda")
 
 
 @_budget(60)
