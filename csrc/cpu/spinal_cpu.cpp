@@ -308,12 +308,14 @@ constexpr int64_t kMaxColumnBlocks = 8;
 constexpr int64_t kMinColumnBlock = 64;
 
 struct ColumnSplit {
+  int64_t columns = 0;
   int64_t blocks = 1;
   int64_t size = 0;  // columns per block (the last one may be shorter)
 
   // Split of `columns` output columns of a product with `work` multiply-adds, within a one-tile batch.
   static ColumnSplit make(int64_t columns, int64_t work, bool one_tile) {
     ColumnSplit c;
+    c.columns = columns;
     c.size = columns;
     if (!one_tile || work < kParallelWork || columns < 2 * kMinColumnBlock) return c;
     c.blocks = std::min(kMaxColumnBlocks, columns / kMinColumnBlock);
@@ -322,7 +324,7 @@ struct ColumnSplit {
     return c;
   }
   int64_t begin(int64_t b) const { return b * size; }
-  int64_t end(int64_t b, int64_t columns) const { return std::min(columns, (b + 1) * size); }
+  int64_t end(int64_t b) const { return std::min(columns, (b + 1) * size); }
 };
 
 template <Activation A, typename T>
@@ -336,7 +338,7 @@ void forward_tile(const Problem<T>& p, int64_t r0, int64_t m, T* h_all, T* y, co
     T* hi = h_all + r0 * lw + i * d.width;
     const T* bi = p.b ? p.b_slot(i) : zero_bias;
     run_jobs(split.blocks, layer_work, [&](int64_t blk) {
-      const int64_t n0 = split.begin(blk), n1 = split.end(blk, d.width);
+      const int64_t n0 = split.begin(blk), n1 = split.end(blk);
       input_and_recurrent_product(p, i, r0, m, n0, n1, h_all, hi + n0, lw);
       for (int64_t r = 0; r < m; ++r) bias_activation<A>(hi + r * lw + n0, bi + n0, n1 - n0, slope);
     });
@@ -435,7 +437,7 @@ void backward_chain_tile(const Problem<T>& p, int64_t r0, int64_t m, const T* h_
     const T* hi = h_all + r0 * lw + i * w;
     const T* bi = p.b ? p.b_slot(i) : zero_bias;
     run_jobs(zsplit.blocks, z_work, [&](int64_t blk) {
-      const int64_t n0 = zsplit.begin(blk), n = zsplit.end(blk, w) - n0;
+      const int64_t n0 = zsplit.begin(blk), n = zsplit.end(blk) - n0;
       if (from_input) {
         input_and_recurrent_product(p, i, r0, m, n0, n0 + n, h_all, zbuf.data() + n0, w);
         for (int64_t r = 0; r < m; ++r)
@@ -450,13 +452,13 @@ void backward_chain_tile(const Problem<T>& p, int64_t r0, int64_t m, const T* h_
     const int64_t xjobs = dx ? xsplit.blocks : 0;
     run_jobs(hjobs + xjobs, m * w * ((i > 0 ? w : 0) + (dx ? d.chunk : 0)), [&](int64_t job) {
       if (job < hjobs) {  // carry[:, n0:n1] = dZ_i @ Wh_i[:, n0:n1]
-        const int64_t n0 = hsplit.begin(job), n1 = hsplit.end(job, w);
+        const int64_t n0 = hsplit.begin(job), n1 = hsplit.end(job);
         gemm<T>(false, false, m, n1 - n0, w, T(1), dzi, lw, p.wh_slot(i) + n0, w, T(0), carry.data() + n0, w);
         return;
       }
       // dx[:, (s + j) mod D] += dZ_i @ Wx_i[:, j] for the chunk columns j in [j0, j1), split where the chunk wraps
       const int64_t blk = job - hjobs;
-      const int64_t j0 = xsplit.begin(blk), j1 = xsplit.end(blk, d.chunk);
+      const int64_t j0 = xsplit.begin(blk), j1 = xsplit.end(blk);
       const int64_t s = p.starts[i];
       const int64_t c1 = std::min(d.chunk, d.in_features - s);  // chunk columns before the wrap
       const T* wxi = p.wx_slot(i);
