@@ -269,8 +269,18 @@ constexpr int64_t kParallelWork = int64_t(1) << 18;
 // shared counter, so jobs of unequal size balance: at::parallel_for alone hands each thread a contiguous range,
 // which gave one of 2 threads all four dW_x jobs of wide-resnet-head's weight-gradient phase (~90% of its work).
 // Which thread runs a job never changes its result.
+//
+// Global state: none is changed. The one hazard is ATen's lazy per-thread initialisation of its thread settings:
+// the first at::parallel_for or at::get_num_threads of a thread sets OpenMP's thread count to
+// mkl_get_max_threads(), which reads 1 while a SequentialBlas is alive on that thread (a one-tile batch runs its
+// column-split jobs inside one). That left torch.get_num_threads() at 1 for the rest of the caller's program.
+// The flag is thread-local and kept once per copy of the inline at::internal::lazy_init_num_threads (libtorch
+// has one, at::parallel_for inlines another into this library), so both are initialised here, before any
+// SequentialBlas exists on this thread.
 template <typename F>
 void run_jobs(int64_t jobs, int64_t work, const F& fn) {
+  at::internal::lazy_init_num_threads();
+  (void)at::get_num_threads();
   if (jobs <= 1 || work < kParallelWork) {
     SequentialBlas sequential;
     for (int64_t j = 0; j < jobs; ++j) fn(j);
