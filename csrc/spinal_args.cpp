@@ -45,11 +45,10 @@ Activation parse_activation(std::string_view name, std::string_view backend) {
 SpinalDims check_forward_args(std::string_view backend, const at::Tensor& x, const at::Tensor& weight_x, const at::Tensor& weight_h,
                               const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& head_weight,
                               const std::optional<at::Tensor>& head_bias, c10::IntArrayRef starts,
-                              std::string_view activation, double negative_slope, bool shared_weights) {
+                              c10::IntArrayRef slots, std::string_view activation, double negative_slope) {
   SpinalDims d;
   d.activation = parse_activation(activation, backend);
   d.negative_slope = negative_slope;
-  d.shared = shared_weights;
   TORCH_CHECK(x.dim() == 2, SPINAL_PREFIX, "x must be 2-D (B, D), got shape ", shape_str(x));
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), SPINAL_PREFIX, "x must be a floating-point tensor, got ",
               x.scalar_type());
@@ -59,18 +58,31 @@ SpinalDims check_forward_args(std::string_view backend, const at::Tensor& x, con
   d.layers = static_cast<int64_t>(starts.size());
   TORCH_CHECK(d.layers >= 1, SPINAL_PREFIX, "starts must hold one entry per sub-layer (>= 1), got 0");
   TORCH_CHECK(d.in_features >= 1, SPINAL_PREFIX, "x must have at least one column, got shape ", shape_str(x));
-  TORCH_CHECK(weight_x.dim() == 3, SPINAL_PREFIX, "weight_x must be 3-D (Lx, w, c), got shape ", shape_str(weight_x));
+  TORCH_CHECK(weight_x.dim() == 3, SPINAL_PREFIX, "weight_x must be 3-D (S, w, c), got shape ", shape_str(weight_x));
   d.width = weight_x.size(1);
   d.chunk = weight_x.size(2);
-  TORCH_CHECK(d.width >= 1 && d.chunk >= 1, SPINAL_PREFIX, "weight_x must have w >= 1 and c >= 1, got shape ",
+  TORCH_CHECK(weight_x.size(0) >= 1 && d.width >= 1 && d.chunk >= 1, SPINAL_PREFIX,
+              "weight_x must have S >= 1 slots, w >= 1 and c >= 1, got shape ",
               shape_str(weight_x));
   TORCH_CHECK(d.chunk <= d.in_features, SPINAL_PREFIX, "chunk size c = weight_x.size(2) = ", d.chunk,
               " must be at most D = ", d.in_features);
-  d.x_slots = shared_weights ? std::min<int64_t>(d.layers, 2) : d.layers;
-  d.h_slots = shared_weights ? std::min<int64_t>(d.layers - 1, 1) : d.layers - 1;
   for (int64_t i = 0; i < d.layers; ++i) {
     TORCH_CHECK(starts[i] >= 0 && starts[i] < d.in_features, SPINAL_PREFIX, "starts[", i, "] must be in [0, ",
                 d.in_features, "), got ", starts[i]);
+  }
+  d.slots = slots;
+  d.x_slots = weight_x.size(0);
+  d.h_slots = d.x_slots - 1;
+  TORCH_CHECK(static_cast<int64_t>(slots.size()) == d.layers, SPINAL_PREFIX, "slots must hold one entry per ",
+              "sub-layer (", d.layers, ", as starts), got ", slots.size());
+  TORCH_CHECK(slots[0] == 0, SPINAL_PREFIX, "slots[0] must be 0 (sub-layer 0 has its own slot), got ", slots[0]);
+  for (int64_t i = 1; i < d.layers; ++i) {
+    TORCH_CHECK(slots[i] >= 1 && slots[i] < d.x_slots, SPINAL_PREFIX, "slots[", i, "] must be in [1, ", d.x_slots,
+                ") (weight_x has ", d.x_slots, " slots; slot 0 belongs to sub-layer 0 alone), got ", slots[i]);
+  }
+  for (int64_t s = 0; s < d.x_slots; ++s) {
+    TORCH_CHECK(d.slot_uses(s) > 0, SPINAL_PREFIX, "weight slot ", s, " is used by no sub-layer (slots = ", slots,
+                "); weight_x must have exactly max(slots) + 1 slots");
   }
   check_tensor(backend, weight_x, "weight_x", x, {d.x_slots, d.width, d.chunk});
   check_tensor(backend, weight_h, "weight_h", x, {d.h_slots, d.width, d.width});
@@ -103,10 +115,10 @@ void check_backward_args(std::string_view backend, const SpinalDims& dims, const
 
 void check_args_op(c10::string_view backend, const at::Tensor& x, const at::Tensor& weight_x, const at::Tensor& weight_h,
                    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& head_weight,
-                   const std::optional<at::Tensor>& head_bias, c10::IntArrayRef starts, c10::string_view activation,
-                   double negative_slope, bool shared_weights) {
-  check_forward_args(backend, x, weight_x, weight_h, bias, head_weight, head_bias, starts, activation, negative_slope,
-                     shared_weights);
+                   const std::optional<at::Tensor>& head_bias, c10::IntArrayRef starts, c10::IntArrayRef slots,
+                   c10::string_view activation, double negative_slope) {
+  check_forward_args(backend, x, weight_x, weight_h, bias, head_weight, head_bias, starts, slots, activation,
+                     negative_slope);
 }
 
 }  // namespace spinal_ops

@@ -1,6 +1,11 @@
 // Autograd of the native spinal ops (CPU and CUDA kernels), in C++ so that a training step pays no Python
 // overhead per call. The fake kernels and the autograd of the Triton ops live in spinal_ops/ops.py; the formula
 // is the same: saved for backward are x, H and the weights, nothing else.
+//
+// Double backward: spinal_backward is differentiable. Its autograd kernel runs the fused kernel whenever its result
+// needs no graph (grad mode off, as in every first-order backward, or no input requiring grad), and otherwise
+// _spinal_backward_reference: the same math in differentiable ATen ops (reference.spinal_backward), whose graph
+// autograd differentiates to any order (create_graph=True: gradient penalties, Hessian-vector products).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -22,11 +27,12 @@ using ForwardOp = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at
                                                       const std::optional<at::Tensor>&,
                                                       const std::optional<at::Tensor>&,
                                                       const std::optional<at::Tensor>&, c10::IntArrayRef,
-                                                      c10::string_view, double, bool);
-using BackwardOp = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-    c10::IntArrayRef, c10::string_view, double, bool, std::array<bool, 6>);
+                                                      c10::IntArrayRef, c10::string_view, double);
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using BackwardOp = Grads(const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const at::Tensor&,
+                         const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                         const std::optional<at::Tensor>&, c10::IntArrayRef, c10::IntArrayRef, c10::string_view,
+                         double, std::array<bool, 6>);
 
 const c10::TypedOperatorHandle<ForwardOp>& forward_op() {
   static const auto op =
@@ -40,33 +46,18 @@ const c10::TypedOperatorHandle<BackwardOp>& backward_op() {
   return op;
 }
 
+const c10::TypedOperatorHandle<BackwardOp>& reference_backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("spinal_ops::_spinal_backward_reference", "")
+                             .typed<BackwardOp>();
+  return op;
+}
+
 std::optional<at::Tensor> opt(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
-// Backward of the backward: not supported, with a message that says what to do instead.
-class SpinalBackwardFunction : public torch::autograd::Function<SpinalBackwardFunction> {
- public:
-  static variable_list forward(AutogradContext* ctx, const std::optional<at::Tensor>& grad_y,
-                               const std::optional<at::Tensor>& grad_h, const at::Tensor& x, const at::Tensor& h_all,
-                               const at::Tensor& weight_x, const at::Tensor& weight_h,
-                               const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& head_weight,
-                               c10::IntArrayRef starts, c10::string_view activation, double negative_slope,
-                               bool shared_weights, std::array<bool, 6> output_mask) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [dx, dwx, dwh, db, dwo, dbo] = backward_op().call(grad_y, grad_h, x, h_all, weight_x, weight_h, bias,
-                                                           head_weight, starts, activation, negative_slope,
-                                                           shared_weights, output_mask);
-    return {dx, dwx, dwh, db, dwo, dbo};
-  }
-
-  static variable_list backward(AutogradContext*, variable_list) {
-    TORCH_CHECK(false,
-                "spinal_ops: double backward (differentiating the gradient of a spinal layer, e.g. "
-                "create_graph=True followed by another backward) is not supported; use the reference backend "
-                "(spinal_ops.use_backend('reference')) for higher-order gradients");
-  }
-};
+bool requires_grad(const std::optional<at::Tensor>& t) { return t.has_value() && t->requires_grad(); }
 
 class SpinalFunction : public torch::autograd::Function<SpinalFunction> {
  public:
@@ -74,19 +65,20 @@ class SpinalFunction : public torch::autograd::Function<SpinalFunction> {
                                const at::Tensor& weight_h, const std::optional<at::Tensor>& bias,
                                const std::optional<at::Tensor>& head_weight,
                                const std::optional<at::Tensor>& head_bias, c10::IntArrayRef starts,
-                               c10::string_view activation, double negative_slope, bool shared_weights) {
+                               c10::IntArrayRef slots, c10::string_view activation, double negative_slope) {
     at::Tensor h_all, y;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      std::tie(h_all, y) = forward_op().call(x, weight_x, weight_h, bias, head_weight, head_bias, starts,
-                                             activation, negative_slope, shared_weights);
+      std::tie(h_all, y) =
+          forward_op().call(x, weight_x, weight_h, bias, head_weight, head_bias, starts, slots, activation,
+                            negative_slope);
     }
     ctx->save_for_backward({x, h_all, weight_x, weight_h, bias.value_or(at::Tensor()),
                             head_weight.value_or(at::Tensor())});
     ctx->saved_data["starts"] = starts.vec();
+    ctx->saved_data["slots"] = slots.vec();
     ctx->saved_data["activation"] = std::string(activation);
     ctx->saved_data["negative_slope"] = negative_slope;
-    ctx->saved_data["shared_weights"] = shared_weights;
     ctx->saved_data["has_head_bias"] = head_bias.has_value();
     ctx->set_materialize_grads(false);
     return {h_all, y};
@@ -109,11 +101,13 @@ class SpinalFunction : public torch::autograd::Function<SpinalFunction> {
     if (grads[0].defined()) grad_h = grads[0].contiguous();
     if (grads[1].defined() && head_weight.defined()) grad_y = grads[1].contiguous();
     const auto starts = ctx->saved_data["starts"].toIntVector();
+    const auto slots = ctx->saved_data["slots"].toIntVector();
     const auto activation = ctx->saved_data["activation"].toStringRef();
-    auto outs = SpinalBackwardFunction::apply(grad_y, grad_h, x, h_all, saved[2], saved[3], opt(bias),
-                                              opt(head_weight), starts, activation,
-                                              ctx->saved_data["negative_slope"].toDouble(),
-                                              ctx->saved_data["shared_weights"].toBool(), mask);
+    // Through the dispatcher: spinal_backward's autograd kernel below (differentiable under create_graph=True).
+    auto [dx, dwx, dwh, db, dwo, dbo] =
+        backward_op().call(grad_y, grad_h, x, h_all, saved[2], saved[3], opt(bias), opt(head_weight), starts, slots,
+                           activation, ctx->saved_data["negative_slope"].toDouble(), mask);
+    const at::Tensor outs[6] = {dx, dwx, dwh, db, dwo, dbo};
     for (int i = 0; i < 6; ++i) {
       if (mask[i]) result[i] = outs[i];
     }
@@ -124,20 +118,29 @@ class SpinalFunction : public torch::autograd::Function<SpinalFunction> {
 std::tuple<at::Tensor, at::Tensor> spinal_forward_autograd(
     const at::Tensor& x, const at::Tensor& weight_x, const at::Tensor& weight_h, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& head_weight, const std::optional<at::Tensor>& head_bias, c10::IntArrayRef starts,
-    c10::string_view activation, double negative_slope, bool shared_weights) {
-  auto out = SpinalFunction::apply(x, weight_x, weight_h, bias, head_weight, head_bias, starts, activation,
-                                   negative_slope, shared_weights);
+    c10::IntArrayRef slots, c10::string_view activation, double negative_slope) {
+  auto out = SpinalFunction::apply(x, weight_x, weight_h, bias, head_weight, head_bias, starts, slots, activation,
+                                   negative_slope);
   return {out[0], out[1]};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> spinal_backward_autograd(
-    const std::optional<at::Tensor>& grad_y, const std::optional<at::Tensor>& grad_h, const at::Tensor& x,
-    const at::Tensor& h_all, const at::Tensor& weight_x, const at::Tensor& weight_h,
-    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& head_weight, c10::IntArrayRef starts,
-    c10::string_view activation, double negative_slope, bool shared_weights, std::array<bool, 6> output_mask) {
-  auto out = SpinalBackwardFunction::apply(grad_y, grad_h, x, h_all, weight_x, weight_h, bias, head_weight, starts,
-                                           activation, negative_slope, shared_weights, output_mask);
-  return {out[0], out[1], out[2], out[3], out[4], out[5]};
+Grads spinal_backward_autograd(const std::optional<at::Tensor>& grad_y, const std::optional<at::Tensor>& grad_h,
+                               const at::Tensor& x, const at::Tensor& h_all, const at::Tensor& weight_x,
+                               const at::Tensor& weight_h, const std::optional<at::Tensor>& bias,
+                               const std::optional<at::Tensor>& head_weight, c10::IntArrayRef starts,
+                               c10::IntArrayRef slots, c10::string_view activation, double negative_slope,
+                               std::array<bool, 6> output_mask) {
+  const bool differentiable =
+      at::GradMode::is_enabled() &&
+      (requires_grad(grad_y) || requires_grad(grad_h) || x.requires_grad() || h_all.requires_grad() ||
+       weight_x.requires_grad() || weight_h.requires_grad() || requires_grad(bias) || requires_grad(head_weight));
+  if (differentiable) {
+    return reference_backward_op().call(grad_y, grad_h, x, h_all, weight_x, weight_h, bias, head_weight, starts,
+                                        slots, activation, negative_slope, output_mask);
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return backward_op().call(grad_y, grad_h, x, h_all, weight_x, weight_h, bias, head_weight, starts, slots,
+                            activation, negative_slope, output_mask);
 }
 
 }  // namespace

@@ -1,18 +1,21 @@
 // The only TORCH_LIBRARY block of spinal_ops: the op schemas. (The argument checks every kernel shares are in
 // spinal_args.cpp.)
 //
-// spinal_forward(x, weight_x, weight_h, bias, head_weight, head_bias, starts, activation, negative_slope,
-//                shared_weights) -> (H, y)
-//   x (B, D) contiguous; weight_x (Lx, w, c); weight_h (Lh, w, w); bias (Lx, w)?; head_weight (out, L*w)?;
-//   head_bias (out)?; starts: L first columns, chunk i reads columns (starts[i] + j) mod D, j < c.
+// spinal_forward(x, weight_x, weight_h, bias, head_weight, head_bias, starts, slots, activation,
+//                negative_slope) -> (H, y)
+//   x (B, D) contiguous; weight_x (S, w, c); weight_h (S-1, w, w); bias (S, w)?; head_weight (out, L*w)?;
+//   head_bias (out)?; starts: L first columns, chunk i reads columns (starts[i] + j) mod D, j < c;
+//   slots: L weight slots, sub-layer i uses weight_x[slots[i]], bias[slots[i]] and (i >= 1) weight_h[slots[i]-1]
+//   (slots[0] = 0, slots[i] >= 1 for i >= 1, every slot used).
 //   H (B, L*w) is the concatenated sub-layer outputs; y (B, out) the head output, or (B, 0) in hidden mode.
 //
-// spinal_backward(grad_y, grad_H, x, H, weight_x, weight_h, bias, head_weight, starts, activation,
-//                 negative_slope, shared_weights, output_mask) -> (dx, dweight_x, dweight_h, dbias,
-//                 dhead_weight, dhead_bias)
+// spinal_backward(grad_y, grad_H, x, H, weight_x, weight_h, bias, head_weight, starts, slots, activation,
+//                 negative_slope, output_mask) -> (dx, dweight_x, dweight_h, dbias, dhead_weight, dhead_bias)
 //   grad_y (B, out)? and grad_H (B, L*w)? are the incoming gradients (either may be absent). output_mask
 //   says which of the six gradients to compute; the others come back as empty tensors. dhead_bias is only
-//   meaningful when the forward had a head bias (the caller masks it off otherwise).
+//   meaningful when the forward had a head bias (the caller masks it off otherwise). Differentiable (double
+//   backward): with grad mode on and an input that requires grad, its autograd kernel computes it as
+//   _spinal_backward_reference, the same math in differentiable ATen ops (spinal_ops/reference.py).
 #include <Python.h>
 
 #include <torch/library.h>
@@ -29,15 +32,21 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
 TORCH_LIBRARY(spinal_ops, m) {
   m.def(
       "spinal_forward(Tensor x, Tensor weight_x, Tensor weight_h, Tensor? bias, Tensor? head_weight, "
-      "Tensor? head_bias, int[] starts, str activation, float negative_slope, bool shared_weights) "
-      "-> (Tensor, Tensor)");
+      "Tensor? head_bias, int[] starts, int[] slots, str activation, float negative_slope) -> (Tensor, Tensor)");
   m.def(
       "spinal_backward(Tensor? grad_y, Tensor? grad_H, Tensor x, Tensor H, Tensor weight_x, Tensor weight_h, "
-      "Tensor? bias, Tensor? head_weight, int[] starts, str activation, float negative_slope, "
-      "bool shared_weights, bool[6] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? bias, Tensor? head_weight, int[] starts, int[] slots, str activation, float negative_slope, "
+      "bool[6] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // spinal_backward as differentiable ATen ops (CompositeImplicitAutograd, implemented in spinal_ops/ops.py by
+  // reference.spinal_backward): what spinal_backward's autograd kernel runs when its result must be
+  // differentiable.
+  m.def(
+      "_spinal_backward_reference(Tensor? grad_y, Tensor? grad_H, Tensor x, Tensor H, Tensor weight_x, "
+      "Tensor weight_h, Tensor? bias, Tensor? head_weight, int[] starts, int[] slots, str activation, "
+      "float negative_slope, bool[6] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The shared argument checks as an op, for the backends written in Python (Triton): raises or returns nothing.
   m.def(
       "_check_args(str backend, Tensor x, Tensor weight_x, Tensor weight_h, Tensor? bias, Tensor? head_weight, "
-      "Tensor? head_bias, int[] starts, str activation, float negative_slope, bool shared_weights) -> ()",
+      "Tensor? head_bias, int[] starts, int[] slots, str activation, float negative_slope) -> ()",
       &spinal_ops::check_args_op);
 }

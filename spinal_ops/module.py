@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import reference
-from .ops import apply_spinal, spinal_linear
+from .ops import apply_spinal, resolve_slots, spinal_linear
 
 
 def default_layer_width(in_features: int, num_splits: int) -> int:
@@ -39,8 +39,8 @@ class SpinalLinear(nn.Module):
     layer_width : int, optional
         Width ``w`` of each sub-layer. Default: head mode :func:`default_layer_width`; hidden mode
         ``out_features // num_layers`` (which must divide).
-    num_layers : int
-        ``L >= 1`` sub-layers.
+    num_layers : int, optional
+        ``L >= 1`` sub-layers. Default: ``len(weight_slots)``, else 4.
     num_splits : int
         ``K``: the chunk size is ``round(in_features / K)``.
     split_mode : {"cyclic", "alternate"}
@@ -51,7 +51,14 @@ class SpinalLinear(nn.Module):
     negative_slope : float
         Slope of ``leaky_relu``.
     shared_weights : bool
-        Sub-layers ``1 .. L-1`` share one set of weights (the original "SpinalNet SW").
+        Sub-layers ``1 .. L-1`` share one set of weights (the original "SpinalNet SW"); the same as
+        ``weight_slots=[0, 1, 1, ..., 1]``.
+    weight_slots : sequence of int, optional
+        Any weight tying: sub-layer ``i`` uses weight slot ``weight_slots[i]`` (its ``weight_x``, ``bias``, batch
+        norm and, for ``i >= 1``, ``weight_h[weight_slots[i] - 1]``). Slot 0 belongs to sub-layer 0 alone (its input
+        is narrower); the slots are numbered ``0 .. S-1``, each used. E.g. ``[0, 1, 2, 3, 2, 3]``: the original
+        regression and transfer-learning scripts, which call ``fc1, fc2, fc3, fc4, fc3, fc4``. Gradients of a tied
+        slot add up. Default: every sub-layer has its own weights.
     head : bool
         Classifier head (``True``) or hidden layer (``False``).
     dropout : float
@@ -59,7 +66,7 @@ class SpinalLinear(nn.Module):
         before the head (the VGG and transfer-learning heads). Default 0: none.
     batch_norm : bool
         A ``BatchNorm1d(layer_width)`` after each sub-layer's Linear, before the activation (in
-        :attr:`norms`, one per ``weight_x`` slot; shared with the weights under ``shared_weights``).
+        :attr:`norms`, one per weight slot: tied exactly as the weights are).
 
     With ``dropout > 0`` or ``batch_norm``, train mode runs the blocks unfused, in plain PyTorch
     (:func:`spinal_ops.reference.spinal_forward_blocks`: dropout and batch statistics cannot run inside the
@@ -75,10 +82,11 @@ class SpinalLinear(nn.Module):
 
     Attributes
     ----------
-    weight_x : ``(Lx, w, c)``; ``weight_h`` : ``(Lh, w, w)``; ``bias`` : ``(Lx, w)`` or None;
+    weight_x : ``(S, w, c)``; ``weight_h`` : ``(S - 1, w, w)``; ``bias`` : ``(S, w)`` or None;
     head_weight : ``(out_features, L * w)`` or None; head_bias : ``(out_features,)`` or None.
-    norms : ``nn.ModuleList`` of ``Lx`` ``nn.BatchNorm1d(w)``, or None.
-    ``Lx = L`` and ``Lh = L - 1``, or ``min(L, 2)`` and ``min(L - 1, 1)`` with shared weights.
+    norms : ``nn.ModuleList`` of ``S`` ``nn.BatchNorm1d(w)``, or None.
+    weight_slots : tuple of ``L`` ints, the slot of each sub-layer. ``S = max(weight_slots) + 1``: ``L`` without
+    tying, ``min(L, 2)`` with shared weights.
     """
 
     def __init__(
@@ -88,12 +96,13 @@ class SpinalLinear(nn.Module):
         bias: bool = True,
         *,
         layer_width: int | None = None,
-        num_layers: int = 4,
+        num_layers: int | None = None,
         num_splits: int = 2,
         split_mode: str = "cyclic",
         activation: str = "relu",
         negative_slope: float = 0.01,
         shared_weights: bool = False,
+        weight_slots=None,
         head: bool = True,
         dropout: float = 0.0,
         batch_norm: bool = False,
@@ -101,8 +110,11 @@ class SpinalLinear(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
+        if num_layers is None and weight_slots is None:
+            num_layers = 4
+        num_layers, slots = resolve_slots(num_layers, shared_weights, weight_slots, 4, "SpinalLinear")
         for name, value in (("in_features", in_features), ("out_features", out_features),
-                            ("num_layers", num_layers), ("num_splits", num_splits)):
+                            ("num_splits", num_splits)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"SpinalLinear: {name} must be an integer >= 1, got {value!r}")
         if split_mode not in reference.SPLIT_MODES:
@@ -138,13 +150,14 @@ class SpinalLinear(nn.Module):
         self.split_mode = split_mode
         self.activation = activation
         self.negative_slope = float(negative_slope)
-        self.shared_weights = shared_weights
+        self.weight_slots = slots
+        self._slots = list(slots)  # the op argument
         self.head = head
         self.chunk = reference.chunk_size(in_features, num_splits)
         self._starts = reference.split_starts(in_features, num_splits, num_layers, split_mode)
 
         factory = {"device": device, "dtype": dtype}
-        x_slots, h_slots = reference.num_slots(num_layers, shared_weights)
+        x_slots, h_slots = reference.num_slots(slots)
         self.weight_x = nn.Parameter(torch.empty(x_slots, layer_width, self.chunk, **factory))
         self.weight_h = nn.Parameter(torch.empty(h_slots, layer_width, layer_width, **factory))
         self.register_parameter("bias", nn.Parameter(torch.empty(x_slots, layer_width, **factory)) if bias else None)
@@ -161,6 +174,11 @@ class SpinalLinear(nn.Module):
             self.norms = None
         self.dropout = dropout  # also sets self._blocks
         self.reset_parameters()
+
+    @property
+    def shared_weights(self) -> bool:
+        """Whether the tying is "SpinalNet SW": sub-layers ``1 .. L-1`` share one slot (``L > 2``)."""
+        return self.num_layers > 2 and self.weight_slots == reference.weight_slots(self.num_layers, True)
 
     @property
     def dropout(self) -> float:
@@ -204,15 +222,14 @@ class SpinalLinear(nn.Module):
         if input.dtype == wx.dtype and input.device == wx.device and wx.is_contiguous():
             # The common case, kept short (it runs on every call): hyper-parameters were validated at
             # construction, and parameters made by this module are contiguous (the kernels check the rest).
-            return apply_spinal(input, params, self._starts, self.activation, self.negative_slope,
-                                self.shared_weights)
+            return apply_spinal(input, params, self._starts, self._slots, self.activation, self.negative_slope)
         return self._fused(input, self.weight_x, self.weight_h, self.bias)
 
     def _fused(self, input, weight_x, weight_h, bias) -> torch.Tensor:
         return spinal_linear(  # validates the input against the parameters, with messages naming both
             input, weight_x, weight_h, bias, self.head_weight, self.head_bias,
             num_layers=self.num_layers, num_splits=self.num_splits, split_mode=self.split_mode,
-            activation=self.activation, negative_slope=self.negative_slope, shared_weights=self.shared_weights,
+            activation=self.activation, negative_slope=self.negative_slope, weight_slots=self.weight_slots,
         )
 
     def _forward_blocks(self, input: torch.Tensor) -> torch.Tensor:
@@ -233,8 +250,8 @@ class SpinalLinear(nn.Module):
                             "they must match (cast the module with .to(dtype) or the input)")
         x2d = input.reshape(-1, self.in_features)
         out = reference.spinal_forward_blocks(
-            x2d, wx, self.weight_h, self.bias, self.head_weight, self.head_bias, self._starts, self.activation,
-            self.negative_slope, self.shared_weights, dropout=self._dropout, training=self.training, norms=norms,
+            x2d, wx, self.weight_h, self.bias, self.head_weight, self.head_bias, self._starts, self._slots,
+            self.activation, self.negative_slope, dropout=self._dropout, training=self.training, norms=norms,
         )
         return out.reshape(*input.shape[:-1], out.shape[-1])
 
@@ -259,6 +276,8 @@ class SpinalLinear(nn.Module):
             f"split_mode={self.split_mode!r}, activation={self.activation!r}, negative_slope={self.negative_slope}, "
             f"shared_weights={self.shared_weights}, head={self.head}"
         )
+        if not self.shared_weights and self.weight_slots != reference.weight_slots(self.num_layers):
+            text += f", weight_slots={list(self.weight_slots)}"
         if self._dropout > 0:
             text += f", dropout={self._dropout}"
         return text  # the batch norms print as the child module `norms`
@@ -283,7 +302,9 @@ class SpinalLinear(nn.Module):
         [BatchNorm1d,] [activation])``; ``head`` is an ``nn.Linear``, ``nn.Sequential([Dropout,] Linear)`` or
         None for a hidden layer. ``layers[0]``'s Linear has ``in_features == c``, the others ``c + w`` (chunk
         columns first, then the previous output, as ``torch.cat([x_chunk, h_prev], 1)``); the head's is
-        ``L * w``. The same module object repeated for sub-layers ``1 ..`` means shared weights.
+        ``L * w``. A module object repeated means tied weights, in any pattern: ``[fc1, fc2, fc3, fc4, fc3, fc4]``
+        gives ``weight_slots=(0, 1, 2, 3, 2, 3)``, ``[fc1, fc2, fc2, fc2]`` shared weights; the slots are
+        numbered in order of first appearance. ``layers[0]`` cannot appear again (its input is narrower).
 
         Dropout modules must all have one probability (before every sub-layer and the head); batch norms are
         on every sub-layer or none (copied with their running statistics, eps and momentum). ``activation`` and
@@ -301,6 +322,14 @@ class SpinalLinear(nn.Module):
         chunk = reference.chunk_size(in_features, num_splits)
         width = linears[0].out_features
         bias = linears[0].bias is not None
+        for i, lin in enumerate(linears[1:], start=1):
+            if lin is linears[0]:
+                raise ValueError(
+                    f"{where}: layers[0] and layers[{i}] are the same nn.Linear, but sub-layer 0 takes the chunk alone "
+                    f"(in_features = c = {chunk}) and sub-layer {i} the chunk and the previous output (c + w = "
+                    f"{chunk + width}); one module cannot serve both"
+                )
+        slots = _slot_table(linears)
         for i, lin in enumerate(linears):
             fan_in = chunk if i == 0 else chunk + width
             if lin.in_features != fan_in or lin.out_features != width:
@@ -310,7 +339,6 @@ class SpinalLinear(nn.Module):
                 )
             if (lin.bias is not None) != bias:
                 raise ValueError(f"{where}: all layers (and the head) must agree on bias")
-        shared = len(linears) > 2 and all(lin is linears[1] for lin in linears[1:])
         num_layers = len(linears)
         head_lin = head_block.linear if head_block is not None else None
         if head_lin is not None:
@@ -353,7 +381,7 @@ class SpinalLinear(nn.Module):
         activation = "relu" if activation is None else activation
         negative_slope = 0.01 if negative_slope is None else negative_slope
 
-        # Batch norm: on every sub-layer or none, shared exactly when the weights are.
+        # Batch norm: on every sub-layer or none, tied exactly as the weights are.
         norms = [b.norm for b in blocks]
         if any(n is None for n in norms) and any(n is not None for n in norms):
             raise ValueError(f"{where}: BatchNorm1d must follow the Linear of every sub-layer or of none; "
@@ -364,29 +392,28 @@ class SpinalLinear(nn.Module):
                 if n.num_features != width:
                     raise ValueError(f"{where}: layers[{i}] has BatchNorm1d({n.num_features}) after a Linear of "
                                      f"width {width}; expected BatchNorm1d({width})")
-            if shared and not all(n is norms[1] for n in norms[1:]):
-                raise ValueError(f"{where}: the sub-layers 1.. share one Linear, so they must share one "
-                                 "BatchNorm1d too (repeat the whole block)")
-            if not shared and len({id(n) for n in norms}) != len(norms):
-                raise ValueError(f"{where}: sub-layers with their own Linear must have their own BatchNorm1d")
+            if _slot_table(norms) != slots:
+                raise ValueError(f"{where}: the BatchNorm1d modules must be tied as the Linears are (repeat the whole "
+                                 f"block): the Linears' pattern is {list(slots)}, the BatchNorm1d's "
+                                 f"{list(_slot_table(norms))}")
 
         ref = linears[0].weight
         module = cls(
             in_features, head_lin.out_features if head_lin is not None else num_layers * width, bias,
             layer_width=width, num_layers=num_layers, num_splits=num_splits, split_mode=split_mode,
-            activation=activation, negative_slope=negative_slope, shared_weights=shared, head=head_lin is not None,
+            activation=activation, negative_slope=negative_slope, weight_slots=slots, head=head_lin is not None,
             dropout=dropout, batch_norm=batch_norm, device=ref.device, dtype=ref.dtype,
         )
         with torch.no_grad():
             for slot in range(module.weight_x.shape[0]):
-                lin = linears[slot]
+                lin = linears[slots.index(slot)]
                 module.weight_x[slot].copy_(lin.weight[:, :chunk])
                 if slot >= 1:
                     module.weight_h[slot - 1].copy_(lin.weight[:, chunk:])
                 if bias:
                     module.bias[slot].copy_(lin.bias)
                 if batch_norm:
-                    module.norms[slot] = copy.deepcopy(norms[slot])
+                    module.norms[slot] = copy.deepcopy(norms[slots.index(slot)])
             if head_lin is not None:
                 module.head_weight.copy_(head_lin.weight)
                 if bias:
@@ -396,8 +423,8 @@ class SpinalLinear(nn.Module):
     def to_linears(self) -> tuple[list[nn.Linear], nn.Linear | None]:
         """The equivalent original-script modules: ``(layers, head)`` (head None in hidden mode).
 
-        With shared weights, ``layers[1:]`` are the same module object. Weights are copies. A layer with
-        dropout or batch norm raises ``ValueError`` (use :meth:`to_blocks`, which keeps them).
+        Tied sub-layers are the same module object, in the layer's pattern (``weight_slots``). Weights are copies.
+        A layer with dropout or batch norm raises ``ValueError`` (use :meth:`to_blocks`, which keeps them).
         """
         if self._blocks:
             raise ValueError("SpinalLinear.to_linears: this layer has dropout or batch norm, which plain nn.Linear "
@@ -407,7 +434,7 @@ class SpinalLinear(nn.Module):
     def to_blocks(self) -> tuple[list[nn.Sequential], nn.Module | None]:
         """The original-script blocks: ``(layers, head)`` with ``layers[i] = nn.Sequential([Dropout,] Linear,
         [BatchNorm1d,] activation)`` and ``head = nn.Sequential(Dropout, Linear)`` (just the Linear without
-        dropout; None in hidden mode). Copies; with shared weights ``layers[1:]`` are one module object.
+        dropout; None in hidden mode). Copies; tied sub-layers are one module object, in the layer's pattern.
         :meth:`from_linears` reads them back exactly.
         """
         linears, head = self._linears()
@@ -419,7 +446,7 @@ class SpinalLinear(nn.Module):
                 parts.append(copy.deepcopy(self.norms[slot]))
             parts.append(_activation_module(self.activation, self.negative_slope))
             made.append(nn.Sequential(*parts))
-        blocks = made if not self.shared_weights else made[:1] + [made[1]] * (self.num_layers - 1)
+        blocks = [made[s] for s in self.weight_slots]
         if head is not None and self._dropout > 0:
             head = nn.Sequential(nn.Dropout(self._dropout), head)
         return blocks, head
@@ -439,7 +466,7 @@ class SpinalLinear(nn.Module):
                 if has_bias:
                     lin.bias.copy_(self.bias[slot])
                 made.append(lin)
-            layers = made if not self.shared_weights else made[:1] + [made[1]] * (self.num_layers - 1)
+            layers = [made[s] for s in self.weight_slots]
             head = None
             if self.head_weight is not None:
                 head = nn.Linear(self.head_weight.shape[1], self.out_features, bias=has_bias, **factory)
@@ -450,6 +477,13 @@ class SpinalLinear(nn.Module):
 
 
 # ------------------------------------------------------------------------------------ parsing original blocks
+
+
+def _slot_table(modules) -> tuple[int, ...]:
+    """The tying pattern of a list of modules by identity: slots numbered in order of first appearance."""
+    first: dict[int, int] = {}
+    return tuple(first.setdefault(id(m), len(first)) for m in modules)
+
 
 _ACTIVATION_MODULES = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid",
                        nn.Identity: "identity", nn.GELU: "gelu", nn.SiLU: "silu"}

@@ -7,13 +7,17 @@ in C++ (``csrc/spinal_autograd.cpp``), which keeps Python off the per-call path 
 
 Op contract (2-D ``x``; see :mod:`spinal_ops.reference` for the math):
 
-- ``spinal_forward(x, weight_x, weight_h, bias?, head_weight?, head_bias?, starts, activation,
-  negative_slope, shared_weights) -> (H (B, L*w), y (B, out) or (B, 0) in hidden mode)``
-- ``spinal_backward(grad_y?, grad_H?, x, H, weight_x, weight_h, bias?, head_weight?, starts, activation,
-  negative_slope, shared_weights, output_mask[6]) -> (dx, dweight_x, dweight_h, dbias, dhead_weight,
-  dhead_bias)``, gradients not asked for by ``output_mask`` come back empty.
+- ``spinal_forward(x, weight_x, weight_h, bias?, head_weight?, head_bias?, starts, slots, activation,
+  negative_slope) -> (H (B, L*w), y (B, out) or (B, 0) in hidden mode)``
+- ``spinal_backward(grad_y?, grad_H?, x, H, weight_x, weight_h, bias?, head_weight?, starts, slots, activation,
+  negative_slope, output_mask[6]) -> (dx, dweight_x, dweight_h, dbias, dhead_weight, dhead_bias)``, gradients
+  not asked for by ``output_mask`` come back empty.
 
-Saved for backward: ``x``, ``H`` and the weights; nothing else.
+Saved for backward: ``x``, ``H`` and the weights; nothing else. The backward ops are differentiable (double
+backward), from :func:`reference.spinal_backward`, the same math in differentiable PyTorch ops: the native op's
+autograd kernel (C++) computes the backward with it whenever the result needs a graph (``create_graph=True``);
+the Triton backward op keeps its kernels and differentiates through the vector-Jacobian product of
+``reference.spinal_backward`` (``torch.func.vjp``, so any order works).
 """
 
 from __future__ import annotations
@@ -39,16 +43,15 @@ TRITON_IMPORT_ERROR: Exception | None = None
 # ----------------------------------------------------------------------------------------------- fake kernels
 
 
-def _fake_forward(x, weight_x, weight_h, bias, head_weight, head_bias, starts, activation, negative_slope,
-                  shared_weights):
+def _fake_forward(x, weight_x, weight_h, bias, head_weight, head_bias, starts, slots, activation, negative_slope):
     rows = x.shape[0]
     hidden = len(starts) * weight_x.shape[1]
     out = head_weight.shape[0] if head_weight is not None else 0
     return x.new_empty(rows, hidden), x.new_empty(rows, out)
 
 
-def _fake_backward(grad_y, grad_h, x, h_all, weight_x, weight_h, bias, head_weight, starts, activation,
-                   negative_slope, shared_weights, output_mask):
+def _fake_backward(grad_y, grad_h, x, h_all, weight_x, weight_h, bias, head_weight, starts, slots, activation,
+                   negative_slope, output_mask):
     def like(t, wanted):
         return torch.empty_like(t) if (wanted and t is not None) else x.new_empty(0)
 
@@ -69,10 +72,10 @@ def _fake_backward(grad_y, grad_h, x, h_all, weight_x, weight_h, bias, head_weig
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight_x, weight_h, bias, head_weight, head_bias, starts, activation, negative_slope, shared = inputs
+    x, weight_x, weight_h, bias, head_weight, head_bias, starts, slots, activation, negative_slope = inputs
     h_all, _ = output
     ctx.save_for_backward(x, h_all, weight_x, weight_h, bias, head_weight)
-    ctx.hyper = (list(starts), activation, float(negative_slope), bool(shared))
+    ctx.hyper = (list(starts), list(slots), activation, float(negative_slope))
     ctx.has_head_bias = head_bias is not None
     ctx.set_materialize_grads(False)
 
@@ -97,12 +100,35 @@ def _make_backward(backward_op):
     return backward
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "spinal_ops: double backward (differentiating the gradient of a spinal layer, e.g. create_graph=True "
-        "followed by another backward) is not supported; use the reference backend "
-        "(spinal_ops.use_backend('reference')) for higher-order gradients"
-    )
+_BACKWARD_TENSOR_ARGS = 8  # grad_y, grad_H, x, H, weight_x, weight_h, bias, head_weight
+
+
+def _setup_backward_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:_BACKWARD_TENSOR_ARGS])
+    ctx.hyper = tuple(inputs[_BACKWARD_TENSOR_ARGS:])
+
+
+def _backward_of_backward(ctx, *grads):
+    """The backward op's input gradients: the vector-Jacobian product of :func:`reference.spinal_backward`.
+
+    ``torch.func.vjp`` differentiates with respect to the op's own arguments (not through whatever computed them)
+    and stays differentiable under ``create_graph=True``.
+    """
+    saved = ctx.saved_tensors
+    present = [i for i, t in enumerate(saved) if t is not None]
+
+    def backward(*tensors):
+        args = list(saved)
+        for i, t in zip(present, tensors, strict=True):
+            args[i] = t
+        return reference.spinal_backward(*args, *ctx.hyper)
+
+    outs, vjp = torch.func.vjp(backward, *(saved[i] for i in present))
+    found = vjp(tuple(g if g is not None else torch.zeros_like(o) for o, g in zip(outs, grads, strict=True)))
+    result: list[Tensor | None] = [None] * _BACKWARD_TENSOR_ARGS
+    for i, g in zip(present, found, strict=True):
+        result[i] = g
+    return (*result, *(None,) * len(ctx.hyper))
 
 
 def _register(forward_name: str, backward_name: str, backward_op=None) -> None:
@@ -111,14 +137,16 @@ def _register(forward_name: str, backward_name: str, backward_op=None) -> None:
     torch.library.register_fake(backward_name)(_fake_backward)
     if backward_op is not None:
         torch.library.register_autograd(forward_name, _make_backward(backward_op), setup_context=_setup_context)
-        torch.library.register_autograd(backward_name, _no_double_backward,
-                                        setup_context=lambda ctx, inputs, output: None)
+        torch.library.register_autograd(backward_name, _backward_of_backward, setup_context=_setup_backward_context)
 
 
 if NATIVE_IMPORT_ERROR is None:
     backends.record_native_kernels()
-    # The native ops carry their autograd in C++ (csrc/spinal_autograd.cpp): same formula, no Python per call.
+    # The native ops carry their autograd in C++ (csrc/spinal_autograd.cpp): same formula, no Python per call. Their
+    # backward's derivative recomputes the reference backward through this op (CompositeImplicitAutograd).
     _register("spinal_ops::spinal_forward", "spinal_ops::spinal_backward")
+    torch.library.impl("spinal_ops::_spinal_backward_reference", "CompositeImplicitAutograd")(
+        reference.spinal_backward)
 
 
 # ------------------------------------------------------------------------------------------------- Triton ops
@@ -136,23 +164,23 @@ def _register_triton() -> None:
     @torch.library.triton_op("spinal_ops::spinal_forward_triton", mutates_args=())
     def spinal_forward_triton(
         x: Tensor, weight_x: Tensor, weight_h: Tensor, bias: Tensor | None, head_weight: Tensor | None,
-        head_bias: Tensor | None, starts: list[int], activation: str, negative_slope: float, shared_weights: bool,
+        head_bias: Tensor | None, starts: list[int], slots: list[int], activation: str, negative_slope: float,
     ) -> tuple[Tensor, Tensor]:
-        _check_triton_args(x, weight_x, weight_h, bias, head_weight, head_bias, starts, activation, negative_slope,
-                           shared_weights)
-        return spinal_fwd_triton(x, weight_x, weight_h, bias, head_weight, head_bias, starts, activation,
-                                 negative_slope, shared_weights)
+        _check_triton_args(x, weight_x, weight_h, bias, head_weight, head_bias, starts, slots, activation,
+                           negative_slope)
+        return spinal_fwd_triton(x, weight_x, weight_h, bias, head_weight, head_bias, starts, slots, activation,
+                                 negative_slope)
 
     @torch.library.triton_op("spinal_ops::spinal_backward_triton", mutates_args=())
     def spinal_backward_triton(
         grad_y: Tensor | None, grad_H: Tensor | None, x: Tensor, H: Tensor, weight_x: Tensor, weight_h: Tensor,
-        bias: Tensor | None, head_weight: Tensor | None, starts: list[int], activation: str,
-        negative_slope: float, shared_weights: bool, output_mask: list[bool],
+        bias: Tensor | None, head_weight: Tensor | None, starts: list[int], slots: list[int], activation: str,
+        negative_slope: float, output_mask: list[bool],
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        _check_triton_args(x, weight_x, weight_h, bias, head_weight, None, starts, activation, negative_slope,
-                           shared_weights)
-        return spinal_bwd_triton(grad_y, grad_H, x, H, weight_x, weight_h, bias, head_weight, starts, activation,
-                                 negative_slope, shared_weights, output_mask)
+        _check_triton_args(x, weight_x, weight_h, bias, head_weight, None, starts, slots, activation,
+                           negative_slope)
+        return spinal_bwd_triton(grad_y, grad_H, x, H, weight_x, weight_h, bias, head_weight, starts, slots,
+                                 activation, negative_slope, output_mask)
 
     _register("spinal_ops::spinal_forward_triton", "spinal_ops::spinal_backward_triton",
               torch.ops.spinal_ops.spinal_backward_triton)
@@ -200,20 +228,23 @@ def spinal_linear(
     activation: str = "relu",
     negative_slope: float = 0.01,
     shared_weights: bool = False,
+    weight_slots=None,
 ) -> torch.Tensor:
     """Functional spinal layer: ``(*, D) -> (*, out)`` (head mode) or ``(*, L*w)`` (hidden mode).
 
     Parameters
     ----------
     input : Tensor ``(*, D)``, floating point.
-    weight_x : Tensor ``(Lx, w, c)`` with ``c = round(D / num_splits)``; ``Lx = L``, or ``min(L, 2)`` when
-        ``shared_weights`` (slot 0: sub-layer 0, slot 1: sub-layers 1..L-1).
-    weight_h : Tensor ``(Lh, w, w)``; ``Lh = L - 1``, or ``min(L - 1, 1)`` when ``shared_weights``.
-    bias : Tensor ``(Lx, w)`` or None.
+    weight_x : Tensor ``(S, w, c)`` with ``c = round(D / num_splits)``: one slot per distinct sub-layer weight
+        (``S = L`` by default; ``min(L, 2)`` with ``shared_weights``; ``max(weight_slots) + 1``).
+    weight_h : Tensor ``(S - 1, w, w)``: ``weight_h[s - 1]`` is the recurrent weight of slot ``s``.
+    bias : Tensor ``(S, w)`` or None.
     head_weight : Tensor ``(out, L * w)``, or None for hidden mode (the output is then ``H``).
     head_bias : Tensor ``(out,)`` or None.
-    num_layers : L; taken from ``weight_x`` when omitted, required with ``shared_weights``.
-    num_splits, split_mode, activation, negative_slope, shared_weights : see :class:`spinal_ops.SpinalLinear`.
+    num_layers : L; taken from ``weight_slots`` or, without tying, from ``weight_x`` when omitted; required with
+        ``shared_weights``.
+    num_splits, split_mode, activation, negative_slope, shared_weights, weight_slots : see
+        :class:`spinal_ops.SpinalLinear`.
 
     The backend is chosen by :func:`spinal_ops.backends.select_backend` (see :func:`spinal_ops.use_backend`).
     """
@@ -245,17 +276,12 @@ def spinal_linear(
             f"round({in_features} / {num_splits}) = {chunk}, but weight_x has chunk size {weight_x.shape[2]} "
             f"(shape {tuple(weight_x.shape)})"
         )
-    if num_layers is None:
-        if shared_weights:
-            raise ValueError("spinal_linear: num_layers is required with shared_weights=True")
-        num_layers = weight_x.shape[0]
-    if num_layers < 1:
-        raise ValueError(f"spinal_linear: num_layers must be >= 1, got {num_layers}")
-    expected_x, expected_h = reference.num_slots(num_layers, shared_weights)
+    num_layers, slots = resolve_slots(num_layers, shared_weights, weight_slots, weight_x.shape[0], "spinal_linear")
+    expected_x, expected_h = reference.num_slots(slots)
     width = weight_x.shape[1]
     if weight_x.shape[0] != expected_x or tuple(weight_h.shape) != (expected_h, width, width):
         raise ValueError(
-            f"spinal_linear: num_layers={num_layers}, shared_weights={shared_weights} needs weight_x of shape "
+            f"spinal_linear: num_layers={num_layers} with weight slots {list(slots)} needs weight_x of shape "
             f"({expected_x}, {width}, {chunk}) and weight_h of shape ({expected_h}, {width}, {width}), got "
             f"{tuple(weight_x.shape)} and {tuple(weight_h.shape)}"
         )
@@ -271,7 +297,35 @@ def spinal_linear(
     starts = reference.split_starts(in_features, num_splits, num_layers, split_mode)
     params = tuple(t.contiguous() if t is not None else None
                    for t in (weight_x, weight_h, bias, head_weight, head_bias))
-    return apply_spinal(input, params, starts, activation, float(negative_slope), bool(shared_weights))
+    return apply_spinal(input, params, starts, list(slots), activation, float(negative_slope))
+
+
+def resolve_slots(num_layers, shared_weights: bool, weight_slots, default_layers: int, where: str):
+    """``(num_layers, slot table)`` from the ways a caller may give them; raises naming ``where``.
+
+    ``weight_slots`` (any tying pattern) and ``shared_weights=True`` (the pattern ``[0, 1, ..., 1]``) exclude each
+    other. Without either, ``num_layers`` defaults to ``default_layers`` (one slot per sub-layer).
+    """
+    if weight_slots is not None:
+        if shared_weights:
+            raise ValueError(f"{where}: give weight_slots or shared_weights=True, not both (shared_weights=True is "
+                             "weight_slots=[0, 1, 1, ..., 1])")
+        if isinstance(weight_slots, (str, bytes)) or not hasattr(weight_slots, "__len__"):
+            raise TypeError(f"{where}: weight_slots must be a sequence of ints, got {weight_slots!r}")
+        if num_layers is None:
+            num_layers = len(weight_slots)
+    elif num_layers is None:
+        if shared_weights:
+            raise ValueError(f"{where}: num_layers is required with shared_weights=True")
+        num_layers = default_layers
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"{where}: num_layers must be an integer >= 1, got {num_layers!r}")
+    if weight_slots is None:
+        return num_layers, reference.weight_slots(num_layers, shared_weights)
+    try:
+        return num_layers, reference.check_weight_slots(weight_slots, num_layers)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{where}: {exc}") from None
 
 
 def autocast_args(input: Tensor, params: tuple) -> tuple[Tensor, tuple]:
@@ -297,8 +351,8 @@ def autocast_args(input: Tensor, params: tuple) -> tuple[Tensor, tuple]:
     return cast(input), tuple(cast(t) for t in params)
 
 
-def apply_spinal(input: Tensor, params: tuple, starts: list[int], activation: str, negative_slope: float,
-                 shared_weights: bool) -> Tensor:
+def apply_spinal(input: Tensor, params: tuple, starts: list[int], slots: list[int], activation: str,
+                 negative_slope: float) -> Tensor:
     """Run validated arguments on the chosen backend: ``(*, D) -> (*, out)`` or ``(*, L*w)``.
 
     ``params`` is ``(weight_x, weight_h, bias, head_weight, head_bias)``, contiguous, of the input's dtype and
@@ -313,6 +367,6 @@ def apply_spinal(input: Tensor, params: tuple, starts: list[int], activation: st
     x2d = input if two_d else input.reshape(-1, input.shape[-1])
     if not x2d.is_contiguous():
         x2d = x2d.contiguous()
-    h_all, y = _forward_op(backend)(x2d, *params, starts, activation, negative_slope, shared_weights)
+    h_all, y = _forward_op(backend)(x2d, *params, starts, slots, activation, negative_slope)
     out = h_all if params[3] is None else y
     return out if two_d else out.reshape(*input.shape[:-1], out.shape[-1])

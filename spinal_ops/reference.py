@@ -1,19 +1,23 @@
 """The executable specification of a spinal layer, in plain differentiable PyTorch.
 
 Every backend (C++ CPU, CUDA, Triton) is checked against this module, and every benchmark compares with
-it. It follows DESIGN.md section 1 literally and favours clarity over speed.
+it. It follows the math of ``docs/design.md`` literally and favours clarity over speed.
 
 Shapes (``B`` rows, ``D`` input features, ``L`` sub-layers of width ``w``, chunk size ``c``):
 
 - ``x``        ``(B, D)``
-- ``weight_x`` ``(Lx, w, c)``  ``Lx = L``, or ``min(L, 2)`` with shared weights
-- ``weight_h`` ``(Lh, w, w)``  ``Lh = L - 1``, or ``min(L - 1, 1)`` with shared weights
-- ``bias``     ``(Lx, w)`` or ``None``
+- ``weight_x`` ``(S, w, c)``  one slot per distinct sub-layer ``nn.Linear``
+- ``weight_h`` ``(S - 1, w, w)``
+- ``bias``     ``(S, w)`` or ``None``
 - ``head_weight`` ``(out, L * w)`` or ``None`` (hidden mode), ``head_bias`` ``(out,)`` or ``None``
 
-Sub-layer ``i`` reads the ``c`` columns ``(starts[i] + j) mod D``; its input weight lives in slot
-``x_slot(i)`` of ``weight_x`` and ``bias``, its recurrent weight (``i >= 1``) in slot ``h_slot(i)`` of
-``weight_h``.
+Sub-layer ``i`` reads the ``c`` columns ``(starts[i] + j) mod D``. Its weights live in slot ``slots[i]``: the input
+weight and bias in ``weight_x[slots[i]]`` and ``bias[slots[i]]``, the recurrent weight (``i >= 1``) in
+``weight_h[slots[i] - 1]`` (the original sub-layer ``nn.Linear`` of slot ``s >= 1`` has weight
+``cat([weight_x[s], weight_h[s - 1]], dim=1)``). Slot 0 belongs to sub-layer 0 alone (its input is ``c`` wide,
+the others' ``c + w``). ``slots = [0, 1, ..., L-1]``: every sub-layer has its own weights;
+``[0, 1, 1, ..., 1]``: shared weights ("SpinalNet SW"); any other table ties sub-layers as the original
+scripts do when they call one module at several positions (``fc1, fc2, fc3, fc4, fc3, fc4``).
 """
 
 from __future__ import annotations
@@ -59,21 +63,44 @@ def split_starts(in_features: int, num_splits: int, num_layers: int, split_mode:
     raise ValueError(f"split_mode must be one of {SPLIT_MODES}, got {split_mode!r}")
 
 
-def x_slot(i: int, shared_weights: bool) -> int:
-    """Slot of ``weight_x``/``bias`` used by sub-layer ``i``."""
-    return min(i, 1) if shared_weights else i
+def weight_slots(num_layers: int, shared_weights: bool = False) -> tuple[int, ...]:
+    """The slot table of ``num_layers`` sub-layers: ``(0, 1, ..., L-1)``, or ``(0, 1, 1, ..., 1)`` when shared."""
+    return tuple(min(i, 1) if shared_weights else i for i in range(num_layers))
 
 
-def h_slot(i: int, shared_weights: bool) -> int:
-    """Slot of ``weight_h`` used by sub-layer ``i >= 1``."""
-    return 0 if shared_weights else i - 1
+def check_weight_slots(slots, num_layers: int) -> tuple[int, ...]:
+    """Validate a slot table for ``num_layers`` sub-layers; returns it as a tuple of ints.
+
+    ``slots[i]`` is the weight slot of sub-layer ``i``: ``slots[0] == 0`` (slot 0 belongs to sub-layer 0 alone,
+    whose input is narrower), ``slots[i] >= 1`` for ``i >= 1``, and every slot ``0 .. max(slots)`` is used.
+    """
+    try:
+        table = tuple(int(s) for s in slots)
+        exact = all(int(s) == s and not isinstance(s, bool) for s in slots)
+    except (TypeError, ValueError):
+        raise TypeError(f"weight_slots must be a sequence of ints, got {slots!r}") from None
+    if not exact:
+        raise TypeError(f"weight_slots must be a sequence of ints, got {slots!r}")
+    if len(table) != num_layers:
+        raise ValueError(f"weight_slots must have one entry per sub-layer (num_layers={num_layers}), got "
+                         f"{len(table)}: {list(table)}")
+    if table[0] != 0:
+        raise ValueError(f"weight_slots[0] must be 0 (sub-layer 0 has its own slot), got {list(table)}")
+    for i, s in enumerate(table[1:], start=1):
+        if s < 1:
+            raise ValueError(f"weight_slots[{i}] must be >= 1: slot 0 belongs to sub-layer 0 alone (its input is "
+                             f"c wide, the others' c + w); got {list(table)}")
+    unused = sorted(set(range(max(table) + 1)) - set(table))
+    if unused:
+        raise ValueError(f"weight_slots must use every slot 0 .. {max(table)}; slot(s) {unused} unused in "
+                         f"{list(table)} (number the slots consecutively)")
+    return table
 
 
-def num_slots(num_layers: int, shared_weights: bool) -> tuple[int, int]:
-    """``(Lx, Lh)``: how many ``weight_x`` and ``weight_h`` slots a layer of ``num_layers`` has."""
-    if shared_weights:
-        return min(num_layers, 2), min(num_layers - 1, 1)
-    return num_layers, num_layers - 1
+def num_slots(slots) -> tuple[int, int]:
+    """``(Sx, Sh)``: the number of ``weight_x`` and ``weight_h`` slots a slot table needs (``S`` and ``S - 1``)."""
+    count = max(slots) + 1
+    return count, count - 1
 
 
 def activate(z: torch.Tensor, activation: str, negative_slope: float = 0.01) -> torch.Tensor:
@@ -108,9 +135,9 @@ def spinal_forward(
     head_weight: torch.Tensor | None,
     head_bias: torch.Tensor | None,
     starts: list[int],
+    slots: list[int],
     activation: str,
     negative_slope: float,
-    shared_weights: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The spinal chain on 2-D ``x``: returns ``(H, y)``.
 
@@ -124,11 +151,11 @@ def spinal_forward(
     h = None
     for i, s in enumerate(starts):
         xi = x.index_select(1, chunk_columns(d, s, c, x.device))
-        z = xi @ weight_x[x_slot(i, shared_weights)].T
+        z = xi @ weight_x[slots[i]].T
         if i > 0:
-            z = z + h @ weight_h[h_slot(i, shared_weights)].T
+            z = z + h @ weight_h[slots[i] - 1].T
         if bias is not None:
-            z = z + bias[x_slot(i, shared_weights)]
+            z = z + bias[slots[i]]
         h = activate(z, activation, negative_slope)
         outs.append(h)
     H = torch.cat(outs, dim=1) if num_layers > 1 else outs[0]
@@ -140,8 +167,130 @@ def spinal_forward(
     return H, y
 
 
+def needs_preactivation(activation: str, negative_slope: float) -> bool:
+    """True when ``act'(Z)`` cannot be read off ``h = act(Z)``: gelu, silu, leaky_relu with a negative slope."""
+    return activation in ("gelu", "silu") or (activation == "leaky_relu" and negative_slope < 0.0)
+
+
+def activation_grad(h: torch.Tensor, z: torch.Tensor | None, activation: str, negative_slope: float) -> torch.Tensor:
+    """``act'(Z)``, from the output ``h = act(Z)`` or, when :func:`needs_preactivation`, from ``z`` itself.
+
+    Written as a differentiable function of ``h`` (or ``z``), so that differentiating a backward built on it gives
+    the second derivative (``d(1 - h^2)/dZ = -2 h act'(Z)`` for tanh, and so on). At ``Z = 0`` it matches
+    PyTorch: relu' = 0, leaky_relu' = slope.
+    """
+    if activation == "gelu":
+        cdf = 0.5 * (1.0 + torch.erf(z * 0.7071067811865476))
+        return cdf + z * torch.exp(-0.5 * z * z) * 0.3989422804014327
+    if activation == "silu":
+        s = torch.sigmoid(z)
+        return s * (1.0 + z * (1.0 - s))
+    if activation == "leaky_relu":
+        v = z if negative_slope < 0.0 else h
+        return torch.where(v > 0, torch.ones_like(v), torch.full_like(v, negative_slope))
+    if activation == "relu":
+        return (h > 0).to(h.dtype)
+    if activation == "tanh":
+        return 1.0 - h * h
+    if activation == "sigmoid":
+        return h * (1.0 - h)
+    if activation == "identity":
+        return torch.ones_like(h)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def spinal_backward(
+    grad_y: torch.Tensor | None,
+    grad_H: torch.Tensor | None,
+    x: torch.Tensor,
+    H: torch.Tensor,
+    weight_x: torch.Tensor,
+    weight_h: torch.Tensor,
+    bias: torch.Tensor | None,
+    head_weight: torch.Tensor | None,
+    starts: list[int],
+    slots: list[int],
+    activation: str,
+    negative_slope: float,
+    output_mask: list[bool],
+) -> tuple[torch.Tensor, ...]:
+    """The backward of :func:`spinal_forward` written out, from ``x`` and ``H`` (what the fused ops save).
+
+    ``grad_y (B, out)?`` and ``grad_H (B, L*w)?`` are the incoming gradients. Returns ``(dx, dweight_x, dweight_h,
+    dbias, dhead_weight, dhead_bias)``; a gradient ``output_mask`` does not ask for (or whose parameter is
+    absent) comes back as an empty tensor, as from the fused backward ops. Plain differentiable PyTorch: the
+    fused backends differentiate their backward through this function (double backward).
+
+    With ``G = grad_y``: ``dH = G @ Wo (+ grad_H)``; for ``i = L-1 .. 0``: ``dZ_i = (dH_i + carry) * act'(Z_i)``,
+    ``carry = dZ_i @ Wh[slots[i] - 1]``; then ``dx[:, idx_i] += dZ_i @ Wx[slots[i]]``, ``dWx[s] = sum over i of slot
+    s of dZ_i.T @ x[:, idx_i]``, ``dWh[s - 1] = sum dZ_i.T @ h_{i-1}``, ``db[s] = sum dZ_i.sum(0)``,
+    ``dWo = G.T @ H``, ``dbo = G.sum(0)``. ``Z_i`` is recomputed from ``x`` and ``H`` only where ``act'`` needs it.
+    """
+    rows, d = x.shape
+    width, chunk = weight_x.shape[1], weight_x.shape[2]
+    num_layers = len(starts)
+    if grad_y is not None and head_weight is None:
+        grad_y = None
+    d_h = H.new_zeros(rows, num_layers * width)
+    if grad_y is not None:
+        d_h = d_h + grad_y @ head_weight
+    if grad_H is not None:
+        d_h = d_h + grad_H
+    hs = H.split(width, dim=1) if num_layers > 0 else ()
+    cols = [chunk_columns(d, s, chunk, x.device) for s in starts]
+    dz: list[torch.Tensor | None] = [None] * num_layers
+    carry = None
+    for i in reversed(range(num_layers)):
+        z = None
+        if needs_preactivation(activation, negative_slope):
+            z = x.index_select(1, cols[i]) @ weight_x[slots[i]].T
+            if i > 0:
+                z = z + hs[i - 1] @ weight_h[slots[i] - 1].T
+            if bias is not None:
+                z = z + bias[slots[i]]
+        upstream = d_h[:, i * width : (i + 1) * width]
+        if carry is not None:
+            upstream = upstream + carry
+        dz[i] = upstream * activation_grad(hs[i], z, activation, negative_slope)
+        carry = dz[i] @ weight_h[slots[i] - 1] if i > 0 else None
+
+    def empty():
+        return x.new_empty(0)
+
+    def slot_sums(like: torch.Tensor, terms) -> torch.Tensor:
+        """``like``-shaped: slot ``s`` holds the sum of the ``(s, term)`` pairs of ``terms``, in sub-layer order."""
+        parts = [[] for _ in range(like.shape[0])]
+        for slot, term in terms:
+            parts[slot].append(term)
+        if not parts:
+            return like.new_zeros(like.shape)
+        return torch.stack([sum(p[1:], p[0]) if p else like.new_zeros(like.shape[1:]) for p in parts])
+
+    dx = empty()
+    if output_mask[0]:
+        dx = x.new_zeros(rows, d)
+        for i in range(num_layers):
+            dx = dx.index_add(1, cols[i], dz[i] @ weight_x[slots[i]])
+    dwx = empty()
+    if output_mask[1]:
+        dwx = slot_sums(weight_x, [(slots[i], dz[i].T @ x.index_select(1, cols[i])) for i in range(num_layers)])
+    dwh = empty()
+    if output_mask[2]:
+        dwh = slot_sums(weight_h, [(slots[i] - 1, dz[i].T @ hs[i - 1]) for i in range(1, num_layers)])
+    db = empty()
+    if output_mask[3] and bias is not None:
+        db = slot_sums(bias, [(slots[i], dz[i].sum(0)) for i in range(num_layers)])
+    dwo = empty()
+    dbo = empty()
+    if head_weight is not None and output_mask[4]:
+        dwo = grad_y.T @ H if grad_y is not None else head_weight.new_zeros(head_weight.shape)
+    if head_weight is not None and output_mask[5]:
+        dbo = grad_y.sum(0) if grad_y is not None else head_weight.new_zeros(head_weight.shape[0])
+    return dx, dwx, dwh, db, dwo, dbo
+
+
 def flops_per_row(in_chunk: int, width: int, num_layers: int, out_features: int) -> int:
-    """Forward FLOPs per row of the fused layer (DESIGN.md section 2)."""
+    """Forward FLOPs per row of the fused layer (``docs/design.md``)."""
     return 2 * (num_layers * in_chunk * width + (num_layers - 1) * width * width + num_layers * width * out_features)
 
 
@@ -166,9 +315,9 @@ def spinal_forward_blocks(
     head_weight: torch.Tensor | None,
     head_bias: torch.Tensor | None,
     starts: list[int],
+    slots: list[int],
     activation: str,
     negative_slope: float,
-    shared_weights: bool,
     *,
     dropout: float = 0.0,
     training: bool = False,
@@ -176,13 +325,13 @@ def spinal_forward_blocks(
 ) -> torch.Tensor:
     """The chain as the original VGG / transfer-learning heads build it, block by block, on 2-D ``x``.
 
-    Sub-layer ``i``: ``Dropout(p) -> Linear -> norms[x_slot(i)] -> act`` on ``cat([x_chunk_i, h_{i-1}])``;
+    Sub-layer ``i``: ``Dropout(p) -> Linear -> norms[slots[i]] -> act`` on ``cat([x_chunk_i, h_{i-1}])``;
     head: ``Dropout(p) -> Linear`` on ``H``. Returns ``y`` ``(B, out)``, or ``H`` ``(B, L * w)`` in hidden mode.
 
     Dropout runs only when ``training`` and ``dropout > 0``; it draws its masks in the order and shapes of
     the original ``nn.Sequential`` blocks (``(B, c)``, then ``(B, c + w)`` per sub-layer, then ``(B, L * w)``
     for the head), so with the same seed the result is the original's, bit for bit. ``norms`` is ``None`` or
-    one callable per ``weight_x`` slot (the ``nn.BatchNorm1d`` modules, which use their own train/eval mode
+    one callable per weight slot (the ``nn.BatchNorm1d`` modules, which use their own train/eval mode
     and update their own running statistics). Plain differentiable PyTorch: this is the path that runs when
     dropout or batch norm cannot be fused (train mode).
     """
@@ -191,7 +340,7 @@ def spinal_forward_blocks(
     outs = []
     h = None
     for i, s in enumerate(starts):
-        slot = x_slot(i, shared_weights)
+        slot = slots[i]
         if s + c <= d:  # a view, as the original blocks slice x (BLAS may round a strided operand differently)
             inp = x[:, s : s + c]
         else:
@@ -199,7 +348,7 @@ def spinal_forward_blocks(
         weight = weight_x[slot]
         if i > 0:
             inp = torch.cat([inp, h], dim=1)
-            weight = torch.cat([weight, weight_h[h_slot(i, shared_weights)]], dim=1)
+            weight = torch.cat([weight, weight_h[slot - 1]], dim=1)
         if training and dropout > 0:
             inp = F.dropout(inp, dropout, training=True)
         z = F.linear(inp, weight, bias[slot] if bias is not None else None)

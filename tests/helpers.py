@@ -38,7 +38,8 @@ class Case:
     split_mode: str = "cyclic"
     activation: str = "relu"
     negative_slope: float = 0.01
-    shared: bool = False
+    shared: bool = False  # the weight slots (0, 1, 1, ..., 1)
+    tie: tuple[int, ...] | None = None  # any other weight slots (tied sub-layers), e.g. (0, 1, 2, 3, 2, 3)
     bias: bool = True
     head: bool = True
     layout: str = "contiguous"  # "contiguous", "transposed" (non-contiguous x), "3d" (leading dims)
@@ -47,6 +48,7 @@ class Case:
     def id(self) -> str:
         flags = [self.split_mode, self.activation]
         flags += ["shared"] if self.shared else []
+        flags += ["tie" + "".join(map(str, self.tie))] if self.tie else []
         flags += [] if self.bias else ["nobias"]
         flags += ["head"] if self.head else ["hidden"]
         flags += [] if self.layout == "contiguous" else [self.layout]
@@ -55,6 +57,16 @@ class Case:
 
     def replace(self, **kw) -> Case:
         return dataclasses.replace(self, **kw)
+
+    @property
+    def slots(self) -> tuple[int, ...]:
+        """The weight slot of each sub-layer."""
+        return self.tie if self.tie else reference.weight_slots(self.num_layers, self.shared)
+
+    def layer_args(self) -> tuple[list[int], list[int]]:
+        """``(starts, slots)``: the op arguments that describe the sub-layers."""
+        starts = reference.split_starts(self.in_features, self.num_splits, self.num_layers, self.split_mode)
+        return starts, list(self.slots)
 
 
 # Tiny, regular and awkward shapes: odd D and w, K not dividing D, wrap, L = 1, B in {0, 1, 7, 257}.
@@ -69,6 +81,9 @@ CASES = [
     Case(7, 12, 3, 4, 6, head=False, activation="gelu"),
     Case(7, 15, 4, 5, 4, bias=False, activation="silu", layout="transposed"),
     Case(7, 10, 2, 4, 3, activation="identity", layout="3d"),
+    # tied weights in the regression scripts' pattern (fc1, fc2, fc3, fc4, fc3, fc4): slots 2 and 3 serve two
+    # sub-layers each; D = 13, c = 4: chunks wrap
+    Case(7, 13, 3, 5, 6, tie=(0, 1, 2, 3, 2, 3), activation="leaky_relu", negative_slope=0.1),
 ]
 
 # One-tile batches wide enough that the cpu kernel splits each sub-layer's products into column blocks
@@ -90,7 +105,7 @@ def make_inputs(case: Case, dtype=torch.float64, device="cpu", seed=0):
     """
     g = torch.Generator().manual_seed(seed)
     c = reference.chunk_size(case.in_features, case.num_splits)
-    lx, lh = reference.num_slots(case.num_layers, case.shared)
+    lx, lh = reference.num_slots(case.slots)
     w = case.width
 
     def rand(*shape, scale=1.0):
@@ -117,7 +132,7 @@ def make_inputs(case: Case, dtype=torch.float64, device="cpu", seed=0):
 def functional_kwargs(case: Case) -> dict:
     """Keyword arguments of ``spinal_ops.spinal_linear`` for a case."""
     return dict(num_layers=case.num_layers, num_splits=case.num_splits, split_mode=case.split_mode,
-                activation=case.activation, negative_slope=case.negative_slope, shared_weights=case.shared)
+                activation=case.activation, negative_slope=case.negative_slope, weight_slots=case.slots)
 
 
 def tolerance(expected_hi: torch.Tensor, expected_same: torch.Tensor, dtype: torch.dtype) -> float:

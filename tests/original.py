@@ -57,11 +57,12 @@ class HalvesHead(nn.Module):
 class CustomizableSpinal(nn.Module):
     """The customizable model: ``x`` tiled until it is ``L * c`` wide, sub-layer ``i`` reads ``[i*c, (i+1)*c)``.
 
-    ``shared=True`` is "SpinalNet SW": sub-layers 1.. are one module. ``head=False`` returns the concatenation.
+    ``shared=True`` is "SpinalNet SW": sub-layers 1.. are one module; ``slots`` ties sub-layers in any pattern
+    (sub-layer i calls module ``slots[i]``). ``head=False`` returns the concatenation.
     """
 
     def __init__(self, in_features, num_splits, width, num_layers, out, activation="relu", negative_slope=0.01,
-                 shared=False, head=True, bias=True):
+                 shared=False, head=True, bias=True, slots=None):
         super().__init__()
         self.in_features = in_features
         self.chunk = int(np.round(in_features / num_splits))
@@ -71,6 +72,8 @@ class CustomizableSpinal(nn.Module):
         rest = [nn.Linear(self.chunk + width, width, bias=bias) for _ in range(num_layers - 1)]
         if shared and rest:
             rest = [rest[0]] * len(rest)
+        if slots is not None:
+            rest = [rest[s - 1] for s in slots[1:]]
         self.layers = nn.ModuleList([first, *rest])  # a repeated module is registered once
         self._order = [first, *rest]
         self.fc_out = nn.Linear(width * num_layers, out, bias=bias) if head else None
@@ -91,9 +94,41 @@ class CustomizableSpinal(nn.Module):
         return list(self._order), self.fc_out
 
 
-def packed_grads(layers, head, chunk: int, shared: bool) -> dict:
-    """Gradients of an original chain, packed like SpinalLinear's parameters (read after ``backward``)."""
-    slots = layers[:2] if shared else layers
+class TiedRegressionSpinal(nn.Module):
+    """``Regression/Regression_NN_and_SpinalNet.py``'s SpinalNet (and the transfer-learning head's): six sub-layers
+    on alternating halves that call ``fc1, fc2, fc3, fc4, fc3, fc4`` (``fc5``, ``fc6`` declared, never used)."""
+
+    def __init__(self, half_in_size: int = 4, first_hl: int = 50, out: int = 1):
+        super().__init__()
+        self.in_features = 2 * half_in_size
+        self.half = half_in_size
+        self.lru = nn.LeakyReLU()
+        self.fc1 = nn.Linear(half_in_size, first_hl)
+        self.fc2 = nn.Linear(half_in_size + first_hl, first_hl)
+        self.fc3 = nn.Linear(half_in_size + first_hl, first_hl)
+        self.fc4 = nn.Linear(half_in_size + first_hl, first_hl)
+        self.fc5 = nn.Linear(half_in_size + first_hl, first_hl)
+        self.fc6 = nn.Linear(half_in_size + first_hl, first_hl)
+        self.fcx = nn.Linear(first_hl * 6, out)
+
+    def forward(self, x):
+        h = self.half
+        x1 = self.lru(self.fc1(x[:, 0:h]))
+        x2 = self.lru(self.fc2(torch.cat([x[:, h : h * 2], x1], dim=1)))
+        x3 = self.lru(self.fc3(torch.cat([x[:, 0:h], x2], dim=1)))
+        x4 = self.lru(self.fc4(torch.cat([x[:, h : h * 2], x3], dim=1)))
+        x5 = self.lru(self.fc3(torch.cat([x[:, 0:h], x4], dim=1)))
+        x6 = self.lru(self.fc4(torch.cat([x[:, h : h * 2], x5], dim=1)))
+        return self.fcx(torch.cat([x1, x2, x3, x4, x5, x6], dim=1))
+
+    def linears(self):
+        return [self.fc1, self.fc2, self.fc3, self.fc4, self.fc3, self.fc4], self.fcx
+
+
+def packed_grads(layers, head, chunk: int) -> dict:
+    """Gradients of an original chain, packed like SpinalLinear's parameters (read after ``backward``): one slot
+    per distinct module of ``layers``, in order of first appearance (tied sub-layers are one module)."""
+    slots = list({id(lin): lin for lin in layers}.values())
     grads = {
         "weight_x": torch.stack([lin.weight.grad[:, :chunk] for lin in slots]),
         "weight_h": torch.stack([lin.weight.grad[:, chunk:] for lin in slots[1:]])

@@ -15,9 +15,10 @@ import sys
 import pytest
 import torch
 from helpers import CASES, Case, assert_close, make_inputs
+from original import TiedRegressionSpinal, packed_grads
 from torch.overrides import TorchFunctionMode
 
-from spinal_ops import reference
+from spinal_ops import SpinalLinear, reference
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "cuda_emulated"))
 import build  # noqa: E402  (tests/cuda_emulated/build.py)
@@ -45,7 +46,7 @@ class Variant:
         return f"{self.case.id}-{DTYPE_NAMES[self.dtype]}{'-tf32' if self.tf32 else ''}-{self.path}"
 
 
-_wrap, _alternate, _empty, _b257, _k8, _l1, _shared, _gelu, _silu, _identity = CASES
+_wrap, _alternate, _empty, _b257, _k8, _l1, _shared, _gelu, _silu, _identity, _tied = CASES
 
 VARIANTS = [
     # FMA path, fp64 / fp32, every activation, both width paths.
@@ -58,6 +59,8 @@ VARIANTS = [
     Variant(_l1, torch.float32, "general"),
     Variant(_shared, torch.float64),
     Variant(_shared.replace(head=False, activation="leaky_relu"), torch.float32, "general"),
+    Variant(_tied, torch.float64),  # tied slots: the weight gradients sum over the sub-layers of each slot
+    Variant(_tied.replace(rows=21, head=False), torch.float32, "general"),
     Variant(_gelu, torch.float64),
     Variant(_gelu, torch.float64, "general"),
     Variant(_silu.replace(layout="contiguous"), torch.float32),
@@ -110,7 +113,7 @@ def _inputs(case: Case, dtype: torch.dtype):
 
 
 def _hyper(case: Case, starts):
-    return (starts, case.activation, case.negative_slope, case.shared)
+    return (starts, list(case.slots), case.activation, case.negative_slope)
 
 
 def _reference(case, x, params, starts, dtype, cotangents, tf32=False):
@@ -238,7 +241,7 @@ def test_bad_arguments_use_the_shared_checks(emu):
         emu.forward(x, params["weight_x"], params["weight_h"][:, :1], params["bias"], params["head_weight"],
                     params["head_bias"], *_hyper(case, starts), 0, False)
     with pytest.raises(RuntimeError, match="activation must be one of"):
-        emu.forward(x, *[params[k] for k in PARAM_NAMES], starts, "swish", 0.01, False, 0, False)
+        emu.forward(x, *[params[k] for k in PARAM_NAMES], starts, list(case.slots), "swish", 0.01, 0, False)
 
 
 def test_2_31_rows_are_refused_naming_the_limit_and_the_fallback(emu):
@@ -252,8 +255,31 @@ def test_2_31_rows_are_refused_naming_the_limit_and_the_fallback(emu):
     before = emu.launch_count()
     match = r"cuda backend: the number of rows of x \(B\) must be at most 2\^31 - 1.*got 2147483648.*reference"
     with pytest.raises((ValueError, RuntimeError), match=match):
-        emu.forward(x, wx, wh, b, None, None, [0], "relu", 0.01, False, 0, False)
+        emu.forward(x, wx, wh, b, None, None, [0], [0], "relu", 0.01, 0, False)
     assert emu.launch_count() == before, "cuda (emulated): a refused call must launch nothing"
+
+
+def test_tied_regression_original_matches(emu):
+    """The original regression net (fc1, fc2, fc3, fc4, fc3, fc4) through the emulated kernels: the weight gradients
+    of its tied modules add up over the sub-layers that use them."""
+    torch.manual_seed(5)
+    orig = TiedRegressionSpinal(4, 50, 1).double()
+    layers, head = orig.linears()
+    port = SpinalLinear.from_linears(8, layers, head, split_mode="alternate", activation="leaky_relu")
+    x = torch.randn(19, 8, dtype=torch.float64)
+    xo = x.clone().requires_grad_()
+    y = orig(xo)
+    cot = torch.randn_like(y)
+    y.backward(cot)
+    params = [getattr(port, k).detach() for k in PARAM_NAMES]
+    hyper = (port._starts, port._slots, "leaky_relu", 0.01)
+    H, y_emu = emu.forward(x, *params, *hyper, 0, False)
+    assert_close(y_emu, y.detach(), what="cuda (emulated) tied regression: output")
+    grads = emu.backward(cot, None, x, H, *params[:4], *hyper, [True] * 6)
+    expected = {"x": xo.grad, **packed_grads(layers, head, port.chunk)}
+    for name, got in zip(GRAD_NAMES, grads, strict=True):
+        what = f"cuda (emulated) tied regression: d{name}"
+        assert_close(got, expected[name], what=what)
 
 
 # ------------------------------------------------------------------------------------------- planted bugs

@@ -14,7 +14,6 @@ import torch
 from helpers import CASES, assert_close, functional_kwargs, make_inputs, run_and_grad
 
 import spinal_ops
-from spinal_ops import reference
 
 pytestmark = [
     pytest.mark.cuda,
@@ -62,8 +61,7 @@ def test_cuda_backend_is_chosen_for_cuda_tensors():
 @pytest.mark.parametrize("case", [CASES[0], CASES[7]], ids=lambda c: c.id)
 def test_cuda_op_passes_opcheck(case):
     x, params = make_inputs(case, torch.float32, device="cuda")
-    starts = reference.split_starts(case.in_features, case.num_splits, case.num_layers, case.split_mode)
     args = (x.detach().reshape(-1, case.in_features).contiguous(),
             *[params[k] for k in ("weight_x", "weight_h", "bias", "head_weight", "head_bias")],
-            starts, case.activation, case.negative_slope, case.shared)
+            *case.layer_args(), case.activation, case.negative_slope)
     torch.library.opcheck(torch.ops.spinal_ops.spinal_forward, args)

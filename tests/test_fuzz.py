@@ -8,8 +8,8 @@ the backend's dtype (the error PyTorch itself makes there).
 
 Budget: 200 examples on the ``cpu`` backend, 60 on the ``reference`` (against literal ``nn.Linear`` chains
 written like the original scripts), 60 on ``triton`` and 30 on its wide path (tiny shapes: the interpreter costs
-~0.1 s per call); ten times as many under ``HYPOTHESIS_PROFILE=explore``. A failure prints the smallest example found and a
-``@reproduce_failure`` line; under the "dev" profile (the default outside CI) it also stays in ``.hypothesis/``
+~0.1 s per call); ten times as many under ``HYPOTHESIS_PROFILE=explore``. A failure prints the smallest example found
+and a ``@reproduce_failure`` line; under the "dev" profile (the default outside CI) it also stays in ``.hypothesis/``
 and is tried first on the next run; under "ci" every run draws the same examples. See conftest.py.
 """
 
@@ -70,17 +70,26 @@ def problems(draw, *, max_features, max_width, max_layers, max_out, max_rows, ti
         rows = st.integers(0, max_rows)
         lead = (draw(st.one_of(rows, st.sampled_from(tile_rows)) if tile_rows else rows, label="B"),)
     head = draw(st.booleans(), label="head")
+    num_layers = draw(st.integers(1, max_layers), label="L")
+    tying = draw(st.sampled_from(["own", "shared", "tied"]), label="tying")
+    tie = None
+    if tying == "tied" and num_layers > 2:  # sub-layer i >= 1 takes a new slot or one of the earlier ones >= 1
+        tie = [0, 1]
+        for _ in range(2, num_layers):
+            tie.append(draw(st.integers(1, max(tie) + 1), label="slot"))
+        tie = tuple(tie)
     case = Case(
         rows=math.prod(lead),
         in_features=d,
         num_splits=k,
         width=draw(st.integers(1, max_width), label="w"),
-        num_layers=draw(st.integers(1, max_layers), label="L"),
+        num_layers=num_layers,
         out=draw(st.integers(1, max_out), label="out") if head else 3,
         split_mode=split_mode,
         activation=activation,
         negative_slope=slope,
-        shared=draw(st.booleans(), label="shared"),
+        shared=tying == "shared",
+        tie=tie,
         bias=draw(st.booleans(), label="bias"),
         head=head,
         layout="transposed" if layout == "transposed" else "contiguous",
@@ -204,7 +213,7 @@ def test_reference_matches_original_chain(problem, dtype, value_seed):
     case = case.replace(split_mode="cyclic")  # the customizable model tiles x: the cyclic split
     torch.manual_seed(value_seed)
     orig = CustomizableSpinal(case.in_features, case.num_splits, case.width, case.num_layers, case.out,
-                              activation=case.activation, negative_slope=case.negative_slope, shared=case.shared,
+                              activation=case.activation, negative_slope=case.negative_slope, slots=case.slots,
                               head=case.head, bias=case.bias).to(dtype)
     layers, head = orig.linears()
     module = SpinalLinear.from_linears(case.in_features, layers, head, num_splits=case.num_splits,
@@ -222,7 +231,7 @@ def test_reference_matches_original_chain(problem, dtype, value_seed):
     expected.backward(cot)
     actual.backward(cot.reshape(actual.shape))
     assert_close(x_sp.grad, x_orig.grad, what=f"{what}: dx")
-    for name, grad in packed_grads(layers, head, module.chunk, case.shared).items():
+    for name, grad in packed_grads(layers, head, module.chunk).items():
         got = getattr(module, name).grad
         if grad.numel() == 0:  # weight_h of L = 1: unused, no gradient
             assert got is None or got.numel() == 0, f"{what}: d{name} must be empty"

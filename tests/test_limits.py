@@ -69,7 +69,7 @@ def test_cpu_row_offsets_past_2_31_elements():
     b = torch.rand(num_layers, width, generator=g)
     wo = torch.rand(out, num_layers * width, generator=g)
     bo = torch.rand(out, generator=g)
-    hyper = (starts, "tanh", 0.01, False)
+    hyper = (starts, list(range(num_layers)), "tanh", 0.01)
     what = f"backend=cpu B={rows} D={d} (last row starts at element {(rows - 1) * d}) float32"
     h_all, y = torch.ops.spinal_ops.spinal_forward(x, wx, wh, b, wo, bo, *hyper)
     tail = x[-extra:].clone().requires_grad_()
@@ -100,7 +100,7 @@ def test_cpu_refuses_2_31_rows_naming_the_limit_and_the_fallback():
     except RuntimeError as exc:  # e.g. vm.overcommit_memory = 2
         pytest.skip(f"cannot reserve 24 GiB of address space: {exc}")
     wx, wh, b = torch.zeros(1, 2, 1), torch.zeros(0, 2, 2), torch.zeros(1, 2)
-    hyper = ([0], "relu", 0.01, False)
+    hyper = ([0], [0], "relu", 0.01)
     match = rf"cpu backend: the number of rows of x \(B\) must be at most 2\^31 - 1.*got {rows}.*reference"
     with pytest.raises(ValueError, match=match):
         torch.ops.spinal_ops.spinal_forward(x, wx, wh, b, None, None, *hyper)
@@ -152,7 +152,7 @@ def _op_args(dtype=torch.float32):
     x, p = make_inputs(case, dtype)
     starts = reference.split_starts(case.in_features, case.num_splits, case.num_layers)
     return [x.detach(), *(p[k].detach() for k in ("weight_x", "weight_h", "bias", "head_weight", "head_bias")),
-            starts, "relu", 0.01, False]
+            starts, list(case.slots), "relu", 0.01]
 
 
 def _set(i, fn):
@@ -167,7 +167,8 @@ BAD_ARGUMENTS = [
     ("weight_h-shape", _set(2, lambda t: t[:, :, :-1].contiguous()), r"weight_h.*\[3, 5, 5\]"),
     ("weight_x-dtype", _set(1, lambda t: t.double()), r"weight_x.*(Float|float32)"),
     ("start-range", _set(6, lambda s: [0, 4, 99, 0]), r"starts\[2\].*\[0, 13\)"),
-    ("activation", _set(7, lambda a: "swish"), r"activation.*relu.*silu.*swish"),
+    ("slots-range", _set(7, lambda s: [0, 1, 4, 3]), r"slots\[2\] must be in \[1, 4\)"),
+    ("activation", _set(8, lambda a: "swish"), r"activation.*relu.*silu.*swish"),
     ("x-layout", _set(0, lambda t: t.t().contiguous().t()), r"x must be contiguous"),
     ("dtype", lambda a: a.__setitem__(slice(0, 6), [t.to(torch.float8_e4m3fn) for t in a[:6]]),
      r"(?=.*[Ff]loat8)(?=.*float32).*(x|dtype)"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import assert_close, require_backend
-from original import CustomizableSpinal, HalvesHead, packed_grads
+from original import CustomizableSpinal, HalvesHead, TiedRegressionSpinal, packed_grads
 
 import spinal_ops
 from spinal_ops import SpinalLinear, reference
@@ -22,6 +22,9 @@ ORIGINALS = [
     ("hidden", lambda: CustomizableSpinal(14, 2, 6, 4, 0, head=False), dict(num_splits=2), 5),
     ("leaky-regression", lambda: CustomizableSpinal(8, 2, 50, 6, 1, "leaky_relu", 0.1),
      dict(num_splits=2, activation="leaky_relu", negative_slope=0.1), 33),
+    # the regression script as written: fc1, fc2, fc3, fc4, fc3, fc4 (tied), LeakyReLU, alternating halves
+    ("tied-regression", lambda: TiedRegressionSpinal(4, 50, 1),
+     dict(num_splits=2, split_mode="alternate", activation="leaky_relu"), 33),
     ("gelu-nobias", lambda: CustomizableSpinal(9, 2, 4, 3, 2, "gelu", bias=False),
      dict(num_splits=2, activation="gelu"), 5),
 ]
@@ -43,7 +46,7 @@ def test_reproduces_original_chain(backend, make, kwargs, rows):
     cot = torch.randn_like(y_orig)
     y_orig.backward(cot)
     chunk = reference.chunk_size(x_features, kwargs["num_splits"])
-    expected = packed_grads(layers, head, chunk, module.shared_weights)
+    expected = packed_grads(layers, head, chunk)
 
     x_mod = x.clone().requires_grad_()
     with spinal_ops.use_backend(backend):

@@ -148,10 +148,7 @@ def test_backward_output_mask(launches):
     """Only dx wanted: one launch, the other five gradients come back empty; only head gradients: one launch."""
     case = CASES[0]
     x, params = make_inputs(case, torch.float64, device=DEVICE)
-    from spinal_ops import reference
-
-    starts = reference.split_starts(case.in_features, case.num_splits, case.num_layers, case.split_mode)
-    hyper = (starts, case.activation, case.negative_slope, case.shared)
+    hyper = (*case.layer_args(), case.activation, case.negative_slope)
     p = [params[k].detach() for k in ("weight_x", "weight_h", "bias", "head_weight", "head_bias")]
     spinal_ops.ops._triton_forward()
     h_all, y = torch.ops.spinal_ops.spinal_forward_triton(x.detach(), *p, *hyper)
@@ -348,7 +345,7 @@ def test_from_linears_original_style(spec):
     expected.backward(cot)
     actual.backward(cot)
     assert_close(x_sp.grad, x_orig.grad, what=f"{what}: dx")
-    for pname, grad in packed_grads(layers, head_linear, module.chunk, shared).items():
+    for pname, grad in packed_grads(layers, head_linear, module.chunk).items():
         assert_close(getattr(module, pname).grad, grad, what=f"{what}: d{pname}")
 
 

@@ -128,7 +128,7 @@ def test_train_mode_matches_original_blocks_bitwise(spec):
         yb.square().sum().backward()
         assert_close(xb.grad, xa.grad, what=f"{spec[0]} train step {step} grad x")
     layers, head = orig.linears()
-    expected = packed_grads(layers, head, orig.chunk, spec[9])
+    expected = packed_grads(layers, head, orig.chunk)
     got = dict(spinal.named_parameters())
     for name, ref in expected.items():
         assert_close(got[name].grad, ref, what=f"{spec[0]} train grad {name} (accumulated over two steps)")
@@ -169,7 +169,7 @@ def test_eval_mode_folds_batch_norm_on_every_backend(spec, backend, monkeypatch)
     assert_close(xb.grad, xa.grad, what=f"{what} grad x")
     layers, head = orig.linears()
     got = dict(spinal.named_parameters())
-    for name, ref in packed_grads(layers, head, orig.chunk, spec[9]).items():
+    for name, ref in packed_grads(layers, head, orig.chunk).items():
         assert_close(got[name].grad, ref, what=f"{what} grad {name}")
     for i, (a, b) in enumerate(zip(orig.norms()[: len(spinal.norms or [])], spinal.norms or [], strict=True)):
         assert_close(b.weight.grad, a.weight.grad, what=f"{what} grad batch norm {i} weight")
@@ -253,7 +253,7 @@ def test_frozen_batch_norm_in_train_mode_runs_fused(monkeypatch):
     m.norms.eval()  # the usual fine-tuning trick: freeze the statistics
     x = torch.randn(5, 12, dtype=torch.float64)
     unfused = reference.spinal_forward_blocks(x, m.weight_x, m.weight_h, m.bias, m.head_weight, m.head_bias,
-                                              m._starts, "relu", 0.01, False, norms=m.norms)
+                                              m._starts, m._slots, "relu", 0.01, norms=m.norms)
 
     def boom(*args, **kwargs):
         raise AssertionError("frozen batch norms without dropout ran unfused")
@@ -338,7 +338,7 @@ def test_autocast_computes_in_the_autocast_dtype_like_nn_linear(dtype, input_dty
     assert y.dtype == expected_dtype, f"autocast {dtype}: SpinalLinear returned {y.dtype}, nn.Linear {expected_dtype}"
     assert y_functional.dtype == expected_dtype, f"autocast {dtype}: spinal_linear returned {y_functional.dtype}"
     params = [t.detach() for t in (m.weight_x, m.weight_h, m.bias, m.head_weight, m.head_bias)]
-    args = (m._starts, "relu", 0.01, False)
+    args = (m._starts, m._slots, "relu", 0.01)
     x64 = x.detach().double()
     hi = reference.spinal_forward(x64, *[t.double() for t in params], *args)[1]
     same = reference.spinal_forward(x.to(dtype), *[t.to(dtype) for t in params], *args)[1]

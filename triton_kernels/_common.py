@@ -31,11 +31,6 @@ def activation_code(name: str) -> int:
     return reference.ACTIVATIONS.index(name)
 
 
-def needs_preactivation(activation: str, negative_slope: float) -> bool:
-    """True when act'(Z) cannot be read off h = act(Z): gelu, silu, leaky_relu with a negative slope."""
-    return activation in ("gelu", "silu") or (activation == "leaky_relu" and negative_slope < 0.0)
-
-
 @triton.jit
 def _tanh(z):
     # tl has no tanh that also runs under the interpreter; exp(-2|z|) never overflows.
@@ -110,25 +105,10 @@ def _act_grad_from_z(z, NEG_SLOPE: tl.constexpr, ACT: tl.constexpr):
 
 
 @triton.jit
-def _slots(i, SHARED: tl.constexpr):
-    """``(x_slot, h_slot)`` of sub-layer ``i``: its weight_x / bias slot and the weight_h slot serving it (i >= 1).
-
-    Separate weights: ``(i, i - 1)``. Shared weights: sub-layer 0 keeps slot 0, 1..L-1 share x slot 1 and h slot 0.
-    """
-    if SHARED:
-        xs = tl.minimum(i, 1)
-        hs = i * 0
-    else:
-        xs = i
-        hs = i - 1
-    return xs, hs
-
-
-@triton.jit
 def _input_projection(
     acc,  # (BLOCK_B, BLOCK_N) accumulator, ACC dtype
     x_ptr,  # (B, D) contiguous
-    wx_slot_ptr,  # (W, C) contiguous: weight_x[x_slot(i)]
+    wx_slot_ptr,  # (W, C) contiguous: weight_x[slots[i]]
     start,  # first column of the chunk; column of j is (start + j) mod D
     rows64,  # (BLOCK_B,) int64 row indices
     row_mask,  # (BLOCK_B,)
@@ -190,11 +170,11 @@ def _dot_k_loop(
 @triton.jit
 def _preactivation_tile(
     x_ptr,  # (B, D)
-    wx_slot_ptr,  # (W, C): weight_x[x_slot(i)]
+    wx_slot_ptr,  # (W, C): weight_x[slots[i]]
     start,  # first column of chunk i
     h_prev_ptr,  # H + (i - 1) * W: h_{i-1}[r, k] at h_prev_ptr + r * HIDDEN + k (read only when i > 0)
-    wh_slot_ptr,  # (W, W): weight_h[h_slot(i)] (read only when i > 0)
-    b_slot_ptr,  # (W,): bias[x_slot(i)] (read only when HAS_BIAS)
+    wh_slot_ptr,  # (W, W): weight_h[slots[i] - 1] (read only when i > 0)
+    b_slot_ptr,  # (W,): bias[slots[i]] (read only when HAS_BIAS)
     i,  # sub-layer index
     rows64,
     row_mask,

@@ -15,17 +15,11 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from spinal_ops.reference import needs_preactivation
+
 from . import config
-from ._common import (
-    _act_grad_from_h,
-    _act_grad_from_z,
-    _dot_k_loop,
-    _preactivation_tile,
-    _slots,
-    activation_code,
-    needs_preactivation,
-)
-from .forward import starts_tensor
+from ._common import _act_grad_from_h, _act_grad_from_z, _dot_k_loop, _preactivation_tile, activation_code
+from .forward import layer_table
 
 
 @triton.jit
@@ -39,6 +33,7 @@ def _spinal_bwd_chain_kernel(
     b_ptr,  # (Lx, W), read when HAS_BIAS and NEED_Z
     wo_ptr,  # (OUT, L * W), read when HAS_GY
     starts_ptr,  # (L,) int32
+    slots_ptr,  # (L,) int32: the weight slot of each sub-layer
     dz_ptr,  # (B, L * W) out, ACC dtype: dZ of every sub-layer
     dx_ptr,  # (B, D) out, written when NEED_DX
     B,
@@ -49,7 +44,6 @@ def _spinal_bwd_chain_kernel(
     OUT,
     NEG_SLOPE: tl.constexpr,
     ACT: tl.constexpr,
-    SHARED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_GY: tl.constexpr,
     HAS_GH: tl.constexpr,
@@ -97,8 +91,9 @@ def _spinal_bwd_chain_kernel(
         offs_n = tl.arange(0, BLOCK_N)
         for t in range(0, L):
             i = L - 1 - t
-            xs, hs = _slots(i, SHARED)
-            _, hs_next = _slots(i + 1, SHARED)  # weight_h slot serving sub-layer i + 1 (read when i < L - 1)
+            xs = tl.load(slots_ptr + i)
+            hs = xs - 1
+            hs_next = tl.load(slots_ptr + tl.minimum(i + 1, L - 1)) - 1  # weight_h slot of sub-layer i + 1
             start = tl.load(starts_ptr + i)
             for n0 in range(0, W, BLOCK_N):
                 cols_n = n0 + offs_n
@@ -150,7 +145,8 @@ def _spinal_bwd_chain_kernel(
                 wo = tl.load(wo_ptr + cols_o[:, None] * hidden + i * W + cols_w[None, :],
                              mask=o_mask[:, None] & w_mask[None, :], other=0.0)
                 dh = tl.dot(g.to(DOT_DTYPE), wo.to(DOT_DTYPE), dh, input_precision=PRECISION)
-            xs, hs = _slots(i, SHARED)
+            xs = tl.load(slots_ptr + i)
+            hs = xs - 1
             if NEED_Z:
                 start = tl.load(starts_ptr + i)
                 # one column tile (BLOCK_W) and one K-step (BLOCK_K = BLOCK_W): the whole recurrent tile
@@ -185,7 +181,7 @@ def _spinal_bwd_chain_kernel(
                 rel = tl.where(rel < 0, rel + D, rel)
                 # the tile holds a column of chunk i iff its first offset is < C or its offsets wrap to 0
                 if (rel < C) | (rel + n_cols > D):
-                    xs, hs = _slots(i, SHARED)
+                    xs = tl.load(slots_ptr + i)
                     j = cols - start
                     j = tl.where(j < 0, j + D, j)
                     j_mask = d_mask & (j < C)
@@ -240,6 +236,7 @@ def _spinal_bwd_weights_kernel(
     gy_ptr,  # (B, OUT), read when HAS_GY
     dz_ptr,  # (B, L * W) ACC dtype, from the chain kernel
     starts_ptr,  # (L,) int32
+    slots_ptr,  # (L,) int32
     dwx_ptr,  # (Lx, W, C) out, when NEED_WX
     db_ptr,  # (Lx, W) out, when NEED_B
     dwh_ptr,  # (Lh, W, W) out, when NEED_WH
@@ -253,7 +250,6 @@ def _spinal_bwd_weights_kernel(
     OUT,
     LX,
     LH,
-    SHARED: tl.constexpr,
     HAS_GY: tl.constexpr,
     NEED_WX: tl.constexpr,
     NEED_B: tl.constexpr,
@@ -271,9 +267,10 @@ def _spinal_bwd_weights_kernel(
     # One program per output tile (BLOCK_M x BLOCK_N; BLOCK_O x BLOCK_N for the head) of one gradient; the 1-D
     # grid is split into three task ranges, in this order:
     #   A. dweight_x[s] (W x C) and dbias[s]: s < LX, tile (m over W, n over C). Sums dZ_i.T @ x[:, idx_i] over
-    #      the sub-layers i of slot s (slot 1 collects 1..L-1 with shared weights). dbias[s] is summed by the
+    #      the sub-layers i of slot s (slots[i] == s: several when weights are tied). dbias[s] is summed by the
     #      n == 0 tiles. (With only dbias wanted, one n tile per m tile.)
-    #   B. dweight_h[s] (W x W): s < LH, tile (m over W, n over W). Sums dZ_i.T @ h_{i-1} over i of slot s.
+    #   B. dweight_h[s] (W x W): s < LH, tile (m over W, n over W). Sums dZ_i.T @ h_{i-1} over the i >= 1 with
+    #      slots[i] == s + 1.
     #   C. dhead_weight (OUT x L*W) = G.T @ H and dhead_bias = G.sum(0) (by the n == 0 tiles), tile (o over OUT
     #      in BLOCK_O, n over L*W).
     # Each program walks all B rows in BLOCK_R steps, sub-layers in increasing order: a fixed summation order,
@@ -313,26 +310,22 @@ def _spinal_bwd_weights_kernel(
         n_idx = (rem % tn_a) * BLOCK_N + offs_n
         m_mask = m_idx < W
         n_mask = n_idx < C
-        i_lo = s
-        i_hi = s + 1
-        if SHARED:
-            if s == 1:
-                i_hi = L
         want_vec = (rem % tn_a) == 0
-        for i in range(i_lo, i_hi):
-            start = tl.load(starts_ptr + i)
-            col = start + n_idx
-            col = tl.where(col >= D, col - D, col)
-            if NEED_B:
-                if want_vec:
-                    acc, vec = _reduce_rows(acc, vec, dz_ptr + i * W, hidden, m_idx, m_mask, x_ptr, D, col, n_mask,
-                                            B, NEED_WX, True, DOT_DTYPE, ACC_DTYPE, PRECISION, BLOCK_R)
+        for i in range(0, L):
+            if tl.load(slots_ptr + i) == s:
+                start = tl.load(starts_ptr + i)
+                col = start + n_idx
+                col = tl.where(col >= D, col - D, col)
+                if NEED_B:
+                    if want_vec:
+                        acc, vec = _reduce_rows(acc, vec, dz_ptr + i * W, hidden, m_idx, m_mask, x_ptr, D, col,
+                                                n_mask, B, NEED_WX, True, DOT_DTYPE, ACC_DTYPE, PRECISION, BLOCK_R)
+                    else:
+                        acc, vec = _reduce_rows(acc, vec, dz_ptr + i * W, hidden, m_idx, m_mask, x_ptr, D, col,
+                                                n_mask, B, NEED_WX, False, DOT_DTYPE, ACC_DTYPE, PRECISION, BLOCK_R)
                 else:
                     acc, vec = _reduce_rows(acc, vec, dz_ptr + i * W, hidden, m_idx, m_mask, x_ptr, D, col, n_mask,
                                             B, NEED_WX, False, DOT_DTYPE, ACC_DTYPE, PRECISION, BLOCK_R)
-            else:
-                acc, vec = _reduce_rows(acc, vec, dz_ptr + i * W, hidden, m_idx, m_mask, x_ptr, D, col, n_mask,
-                                        B, NEED_WX, False, DOT_DTYPE, ACC_DTYPE, PRECISION, BLOCK_R)
         if NEED_WX:
             tl.store(dwx_ptr + s * W * C + m_idx[:, None] * C + n_idx[None, :], acc.to(dwx_ptr.dtype.element_ty),
                      mask=m_mask[:, None] & n_mask[None, :])
@@ -347,14 +340,11 @@ def _spinal_bwd_weights_kernel(
         n_idx = (rem % tn_b) * BLOCK_N + offs_n
         m_mask = m_idx < W
         n_mask = n_idx < W
-        i_lo = s + 1
-        i_hi = s + 2
-        if SHARED:
-            i_hi = L
-        for i in range(i_lo, i_hi):
-            acc, vec = _reduce_rows(acc, vec, dz_ptr + i * W, hidden, m_idx, m_mask, h_ptr, hidden,
-                                    (i - 1) * W + n_idx, n_mask, B, True, False, DOT_DTYPE, ACC_DTYPE, PRECISION,
-                                    BLOCK_R)
+        for i in range(1, L):
+            if tl.load(slots_ptr + i) == s + 1:
+                acc, vec = _reduce_rows(acc, vec, dz_ptr + i * W, hidden, m_idx, m_mask, h_ptr, hidden,
+                                        (i - 1) * W + n_idx, n_mask, B, True, False, DOT_DTYPE, ACC_DTYPE, PRECISION,
+                                        BLOCK_R)
         tl.store(dwh_ptr + s * W * W + m_idx[:, None] * W + n_idx[None, :], acc.to(dwh_ptr.dtype.element_ty),
                  mask=m_mask[:, None] & n_mask[None, :])
     else:
@@ -414,9 +404,9 @@ def spinal_bwd_triton(
     bias: torch.Tensor | None,
     head_weight: torch.Tensor | None,
     starts: list[int],
+    slots: list[int],
     activation: str,
     negative_slope: float,
-    shared_weights: bool,
     output_mask: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of the spinal layer in at most two Triton launches.
@@ -451,15 +441,15 @@ def spinal_bwd_triton(
     need_dz = mask[0] or mask[1] or mask[2] or mask[3]
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     dz = torch.empty(rows, num_layers * width, dtype=acc_dtype, device=x.device) if need_dz else x
-    starts_t = starts_tensor(starts, x.device)
+    starts_t, slots_t = layer_table(starts, slots, x.device)
 
     if need_dz and rows > 0:
         path = config.path_plan(width, out, x.dtype)
         args = (grad_y if grad_y is not None else x, grad_H if grad_H is not None else x, x, H, weight_x, weight_h,
-                bias if bias is not None else x, head_weight if has_head else x, starts_t, dz,
+                bias if bias is not None else x, head_weight if has_head else x, starts_t, slots_t, dz,
                 dx if mask[0] else dz, rows, in_features, chunk, width, num_layers, out)
-        consts = dict(NEG_SLOPE=float(negative_slope), ACT=activation_code(activation), SHARED=bool(shared_weights),
-                      HAS_BIAS=bias is not None, HAS_GY=grad_y is not None, HAS_GH=grad_H is not None,
+        consts = dict(NEG_SLOPE=float(negative_slope), ACT=activation_code(activation), HAS_BIAS=bias is not None,
+                      HAS_GY=grad_y is not None, HAS_GH=grad_H is not None,
                       NEED_Z=needs_preactivation(activation, negative_slope), NEED_DX=mask[0], DOT_DTYPE=plan.dot,
                       ACC_DTYPE=plan.acc, PRECISION=plan.precision, **path.meta())
         if config.autotune_enabled():
@@ -476,11 +466,11 @@ def spinal_bwd_triton(
         if programs > 0:
             with config.launch_guard():
                 wrap_triton(_spinal_bwd_weights_kernel)[(programs,)](
-                    x, H, grad_y if grad_y is not None else x, dz if need_dz else x, starts_t,
+                    x, H, grad_y if grad_y is not None else x, dz if need_dz else x, starts_t, slots_t,
                     dwx if mask[1] else x, db if mask[3] else x, dwh if mask[2] else x, dwo if mask[4] else x,
                     dbo if mask[5] else x,
                     rows, in_features, chunk, width, num_layers, out, lx, lh,
-                    SHARED=bool(shared_weights), HAS_GY=grad_y is not None, NEED_WX=mask[1], NEED_B=mask[3],
+                    HAS_GY=grad_y is not None, NEED_WX=mask[1], NEED_B=mask[3],
                     NEED_WH=mask[2], NEED_WO=mask[4], NEED_BO=mask[5], DOT_DTYPE=plan.dot, ACC_DTYPE=plan.acc,
                     PRECISION=plan.precision, **s.meta(),
                 )

@@ -8,7 +8,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import config
-from ._common import _activate, _dot_k_loop, _input_projection, _preactivation_tile, _slots, activation_code
+from ._common import _activate, _dot_k_loop, _input_projection, _preactivation_tile, activation_code
 
 
 @triton.jit
@@ -20,6 +20,7 @@ def _spinal_fwd_kernel(
     wo_ptr,  # (OUT, L * W) contiguous, read when HAS_HEAD
     bo_ptr,  # (OUT,), read when HAS_HEAD_BIAS
     starts_ptr,  # (L,) int32: chunk i reads columns (starts[i] + j) mod D, j < C
+    slots_ptr,  # (L,) int32: sub-layer i uses weight_x[slots[i]], bias[slots[i]], weight_h[slots[i] - 1]
     h_out_ptr,  # (B, L * W) out: written when STORE_H (fast path) and always on the wide path
     y_ptr,  # (B, OUT) out, written when HAS_HEAD
     B,
@@ -30,7 +31,6 @@ def _spinal_fwd_kernel(
     OUT,
     NEG_SLOPE: tl.constexpr,
     ACT: tl.constexpr,
-    SHARED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_HEAD: tl.constexpr,
     HAS_HEAD_BIAS: tl.constexpr,
@@ -79,7 +79,8 @@ def _spinal_fwd_kernel(
     if WIDE:
         offs_n = tl.arange(0, BLOCK_N)
         for i in range(0, L):
-            xs, hs = _slots(i, SHARED)
+            xs = tl.load(slots_ptr + i)
+            hs = xs - 1
             start = tl.load(starts_ptr + i)
             for n0 in range(0, W, BLOCK_N):
                 cols_n = n0 + offs_n
@@ -114,7 +115,8 @@ def _spinal_fwd_kernel(
         h = tl.zeros((BLOCK_B, BLOCK_W), dtype=ACC_DTYPE)
         y = tl.zeros((BLOCK_B, BLOCK_O), dtype=ACC_DTYPE)
         for i in range(0, L):
-            xs, hs = _slots(i, SHARED)
+            xs = tl.load(slots_ptr + i)
+            hs = xs - 1
             start = tl.load(starts_ptr + i)
             z = tl.zeros((BLOCK_B, BLOCK_W), dtype=ACC_DTYPE)
             z = _input_projection(z, x_ptr, wx_ptr + xs * W * C, start, rows64, row_mask, cols_w, w_mask, D, C,
@@ -153,9 +155,10 @@ _spinal_fwd_kernel_tuned = triton.autotune(
 )(_spinal_fwd_kernel)
 
 
-def starts_tensor(starts, device) -> torch.Tensor:
-    """The chunk starts as an int32 device tensor (the kernels read starts[i] per sub-layer)."""
-    return torch.tensor(list(starts), dtype=torch.int32, device=device)
+def layer_table(starts, slots, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(starts, slots)`` as int32 device tensors, views of one ``(2L,)`` tensor (one copy to the device)."""
+    table = torch.tensor([*starts, *slots], dtype=torch.int32, device=device)
+    return table[: len(starts)], table[len(starts) :]
 
 
 def spinal_fwd_triton(
@@ -166,17 +169,18 @@ def spinal_fwd_triton(
     head_weight: torch.Tensor | None,
     head_bias: torch.Tensor | None,
     starts: list[int],
+    slots: list[int],
     activation: str,
     negative_slope: float,
-    shared_weights: bool,
     *,
     store_h: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward of the spinal layer in one Triton launch.
 
     Parameters follow the ``spinal_forward`` op (``csrc/spinal_ops.cpp``): ``x (B, D)`` contiguous,
-    ``weight_x (Lx, w, c)``, ``weight_h (Lh, w, w)``, ``bias (Lx, w)?``, ``head_weight (out, L*w)?``,
-    ``head_bias (out,)?``, ``starts`` (L first columns). Returns ``(H (B, L*w), y (B, out) or (B, 0))``.
+    ``weight_x (S, w, c)``, ``weight_h (S-1, w, w)``, ``bias (S, w)?``, ``head_weight (out, L*w)?``,
+    ``head_bias (out,)?``, ``starts`` (L first columns), ``slots`` (L weight slots). Returns
+    ``(H (B, L*w), y (B, out) or (B, 0))``.
 
     ``store_h=False`` (internal; head mode only) skips writing ``H`` on the fast path, for inference where no
     backward follows; the returned ``H`` is then uninitialised memory (the wide path always writes it: it is
@@ -194,12 +198,12 @@ def spinal_fwd_triton(
         return h_all, y
     plan = config.dtype_plan(x.dtype)
     path = config.path_plan(width, out, x.dtype)
-    starts_t = starts_tensor(starts, x.device)
+    starts_t, slots_t = layer_table(starts, slots, x.device)
     args = (x, weight_x, weight_h, bias if bias is not None else x, head_weight if has_head else x,
-            head_bias if head_bias is not None else x, starts_t, h_all, y if has_head else h_all,
+            head_bias if head_bias is not None else x, starts_t, slots_t, h_all, y if has_head else h_all,
             rows, in_features, chunk, width, num_layers, out)
-    consts = dict(NEG_SLOPE=float(negative_slope), ACT=activation_code(activation), SHARED=bool(shared_weights),
-                  HAS_BIAS=bias is not None, HAS_HEAD=has_head, HAS_HEAD_BIAS=head_bias is not None,
+    consts = dict(NEG_SLOPE=float(negative_slope), ACT=activation_code(activation), HAS_BIAS=bias is not None,
+                  HAS_HEAD=has_head, HAS_HEAD_BIAS=head_bias is not None,
                   STORE_H=bool(store_h or not has_head), DOT_DTYPE=plan.dot, ACC_DTYPE=plan.acc,
                   PRECISION=plan.precision, **path.meta())
     if config.autotune_enabled():

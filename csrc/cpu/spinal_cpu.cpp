@@ -16,8 +16,9 @@
 //      sub-layer order, so the sum order is fixed). act' comes from H, or from Z recomputed from x and H
 //      for gelu, silu and leaky_relu with a negative slope.
 //   2. weight gradients, one job per sub-layer and kind, each a GEMM over all rows (dWx_i = dZ_i.T @ x_chunk,
-//      dWh_i = dZ_i.T @ H_{i-1}, dWo[:, block i] = G.T @ H_i); shared slots get per-sub-layer partials that are
-//      added in sub-layer order afterwards; bias gradients are column sums in row order.
+//      dWh_i = dZ_i.T @ H_{i-1}, dWo[:, block i] = G.T @ H_i); a slot that serves several sub-layers (tied
+//      weights) gets per-sub-layer partials that are added in sub-layer order afterwards; bias gradients are
+//      column sums in row order.
 //
 // Determinism: every GEMM goes to the BLAS PyTorch links (MKL on x86-64) with BLAS threading switched off for
 // the call (MKL_Set_Num_Threads_Local), and the split into jobs depends only on the problem sizes, so outputs
@@ -402,10 +403,10 @@ std::tuple<at::Tensor, at::Tensor> spinal_forward_cpu(const at::Tensor& x, const
                                                       const std::optional<at::Tensor>& bias,
                                                       const std::optional<at::Tensor>& head_weight,
                                                       const std::optional<at::Tensor>& head_bias,
-                                                      c10::IntArrayRef starts, c10::string_view activation,
-                                                      double negative_slope, bool shared_weights) {
-  const SpinalDims d = check_forward_args("cpu", x, weight_x, weight_h, bias, head_weight, head_bias, starts,
-                                          activation, negative_slope, shared_weights);
+                                                      c10::IntArrayRef starts, c10::IntArrayRef slots,
+                                                      c10::string_view activation, double negative_slope) {
+  const SpinalDims d = check_forward_args("cpu", x, weight_x, weight_h, bias, head_weight, head_bias, starts, slots,
+                                          activation, negative_slope);
   check_cpu_args(d, x);
   at::Tensor h_all = at::empty({d.rows, d.hidden()}, x.options());
   at::Tensor y = at::empty({d.rows, d.out}, x.options());
@@ -496,9 +497,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& grad_y, const std::optional<at::Tensor>& grad_h, const at::Tensor& x,
     const at::Tensor& h_all, const at::Tensor& weight_x, const at::Tensor& weight_h,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& head_weight, c10::IntArrayRef starts,
-    c10::string_view activation, double negative_slope, bool shared_weights, std::array<bool, 6> output_mask) {
+    c10::IntArrayRef slots, c10::string_view activation, double negative_slope, std::array<bool, 6> output_mask) {
   const SpinalDims d = check_forward_args("cpu", x, weight_x, weight_h, bias, head_weight, std::nullopt, starts,
-                                          activation, negative_slope, shared_weights);
+                                          slots, activation, negative_slope);
   check_backward_args("cpu", d, x, grad_y, grad_h, h_all);
   check_cpu_args(d, x);
   const bool want_dx = output_mask[kGradX];
@@ -512,15 +513,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   // Gradients nobody asked for come back as distinct empty tensors (outputs must not alias).
   auto empty = [&] { return x.new_empty({0}); };
-  // Weight gradients that one job writes whole (beta = 0) need no zero fill: a shared slot (sum of partials),
-  // a head without grad_y and the accumulated dx and bias gradients do.
-  const bool sums_partials = d.shared && d.layers > 2;
+  // Sub-layers whose weight slot serves other sub-layers too (tied weights): their gradient terms go to
+  // per-sub-layer partials, added into the slot in sub-layer order after the jobs (a fixed order: deterministic).
+  std::vector<char> tied(static_cast<size_t>(d.layers));
+  bool any_tied = false;
+  for (int64_t i = 0; i < d.layers; ++i) any_tied |= (tied[i] = d.slot_uses(d.x_slot(i)) > 1);
+  // Weight gradients that one job writes whole (beta = 0) need no zero fill: tied slots (sums of partials), a
+  // head without grad_y and the accumulated dx and bias gradients do.
   auto grad_like = [&](const at::Tensor& t, bool written_whole) {
     return written_whole ? at::empty_like(t) : at::zeros_like(t);
   };
   at::Tensor dx = want_dx ? at::zeros_like(x) : empty();
-  at::Tensor dwx = want_wx ? grad_like(weight_x, !sums_partials) : empty();
-  at::Tensor dwh = want_wh ? grad_like(weight_h, !sums_partials) : empty();
+  at::Tensor dwx = want_wx ? grad_like(weight_x, !any_tied) : empty();
+  at::Tensor dwh = want_wh ? grad_like(weight_h, !any_tied) : empty();
   at::Tensor db = want_b ? at::zeros_like(*bias) : empty();
   at::Tensor dwo = want_wo ? grad_like(*head_weight, has_gy) : empty();
   at::Tensor dbo = want_bo ? at::zeros({d.out}, x.options()) : empty();
@@ -558,11 +563,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     }
 
     // Phase 2: weight gradients. Jobs [0, L): dWx_i; [L, 2L): dWh_i; [2L, 3L): dWo block i; 3L: biases.
-    // A shared slot (sub-layers 1.. with shared weights) receives per-sub-layer partials, summed below.
+    // A tied slot receives per-sub-layer partials, summed below.
     const int64_t xsize = d.width * d.chunk, hsize = d.width * d.width;
-    const bool shared = sums_partials;
-    std::vector<T> xpart(shared && want_wx ? static_cast<size_t>(d.layers * xsize) : 0);
-    std::vector<T> hpart(shared && want_wh ? static_cast<size_t>(d.layers * hsize) : 0);
+    std::vector<T> xpart(any_tied && want_wx ? static_cast<size_t>(d.layers * xsize) : 0);
+    std::vector<T> hpart(any_tied && want_wh ? static_cast<size_t>(d.layers * hsize) : 0);
     const bool bias_job = want_b || (has_gy && want_bo);
     const int64_t weight_work = d.rows * (d.layers * d.width * (d.chunk + d.width) + d.hidden() * d.out);
     run_jobs(3 * d.layers + 1, weight_work, [&](int64_t job) {
@@ -573,12 +577,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         const int64_t s = starts[i];
         const int64_t c1 = std::min(d.chunk, d.in_features - s);
         const int64_t c2 = d.chunk - c1;
-        T* g = (shared && i >= 1) ? xpart.data() + i * xsize : dwx.mutable_data_ptr<T>() + d.x_slot(i) * xsize;
+        T* g = tied[i] ? xpart.data() + i * xsize : dwx.mutable_data_ptr<T>() + d.x_slot(i) * xsize;
         gemm<T>(true, false, d.width, c1, d.rows, T(1), dzi, lw, p.x + s, d.in_features, T(0), g, d.chunk);
         if (c2 > 0) gemm<T>(true, false, d.width, c2, d.rows, T(1), dzi, lw, p.x, d.in_features, T(0), g + c1, d.chunk);
       } else if (job < 2 * d.layers) {
         if (!want_wh || i == 0) return;
-        T* g = shared ? hpart.data() + i * hsize : dwh.mutable_data_ptr<T>() + d.h_slot(i) * hsize;
+        T* g = tied[i] ? hpart.data() + i * hsize : dwh.mutable_data_ptr<T>() + d.h_slot(i) * hsize;
         gemm<T>(true, false, d.width, d.width, d.rows, T(1), dzi, lw, hp + (i - 1) * d.width, lw, T(0), g, d.width);
       } else if (job < 3 * d.layers) {
         if (!(has_gy && want_wo)) return;
@@ -592,18 +596,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         if (has_gy && want_bo) add_column_sums(gy, d.rows, d.out, d.out, dbo.mutable_data_ptr<T>());
       }
     });
-    if (shared) {  // partials of the shared slot, added in sub-layer order
-      for (int64_t i = 1; i < d.layers; ++i) {
-        if (want_wx) {
-          T* g = dwx.mutable_data_ptr<T>() + xsize;
-          const T* part = xpart.data() + i * xsize;
-          for (int64_t k = 0; k < xsize; ++k) g[k] += part[k];
-        }
-        if (want_wh) {
-          T* g = dwh.mutable_data_ptr<T>();
-          const T* part = hpart.data() + i * hsize;
-          for (int64_t k = 0; k < hsize; ++k) g[k] += part[k];
-        }
+    for (int64_t i = 1; i < d.layers; ++i) {  // partials of the tied slots, added in sub-layer order
+      if (!tied[i]) continue;
+      if (want_wx) {
+        T* g = dwx.mutable_data_ptr<T>() + d.x_slot(i) * xsize;
+        const T* part = xpart.data() + i * xsize;
+        for (int64_t k = 0; k < xsize; ++k) g[k] += part[k];
+      }
+      if (want_wh) {
+        T* g = dwh.mutable_data_ptr<T>() + d.h_slot(i) * hsize;
+        const T* part = hpart.data() + i * hsize;
+        for (int64_t k = 0; k < hsize; ++k) g[k] += part[k];
       }
     }
   });

@@ -1,23 +1,23 @@
-// Backward kernels of the spinal layer: at most two launches (DESIGN.md section 2), with G = dL/dy.
+// Backward kernels of the spinal layer: at most two launches (docs/design.md), with G = dL/dy.
 //
 // Launch 1, spinal_bwd_chain_kernel (when dx, dWx, dWh or db is wanted). Block b owns rows 16 b .. 16 b + 15;
 // rows are independent, so blocks never wait on each other. For i = L-1 .. 0 and each 64-column tile:
 //     dH_i  = G @ Wo[:, i*w:(i+1)*w] + grad_H[:, i*w:(i+1)*w]      (GEMM with K = out)
-//     carry = dZ_{i+1} @ Wh[slot(i+1)]                              (GEMM with K = w; i < L-1)
+//     carry = dZ_{i+1} @ Wh[slots[i+1]-1]                            (GEMM with K = w; i < L-1)
 //     dZ_i  = (dH_i + carry) * act'(.)
 // act' comes from H for relu, leaky_relu (slope >= 0), tanh, sigmoid, identity; for gelu, silu and
 // leaky_relu with a negative slope (RECOMPUTE_Z) Z_i is recomputed from x and H with the forward's GEMMs.
 // dZ_i goes to a workspace (B, L, w) in the accumulation type; the next (smaller) i reads the block's own
 // rows of it back (the carry never leaves the block's rows). Then, if dx is wanted,
-//     dx[:, (starts[i] + j) mod D] += dZ_i @ Wx[slot(i)]            (GEMM with K = w, N = c)
+//     dx[:, (starts[i] + j) mod D] += dZ_i @ Wx[slots[i]]           (GEMM with K = w, N = c)
 // accumulated in a (B, D) buffer of the accumulation type: within one sub-layer the c columns are distinct,
 // and sub-layers are separated by barriers, so each add is done by one thread with no atomics.
 //
 // Launch 2, spinal_bwd_weights_kernel (when any weight gradient is wanted): one block per 16x64 tile of
-// one gradient, reducing over all B rows (and, for shared slots, over all sub-layers using the slot) in a
-// fixed order: deterministic, no atomics, no second reduction pass.
-//     dWx[s] = sum_{i in slot s} dZ_i.T @ x[:, idx_i]     db[s] = sum_i dZ_i.sum(0)
-//     dWh[s] = sum_{i in slot s} dZ_i.T @ h_{i-1}         dWo = G.T @ H,   dbo = G.sum(0)
+// one gradient, reducing over all B rows (and, for tied slots, over all sub-layers using the slot, in sub-layer
+// order) in a fixed order: deterministic, no atomics, no second reduction pass.
+//     dWx[s] = sum_{i: slots[i] = s} dZ_i.T @ x[:, idx_i]       db[s] = sum_{i: slots[i] = s} dZ_i.sum(0)
+//     dWh[s] = sum_{i: slots[i] = s + 1} dZ_i.T @ h_{i-1}       dWo = G.T @ H,   dbo = G.sum(0)
 // Both launches use the FMA block tile (spinal_common.cuh) with fp32 accumulation (fp64 for double), for
 // every dtype: the backward reductions run over B rows, where fp16 staging would lose precision.
 // Rows past B are masked (loads give 0, stores skipped); no thread returns before a barrier.
@@ -33,21 +33,21 @@ struct BwdParams {
   const T* gh;             // (B, L*w) incoming gradient of H, or null
   const T* x;              // (B, D)
   const T* h_all;          // (B, L*w)
-  const T* wx;             // (Lx, w, c)
-  const T* wh;             // (Lh, w, w)
-  const T* bias;           // (Lx, w) or null
+  const T* wx;             // (S, w, c)
+  const T* wh;             // (S-1, w, w)
+  const T* bias;           // (S, w) or null
   const T* wo;             // (out, L*w) or null
   const int* starts;       // (L)
+  const int* slots;        // (L) weight slot of each sub-layer
   acc_t<T>* dz;            // (B, L, w) workspace written by launch 1, read by launch 2
   acc_t<T>* dx_acc;        // (B, D) accumulator of dx (may alias dx when T is the accumulation type)
   T* dx;                   // (B, D) or null (not wanted)
-  T* dwx;                  // (Lx, w, c) or null
-  T* dwh;                  // (Lh, w, w) or null
-  T* db;                   // (Lx, w) or null
+  T* dwx;                  // (S, w, c) or null
+  T* dwh;                  // (S-1, w, w) or null
+  T* db;                   // (S, w) or null
   T* dwo;                  // (out, L*w) or null
   T* dbo;                  // (out) or null
   int rows, in_features, layers, width, chunk, out, x_slots, h_slots;
-  bool shared;
   acc_t<T> slope;
 };
 
@@ -82,7 +82,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) spinal_bwd_chain_ke
   }
 
   for (int i = L - 1; i >= 0; --i) {
-    const int xs = x_slot(i, p.shared);
+    const int xs = x_slot(p.slots, i);
     const T* Wx = p.wx + static_cast<int64_t>(xs) * w * c;
     const int start = p.starts[i];
     for (int n0 = 0; n0 < w; n0 += BN) {
@@ -100,7 +100,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) spinal_bwd_chain_ke
                   });
       }
       if (i < L - 1) {
-        const T* Wn = p.wh + static_cast<int64_t>(h_slot(i + 1, p.shared)) * w * w;
+        const T* Wn = p.wh + static_cast<int64_t>(h_slot(p.slots, i + 1)) * w * w;
         gemm<Acc>(g, w, As, Bs,
                   [&](int r, int k) -> Acc { return r0 + r < B ? *dz_at(r0 + r, i + 1, k) : zero_acc; },
                   [&](int n, int k) -> Acc {
@@ -122,7 +122,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) spinal_bwd_chain_ke
                     return n0 + n < w ? convert<Acc>(Wx[static_cast<int64_t>(n0 + n) * c + k]) : zero_acc;
                   });
         if (i > 0) {
-          const T* Wh = p.wh + static_cast<int64_t>(h_slot(i, p.shared)) * w * w;
+          const T* Wh = p.wh + static_cast<int64_t>(h_slot(p.slots, i)) * w * w;
           gemm<Acc>(z, w, As, Bs,
                     [&](int r, int k) -> Acc {
                       const int gr = r0 + r;
@@ -234,8 +234,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) spinal_bwd_weights_
     const int s = job / (tw * tc), rem = job % (tw * tc);
     m0 = (rem / tc) * BM, n0 = (rem % tc) * BN, rows_out = w, cols = c;
     dst = p.dwx + static_cast<int64_t>(s) * w * c;
-    const SlotRange range = x_slot_layers(s, L, p.shared);
-    for (int i = range.begin; i < range.end; ++i) {
+    for (int i = 0; i < L; ++i) {
+      if (x_slot(p.slots, i) != s) continue;  // uniform across the block: every thread skips together
       const int start = p.starts[i];
       gemm<Acc>(acc, B, As, Bs, [&](int m, int r) -> Acc { return dz(r, i, m0 + m); },
                 [&](int n, int r) -> Acc {
@@ -249,8 +249,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) spinal_bwd_weights_
     const int s = job / tw;
     m0 = (job % tw) * BM, n0 = 0, rows_out = w, cols = 1;
     dst = p.db + static_cast<int64_t>(s) * w;
-    const SlotRange range = x_slot_layers(s, L, p.shared);
-    for (int i = range.begin; i < range.end; ++i) {
+    for (int i = 0; i < L; ++i) {
+      if (x_slot(p.slots, i) != s) continue;
       gemm<Acc>(acc, B, As, Bs, [&](int m, int r) -> Acc { return dz(r, i, m0 + m); }, ones);
     }
   } else if ((job -= jobs.b) < jobs.wh) {  // dWh[s] = sum_i dZ_i.T @ h_{i-1}
@@ -258,8 +258,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) spinal_bwd_weights_
     const int s = job / (tw * tc), rem = job % (tw * tc);
     m0 = (rem / tc) * BM, n0 = (rem % tc) * BN, rows_out = w, cols = w;
     dst = p.dwh + static_cast<int64_t>(s) * w * w;
-    const SlotRange range = h_slot_layers(s, L, p.shared);
-    for (int i = range.begin; i < range.end; ++i) {
+    for (int i = 1; i < L; ++i) {
+      if (h_slot(p.slots, i) != s) continue;
       gemm<Acc>(acc, B, As, Bs, [&](int m, int r) -> Acc { return dz(r, i, m0 + m); },
                 [&](int n, int r) -> Acc {
                   return n0 + n < w ? convert<Acc>(p.h_all[static_cast<int64_t>(r) * Lw + (i - 1) * w + n0 + n])

@@ -134,20 +134,10 @@ __device__ __forceinline__ F act_grad_from_z(F z, F slope) {
   return one;  // not reached
 }
 
-// Which sub-layers a parameter slot serves (DESIGN.md section 1, shared weights).
-struct SlotRange {
-  int begin, end;
-};
-__device__ __forceinline__ SlotRange x_slot_layers(int slot, int layers, bool shared) {
-  if (!shared) return {slot, slot + 1};
-  return slot == 0 ? SlotRange{0, 1} : SlotRange{1, layers};
-}
-__device__ __forceinline__ SlotRange h_slot_layers(int slot, int layers, bool shared) {
-  if (!shared) return {slot + 1, slot + 2};
-  return {1, layers};
-}
-__device__ __forceinline__ int x_slot(int i, bool shared) { return shared ? (i < 1 ? i : 1) : i; }
-__device__ __forceinline__ int h_slot(int i, bool shared) { return shared ? 0 : i - 1; }
+// Weight slots (tying): sub-layer i uses weight_x[slots[i]], bias[slots[i]] and, for i >= 1,
+// weight_h[slots[i] - 1]; a slot may serve several sub-layers (their gradient terms add up).
+__device__ __forceinline__ int x_slot(const int* slots, int i) { return slots[i]; }
+__device__ __forceinline__ int h_slot(const int* slots, int i) { return slots[i] - 1; }
 
 // ------------------------------------------------------------------------------------ block-tile GEMM
 // A tile result C[BM][BN] += A[BM][K] * B[BN][K]^T, with A and B produced element-wise by loaders

@@ -13,12 +13,12 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> spinal_forward_cuda(
     const at::Tensor& x, const at::Tensor& weight_x, const at::Tensor& weight_h, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& head_weight, const std::optional<at::Tensor>& head_bias, c10::IntArrayRef starts,
-    c10::string_view activation, double negative_slope, bool shared_weights) {
+    c10::IntArrayRef slots, c10::string_view activation, double negative_slope) {
   const c10::cuda::CUDAGuard guard(x.device());
   LaunchOptions opt;
   opt.allow_tf32 = at::globalContext().allowTF32CuBLAS();
-  return forward_impl(x, weight_x, weight_h, bias, head_weight, head_bias, starts,
-                      std::string_view(activation.data(), activation.size()), negative_slope, shared_weights, opt,
+  return forward_impl(x, weight_x, weight_h, bias, head_weight, head_bias, starts, slots,
+                      std::string_view(activation.data(), activation.size()), negative_slope, opt,
                       at::cuda::getCurrentCUDAStream().stream());
 }
 
@@ -26,11 +26,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& grad_y, const std::optional<at::Tensor>& grad_h, const at::Tensor& x,
     const at::Tensor& h_all, const at::Tensor& weight_x, const at::Tensor& weight_h,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& head_weight, c10::IntArrayRef starts,
-    c10::string_view activation, double negative_slope, bool shared_weights, std::array<bool, 6> output_mask) {
+    c10::IntArrayRef slots, c10::string_view activation, double negative_slope, std::array<bool, 6> output_mask) {
   const c10::cuda::CUDAGuard guard(x.device());
-  return backward_impl(grad_y, grad_h, x, h_all, weight_x, weight_h, bias, head_weight, starts,
-                       std::string_view(activation.data(), activation.size()), negative_slope, shared_weights,
-                       output_mask, at::cuda::getCurrentCUDAStream().stream());
+  return backward_impl(grad_y, grad_h, x, h_all, weight_x, weight_h, bias, head_weight, starts, slots,
+                       std::string_view(activation.data(), activation.size()), negative_slope, output_mask,
+                       at::cuda::getCurrentCUDAStream().stream());
 }
 
 }  // namespace

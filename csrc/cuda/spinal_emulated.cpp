@@ -12,24 +12,24 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
                                            const std::optional<at::Tensor>& bias,
                                            const std::optional<at::Tensor>& head_weight,
                                            const std::optional<at::Tensor>& head_bias, std::vector<int64_t> starts,
-                                           const std::string& activation, double negative_slope, bool shared_weights,
-                                           int width_path, bool allow_tf32) {
+                                           std::vector<int64_t> slots, const std::string& activation,
+                                           double negative_slope, int width_path, bool allow_tf32) {
   TORCH_CHECK(x.device().is_cpu(), "spinal_ops emulated kernels run on CPU tensors, got ", x.device());
   cuda::LaunchOptions opt;
   opt.allow_tf32 = allow_tf32;
   opt.width_path = static_cast<cuda::WidthPath>(width_path);
-  return cuda::forward_impl(x, weight_x, weight_h, bias, head_weight, head_bias, starts, activation, negative_slope,
-                            shared_weights, opt, nullptr);
+  return cuda::forward_impl(x, weight_x, weight_h, bias, head_weight, head_bias, starts, slots, activation,
+                            negative_slope, opt, nullptr);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const std::optional<at::Tensor>& grad_y, const std::optional<at::Tensor>& grad_h, const at::Tensor& x,
     const at::Tensor& h_all, const at::Tensor& weight_x, const at::Tensor& weight_h,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& head_weight, std::vector<int64_t> starts,
-    const std::string& activation, double negative_slope, bool shared_weights, std::array<bool, 6> output_mask) {
+    std::vector<int64_t> slots, const std::string& activation, double negative_slope, std::array<bool, 6> output_mask) {
   TORCH_CHECK(x.device().is_cpu(), "spinal_ops emulated kernels run on CPU tensors, got ", x.device());
-  return cuda::backward_impl(grad_y, grad_h, x, h_all, weight_x, weight_h, bias, head_weight, starts, activation,
-                             negative_slope, shared_weights, output_mask, nullptr);
+  return cuda::backward_impl(grad_y, grad_h, x, h_all, weight_x, weight_h, bias, head_weight, starts, slots,
+                             activation, negative_slope, output_mask, nullptr);
 }
 
 void set_schedule(int schedule, uint64_t seed) { simt::set_schedule(static_cast<simt::Schedule>(schedule), seed); }

@@ -18,14 +18,14 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
                                            const std::optional<at::Tensor>& bias,
                                            const std::optional<at::Tensor>& head_weight,
                                            const std::optional<at::Tensor>& head_bias, std::vector<int64_t> starts,
-                                           const std::string& activation, double negative_slope, bool shared_weights,
-                                           int width_path, bool allow_tf32);
+                                           std::vector<int64_t> slots, const std::string& activation,
+                                           double negative_slope, int width_path, bool allow_tf32);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const std::optional<at::Tensor>& grad_y, const std::optional<at::Tensor>& grad_h, const at::Tensor& x,
     const at::Tensor& h_all, const at::Tensor& weight_x, const at::Tensor& weight_h,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& head_weight, std::vector<int64_t> starts,
-    const std::string& activation, double negative_slope, bool shared_weights, std::array<bool, 6> output_mask);
+    std::vector<int64_t> slots, const std::string& activation, double negative_slope, std::array<bool, 6> output_mask);
 
 // Emulator schedule (0 forward, 1 reverse, 2 random with `seed`) and the number of launches so far.
 void set_schedule(int schedule, uint64_t seed);

@@ -1,4 +1,4 @@
-// Forward kernel of the spinal layer: one launch computes H and y (DESIGN.md sections 1 and 2).
+// Forward kernel of the spinal layer: one launch computes H and y (docs/design.md).
 //
 // Mapping. Block b owns rows r0 = 16 b .. r0 + 15 of x, H and y (rows are independent in the forward, so
 // blocks never wait on each other). The block walks the sub-layers i = 0 .. L-1 in order; for each one it
@@ -36,17 +36,17 @@ namespace spinal_ops::cuda {
 template <typename T>
 struct FwdParams {
   const T* x;              // (B, D)
-  const T* wx;             // (Lx, w, c)
-  const T* wh;             // (Lh, w, w)
-  const T* bias;           // (Lx, w) or null
+  const T* wx;             // (S, w, c)
+  const T* wh;             // (S-1, w, w)
+  const T* bias;           // (S, w) or null
   const T* wo;             // (out, L*w) or null (hidden mode)
   const T* bo;             // (out) or null
   const int* starts;       // (L) first column of each chunk
+  const int* slots;        // (L) weight slot of each sub-layer
   T* h_all;                // (B, L*w) output H
   T* y;                    // (B, out) output y, or null (hidden mode)
   acc_t<T>* y_ws;          // (B, out) head accumulator in global memory, or null: in shared memory
   int rows, in_features, layers, width, chunk, out;
-  bool shared;
   acc_t<T> slope;
 };
 
@@ -94,9 +94,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) spinal_fwd_kernel(c
   Acc* yrow = p.y_ws ? (valid ? p.y_ws + static_cast<int64_t>(row) * out : nullptr) : yacc_smem + er * out;
 
   for (int i = 0; i < L; ++i) {
-    const int xs = x_slot(i, p.shared);
+    const int xs = x_slot(p.slots, i);
     const T* Wx = p.wx + static_cast<int64_t>(xs) * w * c;
-    const T* Wh = i > 0 ? p.wh + static_cast<int64_t>(h_slot(i, p.shared)) * w * w : nullptr;
+    const T* Wh = i > 0 ? p.wh + static_cast<int64_t>(h_slot(p.slots, i)) * w * w : nullptr;
     const int start = p.starts[i];
     T* h_prev_s = hbuf + ((i + 1) & 1) * BM * WFAST;
     T* h_cur_s = hbuf + (i & 1) * BM * WFAST;

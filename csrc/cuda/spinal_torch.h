@@ -58,9 +58,10 @@ inline void check_int32(const SpinalDims& d) {
   }
 }
 
-// starts as an int32 tensor on the device of x (kernel argument).
-inline at::Tensor device_starts(c10::IntArrayRef starts, const at::Tensor& x) {
+// starts then slots (2L entries) as one int32 tensor on the device of x (kernel arguments).
+inline at::Tensor device_layer_table(const SpinalDims& d, c10::IntArrayRef starts, const at::Tensor& x) {
   std::vector<int> v(starts.begin(), starts.end());
+  v.insert(v.end(), d.slots.begin(), d.slots.end());
   return at::tensor(v, at::TensorOptions().dtype(at::kInt)).to(x.device());
 }
 
@@ -71,15 +72,15 @@ inline void check_launch(simt::Status s, const char* name) {
 inline std::tuple<at::Tensor, at::Tensor> forward_impl(
     const at::Tensor& x, const at::Tensor& weight_x, const at::Tensor& weight_h,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& head_weight,
-    const std::optional<at::Tensor>& head_bias, c10::IntArrayRef starts, std::string_view activation,
-    double negative_slope, bool shared_weights, LaunchOptions opt, simt::Stream stream) {
-  const SpinalDims d = check_forward_args("cuda", x, weight_x, weight_h, bias, head_weight, head_bias, starts, activation,
-                                          negative_slope, shared_weights);
+    const std::optional<at::Tensor>& head_bias, c10::IntArrayRef starts, c10::IntArrayRef slots,
+    std::string_view activation, double negative_slope, LaunchOptions opt, simt::Stream stream) {
+  const SpinalDims d = check_forward_args("cuda", x, weight_x, weight_h, bias, head_weight, head_bias, starts, slots,
+                                          activation, negative_slope);
   check_int32(d);
   at::Tensor h_all = at::empty({d.rows, d.hidden()}, x.options());
   at::Tensor y = at::empty({d.rows, d.has_head ? d.out : 0}, x.options());
   if (d.rows == 0) return {h_all, y};
-  at::Tensor starts_dev = device_starts(starts, x);
+  at::Tensor table = device_layer_table(d, starts, x);
   with_dtype(dtype_of(x), [&](auto tag) {
     using T = typename decltype(tag)::type;
     at::Tensor y_ws;
@@ -93,7 +94,8 @@ inline std::tuple<at::Tensor, at::Tensor> forward_impl(
     p.bias = cptr<T>(bias);
     p.wo = cptr<T>(head_weight);
     p.bo = cptr<T>(head_bias);
-    p.starts = starts_dev.data_ptr<int>();
+    p.starts = table.data_ptr<int>();
+    p.slots = p.starts + d.layers;
     p.h_all = mptr<T>(h_all);
     p.y = d.has_head ? mptr<T>(y) : nullptr;
     p.y_ws = y_ws.defined() ? reinterpret_cast<acc_t<T>*>(y_ws.data_ptr()) : nullptr;
@@ -103,7 +105,6 @@ inline std::tuple<at::Tensor, at::Tensor> forward_impl(
     p.width = static_cast<int>(d.width);
     p.chunk = static_cast<int>(d.chunk);
     p.out = static_cast<int>(d.out);
-    p.shared = d.shared;
     p.slope = static_cast<acc_t<T>>(d.negative_slope);
     launch_forward(p, static_cast<Act>(d.activation), opt, stream, check_launch);
   });
@@ -114,10 +115,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at
     const std::optional<at::Tensor>& grad_y, const std::optional<at::Tensor>& grad_h, const at::Tensor& x,
     const at::Tensor& h_all, const at::Tensor& weight_x, const at::Tensor& weight_h,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& head_weight, c10::IntArrayRef starts,
-    std::string_view activation, double negative_slope, bool shared_weights, std::array<bool, 6> mask,
+    c10::IntArrayRef slots, std::string_view activation, double negative_slope, std::array<bool, 6> mask,
     simt::Stream stream) {
   const SpinalDims d = check_forward_args("cuda", x, weight_x, weight_h, bias, head_weight, std::nullopt, starts,
-                                          activation, negative_slope, shared_weights);
+                                          slots, activation, negative_slope);
   check_backward_args("cuda", d, x, grad_y, grad_h, h_all);
   check_int32(d);
   auto none = [&] { return x.new_empty({0}); };
@@ -128,7 +129,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at
   at::Tensor dwo = mask[kGradHeadWeight] && d.has_head ? at::empty_like(*head_weight) : none();
   at::Tensor dbo = mask[kGradHeadBias] && d.has_head ? at::empty({d.out}, x.options()) : none();
   const bool chain = (mask[kGradX] || mask[kGradWeightX] || mask[kGradWeightH] || (mask[kGradBias] && d.has_bias));
-  at::Tensor starts_dev = device_starts(starts, x);
+  at::Tensor table = device_layer_table(d, starts, x);
   with_dtype(dtype_of(x), [&](auto tag) {
     using T = typename decltype(tag)::type;
     using Acc = acc_t<T>;
@@ -144,7 +145,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at
     p.wh = weight_h.numel() ? cptr<T>(weight_h) : nullptr;
     p.bias = cptr<T>(bias);
     p.wo = cptr<T>(head_weight);
-    p.starts = starts_dev.data_ptr<int>();
+    p.starts = table.data_ptr<int>();
+    p.slots = p.starts + d.layers;
     p.dz = dz.defined() ? reinterpret_cast<Acc*>(dz.data_ptr()) : nullptr;
     p.dx_acc = mask[kGradX] && dx_acc.numel() ? reinterpret_cast<Acc*>(dx_acc.data_ptr()) : nullptr;
     p.dx = mask[kGradX] ? mptr<T>(dx) : nullptr;
@@ -161,7 +163,6 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at
     p.out = static_cast<int>(d.out);
     p.x_slots = static_cast<int>(d.x_slots);
     p.h_slots = static_cast<int>(d.h_slots);
-    p.shared = d.shared;
     p.slope = static_cast<Acc>(d.negative_slope);
     launch_backward(p, static_cast<Act>(d.activation), stream, check_launch);
   });

@@ -5,6 +5,7 @@
 // It runs forward and backward (all gradients) for a few variants and compares the forward with a naive
 // loop implementation in double. `--planted-race` instead runs a kernel with a deliberate lost update, which
 // ThreadSanitizer must report (the script checks that it does).
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -27,7 +28,7 @@ struct Config {
   int B, D, K, w, L, out;
   Act act;
   double slope;
-  bool shared, head, bias;
+  bool shared, head, bias;  // shared: the weight slots (0, 1, 1, ..., 1); otherwise (0, 1, ..., L-1)
   const char* name;
 };
 
@@ -72,10 +73,10 @@ template <typename T>
 bool run(const Config& cfg, double tol) {
   std::mt19937 rng(42);
   const int c = static_cast<int>(std::lround(static_cast<double>(cfg.D) / cfg.K));
-  const int Lx = cfg.shared ? std::min(cfg.L, 2) : cfg.L, Lh = cfg.shared ? std::min(cfg.L - 1, 1) : cfg.L - 1;
   const int Lw = cfg.L * cfg.w;
-  std::vector<int> starts(cfg.L);
-  for (int i = 0; i < cfg.L; ++i) starts[i] = (i * c) % cfg.D;
+  std::vector<int> starts(cfg.L), slots(cfg.L);
+  for (int i = 0; i < cfg.L; ++i) starts[i] = (i * c) % cfg.D, slots[i] = cfg.shared ? std::min(i, 1) : i;
+  const int Lx = *std::max_element(slots.begin(), slots.end()) + 1, Lh = Lx - 1;
   auto x = random_vec<T>(size_t(cfg.B) * cfg.D, rng, 1.0);
   auto wx = random_vec<T>(size_t(Lx) * cfg.w * c, rng, 1.0 / std::sqrt(c));
   auto wh = random_vec<T>(size_t(std::max(Lh, 1)) * cfg.w * cfg.w, rng, 1.0 / std::sqrt(c + cfg.w));
@@ -88,10 +89,10 @@ bool run(const Config& cfg, double tol) {
   FwdParams<T> p{};
   p.x = x.data(), p.wx = wx.data(), p.wh = wh.data(), p.bias = cfg.bias ? b.data() : nullptr;
   p.wo = cfg.head ? wo.data() : nullptr, p.bo = cfg.head && cfg.bias ? bo.data() : nullptr;
-  p.starts = starts.data(), p.h_all = H.data(), p.y = cfg.head ? y.data() : nullptr;
+  p.starts = starts.data(), p.slots = slots.data(), p.h_all = H.data(), p.y = cfg.head ? y.data() : nullptr;
   p.y_ws = spinal_ops::cuda::forward_needs_y_workspace<T>(cfg.out, cfg.head) ? y_ws.data() : nullptr;
   p.rows = cfg.B, p.in_features = cfg.D, p.layers = cfg.L, p.width = cfg.w, p.chunk = c, p.out = cfg.out;
-  p.shared = cfg.shared, p.slope = static_cast<acc_t<T>>(cfg.slope);
+  p.slope = static_cast<acc_t<T>>(cfg.slope);
   spinal_ops::cuda::launch_forward(p, cfg.act, {}, nullptr, check_launch);
 
   // Naive forward in double.
@@ -100,7 +101,7 @@ bool run(const Config& cfg, double tol) {
   for (int r = 0; r < cfg.B; ++r) {
     std::fill(yr.begin(), yr.end(), 0.0);
     for (int i = 0; i < cfg.L; ++i) {
-      const int xs = cfg.shared ? std::min(i, 1) : i, hs = cfg.shared ? 0 : i - 1;
+      const int xs = slots[i], hs = slots[i] - 1;
       for (int n = 0; n < cfg.w; ++n) {
         double z = cfg.bias ? to_d(b[xs * cfg.w + n]) : 0;
         for (int k = 0; k < c; ++k) z += to_d(x[r * cfg.D + (starts[i] + k) % cfg.D]) * to_d(wx[(xs * cfg.w + n) * c + k]);
@@ -125,12 +126,12 @@ bool run(const Config& cfg, double tol) {
   std::vector<T> dx(x.size()), dwx(wx.size()), dwh(wh.size()), db(b.size()), dwo(wo.size()), dbo(bo.size());
   BwdParams<T> q{};
   q.gy = cfg.head ? gy.data() : nullptr, q.gh = gh.data(), q.x = x.data(), q.h_all = H.data();
-  q.wx = wx.data(), q.wh = wh.data(), q.bias = p.bias, q.wo = p.wo, q.starts = starts.data();
+  q.wx = wx.data(), q.wh = wh.data(), q.bias = p.bias, q.wo = p.wo, q.starts = starts.data(), q.slots = slots.data();
   q.dz = dz.data(), q.dx_acc = dx_acc.data(), q.dx = dx.data(), q.dwx = dwx.data();
   q.dwh = Lh > 0 ? dwh.data() : nullptr, q.db = cfg.bias ? db.data() : nullptr;
   q.dwo = cfg.head ? dwo.data() : nullptr, q.dbo = cfg.head ? dbo.data() : nullptr;
   q.rows = cfg.B, q.in_features = cfg.D, q.layers = cfg.L, q.width = cfg.w, q.chunk = c, q.out = cfg.out;
-  q.x_slots = Lx, q.h_slots = Lh, q.shared = cfg.shared, q.slope = p.slope;
+  q.x_slots = Lx, q.h_slots = Lh, q.slope = p.slope;
   spinal_ops::cuda::launch_backward(q, cfg.act, nullptr, check_launch);
   double grad_sum = 0;
   for (T v : dx) grad_sum += to_d(v);
