@@ -56,23 +56,19 @@ def positive_float(text: str) -> float:
     return value
 
 
-class ConfigNames:
-    """The benchmark configurations' names, read from spinal_ops.configs only when an argument is checked.
+def config_names() -> list[str]:
+    """The benchmark configurations' names (importing spinal_ops.configs, hence torch: call it only to check)."""
+    from spinal_ops.configs import CONFIG_BY_NAME
 
-    argparse asks ``name in choices`` while parsing and lists them in its error message; printing help does
-    not touch them (the argument has a metavar), so ``--help`` stays free of torch.
-    """
+    return sorted(CONFIG_BY_NAME)
 
-    def _names(self) -> list[str]:
-        from spinal_ops.configs import CONFIG_BY_NAME
 
-        return sorted(CONFIG_BY_NAME)
-
-    def __contains__(self, name) -> bool:
-        return name in self._names()
-
-    def __iter__(self):
-        return iter(self._names())
+def config_name(text: str) -> str:
+    """argparse type: a configuration of spinal_ops/configs.py (read when an argument is checked, not for help)."""
+    names = config_names()
+    if text not in names:
+        raise argparse.ArgumentTypeError(f"unknown configuration {text!r} (choose from {', '.join(names)})")
+    return text
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -192,7 +188,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                     "noisy) on the thread count the report records; each row has a floor measured on this "
                     "machine. Prints a table and writes bench.json, bench.txt, bench.md (the README table) and "
                     "bench.png into a new timestamped folder under --out, with a 'latest' link to it.")
-    bench.add_argument("--configs", nargs="+", choices=ConfigNames(), metavar="NAME",
+    bench.add_argument("--configs", nargs="+", type=config_name, metavar="NAME",
                        help=f"configurations of spinal_ops/configs.py (default: {BENCH_DEFAULTS_TEXT['configs']})")
     bench.add_argument("--batch-sizes", nargs="+", type=positive_int, metavar="B",
                        help=f"batch sizes (default: {BENCH_DEFAULTS_TEXT['batch_sizes']})")

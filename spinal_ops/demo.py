@@ -215,8 +215,10 @@ def run(epochs: int = 15, seed: int = 0, out: str = "demo-results", progress: bo
         histories = [train(head, data, epochs=epochs, seed=seed, progress=progress) for head in HEADS]
     finally:
         torch.set_num_threads(threads_before)
-    print(f"\ndense 2-layer: Linear(512, {spinal_hidden_width()}) -> ReLU -> Linear({spinal_hidden_width()}, 10), "
-          f"the hidden width L*w of the spinal head; FLOPs: forward, per sample, of the head")
+    hidden = spinal_hidden_width()
+    print(f"\nheads: nn.Linear(512, 10); the dense two-layer head Linear(512, {hidden}) -> ReLU -> "
+          f"Linear({hidden}, 10) of the spinal head's hidden width L*w; SpinalLinear(512, 10). "
+          f"FLOPs: the head's forward, per sample")
     print(f"\n{'head':<15}{'head params':>12}{'head FLOPs':>12}{'network params':>16}{'test accuracy':>15}"
           f"{'best':>9}{'time / epoch':>15}")
     for h in histories:
