@@ -23,37 +23,24 @@ DTYPES = ("float32", "float64", "bfloat16", "float16")
 MODES = ("forward", "backward", "fwd+bwd")
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _number(convert, accept, what: str):
+    """An argparse type: ``convert(text)`` where ``accept`` holds, else one error line saying it must be ``what``."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _number(float, lambda v: 0 < v < float("inf"), "a positive number")
 
 
 def config_names() -> list[str]:
@@ -179,15 +166,20 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,check,demo}")
 
-    bench = sub.add_parser(
-        "bench", formatter_class=HelpFormatter,
-        help="time SpinalLinear against the dense layer, the eager chain and torch.compile",
-        description="Time the fused SpinalLinear against the dense layer it replaces, the original eager chain "
-                    "and torch.compile of that chain, per configuration, batch size and mode. Every cell is "
-                    "timed in blocks (median and interquartile range; rows spreading over 10 percent are flagged "
-                    "noisy) on the thread count the report records; each row has a floor measured on this "
-                    "machine. Prints a table and writes bench.json, bench.txt, bench.md (the README table) and "
-                    "bench.png into a new timestamped folder under --out, with a 'latest' link to it.")
+    def command(name, func, summary, description):
+        p = sub.add_parser(name, formatter_class=HelpFormatter, help=summary, description=description)
+        p.set_defaults(func=func)
+        return p
+
+    bench = command(
+        "bench", _bench,
+        "time SpinalLinear against the dense layer, the eager chain and torch.compile",
+        "Time the fused SpinalLinear against the dense layer it replaces, the original eager chain "
+        "and torch.compile of that chain, per configuration, batch size and mode. Every cell is "
+        "timed in blocks (median and interquartile range; rows spreading over 10 percent are flagged "
+        "noisy) on the thread count the report records; each row has a floor measured on this "
+        "machine. Prints a table and writes bench.json, bench.txt, bench.md (the README table) and "
+        "bench.png into a new timestamped folder under --out, with a 'latest' link to it.")
     bench.add_argument("--configs", nargs="+", type=config_name, metavar="NAME",
                        help=f"configurations of spinal_ops/configs.py (default: {BENCH_DEFAULTS_TEXT['configs']})")
     bench.add_argument("--batch-sizes", nargs="+", type=positive_int, metavar="B",
@@ -204,23 +196,21 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                        help="seconds of timing per cell, at least")
     bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     bench.add_argument("--out", default="bench-results", help="folder holding one timestamped folder per run")
-    bench.set_defaults(func=_bench)
 
-    check = sub.add_parser(
-        "check", formatter_class=HelpFormatter,
-        help="list backends and build flags; verify each backend against the reference",
-        description="Print versions, build flags and the backends usable in this process, then run each "
-                    "backend on three small layers in float64 and compare outputs and gradients with the "
-                    "reference backend. Exit status 1 if one differs.")
-    check.set_defaults(func=_check)
+    check = command(
+        "check", _check,
+        "list backends and build flags; verify each backend against the reference",
+        "Print versions, build flags and the backends usable in this process, then run each "
+        "backend on three small layers in float64 and compare outputs and gradients with the "
+        "reference backend. Exit status 1 if one differs.")
 
-    demo = sub.add_parser(
-        "demo", formatter_class=HelpFormatter,
-        help="train a small CNN on the 8x8 digits with a linear, a dense and a spinal head",
-        description="Train a small CNN on scikit-learn's 8x8 digits (no download) three times, with an "
-                    "nn.Linear head, the dense two-layer head of the spinal head's hidden width, and a "
-                    "SpinalLinear head; print parameters, FLOPs, test accuracy and time per epoch of each, and "
-                    "plot the curves.")
+    demo = command(
+        "demo", _demo,
+        "train a small CNN on the 8x8 digits with a linear, a dense and a spinal head",
+        "Train a small CNN on scikit-learn's 8x8 digits (no download) three times, with an "
+        "nn.Linear head, the dense two-layer head of the spinal head's hidden width, and a "
+        "SpinalLinear head; print parameters, FLOPs, test accuracy and time per epoch of each, and "
+        "plot the curves.")
     demo.add_argument("--epochs", type=positive_int, default=15, help="training epochs per head")
     demo.add_argument("--seed", type=non_negative_int, default=0, help="seed of the split, the weights and the "
                                                                        "batches")
@@ -228,7 +218,6 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     demo.add_argument("--threads", type=non_negative_int, default=1, help="torch.set_num_threads (0: torch's "
                                                                           "choice)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
-    demo.set_defaults(func=_demo)
     return parser, {"bench": bench, "check": check, "demo": demo}
 
 

@@ -508,6 +508,7 @@ def run(configs, batch_sizes, modes=MODES, dtype=torch.float32, min_run_time=0.2
     """
     device = check_device(device)
     cpu = cpu_info()
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")  # the run's start
     threads_before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -554,7 +555,7 @@ def run(configs, batch_sizes, modes=MODES, dtype=torch.float32, min_run_time=0.2
         torch.set_num_threads(threads_before)
         if compile_eager:
             torch._dynamo.reset()
-    env = environment(dtype, device, cpu) | {"threads": used, "threads_before": threads_before,
+    env = environment(dtype, device, cpu) | {"date": date, "threads": used, "threads_before": threads_before,
                                              "threads_after": torch.get_num_threads(),
                                              "min_run_time": min_run_time, "noisy_spread": NOISY_SPREAD}
     report = {"environment": env, "machine": machine,
@@ -647,8 +648,9 @@ def describe_machine(report: dict) -> list[str]:
     cpu = (f"{env['cpu']} (vendor {env.get('cpu_vendor') or '?'}, family {env.get('cpu_family') or '?'}, model "
            f"{env.get('cpu_model_number') or '?'}; {env.get('vector_isa', '?')}, torch capability "
            f"{env.get('cpu_capability')})")
-    lines = [f"spinal_ops benchmark -- {env['date']}, {where}, {env['threads']} threads, {env['dtype']}, "
-             f"torch {env['torch']}, backends {', '.join(env['backends'])}",
+    lines = [f"{env['date']}, {where}, {env['threads']} threads, {env['dtype']}, torch {env['torch']}"
+             f"{' with MKL' if env.get('mkl') else ''}, spinal_ops {env.get('spinal_ops')}, backends "
+             f"{', '.join(env['backends'])}",
              f"cpu: {cpu}; threads before/used/after: {env.get('threads_before')}/{env['threads']}/"
              f"{env.get('threads_after')}"]
     machine = report.get("machine")
@@ -676,7 +678,9 @@ def describe_machine(report: dict) -> list[str]:
 def format_table(report: dict) -> str:
     rows = ratios(report)
     cols = _columns(report)
-    lines = describe_machine(report) + [
+    lines = describe_machine(report)
+    lines[0] = f"spinal_ops benchmark -- {lines[0]}"
+    lines += [
         "median times in microseconds; ratios < 1 mean the fused layer is faster; flops = fused/dense FLOP ratio;",
         "floor = max(FLOPs / GEMM rate, bytes / bandwidth) + one tiny op step; spread = largest IQR / median of "
         "the row; graphs = graphs torch.compile compiled",
@@ -701,8 +705,7 @@ def format_markdown(report: dict) -> str:
     if noisy:
         lines += [f"**Not for the README: {noisy} of {len(rows)} rows are noisy (spread > {NOISY_SPREAD:.0%}); "
                   "rerun on a quiet machine.**", ""]
-    lines += [f"`{env.get('command', 'python -m spinal_ops bench')}`, {env['date'][:10]}, "
-              + "; ".join(describe_machine(report)[1:]).replace("|", "/"), "",
+    lines += [f"`{env.get('command', 'python -m spinal_ops bench')}`:\n" + ";\n".join(describe_machine(report)), "",
               "| config | B | mode | " + " | ".join(h for h, _, _ in cols) + " |",
               "|---|---|---|" + "---|" * len(cols)]
     for r in rows:
@@ -761,7 +764,9 @@ def plot(report: dict, path: str) -> None:
             ax.set_yscale("log")
             ax.set_xticks(batch, [str(b) for b in batch])
             ax.xaxis.set_minor_locator(ticker.NullLocator())
-            ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            low, high = ax.get_ylim()
+            subs = (1.0, 2.0, 5.0) if high / low < 10**2.5 else (1.0,)  # 1-2-5 ticks unless they would crowd
+            ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=subs))
             ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
             ax.yaxis.set_minor_formatter(ticker.NullFormatter())
             ax.grid(True, which="major", alpha=0.3)
@@ -781,7 +786,7 @@ def plot(report: dict, path: str) -> None:
     env = report["environment"]
     fig.suptitle(f"{env.get('gpu') or env['cpu']}, {env['threads']} threads, {env['dtype']}, torch {env['torch']}",
                  fontsize=9, y=0.005, va="bottom")
-    fig.tight_layout(rect=(0, 0.25 / fig.get_figheight(), 1, 1 - 0.65 / fig.get_figheight()))
+    fig.tight_layout(rect=(0, 0.25 / fig.get_figheight(), 1, 1 - 0.55 / fig.get_figheight()))
     fig.savefig(path, dpi=90)
     plt.close(fig)
 

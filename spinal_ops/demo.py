@@ -179,19 +179,21 @@ def plot(histories: list[History], path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4.6))
     for h in histories:
         epochs = range(1, len(h.train_loss) + 1)
-        label = f"{HEAD_NAMES[h.head]} (head: {h.head_parameters:,} parameters, {h.head_flops:,} FLOPs)"
+        label = f"{HEAD_NAMES[h.head]}: head {h.head_parameters:,} params, {h.head_flops:,} FLOPs"
         ax_loss.plot(epochs, h.train_loss, marker="o", markersize=3, label=label)
         ax_acc.plot(epochs, [100 * a for a in h.test_accuracy], marker="o", markersize=3, label=label)
     ax_loss.set(xlabel="epoch", ylabel="train loss (cross-entropy)", yscale="log", title="training loss")
     ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy (8x8 digits)")
     for ax in (ax_loss, ax_acc):
         ax.grid(True, alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.legend(*ax_loss.get_legend_handles_labels(), loc="lower center", ncol=len(histories), fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
