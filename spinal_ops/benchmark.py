@@ -449,7 +449,7 @@ def measure_machine(configs, dtype, device: torch.device, modes, min_run_time: f
         floor_rate = {"dtype": name, "flops_per_s": gemm[name]["flops_per_s"]}
     else:  # computed in float32 units anyway
         floor_rate = {"dtype": "float32", "flops_per_s": gemm["float32"]["flops_per_s"],
-                      "note": f"{name} is not native here ({gemm[name]['unsupported']}): the float32 rate"}
+                      "note": f"{name} is not native here: the float32 rate"}
     esize = torch.empty((), dtype=dtype).element_size()
     bandwidth = {c.name: copy_bandwidth(parameter_count(c) * esize, dtype, device, min_run_time, threads)
                  for c in configs}
