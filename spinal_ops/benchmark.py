@@ -641,6 +641,10 @@ def _fused_label(rows: list[dict]) -> str:
     return ", ".join(dict.fromkeys(r["fused_provider"] for r in rows))
 
 
+def _threads(env: dict) -> str:
+    return f"{env['threads']} thread{'s' if env['threads'] != 1 else ''}"
+
+
 def describe_machine(report: dict) -> list[str]:
     """Lines on where and how the numbers were taken (CPU, threads, dtype, rates, noisy rows, failures)."""
     env, rows = report["environment"], ratios(report)
@@ -648,7 +652,7 @@ def describe_machine(report: dict) -> list[str]:
     cpu = (f"{env['cpu']} (vendor {env.get('cpu_vendor') or '?'}, family {env.get('cpu_family') or '?'}, model "
            f"{env.get('cpu_model_number') or '?'}; {env.get('vector_isa', '?')}, torch capability "
            f"{env.get('cpu_capability')})")
-    lines = [f"{env['date']}, {where}, {env['threads']} threads, {env['dtype']}, torch {env['torch']}"
+    lines = [f"{env['date']}, {where}, {_threads(env)}, {env['dtype']}, torch {env['torch']}"
              f"{' with MKL' if env.get('mkl') else ''}, spinal_ops {env.get('spinal_ops')}, backends "
              f"{', '.join(env['backends'])}",
              f"cpu: {cpu}; threads before/used/after: {env.get('threads_before')}/{env['threads']}/"
@@ -784,7 +788,7 @@ def plot(report: dict, path: str) -> None:
                title="median per call, interquartile range as error bars; the label at each fused point is "
                      "fused/floor", title_fontsize=8)
     env = report["environment"]
-    fig.suptitle(f"{env.get('gpu') or env['cpu']}, {env['threads']} threads, {env['dtype']}, torch {env['torch']}",
+    fig.suptitle(f"{env.get('gpu') or env['cpu']}, {_threads(env)}, {env['dtype']}, torch {env['torch']}",
                  fontsize=9, y=0.005, va="bottom")
     fig.tight_layout(rect=(0, 0.25 / fig.get_figheight(), 1, 1 - 0.55 / fig.get_figheight()))
     fig.savefig(path, dpi=90)
