@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 from spinal_ops import reference
+from spinal_ops.benchmark import parameter_count, x_columns
 from spinal_ops.configs import CONFIGS, ROOFLINE_BATCH_SIZES, SpinalConfig
 
 # NVIDIA H100 Tensor Core GPU datasheet, H100 SXM column:
@@ -40,17 +41,9 @@ class RooflineRow:
     bound_fp32: str
 
 
-def parameter_count(cfg: SpinalConfig) -> int:
-    c = reference.chunk_size(cfg.in_features, cfg.num_splits)
-    w, num_layers = cfg.width, cfg.num_layers
-    return num_layers * w * c + (num_layers - 1) * w * w + num_layers * w + cfg.out * num_layers * w + cfg.out
-
-
 def min_elements(cfg: SpinalConfig, rows: int) -> int:
     """Elements the forward must move at least once: the x columns any chunk reads, the parameters, H and y."""
-    c = reference.chunk_size(cfg.in_features, cfg.num_splits)
-    x_cols = min(cfg.in_features, cfg.num_layers * c)
-    return rows * x_cols + parameter_count(cfg) + rows * cfg.num_layers * cfg.width + rows * cfg.out
+    return rows * x_columns(cfg) + parameter_count(cfg) + rows * cfg.num_layers * cfg.width + rows * cfg.out
 
 
 def roofline_row(cfg: SpinalConfig, rows: int) -> RooflineRow:

@@ -1,15 +1,75 @@
-"""Command line: ``python -m spinal_ops {bench,check,demo}``."""
+"""Command line of spinal_ops: python -m spinal_ops {bench,check,demo}.
+
+Building the parser and printing help import nothing heavy (no torch): every subcommand imports what it needs
+when it runs.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import shlex
 import sys
 
-import torch
+PROG = "python -m spinal_ops"
+DESCRIPTION = ("Fused SpinalNet layers for PyTorch. Subcommands: bench (the benchmark report), check (backends and "
+               "build flags, each backend verified against the reference), demo (a small classifier trained with "
+               "three heads).")
+# The report's defaults, as the help shows them (spinal_ops.configs and spinal_ops.benchmark hold the values;
+# the tests check that these texts agree with them).
+BENCH_DEFAULTS_TEXT = {"configs": "all", "batch_sizes": "1 64 1024", "modes": "forward backward fwd+bwd"}
+DEVICES = ("cpu", "cuda")
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+MODES = ("forward", "backward", "fwd+bwd")
+
+
+def _number(convert, accept, what: str):
+    """An argparse type: ``convert(text)`` where ``accept`` holds, else one error line saying it must be ``what``."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    return parse
+
+
+positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _number(float, lambda v: 0 < v < float("inf"), "a positive number")
+
+
+def config_names() -> list[str]:
+    """The benchmark configurations' names (importing spinal_ops.configs, hence torch: call it only to check)."""
+    from spinal_ops.configs import CONFIG_BY_NAME
+
+    return sorted(CONFIG_BY_NAME)
+
+
+def config_name(text: str) -> str:
+    """argparse type: a configuration of spinal_ops/configs.py (read when an argument is checked, not for help)."""
+    names = config_names()
+    if text not in names:
+        raise argparse.ArgumentTypeError(f"unknown configuration {text!r} (choose from {', '.join(names)})")
+    return text
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown for every option; an option whose help already says its default is left as written."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _check(args) -> int:
+    import torch
+
     import spinal_ops
     from spinal_ops import backends, ops
 
@@ -65,58 +125,109 @@ def _check(args) -> int:
     return 1 if failures else 0
 
 
+def _error(message: str) -> int:
+    """One error line on stderr, exit status 2 (as argparse's own errors)."""
+    print(f"{PROG} bench: error: {message}", file=sys.stderr)
+    return 2
+
+
 def _bench(args) -> int:
+    import torch
+
     from spinal_ops import benchmark
     from spinal_ops.configs import BENCH_BATCH_SIZES, CONFIG_BY_NAME, CONFIGS
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    try:
+        benchmark.check_device(args.device)
+    except benchmark.BenchmarkError as e:
+        return _error(str(e))
     configs = CONFIGS if not args.configs else [CONFIG_BY_NAME[n] for n in args.configs]
-    batch_sizes = args.batch_sizes or list(BENCH_BATCH_SIZES)
-    dtype = getattr(torch, args.dtype)
-    report = benchmark.run(configs, batch_sizes, args.modes or benchmark.MODES, dtype=dtype,
-                           min_run_time=args.min_run_time, compile_eager=not args.no_compile)
+    report = benchmark.run(configs, args.batch_sizes or list(BENCH_BATCH_SIZES), args.modes or benchmark.MODES,
+                           dtype=getattr(torch, args.dtype), min_run_time=args.min_run_time,
+                           compile_eager=not args.no_compile, device=args.device, threads=args.threads)
+    report["environment"]["command"] = f"{PROG} {shlex.join(args.argv)}"
     print(benchmark.format_table(report))
-    json_path, png_path = benchmark.save(report, args.out)
-    print(f"\nwrote {json_path} and {png_path}")
+    paths = benchmark.save(report, args.out)
+    print(f"\nwrote {paths['json']}, {paths['txt']}, {paths['md']} (the README table) and {paths['png']}")
+    print(f"{paths['latest']} -> {paths['folder']}" if paths["latest"] else
+          f"{args.out}/latest not updated (it is not a symbolic link here)")
     return 0
 
 
 def _demo(args) -> int:
     from spinal_ops import demo
 
-    if args.epochs < 1:
-        raise SystemExit(f"--epochs must be >= 1, got {args.epochs}")
     demo.run(epochs=args.epochs, seed=args.seed, out=args.out, progress=not args.no_progress, threads=args.threads)
     return 0
 
 
-def main(argv=None) -> int:
-    from spinal_ops.configs import CONFIG_BY_NAME
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and each subcommand's parser (by name)."""
+    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,check,demo}")
 
-    parser = argparse.ArgumentParser(prog="python -m spinal_ops", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    bench = sub.add_parser("bench", help="time SpinalLinear against nn.Linear, the eager chain and torch.compile")
-    bench.add_argument("--configs", nargs="+", choices=sorted(CONFIG_BY_NAME), help="default: all")
-    bench.add_argument("--batch-sizes", nargs="+", type=int, help="default: 1 64 1024")
-    bench.add_argument("--modes", nargs="+", choices=["forward", "backward", "fwd+bwd"], help="default: all")
-    bench.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    bench.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's choice)")
-    bench.add_argument("--min-run-time", type=float, default=0.2, help="seconds of timing per measurement")
+    def command(name, func, summary, description):
+        p = sub.add_parser(name, formatter_class=HelpFormatter, help=summary, description=description)
+        p.set_defaults(func=func)
+        return p
+
+    bench = command(
+        "bench", _bench,
+        "time SpinalLinear against the dense layer, the eager chain and torch.compile",
+        "Time the fused SpinalLinear against the dense layer it replaces, the original eager chain "
+        "and torch.compile of that chain, per configuration, batch size and mode. Every cell is "
+        "timed in blocks (median and interquartile range; rows spreading over 10 percent are flagged "
+        "noisy) on the thread count the report records; each row has a floor measured on this "
+        "machine. Prints a table and writes bench.json, bench.txt, bench.md (the README table) and "
+        "bench.png into a new timestamped folder under --out, with a 'latest' link to it.")
+    bench.add_argument("--configs", nargs="+", type=config_name, metavar="NAME",
+                       help=f"configurations of spinal_ops/configs.py (default: {BENCH_DEFAULTS_TEXT['configs']})")
+    bench.add_argument("--batch-sizes", nargs="+", type=positive_int, metavar="B",
+                       help=f"batch sizes (default: {BENCH_DEFAULTS_TEXT['batch_sizes']})")
+    bench.add_argument("--modes", nargs="+", choices=MODES,
+                       help=f"what is timed (default: {BENCH_DEFAULTS_TEXT['modes']})")
+    bench.add_argument("--device", default="cpu", choices=DEVICES, help="device the tensors live on")
+    bench.add_argument("--dtype", default="float32", choices=DTYPES,
+                       help="dtype of inputs and weights (the cpu backend runs float32 and float64; in other "
+                            "dtypes the fused column is the backend spinal_ops picks by itself, named in the table)")
+    bench.add_argument("--threads", type=positive_int,
+                       help="torch.set_num_threads for the run, restored afterwards (default: torch's choice)")
+    bench.add_argument("--min-run-time", type=positive_float, default=0.2,
+                       help="seconds of timing per cell, at least")
     bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
-    bench.add_argument("--out", default="bench-results", help="directory for bench.json and bench.png")
-    bench.set_defaults(func=_bench)
-    check = sub.add_parser("check", help="list backends and build flags; verify each backend against the reference")
-    check.set_defaults(func=_check)
-    demo = sub.add_parser("demo", help="train a small CNN on the 8x8 digits with an nn.Linear head and with a "
-                                       "SpinalLinear head; print accuracy and time per epoch, plot the curves")
-    demo.add_argument("--epochs", type=int, default=15, help="training epochs per head (default: 15)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the split, the weights and the batches")
-    demo.add_argument("--out", default="demo-results", help="directory for demo.png (default: demo-results)")
-    demo.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default: 1; 0: torch's choice)")
+    bench.add_argument("--out", default="bench-results", help="folder holding one timestamped folder per run")
+
+    check = command(
+        "check", _check,
+        "list backends and build flags; verify each backend against the reference",
+        "Print versions, build flags and the backends usable in this process, then run each "
+        "backend on three small layers in float64 and compare outputs and gradients with the "
+        "reference backend. Exit status 1 if one differs.")
+
+    demo = command(
+        "demo", _demo,
+        "train a small CNN on the 8x8 digits with a linear, a dense and a spinal head",
+        "Train a small CNN on scikit-learn's 8x8 digits (no download) three times, with an "
+        "nn.Linear head, the dense two-layer head of the spinal head's hidden width, and a "
+        "SpinalLinear head; print parameters, FLOPs, test accuracy and time per epoch of each, and "
+        "plot the curves.")
+    demo.add_argument("--epochs", type=positive_int, default=15, help="training epochs per head")
+    demo.add_argument("--seed", type=non_negative_int, default=0, help="seed of the split, the weights and the "
+                                                                       "batches")
+    demo.add_argument("--out", default="demo-results", help="folder for demo.png")
+    demo.add_argument("--threads", type=non_negative_int, default=1, help="torch.set_num_threads (0: torch's "
+                                                                          "choice)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
-    demo.set_defaults(func=_demo)
-    args = parser.parse_args(argv)
+    return parser, {"bench": bench, "check": check, "demo": demo}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, subparsers = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # reported by the subcommand's parser, with its usage
+        subparsers[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    args.argv = argv
     return args.func(args)
 
 

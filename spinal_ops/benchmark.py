@@ -2,21 +2,42 @@
 
 Providers, all holding the same weights:
 
-- ``fused[<backend>]``: :class:`SpinalLinear` on a backend of this device (interpreted Triton excluded);
+- ``fused[<backend>]``: :class:`SpinalLinear` on the backends of this device that run the report's dtype
+  (interpreted Triton excluded); where none does (bfloat16/float16 on CPU), the backend ``spinal_ops`` picks by
+  itself (:func:`spinal_ops.backends.select_backend`), labelled with its name;
 - ``eager``: the original scripts' code path, an ``nn.Linear`` per sub-layer fed ``torch.cat([chunk, h])``;
-- ``compiled``: ``torch.compile`` of ``eager`` (inductor);
+- ``compiled``: ``torch.compile`` of ``eager`` (inductor), compiled afresh for every (configuration, mode, batch
+  size) after ``torch._dynamo.reset()``, so dynamo never reaches its recompile limit; the graphs compiled are
+  counted per cell, and a cell that compiles nothing, recompiles while timed or fails is reported as failed;
 - ``dense``: ``nn.Linear(D, L*w) + ReLU + nn.Linear(L*w, out)``, the dense layer a spinal head replaces.
 
 Modes: ``forward`` (under ``torch.no_grad``), ``backward`` (one retained graph, backward timed alone) and
-``fwd+bwd``. Times are medians of ``torch.utils.benchmark.Timer.blocked_autorange``. Nothing here asserts speed.
+``fwd+bwd``.
+
+Timing: blocked runs (:func:`measure`): a block is a fixed number of calls, timed as a whole (``perf_counter`` on
+CPU, CUDA events on a GPU); at least :data:`MIN_BLOCKS` blocks and ``min_run_time`` seconds per cell. A cell
+reports the median time per call over its blocks, the quartiles, min and max; its spread is the interquartile
+range over the median, and a row (configuration, batch size, mode) whose cells spread more than
+:data:`NOISY_SPREAD` is flagged noisy. Every provider runs on the thread count the report sets and records; a
+provider that changes it is reported as failed.
+
+Floor: the report measures, in the same run, the GEMM rate of this machine (square ``torch.mm``), the copy
+bandwidth at each configuration's weight size and the time of one tiny ``nn.Linear`` step per mode; a row's
+floor is ``max(FLOPs / rate, bytes / bandwidth) + one tiny step of the same mode`` (:func:`floor`).
+
+Nothing here asserts speed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import gc
 import json
+import math
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -28,6 +49,16 @@ from .configs import SpinalConfig
 from .module import SpinalLinear
 
 MODES = ("forward", "backward", "fwd+bwd")
+DEVICES = ("cpu", "cuda")
+NOISY_SPREAD = 0.10  # a row whose interquartile range exceeds this fraction of its median is noisy
+MIN_BLOCKS = 5  # blocks per cell, at least
+BLOCKS_PER_RUN = 20  # a block lasts about min_run_time / BLOCKS_PER_RUN
+GEMM_SIZE = {"cpu": 1024, "cuda": 4096}  # n of the n x n x n GEMM that measures the machine's rate
+BWD_FLOPS = 2  # backward FLOPs per forward FLOP: the input gradient and the weight gradient of every product
+
+
+class BenchmarkError(RuntimeError):
+    """A cell that cannot be timed honestly (failed compilation, a fallback, a changed thread count)."""
 
 
 class EagerSpinal(nn.Module):
@@ -69,23 +100,59 @@ def dense_equivalent(cfg: SpinalConfig, dtype=None, device=None) -> nn.Module:
     return nn.Sequential(nn.Linear(cfg.in_features, hidden), act, nn.Linear(hidden, cfg.out)).to(device, dtype)
 
 
-def fused_backends(device: torch.device) -> list[str]:
-    """Native/compiled backends worth timing on ``device`` (interpreted Triton is a correctness tool only)."""
-    names = [b for b in backends.available_backends() if b != "reference" and backends._serves(b, device.type)]
-    return [b for b in names if not (b == "triton" and device.type == "cpu")]
+def fused_backends(device: torch.device, dtype: torch.dtype | None = None) -> list[str]:
+    """Backends timed as ``fused[<name>]`` on ``device`` in ``dtype``.
+
+    The native/compiled backends that run ``dtype`` there (interpreted Triton is a correctness tool only); where
+    none does, the one ``spinal_ops`` chooses automatically, so the label names the backend that actually runs.
+    """
+    names = [b for b in backends.available_backends() if b != "reference" and backends._serves(b, device.type, dtype)]
+    names = [b for b in names if not (b == "triton" and device.type == "cpu")]
+    return names or [backends.select_backend(device, dtype)]
 
 
-def make_providers(cfg: SpinalConfig, dtype, device, compile_eager: bool = True) -> dict:
-    """``{name: (module, backend or None)}`` for one configuration, all with the same spinal weights."""
+@dataclasses.dataclass
+class Provider:
+    """One column of the report: ``module`` run under spinal_ops backend ``backend`` (None: no forcing).
+
+    ``compiled``: ``module`` is compiled afresh (:func:`compile_fresh`) for every cell it is timed in.
+    """
+
+    module: nn.Module
+    backend: str | None = None
+    compiled: bool = False
+
+
+def make_providers(cfg: SpinalConfig, dtype, device, compile_eager: bool = True) -> dict[str, Provider]:
+    """``{name: Provider}`` for one configuration, all with the same spinal weights."""
     spinal = SpinalLinear(cfg.in_features, cfg.out, layer_width=cfg.width, num_layers=cfg.num_layers,
                           num_splits=cfg.num_splits, activation=cfg.activation, device=device, dtype=dtype)
-    eager = EagerSpinal(spinal)
-    providers = {f"fused[{b}]": (spinal, b) for b in fused_backends(torch.device(device))}
-    providers["eager"] = (eager, None)
+    providers = {f"fused[{b}]": Provider(spinal, b) for b in fused_backends(torch.device(device), dtype)}
+    providers["eager"] = Provider(EagerSpinal(spinal))
     if compile_eager:
-        providers["compiled"] = (torch.compile(EagerSpinal(spinal), dynamic=False), None)
-    providers["dense"] = (dense_equivalent(cfg, dtype, device), None)
+        providers["compiled"] = Provider(EagerSpinal(spinal), compiled=True)
+    providers["dense"] = Provider(dense_equivalent(cfg, dtype, device))
     return providers
+
+
+class GraphCounter:
+    """A ``torch.compile`` backend: inductor, counting the graphs dynamo hands it."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        from torch._inductor.compile_fx import compile_fx
+
+        self.graphs += 1
+        return compile_fx(gm, example_inputs)
+
+
+def compile_fresh(module: nn.Module) -> tuple[nn.Module, GraphCounter]:
+    """``torch.compile(module)`` with nothing cached: dynamo is reset first, so no recompile limit carries over."""
+    torch._dynamo.reset()
+    counter = GraphCounter()
+    return torch.compile(module, backend=counter, dynamic=False), counter
 
 
 def _call(module, backend, x):
@@ -96,14 +163,18 @@ def _call(module, backend, x):
 
 
 def make_step(module, backend, x, mode: str):
-    """A no-argument callable running one ``mode`` step of one provider on ``x``."""
+    """A no-argument callable running one ``mode`` step of one provider on ``x``.
+
+    ``fwd+bwd`` and ``backward`` run one forward with gradients while they are set up (the output's shape, the
+    retained graph): the same shapes and grad mode as the timed calls, so a compiled module compiles nothing else.
+    """
     if mode == "forward":
         def step():
             with torch.no_grad():
                 _call(module, backend, x)
     elif mode == "fwd+bwd":
         xg = x.detach().requires_grad_()
-        grad = torch.ones(x.shape[0], _call(module, backend, x[:1]).shape[1], dtype=x.dtype, device=x.device)
+        grad = torch.ones_like(_call(module, backend, xg))
 
         def step():
             _call(module, backend, xg).backward(grad)
@@ -119,19 +190,88 @@ def make_step(module, backend, x, mode: str):
     return step
 
 
-def time_provider(module, backend, x, mode: str, min_run_time: float) -> float:
-    """Median seconds per call of ``mode`` for one provider, with all of torch's intra-op threads.
-
-    ``torch.utils.benchmark.Timer`` runs single-threaded unless told otherwise (``num_threads=1`` is its default):
-    it is given the thread count the report records, so every provider runs as it would in the caller's process.
-    """
-    from torch.utils.benchmark import Timer
-
-    step = make_step(module, backend, x, mode)
-    for _ in range(2):  # warm-up (and compilation for the compiled provider)
+def _cpu_block(step, number: int, device) -> float:
+    start = time.perf_counter()
+    for _ in range(number):
         step()
-    timer = Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median
+    return time.perf_counter() - start
+
+
+def _cuda_block(step, number: int, device) -> float:
+    """Seconds for ``number`` calls, timed on the GPU by CUDA events around the queued work."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(device)  # nothing queued earlier is counted
+    start.record()
+    for _ in range(number):
+        step()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def measure(step, min_run_time: float, device="cpu", min_blocks: int = MIN_BLOCKS) -> dict:
+    """Blocked timing of ``step`` (already warm): seconds per call as median, quartiles, min and max of blocks.
+
+    A block is ``number`` calls timed together (chosen so that a block lasts about ``min_run_time /
+    BLOCKS_PER_RUN``); blocks run until ``min_run_time`` seconds and ``min_blocks`` blocks are reached. The
+    garbage collector is off while timing. ``spread`` is the interquartile range over the median.
+    """
+    device = torch.device(device)
+    block = _cuda_block if device.type == "cuda" else _cpu_block
+    gc_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        one = block(step, 1, device)
+        number = max(1, int(min_run_time / BLOCKS_PER_RUN / max(one, 1e-9)))
+        times: list[float] = []
+        total = 0.0
+        while total < min_run_time or len(times) < min_blocks:
+            seconds = block(step, number, device)
+            total += seconds
+            times.append(seconds / number)
+    finally:
+        if gc_enabled:
+            gc.enable()
+    q1, median, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return {"seconds": median, "q1": q1, "q3": q3, "min": min(times), "max": max(times), "blocks": len(times),
+            "number": number, "spread": (q3 - q1) / median if median > 0 else 0.0}
+
+
+def time_provider(module, backend, x, mode: str, min_run_time: float, threads: int | None = None,
+                  compiled: bool = False, warmup: int = 2) -> dict:
+    """Time one ``mode`` step of one provider on ``x`` with ``threads`` intra-op threads (default: torch's now).
+
+    ``compiled``: ``module`` is compiled afresh first (:func:`compile_fresh`); the result then has ``graphs`` (the
+    graphs dynamo compiled) and ``compile_s``. Raises :class:`BenchmarkError` where the numbers would not be what
+    they claim: a compiled module that compiled no graph, hit the recompile limit or recompiled while timed, or
+    a step that changed torch's thread count.
+    """
+    threads = threads or torch.get_num_threads()
+    device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+    extra = {}
+    counter = None
+    if compiled:
+        module, counter = compile_fresh(module)
+    started = time.perf_counter()
+    limit = {"fail_on_recompile_limit_hit": True} if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit") \
+        else {}
+    with torch._dynamo.config.patch(**limit):
+        step = make_step(module, backend, x, mode)
+        for _ in range(warmup):  # and compilation for the compiled provider
+            step()
+        if counter is not None:
+            extra = {"graphs": counter.graphs, "compile_s": time.perf_counter() - started}
+            if counter.graphs == 0:
+                raise BenchmarkError("torch.compile compiled no graph: the module ran eagerly")
+        torch.set_num_threads(threads)
+        result = measure(step, min_run_time, device)
+    seen = torch.get_num_threads()
+    if seen != threads:
+        torch.set_num_threads(threads)
+        raise BenchmarkError(f"the step changed torch's thread count from {threads} to {seen} while timed")
+    if counter is not None and counter.graphs != extra["graphs"]:
+        raise BenchmarkError(f"torch.compile recompiled while timed ({counter.graphs - extra['graphs']} graphs)")
+    return result | {"threads": threads} | extra
 
 
 def saved_activation_values(module, backend, x) -> int:
@@ -150,102 +290,410 @@ def saved_activation_values(module, backend, x) -> int:
     return sum(seen.values())
 
 
-def environment(dtype) -> dict:
-    """Device, versions, dtype and threads: recorded with every number."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+# --- the machine: CPU, native dtypes, GEMM rate, copy bandwidth, one op call -------------------------------------
+
+_ISA_FLAGS = (  # (/proc/cpuinfo flag, name recorded)
+    ("sse4_2", "SSE4.2"), ("avx", "AVX"), ("avx2", "AVX2"), ("fma", "FMA"), ("avx512f", "AVX-512"),
+    ("avx512_vnni", "AVX512_VNNI"), ("avx512_bf16", "AVX512_BF16"), ("avx512_fp16", "AVX512_FP16"),
+    ("amx_tile", "AMX"), ("amx_bf16", "AMX_BF16"), ("amx_fp16", "AMX_FP16"), ("amx_int8", "AMX_INT8"),
+    ("asimd", "NEON"), ("sve", "SVE"), ("bf16", "BF16"), ("asimdhp", "FP16"),
+)
+_NATIVE_ISA = {"bfloat16": ("AVX512_BF16", "AMX_BF16", "BF16"), "float16": ("AVX512_FP16", "AMX_FP16", "FP16")}
+
+
+def cpu_info(cpuinfo: str | None = None) -> dict:
+    """Model, vendor, family, model number and vector ISA of this CPU (``/proc/cpuinfo``, or ``cpuinfo`` text)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.split("\n\n")[0].splitlines():  # the first processor describes them all
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    isa = [name for flag, name in _ISA_FLAGS if flag in flags]
+    vector = next((v for v in ("AMX", "AVX-512", "AVX2", "AVX", "SVE", "NEON") if v in isa), "unknown")
+    return {
+        "model": fields.get("model name") or platform.processor() or platform.machine(),
+        "vendor": fields.get("vendor_id") or fields.get("CPU implementer", ""),
+        "family": fields.get("cpu family") or fields.get("CPU architecture", ""),
+        "model_number": fields.get("model") or fields.get("CPU part", ""),
+        "vector_isa": vector,
+        "isa": isa,
+        "flags_known": bool(flags),
+    }
+
+
+def native_dtype_support(dtype_name: str, device: torch.device, cpu: dict) -> str | None:
+    """None if ``device`` computes ``dtype_name`` natively, else the reason it does not (recorded in the report)."""
+    if dtype_name in ("float32", "float64"):
+        return None
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported() if dtype_name == "bfloat16" else True
+        return None if ok else f"{torch.cuda.get_device_name(device)} has no native bfloat16"
+    if not cpu["flags_known"]:
+        return "CPU flags unknown"
+    wanted = _NATIVE_ISA[dtype_name]
+    if any(name in cpu["isa"] for name in wanted):
+        return None
+    return f"unsupported: no {' / '.join(wanted[:2])} in the CPU flags"
+
+
+def gemm_rate(dtype: torch.dtype, device: torch.device, min_run_time: float, threads: int) -> dict:
+    """FLOP/s of an ``n x n x n`` ``torch.mm`` in ``dtype`` on ``device`` (n from :data:`GEMM_SIZE`)."""
+    n = GEMM_SIZE[device.type]
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    out = torch.empty(n, n, dtype=dtype, device=device)
+
+    def step():
+        torch.mm(a, b, out=out)
+
+    step()
+    torch.set_num_threads(threads)
+    timing = measure(step, min_run_time, device)
+    return {"n": n, "flops_per_s": 2 * n**3 / timing["seconds"], "timing": timing}
+
+
+def copy_bandwidth(nbytes: int, dtype: torch.dtype, device: torch.device, min_run_time: float, threads: int) -> dict:
+    """Bytes per second (read + write) of ``dst.copy_(src)`` with ``nbytes`` in ``src``.
+
+    The time of a one-element copy is subtracted first: the cost of an op call is counted once, by the floor's
+    call term, not again in its bytes term. ``bytes_per_s`` is None where the copy took no longer than that
+    (too small to see; the floor's bytes term is then 0).
+    """
+    esize = torch.empty((), dtype=dtype).element_size()
+    timings = []
+    for numel in (max(1, nbytes // esize), 1):
+        src = torch.randn(numel, device=device).to(dtype)
+        dst = torch.empty_like(src)
+        torch.set_num_threads(threads)
+        timings.append(measure(lambda s=src, d=dst: d.copy_(s), min_run_time, device))
+    data_s = timings[0]["seconds"] - timings[1]["seconds"]
+    return {"bytes": nbytes, "bytes_per_s": 2 * nbytes / data_s if data_s > 0 else None,
+            "copy_s": timings[0]["seconds"], "one_element_copy_s": timings[1]["seconds"]}
+
+
+def call_times(dtype, device: torch.device, modes, min_run_time: float, threads: int) -> dict:
+    """Per mode, the time of one step of a tiny ``nn.Linear(1, 1)`` on one row: the cost of an op call."""
+    tiny = nn.Linear(1, 1).to(device, dtype)
+    x = torch.randn(1, 1, device=device).to(dtype)
+    return {mode: time_provider(tiny, None, x, mode, min_run_time, threads) for mode in modes}
+
+
+def parameter_count(cfg: SpinalConfig) -> int:
+    """Parameters of the spinal layer of ``cfg`` (packed weights, biases and head)."""
+    c, w, num_layers = cfg.chunk, cfg.width, cfg.num_layers
+    return num_layers * w * c + (num_layers - 1) * w * w + num_layers * w + cfg.out * num_layers * w + cfg.out
+
+
+def x_columns(cfg: SpinalConfig) -> int:
+    """Columns of ``x`` some chunk reads."""
+    return min(cfg.in_features, cfg.num_layers * cfg.chunk)
+
+
+def mode_flops(cfg: SpinalConfig, rows: int, mode: str) -> int:
+    """FLOPs of one ``mode`` step of the spinal layer on ``rows`` rows.
+
+    Forward: ``rows * reference.flops_per_row``. Backward: :data:`BWD_FLOPS` times that (every product of the
+    forward has an input-gradient and a weight-gradient product of the same size; element-wise work ignored).
+    ``fwd+bwd``: the sum.
+    """
+    forward = rows * cfg.flops_per_row()
+    return {"forward": forward, "backward": BWD_FLOPS * forward, "fwd+bwd": (1 + BWD_FLOPS) * forward}[mode]
+
+
+def min_elements(cfg: SpinalConfig, rows: int, mode: str) -> int:
+    """Elements one ``mode`` step must move at least once.
+
+    Forward: the ``x`` columns read, the parameters, the output ``y``. Backward: ``x``, the parameters and the
+    output gradient read, the input gradient and the parameter gradients written. ``fwd+bwd``: the backward's
+    and the output ``y``. Intermediates (``H``) are not counted: a kernel could keep or recompute them.
+    """
+    x, p, y = rows * x_columns(cfg), parameter_count(cfg), rows * cfg.out
+    backward = x + p + y + rows * cfg.in_features + p
+    return {"forward": x + p + y, "backward": backward, "fwd+bwd": backward + y}[mode]
+
+
+def floor(cfg: SpinalConfig, rows: int, mode: str, machine: dict) -> dict:
+    """The floor of one row: ``max(FLOPs / rate, bytes / bandwidth) + one tiny step of the same mode``.
+
+    ``rate``: the measured GEMM rate of the report's dtype (``machine["floor_rate"]``); ``bandwidth``: the copy
+    bandwidth measured at the configuration's weight size; the call term is the time of one step of a tiny
+    ``nn.Linear`` in the same mode (forward; backward alone; forward and backward).
+    """
+    flops = mode_flops(cfg, rows, mode)
+    nbytes = min_elements(cfg, rows, mode) * machine["element_size"]
+    compute_s = flops / machine["floor_rate"]["flops_per_s"]
+    bandwidth = machine["bandwidth"][cfg.name]["bytes_per_s"]
+    memory_s = nbytes / bandwidth if bandwidth else 0.0
+    call_s = machine["call"][mode]["seconds"]
+    return {"seconds": max(compute_s, memory_s) + call_s, "flops": flops, "bytes": nbytes, "compute_s": compute_s,
+            "memory_s": memory_s, "call_s": call_s, "bound": "compute" if compute_s >= memory_s else "memory"}
+
+
+def measure_machine(configs, dtype, device: torch.device, modes, min_run_time: float, threads: int,
+                    cpu: dict) -> dict:
+    """The floor's inputs, measured now: GEMM rates, copy bandwidth per configuration, op-call times."""
+    name = str(dtype).replace("torch.", "")
+    gemm: dict[str, dict] = {}
+    for other in dict.fromkeys(("float32", name, "bfloat16")):
+        reason = native_dtype_support(other, device, cpu)
+        if reason is None:
+            gemm[other] = gemm_rate(getattr(torch, other), device, min_run_time, threads)
+        else:
+            gemm[other] = {"unsupported": reason}
+    if "flops_per_s" in gemm[name]:
+        floor_rate = {"dtype": name, "flops_per_s": gemm[name]["flops_per_s"]}
+    else:  # computed in float32 units anyway
+        floor_rate = {"dtype": "float32", "flops_per_s": gemm["float32"]["flops_per_s"],
+                      "note": f"{name} is not native here: the float32 rate"}
+    esize = torch.empty((), dtype=dtype).element_size()
+    bandwidth = {c.name: copy_bandwidth(parameter_count(c) * esize, dtype, device, min_run_time, threads)
+                 for c in configs}
+    return {"gemm": gemm, "floor_rate": floor_rate, "element_size": esize, "bandwidth": bandwidth,
+            "call": call_times(dtype, device, modes, min_run_time, threads)}
+
+
+def environment(dtype, device="cpu", cpu: dict | None = None) -> dict:
+    """Device, CPU, versions, dtype and threads: recorded with every number."""
     import spinal_ops
 
-    return {
+    device = torch.device(device)
+    cpu = cpu or cpu_info()
+    env = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": "cpu",
-        "cpu": cpu,
-        "threads": torch.get_num_threads(),
+        "device": device.type,
+        "cpu": cpu["model"],
+        "cpu_vendor": cpu["vendor"],
+        "cpu_family": cpu["family"],
+        "cpu_model_number": cpu["model_number"],
+        "vector_isa": cpu["vector_isa"],
+        "isa": cpu["isa"],
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "mkl": torch.backends.mkl.is_available(),
+        "threads": torch.get_num_threads(),
         "dtype": str(dtype).replace("torch.", ""),
         "torch": torch.__version__,
         "spinal_ops": spinal_ops.__version__,
         "python": platform.python_version(),
         "backends": backends.available_backends(),
     }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def check_device(device) -> torch.device:
+    """``torch.device(device)``, or a :class:`BenchmarkError` saying why this process cannot time on it."""
+    device = torch.device(device)
+    if device.type not in DEVICES:
+        raise BenchmarkError(f"--device must be one of {', '.join(DEVICES)}, got {device.type!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA support"
+        raise BenchmarkError(f"--device cuda: no CUDA GPU is available to this process (torch {torch.__version__}, "
+                             f"built with {build})")
+    return device
 
 
 def run(configs, batch_sizes, modes=MODES, dtype=torch.float32, min_run_time=0.2, compile_eager=True,
-        progress=sys.stderr) -> dict:
-    """Time every provider for every configuration, batch size and mode. Returns the JSON-able report."""
-    device = "cpu"
-    records = []
-    memory = []
+        device="cpu", threads: int | None = None, progress=sys.stderr) -> dict:
+    """Time every provider for every configuration, batch size and mode. Returns the JSON-able report.
+
+    ``threads``: torch's intra-op thread count for the run (None: leave torch's); set before the first
+    measurement, used by every cell, restored afterwards. The report records it, with the count before and after.
+    """
+    device = check_device(device)
+    cpu = cpu_info()
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")  # the run's start
+    threads_before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    used = torch.get_num_threads()
+    records, memory = [], []
     total = len(configs) * len(batch_sizes) * len(modes)
-    step = 0
+    done = 0
     started = time.perf_counter()
-    for cfg in configs:
-        torch.manual_seed(0)
-        providers = make_providers(cfg, dtype, device, compile_eager)
-        x1 = torch.randn(max(batch_sizes), cfg.in_features, dtype=dtype, device=device)
-        fused_name = next(n for n in providers if n.startswith("fused"))
-        mem_rows = min(64, x1.shape[0])
-        memory.append({
-            "config": cfg.name,
-            "rows": mem_rows,
-            "fused": saved_activation_values(*providers[fused_name], x1[:mem_rows]),
-            "eager": saved_activation_values(*providers["eager"], x1[:mem_rows]),
-        })
-        for rows in batch_sizes:
-            x = x1[:rows].contiguous()
-            for mode in modes:
-                step += 1
-                print(f"[{step}/{total}] {cfg.name} B={rows} {mode} ({time.perf_counter() - started:.0f}s)",
-                      file=progress, flush=True)
-                for name, (module, backend) in providers.items():
-                    seconds = time_provider(module, backend, x, mode, min_run_time)
-                    records.append({"config": cfg.name, "rows": rows, "mode": mode, "provider": name,
-                                    "seconds": seconds})
-    return {"environment": environment(dtype), "configs": [c._asdict() | {
-        "flop_ratio": c.flops_per_row() / c.dense_flops_per_row()} for c in configs], "records": records,
-        "memory": memory}
+    try:
+        print(f"measuring the machine: GEMM rate, copy bandwidth, op-call time ({used} threads)", file=progress,
+              flush=True)
+        machine = measure_machine(configs, dtype, device, modes, min_run_time, used, cpu)
+        for cfg in configs:
+            torch.manual_seed(0)
+            providers = make_providers(cfg, dtype, device, compile_eager)
+            x1 = torch.randn(max(batch_sizes), cfg.in_features, device=device).to(dtype)
+            fused_name = next(n for n in providers if n.startswith("fused"))
+            mem_rows = min(64, x1.shape[0])
+            memory.append({
+                "config": cfg.name,
+                "rows": mem_rows,
+                "fused": saved_activation_values(providers[fused_name].module, providers[fused_name].backend,
+                                                 x1[:mem_rows]),
+                "eager": saved_activation_values(providers["eager"].module, None, x1[:mem_rows]),
+            })
+            for rows in batch_sizes:
+                x = x1[:rows].contiguous()
+                for mode in modes:
+                    done += 1
+                    print(f"[{done}/{total}] {cfg.name} B={rows} {mode} ({time.perf_counter() - started:.0f}s)",
+                          file=progress, flush=True)
+                    for name, p in providers.items():
+                        record = {"config": cfg.name, "rows": rows, "mode": mode, "provider": name}
+                        try:
+                            result = time_provider(p.module, p.backend, x, mode, min_run_time, used, p.compiled)
+                            record |= {"status": "ok"} | result
+                        except Exception as e:  # reported in the cell, never replaced by another provider's time
+                            message = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                            record |= {"status": "failed", "error": f"{type(e).__name__}: {message}",
+                                       "seconds": None, "threads": used}
+                            print(f"  {name} failed: {record['error']}", file=progress, flush=True)
+                        records.append(record)
+    finally:
+        torch.set_num_threads(threads_before)
+        if compile_eager:
+            torch._dynamo.reset()
+    env = environment(dtype, device, cpu) | {"date": date, "threads": used, "threads_before": threads_before,
+                                             "threads_after": torch.get_num_threads(),
+                                             "min_run_time": min_run_time, "noisy_spread": NOISY_SPREAD}
+    report = {"environment": env, "machine": machine,
+              "configs": [c._asdict() | {"flop_ratio": c.flops_per_row() / c.dense_flops_per_row(),
+                                         "parameters": parameter_count(c)} for c in configs],
+              "records": records, "memory": memory}
+    report["rows"] = ratios(report)
+    return report
 
 
 def ratios(report: dict) -> list[dict]:
-    """One row per (config, rows, mode): fused time and its ratio to dense, eager and compiled."""
-    times: dict[tuple, dict] = {}
+    """One row per (config, rows, mode): times, spread, floor, and the fused time's ratio to each other column.
+
+    ``fused`` is the fastest fused provider of the row; a failed cell's time and ratios are NaN. ``spread`` is the
+    largest spread of the row's timed cells; ``noisy`` when it exceeds ``NOISY_SPREAD``.
+    """
+    cells: dict[tuple, dict] = {}
     for r in report["records"]:
-        times.setdefault((r["config"], r["rows"], r["mode"]), {})[r["provider"]] = r["seconds"]
+        cells.setdefault((r["config"], r["rows"], r["mode"]), {})[r["provider"]] = r
+    configs = {c["name"]: SpinalConfig(**{k: c[k] for k in SpinalConfig._fields}) for c in report["configs"]}
     flop = {c["name"]: c["flop_ratio"] for c in report["configs"]}
+    nan = float("nan")
+
+    def seconds(cell):
+        return cell["seconds"] if cell is not None and cell.get("status", "ok") == "ok" else nan
+
     rows = []
-    for (cfg, b, mode), t in times.items():
-        fused = min(v for k, v in t.items() if k.startswith("fused"))
-        rows.append({
-            "config": cfg, "rows": b, "mode": mode, "fused_us": fused * 1e6,
-            "dense_us": t["dense"] * 1e6, "eager_us": t["eager"] * 1e6,
-            "compiled_us": t["compiled"] * 1e6 if "compiled" in t else float("nan"),
-            "fused/dense": fused / t["dense"], "fused/eager": fused / t["eager"],
-            "fused/compiled": fused / t["compiled"] if "compiled" in t else float("nan"),
-            "flop_ratio": flop[cfg],
-        })
+    for (cfg, b, mode), row in cells.items():
+        fused_cells = {k: v for k, v in row.items() if k.startswith("fused")}
+        fused_name = min(fused_cells, key=lambda k: (math.isnan(seconds(fused_cells[k])), seconds(fused_cells[k])))
+        fused = seconds(row[fused_name])
+        times = {"fused": fused} | {k: seconds(row.get(k)) for k in ("dense", "eager", "compiled")}
+        spread = max((c["spread"] for c in row.values() if c.get("status", "ok") == "ok"), default=nan)
+        out = {"config": cfg, "rows": b, "mode": mode, "fused_provider": fused_name}
+        out |= {f"{k}_us": v * 1e6 for k, v in times.items()}
+        if "machine" in report:
+            fl = floor(configs[cfg], b, mode, report["machine"])
+            out |= {"floor_us": fl["seconds"] * 1e6, "floor_bound": fl["bound"]}
+            times["floor"] = fl["seconds"]
+        for k in ("dense", "eager", "compiled", "floor"):
+            if k in times:
+                out[f"fused/{k}"] = fused / times[k] if times[k] > 0 else nan
+        compiled = row.get("compiled")
+        out |= {"flop_ratio": flop[cfg], "spread": spread, "noisy": not spread <= NOISY_SPREAD,
+                "graphs": compiled.get("graphs") if compiled else None,
+                "failed": sorted(k for k, c in row.items() if c.get("status", "ok") != "ok")}
+        rows.append(out)
     return rows
 
 
+# --- output: text table, markdown table, plot, results folder ----------------------------------------------------
+
+COLUMNS = (  # (header, row key, format)
+    ("fused", "fused_us", "time"), ("dense", "dense_us", "time"), ("eager", "eager_us", "time"),
+    ("compiled", "compiled_us", "time"), ("floor", "floor_us", "time"), ("f/dense", "fused/dense", "ratio"),
+    ("f/eager", "fused/eager", "ratio"), ("f/comp", "fused/compiled", "ratio"), ("f/floor", "fused/floor", "ratio"),
+    ("flops", "flop_ratio", "ratio"), ("graphs", "graphs", "count"), ("spread", "spread", "percent"),
+)
+
+
+def _cell(row: dict, key: str, kind: str) -> str:
+    value = row.get(key)
+    if kind == "count":
+        return "-" if value is None else str(value)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        provider = row["fused_provider"] if key == "fused_us" else key.removesuffix("_us")
+        return "failed" if kind == "time" and provider in row["failed"] else "-"
+    if kind == "time":
+        return f"{value:.0f}" if value >= 1000 else f"{value:.1f}"
+    if kind == "percent":
+        return f"{100 * value:.1f}%"
+    return f"{value:.2f}"
+
+
+def _columns(report: dict) -> list[tuple[str, str, str]]:
+    compiled = any(r["provider"] == "compiled" for r in report["records"])
+    floor_present = "machine" in report
+    return [c for c in COLUMNS if (compiled or c[0] not in ("compiled", "f/comp", "graphs"))
+            and (floor_present or c[0] not in ("floor", "f/floor"))]
+
+
+def _fused_label(rows: list[dict]) -> str:
+    return ", ".join(dict.fromkeys(r["fused_provider"] for r in rows))
+
+
+def _threads(env: dict) -> str:
+    return f"{env['threads']} thread{'s' if env['threads'] != 1 else ''}"
+
+
+def describe_machine(report: dict) -> list[str]:
+    """Lines on where and how the numbers were taken (CPU, threads, dtype, rates, noisy rows, failures)."""
+    env, rows = report["environment"], ratios(report)
+    where = env.get("gpu") or env["cpu"]
+    cpu = (f"{env['cpu']} (vendor {env.get('cpu_vendor') or '?'}, family {env.get('cpu_family') or '?'}, model "
+           f"{env.get('cpu_model_number') or '?'}; {env.get('vector_isa', '?')}, torch capability "
+           f"{env.get('cpu_capability')})")
+    lines = [f"{env['date']}, {where}, {_threads(env)}, {env['dtype']}, torch {env['torch']}"
+             f"{' with MKL' if env.get('mkl') else ''}, spinal_ops {env.get('spinal_ops')}, backends "
+             f"{', '.join(env['backends'])}",
+             f"cpu: {cpu}; threads before/used/after: {env.get('threads_before')}/{env['threads']}/"
+             f"{env.get('threads_after')}"]
+    machine = report.get("machine")
+    if machine:
+        rates = []
+        for name, g in machine["gemm"].items():
+            rates.append(f"{name} {g['flops_per_s'] / 1e9:.1f} GFLOP/s (n={g['n']})" if "flops_per_s" in g
+                         else f"{name} {g['unsupported']}")
+        bw = [b["bytes_per_s"] for b in machine["bandwidth"].values() if b["bytes_per_s"]] or [math.nan]
+        calls = ", ".join(f"{m} {c['seconds'] * 1e6:.1f}" for m, c in machine["call"].items())
+        lines.append(f"GEMM rate: {'; '.join(rates)}; floor uses {machine['floor_rate']['dtype']}"
+                     + (f" ({machine['floor_rate']['note']})" if "note" in machine["floor_rate"] else ""))
+        lines.append(f"copy bandwidth at the weights' size: {min(bw) / 1e9:.1f} to {max(bw) / 1e9:.1f} GB/s; "
+                     f"one tiny op step (us): {calls}")
+    noisy = sum(r["noisy"] for r in rows)
+    failed = [f"{r['config']} B={r['rows']} {r['mode']}: {', '.join(r['failed'])}" for r in rows if r["failed"]]
+    graphs = [r["graphs"] for r in rows if r["graphs"] is not None]
+    lines.append(f"fused = {_fused_label(rows)}; noisy rows (spread > {NOISY_SPREAD:.0%} of the median): {noisy} "
+                 f"of {len(rows)}" + ("" if graphs == [] else f"; compiled graphs per cell {min(graphs)} to "
+                                                              f"{max(graphs)}")
+                 + (f"; failed cells: {'; '.join(failed)}" if failed else "; no failed cell"))
+    return lines
+
+
 def format_table(report: dict) -> str:
-    env = report["environment"]
-    lines = [
-        f"spinal_ops benchmark -- {env['date']}, {env['cpu']}, {env['threads']} threads, {env['dtype']}, "
-        f"torch {env['torch']}, backends {', '.join(env['backends'])}",
-        "median times in microseconds; ratios < 1 mean the fused layer is faster; flops = fused/dense FLOP ratio",
+    rows = ratios(report)
+    cols = _columns(report)
+    lines = describe_machine(report)
+    lines[0] = f"spinal_ops benchmark -- {lines[0]}"
+    lines += [
+        "median times in microseconds; ratios < 1 mean the fused layer is faster; flops = fused/dense FLOP ratio;",
+        "floor = max(FLOPs / GEMM rate, bytes / bandwidth) + one tiny op step; spread = largest IQR / median of "
+        "the row; graphs = graphs torch.compile compiled",
         "",
-        f"{'config':<20}{'B':>6} {'mode':<8}{'fused':>11}{'dense':>11}{'eager':>11}{'compiled':>11}"
-        f"{'f/dense':>9}{'f/eager':>9}{'f/comp':>9}{'flops':>7}",
+        f"{'config':<20}{'B':>6} {'mode':<8}" + "".join(f"{h:>10}" for h, _, _ in cols),
     ]
-    for r in ratios(report):
-        lines.append(
-            f"{r['config']:<20}{r['rows']:>6} {r['mode']:<8}{r['fused_us']:>11.1f}{r['dense_us']:>11.1f}"
-            f"{r['eager_us']:>11.1f}{r['compiled_us']:>11.1f}{r['fused/dense']:>9.2f}{r['fused/eager']:>9.2f}"
-            f"{r['fused/compiled']:>9.2f}{r['flop_ratio']:>7.2f}"
-        )
+    for r in rows:
+        lines.append(f"{r['config']:<20}{r['rows']:>6} {r['mode']:<8}"
+                     + "".join(f"{_cell(r, k, kind):>10}" for _, k, kind in cols) + ("  NOISY" if r["noisy"] else ""))
     lines += ["", "activation memory saved for backward (values):"]
     for m in report["memory"]:
         lines.append(f"  {m['config']:<20} B = {m['rows']:<4} fused {m['fused']:>9}  eager {m['eager']:>9}  "
@@ -253,39 +701,155 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(report: dict) -> str:
+    """The README's table: how the run was obtained, then one pipe-table row per (config, B, mode)."""
+    env, rows, cols = report["environment"], ratios(report), _columns(report)
+    noisy = sum(r["noisy"] for r in rows)
+    lines = []
+    if noisy:
+        lines += [f"**Not for the README: {noisy} of {len(rows)} rows are noisy (spread > {NOISY_SPREAD:.0%}); "
+                  "rerun on a quiet machine.**", ""]
+    lines += [f"`{env.get('command', 'python -m spinal_ops bench')}`:\n" + ";\n".join(describe_machine(report)), "",
+              "| config | B | mode | " + " | ".join(h for h, _, _ in cols) + " |",
+              "|---|---|---|" + "---|" * len(cols)]
+    for r in rows:
+        noisy_mark = " (noisy)" if r["noisy"] else ""
+        lines.append(f"| {r['config']} | {r['rows']} | {r['mode']}{noisy_mark} | "
+                     + " | ".join(_cell(r, k, kind) for _, k, kind in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+PLOT_STYLE = {"fused": ("C0", "o"), "dense": ("C1", "s"), "eager": ("C2", "^"), "compiled": ("C3", "v")}
+
+
 def plot(report: dict, path: str) -> None:
-    """PNG: speedup of the fused layer over the dense one vs batch size, one panel per mode."""
+    """PNG: time per call against batch size, one panel per (configuration, mode), log-log.
+
+    Every provider with its interquartile range as error bars, the floor as a dashed line, and fused/floor
+    written next to each fused point; one legend shared by all panels.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     rows = ratios(report)
+    cells = {(r["config"], r["rows"], r["mode"], r["provider"]): r for r in report["records"]}
+    configs = list(dict.fromkeys(r["config"] for r in rows))
     modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
-    fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4), squeeze=False)
-    for ax, mode in zip(axes[0], modes, strict=False):
-        for cfg in dict.fromkeys(r["config"] for r in rows):
-            pts = sorted((r["rows"], 1 / r["fused/dense"]) for r in rows if r["config"] == cfg and r["mode"] == mode)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=cfg)
-        ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("batch size B")
-        ax.set_ylabel("speedup vs dense (dense time / fused time)")
-        ax.set_title(mode)
-    axes[0][0].legend(fontsize=8)
+    batch = sorted({r["rows"] for r in rows})
+    fig, axes = plt.subplots(len(configs), len(modes), figsize=(4.6 * len(modes), 2.9 * len(configs) + 0.8),
+                             squeeze=False)
+    for i, cfg in enumerate(configs):
+        for j, mode in enumerate(modes):
+            ax = axes[i][j]
+            mine = sorted((r for r in rows if r["config"] == cfg and r["mode"] == mode), key=lambda r: r["rows"])
+            for provider, (color, marker) in PLOT_STYLE.items():
+                pts = []
+                for r in mine:
+                    name = r["fused_provider"] if provider == "fused" else provider
+                    c = cells.get((cfg, r["rows"], mode, name))
+                    if c is not None and c.get("status", "ok") == "ok":
+                        pts.append((r["rows"], c["seconds"], c["q1"], c["q3"]))
+                if pts:
+                    label = _fused_label(rows) if provider == "fused" else provider
+                    ax.errorbar([p[0] for p in pts], [p[1] * 1e6 for p in pts],
+                                yerr=[[(p[1] - p[2]) * 1e6 for p in pts], [(p[3] - p[1]) * 1e6 for p in pts]],
+                                color=color, marker=marker, markersize=4, capsize=3, linewidth=1.2, label=label)
+            if mine and "floor_us" in mine[0]:
+                ax.plot([r["rows"] for r in mine], [r["floor_us"] for r in mine], color="black", linestyle="--",
+                        linewidth=1, label="floor")
+                for r in mine:
+                    if not math.isnan(r["fused_us"]):
+                        ax.annotate(f"{r['fused/floor']:.1f}x", (r["rows"], r["fused_us"]), fontsize=7,
+                                    textcoords="offset points", xytext=(4, 4), color="C0")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xticks(batch, [str(b) for b in batch])
+            ax.xaxis.set_minor_locator(ticker.NullLocator())
+            low, high = ax.get_ylim()
+            subs = (1.0, 2.0, 5.0) if high / low < 10**2.5 else (1.0,)  # 1-2-5 ticks unless they would crowd
+            ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=subs))
+            ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+            ax.grid(True, which="major", alpha=0.3)
+            ax.set_title(f"{cfg} -- {mode}", fontsize=9)
+            if i == len(configs) - 1:
+                ax.set_xlabel("batch size B")
+            if j == 0:
+                ax.set_ylabel("time per call (us)")
+    handles: dict[str, object] = {}
+    for ax in axes.flat:
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, h)
+    order = sorted(handles, key=lambda label: label == "floor")  # the providers, then the floor
+    fig.legend([handles[k] for k in order], order, loc="upper center", ncol=len(order), fontsize=9,
+               title="median per call, interquartile range as error bars; the label at each fused point is "
+                     "fused/floor", title_fontsize=8)
     env = report["environment"]
-    fig.suptitle(f"SpinalLinear vs the dense layer it replaces -- {env['cpu']}, {env['threads']} threads, "
-                 f"{env['dtype']}, torch {env['torch']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.suptitle(f"{env.get('gpu') or env['cpu']}, {_threads(env)}, {env['dtype']}, torch {env['torch']}",
+                 fontsize=9, y=0.005, va="bottom")
+    fig.tight_layout(rect=(0, 0.25 / fig.get_figheight(), 1, 1 - 0.55 / fig.get_figheight()))
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
-def save(report: dict, out_dir: str) -> tuple[str, str]:
-    os.makedirs(out_dir, exist_ok=True)
-    json_path = os.path.join(out_dir, "bench.json")
-    png_path = os.path.join(out_dir, "bench.png")
-    with open(json_path, "w") as f:
-        json.dump(report, f, indent=1)
-    plot(report, png_path)
-    return json_path, png_path
+def _jsonable(value):
+    """``value`` with NaN and infinities as None: strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def run_folder(out_root: str, date: str) -> str:
+    """A new folder under ``out_root`` named after ``date`` (a second run in the same second gets ``-2``, ...)."""
+    stamp = datetime.datetime.fromisoformat(date).strftime("%Y%m%d-%H%M%S")
+    os.makedirs(out_root, exist_ok=True)
+    for n in range(1, 1000):
+        path = os.path.join(out_root, stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+    raise BenchmarkError(f"no free run folder for {stamp} under {out_root}")
+
+
+def point_latest(out_root: str, folder: str) -> str | None:
+    """Point ``out_root/latest`` at ``folder`` (a relative symlink, replaced atomically).
+
+    Returns the link, or None where there is something else called ``latest`` (left alone) or no symlinks.
+    """
+    link = os.path.join(out_root, "latest")
+    if os.path.lexists(link) and not os.path.islink(link):
+        return None
+    tmp = f"{link}.{os.getpid()}.tmp"
+    try:
+        os.symlink(os.path.basename(folder), tmp)
+        os.replace(tmp, link)
+    except OSError:
+        return None
+    return link
+
+
+def save(report: dict, out_root: str) -> dict[str, str]:
+    """Write the report into a new timestamped folder under ``out_root``; point ``out_root/latest`` at it.
+
+    Files: ``bench.json`` (everything), ``bench.txt`` (the printed table), ``bench.md`` (the README table) and
+    ``bench.png``. Returns their paths, with ``folder`` and ``latest`` (None where the link could not be made).
+    """
+    folder = run_folder(out_root, report["environment"]["date"])
+    paths = {name: os.path.join(folder, f"bench.{name}") for name in ("json", "txt", "md", "png")}
+    with open(paths["json"], "w") as f:
+        json.dump(_jsonable(report), f, indent=1, allow_nan=False)
+    with open(paths["txt"], "w") as f:
+        f.write(format_table(report) + "\n")
+    with open(paths["md"], "w") as f:
+        f.write(format_markdown(report))
+    plot(report, paths["png"])
+    return paths | {"folder": folder, "latest": point_latest(out_root, folder)}

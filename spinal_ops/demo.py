@@ -1,9 +1,17 @@
-"""A small end-to-end demo: one CNN trained with an ``nn.Linear`` head and with a ``SpinalLinear`` head.
+"""A small end-to-end demo: one CNN trained with three heads, an ``nn.Linear``, a dense two-layer head and a
+``SpinalLinear``.
 
 Data: scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes), which ship inside scikit-learn: no
 download. The network is a two-convolution CNN whose 512 features feed the head, like the ResNet heads the
-SpinalNet paper swaps; the spinal variant is the same network after ``spinal_ops.replace_linear(model, "fc")``.
-Both start from the same seed (identical convolution weights and batch order), so only the head differs.
+SpinalNet paper swaps. Heads:
+
+- ``linear``: the single ``nn.Linear(512, 10)`` of the network as written;
+- ``dense``: ``nn.Linear(512, L*w) -> ReLU -> nn.Linear(L*w, 10)``, the dense two-layer head of the spinal head's
+  hidden width ``L*w`` (what the SpinalNet paper compares against): like with like;
+- ``spinal``: the same network after ``spinal_ops.replace_linear(model, "fc")``.
+
+All start from the same seed (identical convolution weights and batch order), so only the head differs; the
+report gives each head's parameters and forward FLOPs per sample next to its accuracy.
 
 Run it with ``python -m spinal_ops demo`` (options: ``--epochs``, ``--seed``, ``--out``, ``--threads``,
 ``--no-progress``).
@@ -20,10 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .module import replace_linear
+from . import reference
+from .module import SpinalLinear, replace_linear
 
-HEADS = ("linear", "spinal")
-HEAD_NAMES = {"linear": "nn.Linear", "spinal": "SpinalLinear"}
+HEADS = ("linear", "dense", "spinal")
+HEAD_NAMES = {"linear": "nn.Linear", "dense": "dense 2-layer", "spinal": "SpinalLinear"}
 
 
 @dataclasses.dataclass
@@ -41,7 +50,9 @@ class History:
     """One training run: per-epoch train loss, test accuracy and wall time, and the parameter count."""
 
     head: str
-    parameters: int
+    parameters: int  # whole network
+    head_parameters: int = 0
+    head_flops: int = 0  # forward FLOPs of the head per sample
     train_loss: list[float] = dataclasses.field(default_factory=list)
     test_accuracy: list[float] = dataclasses.field(default_factory=list)
     epoch_seconds: list[float] = dataclasses.field(default_factory=list)
@@ -85,16 +96,40 @@ class DigitsCNN(nn.Module):
         return self.fc(self.features(x))
 
 
+def spinal_hidden_width(in_features: int = 512) -> int:
+    """``L*w`` of the spinal head ``replace_linear`` puts on ``in_features`` features (256 for 512)."""
+    spinal = SpinalLinear(in_features, 10, device="meta")
+    return spinal.num_layers * spinal.layer_width
+
+
+def dense_head(in_features: int = 512, num_classes: int = 10) -> nn.Sequential:
+    """The dense two-layer head of the spinal head's hidden width: ``Linear(D, L*w) -> ReLU -> Linear(L*w, out)``."""
+    hidden = spinal_hidden_width(in_features)
+    return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+
 def make_model(head: str, seed: int = 0) -> nn.Module:
-    """The demo network with an ``nn.Linear`` head (``"linear"``) or a ``SpinalLinear`` head (``"spinal"``)."""
+    """The demo network with an ``nn.Linear`` head (``"linear"``), the dense two-layer head of the spinal head's
+    hidden width (``"dense"``) or a ``SpinalLinear`` head (``"spinal"``)."""
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
     torch.manual_seed(seed)
     model = DigitsCNN()
+    torch.manual_seed(seed + 1)
     if head == "spinal":
-        torch.manual_seed(seed + 1)
         replace_linear(model, "fc")  # SpinalLinear(512, 10): 4 sub-layers of width 64 on chunks of 256
+    elif head == "dense":
+        model.fc = dense_head()  # Linear(512, 256) -> ReLU -> Linear(256, 10)
     return model
+
+
+def head_flops(head: nn.Module) -> int:
+    """Forward FLOPs per sample of a head: ``2 * in * out`` per ``nn.Linear``; a ``SpinalLinear``'s from
+    ``reference.flops_per_row``. Activations are not counted."""
+    if isinstance(head, SpinalLinear):
+        out = head.out_features if head.head else 0
+        return reference.flops_per_row(head.chunk, head.layer_width, head.num_layers, out)
+    return sum(2 * m.in_features * m.out_features for m in head.modules() if isinstance(m, nn.Linear))
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -109,7 +144,8 @@ def train(head: str, data: Digits, *, epochs: int = 15, seed: int = 0, batch_siz
     model = make_model(head, seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     order = torch.Generator().manual_seed(seed)  # the same batches for both heads
-    history = History(head, sum(p.numel() for p in model.parameters()))
+    history = History(head, sum(p.numel() for p in model.parameters()),
+                      sum(p.numel() for p in model.fc.parameters()), head_flops(model.fc))
     bar = None
     if progress:
         from tqdm import tqdm
@@ -143,41 +179,53 @@ def plot(histories: list[History], path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4.6))
     for h in histories:
         epochs = range(1, len(h.train_loss) + 1)
-        label = f"{HEAD_NAMES[h.head]} ({h.parameters:,} parameters)"
+        label = f"{HEAD_NAMES[h.head]}: head {h.head_parameters:,} params, {h.head_flops:,} FLOPs"
         ax_loss.plot(epochs, h.train_loss, marker="o", markersize=3, label=label)
         ax_acc.plot(epochs, [100 * a for a in h.test_accuracy], marker="o", markersize=3, label=label)
     ax_loss.set(xlabel="epoch", ylabel="train loss (cross-entropy)", yscale="log", title="training loss")
     ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy (8x8 digits)")
     for ax in (ax_loss, ax_acc):
         ax.grid(True, alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.legend(*ax_loss.get_legend_handles_labels(), loc="lower center", ncol=len(histories), fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def run(epochs: int = 15, seed: int = 0, out: str = "demo-results", progress: bool = True,
         threads: int = 1) -> list[History]:
-    """Train both heads, print test accuracy and time per epoch for each, save ``out/demo.png``.
+    """Train every head, print its parameters, FLOPs, test accuracy and time per epoch, save ``out/demo.png``.
 
     ``threads``: ``torch.set_num_threads`` for the run (0: leave torch's choice). One by default: batches of
     32 images of 8x8 are too small to split, and on a busy machine a second thread mostly waits (measured on
     the 2-core development machine under load: 0.13 s per epoch with one thread, 0.1 to 1.4 s with two).
     """
+    threads_before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
-    data = load_digits(seed)
-    print(f"8x8 digits from scikit-learn: {data.train_x.shape[0]} training and {data.test_x.shape[0]} test images, "
-          f"10 classes; {epochs} epochs, seed {seed}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    histories = [train(head, data, epochs=epochs, seed=seed, progress=progress) for head in HEADS]
-    print(f"\n{'head':<14}{'parameters':>12}{'test accuracy':>16}{'best':>9}{'time / epoch':>15}")
+    try:
+        data = load_digits(seed)
+        print(f"8x8 digits from scikit-learn: {data.train_x.shape[0]} training and {data.test_x.shape[0]} test "
+              f"images, 10 classes; {epochs} epochs, seed {seed}, torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads")
+        histories = [train(head, data, epochs=epochs, seed=seed, progress=progress) for head in HEADS]
+    finally:
+        torch.set_num_threads(threads_before)
+    hidden = spinal_hidden_width()
+    print(f"\nheads: nn.Linear(512, 10); the dense two-layer head Linear(512, {hidden}) -> ReLU -> "
+          f"Linear({hidden}, 10) of the spinal head's hidden width L*w; SpinalLinear(512, 10). "
+          f"FLOPs: the head's forward, per sample")
+    print(f"\n{'head':<15}{'head params':>12}{'head FLOPs':>12}{'network params':>16}{'test accuracy':>15}"
+          f"{'best':>9}{'time / epoch':>15}")
     for h in histories:
-        print(f"{HEAD_NAMES[h.head]:<14}{h.parameters:>12,}{h.test_accuracy[-1]:>16.2%}{max(h.test_accuracy):>9.2%}"
-              f"{h.seconds_per_epoch:>13.3f} s")
+        print(f"{HEAD_NAMES[h.head]:<15}{h.head_parameters:>12,}{h.head_flops:>12,}{h.parameters:>16,}"
+              f"{h.test_accuracy[-1]:>15.2%}{max(h.test_accuracy):>9.2%}{h.seconds_per_epoch:>13.3f} s")
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "demo.png")
     plot(histories, path)

@@ -1,17 +1,22 @@
-"""The benchmark report's machinery (not its speed): providers share weights, timings run with the thread count
-the report records, and a tiny report has every provider and ratio."""
+"""The benchmark report's machinery (not its speed): providers share weights; every provider of every row runs on
+the thread count the report records; torch.compile is really compiled in every cell, or the cell says it failed;
+every cell has a spread and noisy rows are flagged; the floor is measured and shown; results never overwrite."""
 
 from __future__ import annotations
 
 import io
+import json
+import os
 
 import pytest
 import torch
+from torch import nn
 
-from spinal_ops import benchmark
+from spinal_ops import backends, benchmark
 from spinal_ops.configs import SpinalConfig
 
 TINY = SpinalConfig("tiny", 13, 3, 5, 3, 4, "relu")
+FAST = {"min_run_time": 0.001, "progress": io.StringIO()}
 
 
 @pytest.fixture
@@ -23,34 +28,310 @@ def three_threads():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def fast_machine(monkeypatch):
+    """The machine's GEMM rate measured on a small GEMM: these tests check the machinery, not the numbers."""
+    monkeypatch.setattr(benchmark, "GEMM_SIZE", getattr(benchmark, "GEMM_SIZE", {}) | {"cpu": 64}, raising=False)
+
+
+def provider_kind(module) -> str:
+    if isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
+        return "compiled"
+    if isinstance(module, benchmark.EagerSpinal):
+        return "eager"
+    if isinstance(module, nn.Sequential):
+        return "dense"
+    if isinstance(module, nn.Linear):
+        return "tiny op (floor)"
+    return "fused"
+
+
+def record_threads(monkeypatch) -> dict[str, set[int]]:
+    """Wrap every timed step so that it notes torch's thread count at each call, per provider kind."""
+    seen: dict[str, set[int]] = {}
+    real = benchmark.make_step
+
+    def make_step(module, backend, x, mode):
+        step = real(module, backend, x, mode)
+        kind = provider_kind(module)
+
+        def noted():
+            seen.setdefault(kind, set()).add(torch.get_num_threads())
+            step()
+
+        return noted
+
+    monkeypatch.setattr(benchmark, "make_step", make_step)
+    return seen
+
+
 def test_timed_steps_run_with_the_recorded_thread_count(monkeypatch, three_threads):
-    """``torch.utils.benchmark.Timer`` defaults to one thread; the report must time with the threads it records."""
+    """The timed steps of one cell run with the threads the report records (Timer's default was one)."""
     seen = []
     monkeypatch.setattr(benchmark, "make_step", lambda *args: lambda: seen.append(torch.get_num_threads()))
-    benchmark.time_provider(None, None, None, "forward", min_run_time=0.001)
+    result = benchmark.time_provider(None, None, None, "forward", min_run_time=0.001)
     assert seen and set(seen) == {three_threads}, f"threads seen by the timed steps: {sorted(set(seen))}"
+    assert result["threads"] == three_threads
     assert benchmark.environment(torch.float32)["threads"] == three_threads
+
+
+@pytest.mark.slow
+def test_every_provider_of_a_row_runs_on_the_threads_recorded_and_they_are_restored(monkeypatch, fast_machine):
+    before = torch.get_num_threads()
+    wanted = 3 if before != 3 else 2
+    seen = record_threads(monkeypatch)
+    try:
+        report = benchmark.run([TINY], [2], modes=("forward",), threads=wanted, **FAST)
+    finally:
+        torch.set_num_threads(before)
+    assert set(seen) == {"fused", "eager", "compiled", "dense", "tiny op (floor)"}, seen
+    assert all(threads == {wanted} for threads in seen.values()), f"threads per provider: {seen}"
+    assert {r["threads"] for r in report["records"]} == {wanted}
+    env = report["environment"]
+    assert (env["threads"], env["threads_before"], env["threads_after"]) == (wanted, before, before), env
+    assert torch.get_num_threads() == before
+
+
+def test_a_provider_that_changes_the_thread_count_is_reported_failed(monkeypatch, fast_machine, three_threads):
+    """A step that drops torch's threads (as the cpu backend once did) must not pass as a timing."""
+    real = benchmark.make_step
+
+    def make_step(module, backend, x, mode):
+        step = real(module, backend, x, mode)
+        if provider_kind(module) != "fused":
+            return step
+
+        def dropping():
+            step()
+            torch.set_num_threads(1)
+
+        return dropping
+
+    monkeypatch.setattr(benchmark, "make_step", make_step)
+    report = benchmark.run([TINY], [2], modes=("forward",), compile_eager=False, **FAST)
+    fused = [r for r in report["records"] if r["provider"].startswith("fused")]
+    assert fused and all(r["status"] == "failed" and r["seconds"] is None for r in fused), fused
+    assert "thread count from 3 to 1" in fused[0]["error"]
+    assert all(r["status"] == "ok" for r in report["records"] if not r["provider"].startswith("fused"))
+    assert "failed" in benchmark.format_table(report) and torch.get_num_threads() == three_threads
 
 
 def test_providers_compute_the_same_function():
     providers = benchmark.make_providers(TINY, torch.float64, "cpu", compile_eager=False)
     x = torch.randn(7, TINY.in_features, dtype=torch.float64)
     fused_name = next(n for n in providers if n.startswith("fused"))
-    expected = benchmark._call(*providers[fused_name], x)
-    got = benchmark._call(*providers["eager"], x)
+    fused = providers[fused_name]
+    expected = benchmark._call(fused.module, fused.backend, x)
+    got = benchmark._call(providers["eager"].module, None, x)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12, msg=lambda m: f"eager vs {fused_name}: {m}")
-    assert benchmark._call(*providers["dense"], x).shape == expected.shape
+    assert benchmark._call(providers["dense"].module, None, x).shape == expected.shape
+    assert benchmark.parameter_count(TINY) == sum(p.numel() for p in fused.module.parameters())
 
 
-def test_tiny_report_has_every_provider_and_ratio():
-    report = benchmark.run([TINY], [1, 5], modes=benchmark.MODES, dtype=torch.float64, min_run_time=0.001,
-                           compile_eager=False, progress=io.StringIO())
+def test_tiny_report_has_every_provider_ratio_spread_and_floor(fast_machine):
+    report = benchmark.run([TINY], [1, 5], modes=benchmark.MODES, dtype=torch.float64, compile_eager=False, **FAST)
     providers = {r["provider"] for r in report["records"]}
     assert {"eager", "dense"} <= providers and any(p.startswith("fused") for p in providers), providers
+    for r in report["records"]:
+        assert r["status"] == "ok", r
+        assert r["blocks"] >= benchmark.MIN_BLOCKS and r["min"] <= r["q1"] <= r["seconds"] <= r["q3"] <= r["max"], r
+        assert r["spread"] == pytest.approx((r["q3"] - r["q1"]) / r["seconds"])
     rows = benchmark.ratios(report)
-    assert len(rows) == 2 * len(benchmark.MODES)
+    assert len(rows) == len(report["rows"]) == 2 * len(benchmark.MODES)
     for r in rows:
         assert r["fused_us"] > 0 and r["fused/dense"] > 0 and r["fused/eager"] > 0, r
+        assert r["floor_us"] > 0 and r["fused/floor"] == pytest.approx(r["fused_us"] / r["floor_us"]), r
+        assert r["noisy"] == (r["spread"] > benchmark.NOISY_SPREAD), r
         assert r["flop_ratio"] == pytest.approx(TINY.flops_per_row() / TINY.dense_flops_per_row())
+    machine = report["machine"]
+    assert machine["gemm"]["float64"]["flops_per_s"] > 0 and machine["floor_rate"]["dtype"] == "float64"
+    assert machine["gemm"]["float32"]["flops_per_s"] > 0 and "bfloat16" in machine["gemm"]
+    assert set(machine["call"]) == set(benchmark.MODES) and "tiny" in machine["bandwidth"]
     assert report["environment"]["dtype"] == "float64"
-    assert "tiny" in benchmark.format_table(report)
+    table = benchmark.format_table(report)
+    assert "tiny" in table and "f/floor" in table and "spread" in table
+    assert "| tiny | 1 | forward" in benchmark.format_markdown(report)
+
+
+# --- torch.compile ------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_compiled_cells_each_compile_and_never_hit_the_recompile_limit(capfd, fast_machine):
+    """One cache for all cells made dynamo give up after ``recompile_limit`` graphs and run eagerly."""
+    with torch._dynamo.config.patch(recompile_limit=1):
+        report = benchmark.run([TINY], [1], modes=("forward", "fwd+bwd"), compile_eager=True, **FAST)
+    compiled = [r for r in report["records"] if r["provider"] == "compiled"]
+    assert len(compiled) == 2
+    for r in compiled:
+        assert r["status"] == "ok" and r["graphs"] >= 1 and r["compile_s"] > 0, r
+    assert [r["graphs"] for r in benchmark.ratios(report)] == [r["graphs"] for r in compiled]
+    assert "recompile_limit" not in capfd.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_compiled_cell_that_hits_the_recompile_limit_is_failed_not_eager(monkeypatch, fast_machine):
+    """Without the reset between cells the second one hits the limit: it must say so, not time eager."""
+    counter = benchmark.GraphCounter()
+    shared = {}
+
+    def compile_once(module):  # one compiled module for every cell, nothing reset: the old behaviour
+        shared.setdefault("module", torch.compile(module, backend=counter, dynamic=False))
+        return shared["module"], counter
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(benchmark, "compile_fresh", compile_once)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        report = benchmark.run([TINY], [1], modes=("forward", "fwd+bwd"), compile_eager=True, **FAST)
+    first, second = (r for r in report["records"] if r["provider"] == "compiled")
+    assert first["status"] == "ok" and first["graphs"] == 1, first
+    assert second["status"] == "failed" and second["seconds"] is None, second
+    assert "recompile" in second["error"].lower() or "graph" in second["error"].lower(), second
+    row = benchmark.ratios(report)[1]
+    assert row["failed"] == ["compiled"] and row["compiled_us"] != row["compiled_us"]  # NaN
+    assert "failed" in benchmark.format_table(report).splitlines()[-4]
+
+
+def test_a_compiled_module_that_compiles_nothing_is_failed(monkeypatch, fast_machine):
+    monkeypatch.setattr(benchmark, "compile_fresh", lambda module: (module, benchmark.GraphCounter()))
+    report = benchmark.run([TINY], [2], modes=("forward",), compile_eager=True, **FAST)
+    (compiled,) = (r for r in report["records"] if r["provider"] == "compiled")
+    assert compiled["status"] == "failed" and "compiled no graph" in compiled["error"], compiled
+    assert compiled["seconds"] is None
+
+
+# --- spread, floor, machine -------------------------------------------------------------------------------------
+
+def synthetic_report(spreads: dict[str, float], seconds: float = 1e-4) -> dict:
+    """A report of one row whose cells have the given spreads, with a made-up machine."""
+    records = [{"config": "tiny", "rows": 8, "mode": "forward", "provider": p, "status": "ok", "seconds": seconds,
+                "q1": seconds * (1 - s / 2), "q3": seconds * (1 + s / 2), "min": seconds * (1 - s),
+                "max": seconds * (1 + s), "spread": s, "threads": 1} for p, s in spreads.items()]
+    machine = {"gemm": {"float32": {"n": 64, "flops_per_s": 1e10}}, "element_size": 4,
+               "floor_rate": {"dtype": "float32", "flops_per_s": 1e10},
+               "bandwidth": {"tiny": {"bytes": 400, "bytes_per_s": 1e9}}, "call": {"forward": {"seconds": 2e-6}}}
+    env = benchmark.environment(torch.float32) | {"threads_before": 1, "threads_after": 1}
+    return {"environment": env, "machine": machine, "records": records, "memory": [],
+            "configs": [TINY._asdict() | {"flop_ratio": 0.5, "parameters": benchmark.parameter_count(TINY)}]}
+
+
+def test_a_row_spreading_over_ten_percent_is_flagged_noisy():
+    quiet = synthetic_report({"fused[cpu]": 0.02, "eager": 0.05, "dense": 0.1})
+    noisy = synthetic_report({"fused[cpu]": 0.02, "eager": 0.3, "dense": 0.1})
+    (q,), (n,) = benchmark.ratios(quiet), benchmark.ratios(noisy)
+    assert not q["noisy"] and q["spread"] == pytest.approx(0.1)
+    assert n["noisy"] and n["spread"] == pytest.approx(0.3)
+    assert "NOISY" in benchmark.format_table(noisy) and "NOISY" not in benchmark.format_table(quiet)
+    assert benchmark.format_markdown(noisy).startswith("**Not for the README")
+    assert "(noisy)" not in benchmark.format_markdown(quiet) and "Not for" not in benchmark.format_markdown(quiet)
+
+
+def test_measure_gives_blocks_quartiles_and_spread():
+    calls = []
+    result = benchmark.measure(lambda: calls.append(1), min_run_time=0.002)
+    assert result["blocks"] >= benchmark.MIN_BLOCKS and len(calls) >= result["blocks"] * result["number"]
+    assert result["min"] <= result["q1"] <= result["seconds"] <= result["q3"] <= result["max"]
+
+
+def test_measure_on_cuda_times_with_cuda_events(monkeypatch):
+    """The GPU path (no GPU here): blocks are timed by CUDA events recorded around the queued calls."""
+    log = []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.at = None
+
+        def record(self):
+            self.at = len(log)
+            log.append("record")
+
+        def synchronize(self):
+            log.append("event sync")
+
+        def elapsed_time(self, end):
+            return 2.0 * (end.at - self.at - 1)  # milliseconds: 2 ms per step queued between the events
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: log.append("device sync"))
+    result = benchmark.measure(lambda: log.append("step"), min_run_time=0.01, device="cuda")
+    assert result["seconds"] == pytest.approx(2e-3) and result["spread"] == 0
+    assert log[:4] == ["device sync", "record", "step", "record"] and "event sync" in log
+
+
+def test_floor_is_the_larger_of_compute_and_memory_plus_one_call():
+    machine = synthetic_report({"fused[cpu]": 0.0})["machine"]
+    fl = benchmark.floor(TINY, 8, "forward", machine)
+    flops, nbytes = 8 * TINY.flops_per_row(), 4 * (8 * benchmark.x_columns(TINY) + benchmark.parameter_count(TINY)
+                                                   + 8 * TINY.out)
+    assert (fl["flops"], fl["bytes"]) == (flops, nbytes)
+    assert fl["seconds"] == pytest.approx(max(flops / 1e10, nbytes / 1e9) + 2e-6)
+    assert benchmark.mode_flops(TINY, 8, "backward") == 2 * flops
+    assert benchmark.mode_flops(TINY, 8, "fwd+bwd") == 3 * flops
+    assert benchmark.min_elements(TINY, 8, "fwd+bwd") > benchmark.min_elements(TINY, 8, "backward") > \
+        benchmark.min_elements(TINY, 8, "forward")
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 143
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu sse4_2 avx avx2 fma avx512f avx512_bf16 avx512_fp16 amx_bf16 amx_tile amx_int8
+
+processor\t: 1
+"""
+
+
+def test_cpu_model_family_and_vector_isa_are_recorded():
+    info = benchmark.cpu_info(CPUINFO)
+    assert (info["model"], info["vendor"], info["family"], info["model_number"]) == \
+        ("Intel(R) Xeon(R) Platinum 8480+", "GenuineIntel", "6", "143")
+    assert info["vector_isa"] == "AMX" and {"AVX2", "AVX-512", "AVX512_BF16", "AMX_BF16"} <= set(info["isa"])
+    assert benchmark.native_dtype_support("bfloat16", torch.device("cpu"), info) is None
+    avx2 = benchmark.cpu_info(CPUINFO.replace("avx512f avx512_bf16 avx512_fp16 amx_bf16 amx_tile amx_int8", ""))
+    assert avx2["vector_isa"] == "AVX2"
+    assert "unsupported" in benchmark.native_dtype_support("bfloat16", torch.device("cpu"), avx2)
+    env = benchmark.environment(torch.float32)
+    assert {"cpu", "cpu_family", "cpu_model_number", "vector_isa", "isa", "cpu_capability"} <= set(env)
+    if os.path.exists("/proc/cpuinfo"):
+        assert env["vector_isa"] != "unknown" and env["cpu_family"], env
+
+
+def test_bfloat16_on_cpu_times_the_backend_that_runs(fast_machine):
+    """The cpu backend runs float32/float64 only: in bfloat16 the fused column is spinal_ops' own choice."""
+    chosen = backends.select_backend(torch.device("cpu"), torch.bfloat16)
+    assert benchmark.fused_backends(torch.device("cpu"), torch.bfloat16) == [chosen]
+    report = benchmark.run([TINY], [2], modes=("fwd+bwd",), dtype=torch.bfloat16, compile_eager=False, **FAST)
+    fused = [r for r in report["records"] if r["provider"].startswith("fused")]
+    assert [r["provider"] for r in fused] == [f"fused[{chosen}]"] and fused[0]["status"] == "ok", fused
+    gemm = report["machine"]["gemm"]["bfloat16"]
+    assert "flops_per_s" in gemm or "unsupported" in gemm["unsupported"], gemm
+    assert report["machine"]["element_size"] == 2
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(benchmark.BenchmarkError, match="no CUDA GPU is available"):
+        benchmark.run([TINY], [2], device="cuda", **FAST)
+
+
+# --- results ----------------------------------------------------------------------------------------------------
+
+def test_each_run_gets_its_own_folder_and_latest_points_at_the_newest(tmp_path):
+    report = synthetic_report({"fused[cpu]": 0.02, "eager": 0.05, "dense": 0.04})
+    report["records"][1] |= {"status": "failed", "seconds": None, "error": "RuntimeError: x"}
+    report["rows"] = benchmark.ratios(report)
+    first = benchmark.save(report, str(tmp_path))
+    second = benchmark.save(report, str(tmp_path))  # the same date: a second folder, nothing overwritten
+    assert first["folder"] != second["folder"] and os.path.basename(second["folder"]).endswith("-2")
+    for paths in (first, second):
+        for kind in ("json", "txt", "md", "png"):
+            assert os.path.getsize(paths[kind]) > 0, paths[kind]
+    assert os.path.realpath(tmp_path / "latest") == os.path.realpath(second["folder"])
+
+    def no_nan(text):
+        raise AssertionError(f"bench.json holds {text}: not strict JSON")
+
+    saved = json.loads(open(second["json"]).read(), parse_constant=no_nan)
+    assert saved["records"][0]["seconds"] == report["records"][0]["seconds"]
+    assert saved["rows"][0]["eager_us"] is None and "| failed |" in open(second["md"]).read()
