@@ -56,8 +56,6 @@ def test_help_of_every_command_imports_no_torch():
     assert "usage: python -m spinal_ops bench" in done.stdout and "Traceback" not in done.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="spinal_ops/__init__.py imports torch (SpinalLinear, ops) eagerly; "
-                                       "python -m imports the package before its __main__")
 def test_python_m_spinal_ops_help_imports_no_torch():
     done = run_python("", "-X", "importtime", "-m", "spinal_ops", "--help")
     assert done.returncode == 0 and "usage: python -m spinal_ops" in done.stdout, done.stderr[-2000:]
