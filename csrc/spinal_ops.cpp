@@ -44,6 +44,12 @@ TORCH_LIBRARY(spinal_ops, m) {
       "_spinal_backward_reference(Tensor? grad_y, Tensor? grad_H, Tensor x, Tensor H, Tensor weight_x, "
       "Tensor weight_h, Tensor? bias, Tensor? head_weight, int[] starts, int[] slots, str activation, "
       "float negative_slope, bool[6] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The CUDA forward with its launch options forced: width path (0 automatic, 1 fast, 2 general) and tf32 tensor
+  // cores for float32. CUDA kernel only; the GPU tests run every kernel path through it (tests/kernel_paths.py).
+  m.def(
+      "_spinal_forward_cuda_options(Tensor x, Tensor weight_x, Tensor weight_h, Tensor? bias, Tensor? head_weight, "
+      "Tensor? head_bias, int[] starts, int[] slots, str activation, float negative_slope, int width_path, "
+      "bool allow_tf32) -> (Tensor, Tensor)");
   // The shared argument checks as an op, for the backends written in Python (Triton): raises or returns nothing.
   m.def(
       "_check_args(str backend, Tensor x, Tensor weight_x, Tensor weight_h, Tensor? bias, Tensor? head_weight, "

@@ -120,25 +120,34 @@ def use_backend(name: str):
 def select_backend(device: torch.device, dtype: torch.dtype | None = None) -> str:
     """The backend that runs a spinal op on tensors of ``device`` and ``dtype``: forced, or the fastest available.
 
-    The ``cpu`` backend runs float32 and float64; other dtypes on CPU go to ``reference`` automatically.
+    The ``cpu`` backend runs float32 and float64; other dtypes on CPU go to ``reference`` automatically. Under
+    ``torch.compile`` the choice is made once, when the graph is traced (change :func:`use_backend` before
+    compiling, not inside a compiled region).
     """
+    return _select(device.type, dtype)
+
+
+# A constant for torch.compile: dynamo calls it while tracing instead of tracing into it (dynamo before torch 2.14
+# cannot trace ContextVar.get).
+@torch.compiler.assume_constant_result
+def _select(device_type: str, dtype: torch.dtype | None) -> str:
     forced = _forced.get() or _ENV_BACKEND
     if forced is None:
-        key = (device.type, dtype)
+        key = (device_type, dtype)
         choice = _automatic.get(key)
         if choice is None:
-            order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
-            choice = _automatic[key] = next(name for name in order if _serves(name, device.type, dtype))
+            order = ("cuda", "triton", "reference") if device_type == "cuda" else ("cpu", "reference")
+            choice = _automatic[key] = next(name for name in order if _serves(name, device_type, dtype))
         return choice
     if forced not in BACKENDS:
         raise ValueError(
             f"SPINAL_OPS_BACKEND={forced!r} is not a spinal_ops backend; valid names: {', '.join(BACKENDS)}"
         )
-    if not _serves(forced, device.type, dtype):
-        what = f"{device.type} tensors of dtype {dtype}" if dtype is not None else f"{device.type} tensors"
+    if not _serves(forced, device_type, dtype):
+        what = f"{device_type} tensors of dtype {dtype}" if dtype is not None else f"{device_type} tensors"
         raise RuntimeError(
             f"spinal_ops backend {forced!r} cannot run {what}; backends for them: "
-            f"{', '.join(b for b in BACKENDS if _serves(b, device.type, dtype))}"
+            f"{', '.join(b for b in BACKENDS if _serves(b, device_type, dtype))}"
             + (" (the cpu backend runs float32 and float64)" if forced == "cpu" else "")
         )
     return forced

@@ -152,10 +152,25 @@ if NATIVE_IMPORT_ERROR is None:
 # ------------------------------------------------------------------------------------------------- Triton ops
 
 
+_TRITON_CHECKED: set = set()  # signatures (sizes, dtypes, devices, layouts, hyper-parameters) that passed
+
+
+def _signature(args) -> tuple:
+    return tuple((tuple(a.shape), a.dtype, a.device, a.is_contiguous()) if isinstance(a, Tensor)
+                 else tuple(a) if isinstance(a, list) else a for a in args)
+
+
 def _check_triton_args(*args) -> None:
-    """The shared C++ argument checks (csrc/spinal_args.cpp), naming the triton backend in every message."""
+    """The shared C++ argument checks (csrc/spinal_args.cpp), naming the triton backend in every message; run once
+    per signature (they read only sizes, dtypes, devices, layouts and hyper-parameters), then remembered."""
     if NATIVE_IMPORT_ERROR is None:
+        key = _signature(args)
+        if key in _TRITON_CHECKED:
+            return
         torch.ops.spinal_ops._check_args("triton", *args)
+        if len(_TRITON_CHECKED) > 4096:
+            _TRITON_CHECKED.clear()
+        _TRITON_CHECKED.add(key)
 
 
 def _register_triton() -> None:

@@ -1,8 +1,10 @@
-"""The `cuda` backend on a real GPU: the fused CUDA kernels of spinal_ops._C against the reference.
+"""The GPU backends on a real GPU: every CUDA kernel path, Triton on the GPU, streams and devices, CUDA graphs,
+sync-free calls, opcheck and torch.compile.
 
 Collected everywhere, run only where a GPU is: the module is skipped at collection time when the machine has
 no NVIDIA device node (a file-system check: CUDA itself is never queried at import or collection), and each
-test re-checks ``torch.cuda.is_available()`` when it runs.
+test re-checks ``torch.cuda.is_available()`` when it runs. The CUDA kernel paths are the list of
+tests/kernel_paths.py, the same list the emulated tests run on the CPU.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import os
 
 import pytest
 import torch
-from helpers import CASES, assert_close, functional_kwargs, make_inputs, run_and_grad
+from helpers import CASES, Case, assert_close, functional_kwargs, make_inputs, run_and_grad
+from kernel_paths import VARIANTS, check_variant
 
 import spinal_ops
 
@@ -21,47 +24,217 @@ pytestmark = [
 ]
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+GPU_BACKENDS = ["cuda", "triton"]
+PARAMS = ("weight_x", "weight_h", "bias", "head_weight", "head_bias")
 
 
 @pytest.fixture(autouse=True)
 def _gpu():
     if not torch.cuda.is_available():
         pytest.skip("CUDA is not available to torch")
-    if "cuda" not in spinal_ops.available_backends():
-        pytest.skip("spinal_ops._C was built without the CUDA kernels")
 
 
-def _params_to(params, device):
-    return {k: (v.detach().to(device).requires_grad_() if v is not None else None) for k, v in params.items()}
+def _need(backend: str) -> None:
+    if backend not in spinal_ops.available_backends():
+        pytest.skip(f"backend {backend!r} not available (built without CUDA kernels, or Triton missing)")
 
 
+def _on(t, device):
+    return t.to(device) if isinstance(t, torch.Tensor) else t
+
+
+def _cuda_forward(*args):
+    """The CUDA forward with forced launch options, CPU tensors in and out (kernel_paths.check_variant's runner)."""
+    h_all, y = torch.ops.spinal_ops._spinal_forward_cuda_options(*[_on(a, "cuda") for a in args])
+    return h_all.cpu(), y.cpu()
+
+
+def _cuda_backward(*args):
+    return tuple(g.cpu() for g in torch.ops.spinal_ops.spinal_backward(*[_on(a, "cuda") for a in args]))
+
+
+# ------------------------------------------------------------------------------------- every kernel path
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.id)
+def test_cuda_kernel_path_matches_reference(variant):
+    _need("cuda")
+    check_variant(_cuda_forward, _cuda_backward, variant, f"cuda (GPU) {variant.id}")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_cuda_backend_matches_reference(case, dtype):
+def test_backend_matches_reference_through_the_module_api(backend, case, dtype):
+    _need(backend)
     x, params = make_inputs(case, dtype)
     xd = x.detach().to("cuda").requires_grad_()
-    pd = _params_to(params, "cuda")
+    pd = {k: (v.detach().to("cuda").requires_grad_() if v is not None else None) for k, v in params.items()}
     kw = functional_kwargs(case)
-    with spinal_ops.use_backend("cuda"):
+    with spinal_ops.use_backend(backend):
         out, grads = run_and_grad(lambda x, **p: spinal_ops.spinal_linear(x, **p, **kw), xd, pd)
     x64, p64 = make_inputs(case, torch.float64)
     with spinal_ops.use_backend("reference"):
         out_hi, grads_hi = run_and_grad(lambda x, **p: spinal_ops.spinal_linear(x, **p, **kw), x64, p64)
         out_lo, grads_lo = run_and_grad(lambda x, **p: spinal_ops.spinal_linear(x, **p, **kw), x, params)
-    what = f"cuda backend {case.id} {dtype}"
+    what = f"{backend} (GPU) {case.id} {dtype}"
     assert_close(out.cpu(), out_hi, out_lo, what=f"{what}: output")
     for name in grads_hi:
         assert_close(grads[name].cpu(), grads_hi[name], grads_lo[name], what=f"{what}: d{name}")
 
 
 def test_cuda_backend_is_chosen_for_cuda_tensors():
-    assert spinal_ops.backends.select_backend(torch.device("cuda")) == "cuda"
+    assert spinal_ops.backends.select_backend(torch.device("cuda")) in ("cuda", "triton")
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[7]], ids=lambda c: c.id)
-def test_cuda_op_passes_opcheck(case):
-    x, params = make_inputs(case, torch.float32, device="cuda")
-    args = (x.detach().reshape(-1, case.in_features).contiguous(),
-            *[params[k] for k in ("weight_x", "weight_h", "bias", "head_weight", "head_bias")],
+# ------------------------------------------------------------------------- no host work, streams, devices
+
+
+def _step(backend: str, case: Case, x, params):
+    with spinal_ops.use_backend(backend):
+        y = spinal_ops.spinal_linear(x, **params, **functional_kwargs(case))
+    y.square().sum().backward()
+    return y
+
+
+def _gpu_inputs(case: Case, dtype=torch.float32, device="cuda"):
+    x, params = make_inputs(case, dtype)
+    return (x.detach().to(device).requires_grad_(),
+            {k: (v.detach().to(device).requires_grad_() if v is not None else None) for k, v in params.items()})
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_calls_synchronise_nothing(backend):
+    """After a warm-up call, forward and backward run under sync-debug "error" mode: no synchronising call,
+    no pageable host-to-device copy."""
+    _need(backend)
+    case = CASES[10]
+    x, params = _gpu_inputs(case)
+    _step(backend, case, x, params)  # warm-up: compiles, tunes, uploads the layer table once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _step(backend, case, x, params)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_cuda_graph_capture_forward_and_backward(backend):
+    """Forward and backward captured in one CUDA graph and replayed give the eager results."""
+    _need(backend)
+    case = CASES[0].replace(rows=33)
+    x, params = _gpu_inputs(case)
+    leaves = [x, *[p for p in params.values() if p is not None]]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm-up on the capture stream (autotuning, table upload, allocator)
+            for t in leaves:
+                t.grad = None
+            _step(backend, case, x, params)
+    torch.cuda.current_stream().wait_stream(stream)
+    expected = [t.grad.clone() for t in leaves]
+    graph = torch.cuda.CUDAGraph()
+    for t in leaves:
+        t.grad = None
+    with torch.cuda.graph(graph):
+        y = _step(backend, case, x, params)
+    for t in leaves:
+        t.grad.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    for name, got, want in zip(["x", *[k for k, v in params.items() if v is not None]],
+                               [t.grad for t in leaves], expected, strict=True):
+        assert_close(got, want, what=f"{backend} graph replay: d{name}")
+    assert y.shape[0] == case.rows
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_side_stream(backend):
+    """Launches go to the current stream: work on a side stream, ordered only by that stream, is correct."""
+    _need(backend)
+    case = CASES[3]
+    x, params = _gpu_inputs(case)
+    with spinal_ops.use_backend(backend):
+        expected = spinal_ops.spinal_linear(x, **params, **functional_kwargs(case)).detach()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        with spinal_ops.use_backend(backend):
+            got = spinal_ops.spinal_linear(x, **params, **functional_kwargs(case)).detach()
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(got, expected), f"{backend}: side-stream result differs"
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_second_device_while_the_first_is_current(backend):
+    _need(backend)
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    case = CASES[0]
+    x0, p0 = _gpu_inputs(case, device="cuda:0")
+    x1, p1 = _gpu_inputs(case, device="cuda:1")
+    with torch.cuda.device(0):
+        y0 = _step(backend, case, x0, p0)
+        y1 = _step(backend, case, x1, p1)
+    assert y1.device == torch.device("cuda:1")
+    assert_close(y1.detach().cpu(), y0.detach().cpu(), what=f"{backend}: cuda:1 output")
+    assert_close(x1.grad.cpu(), x0.grad.cpu(), what=f"{backend}: cuda:1 dx")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_bitwise_repeatable(backend):
+    _need(backend)
+    case = CASES[3]
+    results = []
+    for _ in range(2):
+        x, params = _gpu_inputs(case)
+        y = _step(backend, case, x, params)
+        results.append([y.detach(), x.grad, *[p.grad for p in params.values() if p is not None]])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b), f"{backend}: two identical calls differ"
+
+
+# ------------------------------------------------------------------------------------- opcheck, compile
+
+
+def _op_args(case: Case, dtype=torch.float32):
+    x, params = _gpu_inputs(case, dtype)
+    return (x.detach(), *[params[k].detach() if params[k] is not None else None for k in PARAMS],
             *case.layer_args(), case.activation, case.negative_slope)
-    torch.library.opcheck(torch.ops.spinal_ops.spinal_forward, args)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("case", [CASES[0], CASES[7], CASES[10]], ids=lambda c: c.id)
+def test_opcheck_forward_and_backward(backend, case):
+    _need(backend)
+    if backend == "triton":
+        spinal_ops.ops._triton_forward()
+    names = {"cuda": ("spinal_forward", "spinal_backward"), "triton": ("spinal_forward_triton",
+                                                                        "spinal_backward_triton")}[backend]
+    forward, backward = (getattr(torch.ops.spinal_ops, n) for n in names)
+    args = _op_args(case)
+    torch.library.opcheck(forward, args)
+    h_all, y = forward(*args)
+    grad_y = torch.randn_like(y) if case.head else None
+    bargs = (grad_y, torch.randn_like(h_all), args[0], h_all, *args[1:5], *args[6:], [True] * 6)
+    torch.library.opcheck(backward, bargs)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_compile_fullgraph(backend):
+    _need(backend)
+    case = CASES[0]
+    m = spinal_ops.SpinalLinear(case.in_features, case.out, layer_width=case.width, num_layers=case.num_layers,
+                                num_splits=case.num_splits, device="cuda")
+    x = torch.randn(9, case.in_features, device="cuda", requires_grad=True)
+    with spinal_ops.use_backend(backend):
+        expected = m(x)
+        compiled = torch.compile(m, fullgraph=True)
+        got = compiled(x)
+    assert_close(got.detach(), expected.detach(), what=f"{backend} compiled: output")
+    (gx,) = torch.autograd.grad(got.sum(), x)
+    (ex,) = torch.autograd.grad(expected.sum(), x)
+    assert_close(gx, ex, what=f"{backend} compiled: dx")

@@ -200,7 +200,7 @@ def test_triton_wide_path_matches_reference(problem, dtype, value_seed):
     from spinal_ops.triton_kernels import config
 
     plan = config.PathPlan(wide=True, block_w=WIDE_TILE, block_o=WIDE_TILE, block_n=WIDE_TILE, block_k=WIDE_TILE)
-    with mock.patch.object(config, "path_plan", lambda width, out, dtype: plan):
+    with mock.patch.object(config, "path_plan", lambda width, out, dtype, device=None: plan):
         check_against_reference("triton", *problem, dtype, value_seed, device="cpu" if INTERPRETED else "cuda")
 
 

@@ -204,7 +204,7 @@ def force_wide(monkeypatch):
     from spinal_ops.triton_kernels import config
 
     plan = config.PathPlan(wide=True, block_w=WIDE_TILE, block_o=WIDE_TILE, block_n=WIDE_TILE, block_k=WIDE_TILE)
-    monkeypatch.setattr(config, "path_plan", lambda width, out, dtype: plan)
+    monkeypatch.setattr(config, "path_plan", lambda width, out, dtype, device=None: plan)
     seen = []
     for name, kernel in _launched_kernels().items():
         if name == "weights":  # tiled for any size, no path flag
@@ -390,3 +390,57 @@ def test_autotune_prune_keeps_a_fitting_config(monkeypatch):
 
 def triton_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+# ------------------------------------------------------------------------------------------- GPU readiness
+
+
+def test_path_choice_respects_the_device_shared_memory(monkeypatch):
+    """The fast path is kept only where its tiles plus the margin fit the device's opt-in shared memory: the 16-bit
+    w = 256, out = 64 boundary plan fits an H100 / H200 (232,448 B) but not an A100 (166,912 B)."""
+    from spinal_ops.triton_kernels import config
+
+    limits = {7: 166_912, 6: 232_448}
+    monkeypatch.setattr(config, "shared_memory_limit", lambda device: limits.get(getattr(device, "index", None)))
+    config._path_plan.cache_clear()
+    try:
+        a100, h200 = torch.device("cuda", 7), torch.device("cuda", 6)
+        assert config.path_plan(256, 64, torch.float16, a100).wide, "A100: the boundary plan exceeds 166,912 B"
+        assert not config.path_plan(256, 64, torch.float16, h200).wide, "H200: the boundary plan fits"
+        assert not config.path_plan(256, 64, torch.float16).wide, "no device: the model's budget alone"
+        for device in (a100, h200):  # the benchmark's narrow layers stay fast on both
+            assert not config.path_plan(128, 10, torch.float32, device).wide
+    finally:
+        config._path_plan.cache_clear()
+
+
+def test_autotune_key_buckets_the_batch_size():
+    from spinal_ops.triton_kernels import config
+
+    assert "B" not in config.AUTOTUNE_KEY and "B_BUCKET" in config.AUTOTUNE_KEY
+    assert [config.batch_bucket(b) for b in (1, 2, 3, 64, 65, 128, 129)] == [1, 2, 4, 64, 128, 128, 256]
+
+
+def test_repeated_calls_upload_no_table_and_check_once():
+    """A repeated forward and backward copies no layer table to the device and runs the C++ argument checks once
+    per signature; another tying pattern is a new table and a new signature."""
+    from spinal_ops.triton_kernels import config
+
+    from spinal_ops import ops
+
+    case = CASES[10]
+    x, params = make_inputs(case, torch.float32, device=DEVICE)
+
+    def step(c):
+        with spinal_ops.use_backend("triton"):
+            spinal_ops.spinal_linear(x, **params, **functional_kwargs(c)).sum().backward()
+
+    step(case)
+    misses, checked = config.cached_layer_table.cache_info().misses, len(ops._TRITON_CHECKED)
+    step(case)
+    step(case)
+    assert config.cached_layer_table.cache_info().misses == misses, "triton: a repeated call uploaded its table"
+    assert len(ops._TRITON_CHECKED) == checked, "triton: a repeated call was checked as a new signature"
+    other = case.replace(tie=(0, 1, 2, 3, 3, 2))
+    step(other)
+    assert config.cached_layer_table.cache_info().misses == misses + 1, "triton: a new table is uploaded once"

@@ -130,7 +130,7 @@ def _input_projection(
         xt = tl.load(x_ptr + rows64[:, None] * D + col[None, :], mask=row_mask[:, None] & j_mask[None, :], other=0.0)
         # wt[j, n] = weight_x[slot][n, j]
         wt = tl.load(wx_slot_ptr + cols_n[None, :] * C + j[:, None], mask=j_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(xt.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        acc = tl.dot(xt.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=acc.dtype)
     return acc
 
 
@@ -163,7 +163,7 @@ def _dot_k_loop(
             a_ptr + rows64[:, None] * a_stride + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0
         )
         b = tl.load(b_ptr + k[:, None] * b_stride_k + n_off[None, :], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=acc.dtype)
     return acc
 
 

@@ -42,6 +42,7 @@ def _spinal_bwd_chain_kernel(
     W,
     L,
     OUT,
+    B_BUCKET,  # next power of two of B: the autotuning key (read by nothing else)
     NEG_SLOPE: tl.constexpr,
     ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -144,7 +145,7 @@ def _spinal_bwd_chain_kernel(
                 # wo[o, k] = head_weight[o, i * W + k]
                 wo = tl.load(wo_ptr + cols_o[:, None] * hidden + i * W + cols_w[None, :],
                              mask=o_mask[:, None] & w_mask[None, :], other=0.0)
-                dh = tl.dot(g.to(DOT_DTYPE), wo.to(DOT_DTYPE), dh, input_precision=PRECISION)
+                dh = tl.dot(g.to(DOT_DTYPE), wo.to(DOT_DTYPE), dh, input_precision=PRECISION, out_dtype=ACC_DTYPE)
             xs = tl.load(slots_ptr + i)
             hs = xs - 1
             if NEED_Z:
@@ -165,7 +166,7 @@ def _spinal_bwd_chain_kernel(
                 wh = tl.load(wh_ptr + hs * W * W + cols_w[:, None] * W + cols_w[None, :],
                              mask=w_mask[:, None] & w_mask[None, :], other=0.0)
                 carry = tl.dot(dz.to(DOT_DTYPE), wh.to(DOT_DTYPE), tl.zeros((BLOCK_B, BLOCK_W), dtype=ACC_DTYPE),
-                               input_precision=PRECISION)
+                               input_precision=PRECISION, out_dtype=ACC_DTYPE)
 
     if NEED_DX:
         tl.debug_barrier()
@@ -223,7 +224,8 @@ def _reduce_rows(
         if WANT_MAT:
             b = tl.load(b_ptr + r64[:, None] * b_stride + n_col[None, :], mask=r_mask[:, None] & n_mask[None, :],
                         other=0.0)
-            acc = tl.dot(tl.trans(a.to(DOT_DTYPE)), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+            acc = tl.dot(tl.trans(a.to(DOT_DTYPE)), b.to(DOT_DTYPE), acc, input_precision=PRECISION,
+                         out_dtype=ACC_DTYPE)
         if WANT_VEC:
             vec += tl.sum(a.to(ACC_DTYPE), axis=0)
     return acc, vec
@@ -444,27 +446,28 @@ def spinal_bwd_triton(
     starts_t, slots_t = layer_table(starts, slots, x.device)
 
     if need_dz and rows > 0:
-        path = config.path_plan(width, out, x.dtype)
+        path = config.path_plan(width, out, x.dtype, x.device)
         args = (grad_y if grad_y is not None else x, grad_H if grad_H is not None else x, x, H, weight_x, weight_h,
                 bias if bias is not None else x, head_weight if has_head else x, starts_t, slots_t, dz,
-                dx if mask[0] else dz, rows, in_features, chunk, width, num_layers, out)
+                dx if mask[0] else dz, rows, in_features, chunk, width, num_layers, out, config.batch_bucket(rows))
         consts = dict(NEG_SLOPE=float(negative_slope), ACT=activation_code(activation), HAS_BIAS=bias is not None,
                       HAS_GY=grad_y is not None, HAS_GH=grad_H is not None,
                       NEED_Z=needs_preactivation(activation, negative_slope), NEED_DX=mask[0], DOT_DTYPE=plan.dot,
                       ACC_DTYPE=plan.acc, PRECISION=plan.precision, **path.meta())
-        if config.autotune_enabled():
-            grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_B"]),)  # noqa: E731
-            wrap_triton(_spinal_bwd_chain_kernel_tuned)[grid](*args, **consts)
-        else:
-            s = config.chain_settings(rows, chunk, path, x.dtype)
-            with config.launch_guard():
-                wrap_triton(_spinal_bwd_chain_kernel)[(triton.cdiv(rows, s.block_b),)](*args, **consts, **s.meta())
+        with config.launch_guard(x.device):
+            if config.autotune_enabled():
+                grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_B"]),)  # noqa: E731
+                wrap_triton(_spinal_bwd_chain_kernel_tuned)[grid](*args, **consts)
+            else:
+                s = config.chain_settings(rows, chunk, path, x.dtype)
+                wrap_triton(_spinal_bwd_chain_kernel)[(triton.cdiv(rows, s.block_b),)](*args, **consts,
+                                                                                       **s.meta())
 
     if any(mask[1:]):
         s = config.weight_settings(rows, chunk, width, out, x.dtype)
         programs = _weight_grid_size(rows, chunk, width, num_layers, out, lx, lh, mask, s)
         if programs > 0:
-            with config.launch_guard():
+            with config.launch_guard(x.device):
                 wrap_triton(_spinal_bwd_weights_kernel)[(programs,)](
                     x, H, grad_y if grad_y is not None else x, dz if need_dz else x, starts_t, slots_t,
                     dwx if mask[1] else x, db if mask[3] else x, dwh if mask[2] else x, dwo if mask[4] else x,

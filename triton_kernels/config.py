@@ -27,7 +27,12 @@ On a GPU the forward and backward chain kernels are wrapped in ``triton.autotune
 stages (:func:`forward_autotune_configs`, :func:`chain_autotune_configs`), pruned by the register and
 shared-memory model above on the path :func:`path_plan` chose (the path and its BLOCK_W / BLOCK_O / BLOCK_N /
 BLOCK_K are fixed by this module, not tuned); ``SPINAL_OPS_TRITON_AUTOTUNE=0`` uses the model's single choice
-instead. The tuning key includes the batch size ``B`` and the path: one tuning per distinct batch size and path.
+instead. The tuning key buckets the batch size (its next power of two, :func:`batch_bucket`) and includes the path:
+a new batch size re-tunes only when it starts a new bucket. First-call cost on a GPU: every kernel and bucket
+compiles and times its pruned candidates once (up to 32 configurations, seconds per kernel); later calls with
+the same shapes and bucket reuse the winner. ``SPINAL_OPS_TRITON_AUTOTUNE=0`` skips tuning (one compile per
+kernel, the model's settings), for reproducible tiles across processes and for CUDA graph capture without a
+warm-up call.
 
 float32 ``tl.dot`` precision follows PyTorch's own switch, ``torch.get_float32_matmul_precision()``:
 ``"highest"`` (PyTorch's default) -> ``"ieee"`` (exact fp32 products, what the tests use); ``"high"`` or
@@ -39,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import threading
 
@@ -65,9 +71,21 @@ def _pow2(n: int) -> int:
 INTERPRETER_LOCK = threading.Lock()
 
 
-def launch_guard():
-    """Context for a launcher's kernel launches: the interpreter lock under ``TRITON_INTERPRET=1``, else nothing."""
-    return INTERPRETER_LOCK if interpreted() else contextlib.nullcontext()
+def launch_guard(device: torch.device):
+    """Context for a launcher's kernel launches on ``device``: the interpreter lock under ``TRITON_INTERPRET=1``;
+    on a GPU the device guard of ``device``, so that Triton launches there, on that device's current stream (not on
+    whatever device is current)."""
+    if interpreted():
+        return INTERPRETER_LOCK
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+@functools.lru_cache(maxsize=256)
+def cached_layer_table(starts: tuple, slots: tuple, device: torch.device) -> torch.Tensor:
+    """The kernels' ``(2L,)`` int32 table (starts, then slots) on ``device``: copied once per distinct table and
+    device (a blocking copy from host memory, complete before any stream reads it), then reused, so a call makes
+    no host-to-device copy and no synchronisation (warm up once before capturing a CUDA graph)."""
+    return torch.tensor([*starts, *slots], dtype=torch.int32, device=device)
 
 
 def interpreted() -> bool:
@@ -158,7 +176,7 @@ def k_step(extent: int, dtype: torch.dtype) -> int:
 
 
 def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 # The fast path's fit model. It stages two whole weight tiles as tl.dot operands in shared memory: the recurrent
@@ -177,15 +195,47 @@ def _element_size(dtype: torch.dtype) -> int:
 # forced fast path at fp32 w = 256 asks for 272 KB, more than any GPU has. Not timed on a GPU (none available):
 # the threshold is where the model says the whole tiles stop fitting, not a measured crossover.
 FAST_PATH_MAX_WARPS = 8
+# On top of its whole tiles the fast path needs pipeline buffers and layout-conversion scratch: compiled for sm_90a
+# with Triton 3.8, the chain kernel at the model's boundary (w = 256 16-bit, out = 64: 163,840 B of whole tiles)
+# asked for 174,080 B, over an A100's 166,912 B opt-in limit. A plan is kept on the fast path only where the
+# tiles plus this margin fit the device's limit (:func:`shared_memory_limit`).
+FAST_PATH_SMEM_MARGIN = 16 * 1024
+
+# Opt-in shared memory per block by compute capability major version, where the device properties do not say:
+# sm_80 (A100) 166,912 B, sm_90 (H100 / H200) 232,448 B; other majors (sm_86 / sm_89: 101,376 B) the smallest.
+_SMEM_OPTIN_BY_MAJOR = {8: 166_912, 9: 232_448}
+_SMEM_OPTIN_FALLBACK = 101_376
 
 
-def fast_path_fits(width: int, out: int, dtype: torch.dtype) -> bool:
-    """True when the fast path's whole weight tiles fit shared memory and its accumulators fit registers."""
+@functools.cache
+def shared_memory_limit(device: torch.device | None) -> int | None:
+    """The opt-in shared memory per block of a CUDA ``device`` in bytes (cached per device); None for CPU tensors
+    under the interpreter, where the model's budget alone applies (as on the H100 / H200 it was written for)."""
+    if device is None or device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    optin = getattr(props, "shared_memory_per_block_optin", None)
+    if optin:
+        return int(optin)
+    if props.major == 8 and props.minor != 0:
+        return _SMEM_OPTIN_FALLBACK
+    return _SMEM_OPTIN_BY_MAJOR.get(props.major, _SMEM_OPTIN_FALLBACK)
+
+
+def smem_budget(device: torch.device | None) -> int:
+    """Shared memory a plan may stage: the model's budget, within the device's limit less the fast path margin."""
+    limit = shared_memory_limit(device)
+    return SMEM_BUDGET_BYTES if limit is None else min(SMEM_BUDGET_BYTES, limit - FAST_PATH_SMEM_MARGIN)
+
+
+def fast_path_fits(width: int, out: int, dtype: torch.dtype, device: torch.device | None = None) -> bool:
+    """True when the fast path's whole weight tiles fit shared memory (of ``device``, when given) and its
+    accumulators fit registers."""
     bw = width_tile(width)
     bo = out_tile(out) if out else 0
     smem = (bw * bw + bw * bo) * _element_size(dtype)
     live = MIN_DOT * (4 * bw + max(bo, MIN_DOT))
-    return smem <= SMEM_BUDGET_BYTES and live <= ACC_VALUES_PER_THREAD * THREADS_PER_WARP * FAST_PATH_MAX_WARPS
+    return smem <= smem_budget(device) and live <= ACC_VALUES_PER_THREAD * THREADS_PER_WARP * FAST_PATH_MAX_WARPS
 
 
 # Wide-path tiles on a GPU (model, not timed):
@@ -228,16 +278,22 @@ class PathPlan:
                     BLOCK_K=self.block_k)
 
 
-def path_plan(width: int, out: int, dtype: torch.dtype) -> PathPlan:
-    """The one place that picks fast vs wide (:func:`fast_path_fits`) and the tiles of either path.
+def path_plan(width: int, out: int, dtype: torch.dtype, device: torch.device | None = None) -> PathPlan:
+    """The one place that picks fast vs wide (:func:`fast_path_fits`) and the tiles of either path, within the
+    shared memory of ``device`` (computed once per layer shape, dtype, device and interpreter mode, then cached).
 
-    The same model decides under the interpreter, so CPU tests run the path a GPU would. Tests force the wide
-    path with small tiles by monkeypatching this function.
+    The same model decides under the interpreter, so CPU tests run the path an H100 / H200 would. Tests force the
+    wide path with small tiles by monkeypatching this function.
     """
-    if fast_path_fits(width, out, dtype):
+    return _path_plan(width, out, dtype, device, interpreted())
+
+
+@functools.lru_cache(maxsize=1024)
+def _path_plan(width: int, out: int, dtype: torch.dtype, device, interpreter: bool) -> PathPlan:
+    if fast_path_fits(width, out, dtype, device):
         bw = width_tile(width)
         return PathPlan(False, bw, out_tile(out), bw, bw)
-    if interpreted():
+    if interpreter:
         block = min(INTERPRETER_WIDE_BLOCK, width_tile(width))
         return PathPlan(True, MIN_DOT, min(INTERPRETER_WIDE_BLOCK_O, out_tile(out)), block, block)
     return PathPlan(True, MIN_DOT, WIDE_BLOCK_O, WIDE_BLOCK_N, k_step(width, dtype))
@@ -395,11 +451,12 @@ def _make_prune(kernel: str):
         path = _path_of(named_args, kwargs)
         per_row = live_per_row(path, kernel)
         elem = named_args["x_ptr"].element_size()
+        budget = smem_budget(named_args["x_ptr"].device)
         kept = []
         for cfg in configs:
             bb, bc = cfg.kwargs["BLOCK_B"], cfg.kwargs["BLOCK_C"]
             regs_ok = bb * per_row <= 1.5 * ACC_VALUES_PER_THREAD * THREADS_PER_WARP * cfg.num_warps
-            smem_ok = _staged_bytes(path, bb, bc, cfg.num_stages, elem) <= SMEM_BUDGET_BYTES
+            smem_ok = _staged_bytes(path, bb, bc, cfg.num_stages, elem) <= budget
             rows_ok = bb <= max(MIN_DOT, _pow2(rows))
             if regs_ok and smem_ok and rows_ok:
                 kept.append(cfg)
@@ -424,5 +481,11 @@ def chain_autotune_configs():
 
 forward_prune = _make_prune("forward")
 chain_prune = _make_prune("chain")
-# WIDE is part of the key: a forced or changed path never reuses the other path's tuning.
-AUTOTUNE_KEY = ["B", "C", "W", "L", "OUT", "WIDE"]
+# WIDE is part of the key: a forced or changed path never reuses the other path's tuning. B_BUCKET (not B):
+# batch sizes 65..128 share one tuning, and so on.
+AUTOTUNE_KEY = ["B_BUCKET", "C", "W", "L", "OUT", "WIDE"]
+
+
+def batch_bucket(rows: int) -> int:
+    """The autotuning bucket of a batch size: its next power of two (at least 1)."""
+    return _pow2(rows)

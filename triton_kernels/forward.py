@@ -29,6 +29,7 @@ def _spinal_fwd_kernel(
     W,
     L,
     OUT,
+    B_BUCKET,  # next power of two of B: the autotuning key (read by nothing else)
     NEG_SLOPE: tl.constexpr,
     ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -125,7 +126,7 @@ def _spinal_fwd_kernel(
                 # wh_t[k, n] = weight_h[hs][n, k]
                 wh_t = tl.load(wh_ptr + hs * W * W + cols_w[None, :] * W + cols_w[:, None],
                                mask=w_mask[:, None] & w_mask[None, :], other=0.0)
-                z = tl.dot(h.to(DOT_DTYPE), wh_t.to(DOT_DTYPE), z, input_precision=PRECISION)
+                z = tl.dot(h.to(DOT_DTYPE), wh_t.to(DOT_DTYPE), z, input_precision=PRECISION, out_dtype=ACC_DTYPE)
             if HAS_BIAS:
                 bias = tl.load(b_ptr + xs * W + cols_w, mask=w_mask, other=0.0).to(ACC_DTYPE)
                 z = z + bias[None, :]
@@ -139,7 +140,7 @@ def _spinal_fwd_kernel(
                 # wo_t[k, o] = head_weight[o, i * W + k]
                 wo_t = tl.load(wo_ptr + cols_o[None, :] * hidden + i * W + cols_w[:, None],
                                mask=w_mask[:, None] & o_mask[None, :], other=0.0)
-                y = tl.dot(h.to(DOT_DTYPE), wo_t.to(DOT_DTYPE), y, input_precision=PRECISION)
+                y = tl.dot(h.to(DOT_DTYPE), wo_t.to(DOT_DTYPE), y, input_precision=PRECISION, out_dtype=ACC_DTYPE)
         if HAS_HEAD:
             if HAS_HEAD_BIAS:
                 bo = tl.load(bo_ptr + cols_o, mask=o_mask, other=0.0).to(ACC_DTYPE)
@@ -156,8 +157,9 @@ _spinal_fwd_kernel_tuned = triton.autotune(
 
 
 def layer_table(starts, slots, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(starts, slots)`` as int32 device tensors, views of one ``(2L,)`` tensor (one copy to the device)."""
-    table = torch.tensor([*starts, *slots], dtype=torch.int32, device=device)
+    """``(starts, slots)`` as int32 device tensors, views of one ``(2L,)`` tensor, uploaded once per distinct table
+    and device and then reused (:func:`config.cached_layer_table`): no host-to-device copy per call."""
+    table = config.cached_layer_table(tuple(starts), tuple(slots), device)
     return table[: len(starts)], table[len(starts) :]
 
 
@@ -197,21 +199,20 @@ def spinal_fwd_triton(
     if rows == 0:
         return h_all, y
     plan = config.dtype_plan(x.dtype)
-    path = config.path_plan(width, out, x.dtype)
+    path = config.path_plan(width, out, x.dtype, x.device)
     starts_t, slots_t = layer_table(starts, slots, x.device)
     args = (x, weight_x, weight_h, bias if bias is not None else x, head_weight if has_head else x,
             head_bias if head_bias is not None else x, starts_t, slots_t, h_all, y if has_head else h_all,
-            rows, in_features, chunk, width, num_layers, out)
+            rows, in_features, chunk, width, num_layers, out, config.batch_bucket(rows))
     consts = dict(NEG_SLOPE=float(negative_slope), ACT=activation_code(activation), HAS_BIAS=bias is not None,
                   HAS_HEAD=has_head, HAS_HEAD_BIAS=head_bias is not None,
                   STORE_H=bool(store_h or not has_head), DOT_DTYPE=plan.dot, ACC_DTYPE=plan.acc,
                   PRECISION=plan.precision, **path.meta())
-    if config.autotune_enabled():
-        grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_B"]),)  # noqa: E731
-        wrap_triton(_spinal_fwd_kernel_tuned)[grid](*args, **consts)
-    else:
-        s = config.forward_settings(rows, chunk, path, x.dtype)
-        grid = (triton.cdiv(rows, s.block_b),)
-        with config.launch_guard():
-            wrap_triton(_spinal_fwd_kernel)[grid](*args, **consts, **s.meta())
+    with config.launch_guard(x.device):
+        if config.autotune_enabled():
+            grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_B"]),)  # noqa: E731
+            wrap_triton(_spinal_fwd_kernel_tuned)[grid](*args, **consts)
+        else:
+            s = config.forward_settings(rows, chunk, path, x.dtype)
+            wrap_triton(_spinal_fwd_kernel)[(triton.cdiv(rows, s.block_b),)](*args, **consts, **s.meta())
     return h_all, y

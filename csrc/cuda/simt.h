@@ -32,6 +32,9 @@
 
 #ifdef __CUDACC__
 // ================================================================================================ CUDA
+#include <atomic>
+#include <mutex>
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -55,11 +58,32 @@ __device__ __forceinline__ T* dynamic_shared() {
 
 __device__ __forceinline__ int lane_id() { return static_cast<int>(threadIdx.x & 31u); }
 
-// The one launcher: launch, then report the launch error (the CUDA equivalent of the emulator's checks).
+// Lets `kernel` use the device's whole opt-in dynamic shared memory: set once per kernel instantiation and device
+// (not per launch, so concurrent launches with different sizes never race on the attribute).
+template <typename Kernel>
+Status allow_large_dynamic_shared(Kernel kernel) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<bool> done[kMaxDevices] = {};
+  static std::mutex mutex;
+  int device = 0;
+  Status s = cudaGetDevice(&device);
+  if (s != cudaSuccess) return s;
+  if (device < kMaxDevices && done[device].load(std::memory_order_acquire)) return cudaSuccess;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (device < kMaxDevices && done[device].load(std::memory_order_relaxed)) return cudaSuccess;
+  int optin = 0;
+  s = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (s == cudaSuccess) s = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
+  if (s == cudaSuccess && device < kMaxDevices) done[device].store(true, std::memory_order_release);
+  return s;
+}
+
+// The one launcher: launch, then return the launch's error status (cudaGetLastError, what
+// C10_CUDA_KERNEL_LAUNCH_CHECK reads); the CUDA binding turns a failure into a c10 CUDA error.
 template <typename... KArgs, typename... Args>
 Status launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, Stream stream, Args&&... args) {
   if (smem > 48 * 1024) {
-    Status s = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    Status s = allow_large_dynamic_shared(kernel);
     if (s != cudaSuccess) return s;
   }
   kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);

@@ -75,8 +75,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) spinal_bwd_chain_ke
   auto dz_at = [&](int gr, int i, int k) -> Acc* { return p.dz + (static_cast<int64_t>(gr) * L + i) * w + k; };
 
   if (p.dx) {
-    for (int e = threadIdx.x; e < BM * D; e += kThreads) {
-      const int gr = r0 + e / D;
+    for (int64_t e = threadIdx.x; e < static_cast<int64_t>(BM) * D; e += kThreads) {  // BM * D: 64-bit
+      const int gr = r0 + static_cast<int>(e / D);
       if (gr < B) p.dx_acc[static_cast<int64_t>(gr) * D + e % D] = zero_acc;
     }
   }
@@ -175,8 +175,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) spinal_bwd_chain_ke
 
   if (p.dx) {
     __syncthreads();
-    for (int e = threadIdx.x; e < BM * D; e += kThreads) {
-      const int gr = r0 + e / D;
+    for (int64_t e = threadIdx.x; e < static_cast<int64_t>(BM) * D; e += kThreads) {
+      const int gr = r0 + static_cast<int>(e / D);
       if (gr < B) {
         const int64_t idx = static_cast<int64_t>(gr) * D + e % D;
         p.dx[idx] = convert<T>(p.dx_acc[idx]);

@@ -10,6 +10,14 @@
 namespace spinal_ops::cuda {
 namespace {
 
+// Launch errors as c10 CUDA errors (C10_CUDA_KERNEL_LAUNCH_CHECK's semantics), naming the kernel.
+void check_cuda_launch(simt::Status s, const char* name) {
+  if (s != cudaSuccess) {
+    TORCH_CHECK(false, "spinal_ops cuda backend: launch of ", name, " failed: ", cudaGetErrorString(s),
+                " (CUDA kernel errors may be reported asynchronously; CUDA_LAUNCH_BLOCKING=1 makes them synchronous)");
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> spinal_forward_cuda(
     const at::Tensor& x, const at::Tensor& weight_x, const at::Tensor& weight_h, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& head_weight, const std::optional<at::Tensor>& head_bias, c10::IntArrayRef starts,
@@ -19,7 +27,22 @@ std::tuple<at::Tensor, at::Tensor> spinal_forward_cuda(
   opt.allow_tf32 = at::globalContext().allowTF32CuBLAS();
   return forward_impl(x, weight_x, weight_h, bias, head_weight, head_bias, starts, slots,
                       std::string_view(activation.data(), activation.size()), negative_slope, opt,
-                      at::cuda::getCurrentCUDAStream().stream());
+                      at::cuda::getCurrentCUDAStream().stream(), check_cuda_launch);
+}
+
+std::tuple<at::Tensor, at::Tensor> spinal_forward_cuda_options(
+    const at::Tensor& x, const at::Tensor& weight_x, const at::Tensor& weight_h, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& head_weight, const std::optional<at::Tensor>& head_bias, c10::IntArrayRef starts,
+    c10::IntArrayRef slots, c10::string_view activation, double negative_slope, int64_t width_path, bool allow_tf32) {
+  TORCH_CHECK(width_path >= 0 && width_path <= 2, "spinal_ops cuda backend: width_path must be 0 (automatic), 1 "
+              "(fast) or 2 (general), got ", width_path);
+  const c10::cuda::CUDAGuard guard(x.device());
+  LaunchOptions opt;
+  opt.allow_tf32 = allow_tf32;
+  opt.width_path = static_cast<WidthPath>(width_path);
+  return forward_impl(x, weight_x, weight_h, bias, head_weight, head_bias, starts, slots,
+                      std::string_view(activation.data(), activation.size()), negative_slope, opt,
+                      at::cuda::getCurrentCUDAStream().stream(), check_cuda_launch);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> spinal_backward_cuda(
@@ -30,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const c10::cuda::CUDAGuard guard(x.device());
   return backward_impl(grad_y, grad_h, x, h_all, weight_x, weight_h, bias, head_weight, starts, slots,
                        std::string_view(activation.data(), activation.size()), negative_slope, output_mask,
-                       at::cuda::getCurrentCUDAStream().stream());
+                       at::cuda::getCurrentCUDAStream().stream(), check_cuda_launch);
 }
 
 }  // namespace
@@ -39,4 +62,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 TORCH_LIBRARY_IMPL(spinal_ops, CUDA, m) {
   m.impl("spinal_forward", &spinal_ops::cuda::spinal_forward_cuda);
   m.impl("spinal_backward", &spinal_ops::cuda::spinal_backward_cuda);
+  m.impl("_spinal_forward_cuda_options", &spinal_ops::cuda::spinal_forward_cuda_options);
 }

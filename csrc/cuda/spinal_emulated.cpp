@@ -36,4 +36,6 @@ void set_schedule(int schedule, uint64_t seed) { simt::set_schedule(static_cast<
 
 uint64_t launch_count() { return simt::launch_count(); }
 
+uint64_t layer_table_uploads() { return cuda::layer_table_uploads(); }
+
 }  // namespace spinal_ops::emulated

@@ -30,5 +30,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // Emulator schedule (0 forward, 1 reverse, 2 random with `seed`) and the number of launches so far.
 void set_schedule(int schedule, uint64_t seed);
 uint64_t launch_count();
+// Layer tables (starts, slots) copied to the device so far: one per distinct table, none per call.
+uint64_t layer_table_uploads();
 
 }  // namespace spinal_ops::emulated

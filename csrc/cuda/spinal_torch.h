@@ -8,6 +8,8 @@
 
 #include <array>
 #include <limits>
+#include <list>
+#include <mutex>
 #include <utility>
 #include <optional>
 #include <string_view>
@@ -58,13 +60,56 @@ inline void check_int32(const SpinalDims& d) {
   }
 }
 
-// starts then slots (2L entries) as one int32 tensor on the device of x (kernel arguments).
-inline at::Tensor device_layer_table(const SpinalDims& d, c10::IntArrayRef starts, const at::Tensor& x) {
-  std::vector<int> v(starts.begin(), starts.end());
-  v.insert(v.end(), d.slots.begin(), d.slots.end());
-  return at::tensor(v, at::TensorOptions().dtype(at::kInt)).to(x.device());
+// starts then slots (2L entries) as one int32 tensor on the device of x (kernel arguments), uploaded once per
+// distinct table and device and then reused: a call makes no host-to-device copy and no stream synchronisation
+// once its table is cached (warm up before capturing a CUDA graph). The upload is a blocking copy from pageable
+// memory, complete before any stream uses the tensor. At most kMaxTables are kept (least recently used go).
+struct LayerTableCache {
+  static constexpr size_t kMaxTables = 256;
+  std::mutex mutex;
+  std::list<std::pair<std::vector<int64_t>, at::Tensor>> entries;  // most recent first; key: device, then table
+  uint64_t uploads = 0;
+};
+
+inline LayerTableCache& layer_table_cache() {
+  static LayerTableCache cache;
+  return cache;
 }
 
+// Tables uploaded so far in this process (cache misses); the emulated tests assert none on repeated calls.
+inline uint64_t layer_table_uploads() {
+  LayerTableCache& cache = layer_table_cache();
+  std::lock_guard<std::mutex> lock(cache.mutex);
+  return cache.uploads;
+}
+
+inline at::Tensor device_layer_table(const SpinalDims& d, c10::IntArrayRef starts, const at::Tensor& x) {
+  std::vector<int64_t> key;
+  key.reserve(2 + starts.size() + d.slots.size());
+  key.push_back(static_cast<int64_t>(x.device().type()));
+  key.push_back(x.device().index());
+  key.insert(key.end(), starts.begin(), starts.end());
+  key.insert(key.end(), d.slots.begin(), d.slots.end());
+  LayerTableCache& cache = layer_table_cache();
+  std::lock_guard<std::mutex> lock(cache.mutex);
+  for (auto it = cache.entries.begin(); it != cache.entries.end(); ++it) {
+    if (it->first == key) {
+      cache.entries.splice(cache.entries.begin(), cache.entries, it);
+      return it->second;
+    }
+  }
+  std::vector<int> v(starts.begin(), starts.end());
+  v.insert(v.end(), d.slots.begin(), d.slots.end());
+  at::Tensor table = at::tensor(v, at::TensorOptions().dtype(at::kInt)).to(x.device());
+  ++cache.uploads;
+  cache.entries.emplace_front(std::move(key), table);
+  if (cache.entries.size() > LayerTableCache::kMaxTables) cache.entries.pop_back();
+  return table;
+}
+
+using LaunchCheck = void (*)(simt::Status, const char*);
+
+// The emulated binding's launch check (the CUDA binding passes its own, raising c10 CUDA errors).
 inline void check_launch(simt::Status s, const char* name) {
   TORCH_CHECK(simt::ok(s), "spinal_ops: launch of ", name, " failed: ", simt::error_string(s));
 }
@@ -73,7 +118,8 @@ inline std::tuple<at::Tensor, at::Tensor> forward_impl(
     const at::Tensor& x, const at::Tensor& weight_x, const at::Tensor& weight_h,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& head_weight,
     const std::optional<at::Tensor>& head_bias, c10::IntArrayRef starts, c10::IntArrayRef slots,
-    std::string_view activation, double negative_slope, LaunchOptions opt, simt::Stream stream) {
+    std::string_view activation, double negative_slope, LaunchOptions opt, simt::Stream stream,
+    LaunchCheck check = check_launch) {
   const SpinalDims d = check_forward_args("cuda", x, weight_x, weight_h, bias, head_weight, head_bias, starts, slots,
                                           activation, negative_slope);
   check_int32(d);
@@ -106,7 +152,7 @@ inline std::tuple<at::Tensor, at::Tensor> forward_impl(
     p.chunk = static_cast<int>(d.chunk);
     p.out = static_cast<int>(d.out);
     p.slope = static_cast<acc_t<T>>(d.negative_slope);
-    launch_forward(p, static_cast<Act>(d.activation), opt, stream, check_launch);
+    launch_forward(p, static_cast<Act>(d.activation), opt, stream, check);
   });
   return {h_all, y};
 }
@@ -116,7 +162,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at
     const at::Tensor& h_all, const at::Tensor& weight_x, const at::Tensor& weight_h,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& head_weight, c10::IntArrayRef starts,
     c10::IntArrayRef slots, std::string_view activation, double negative_slope, std::array<bool, 6> mask,
-    simt::Stream stream) {
+    simt::Stream stream, LaunchCheck check = check_launch) {
   const SpinalDims d = check_forward_args("cuda", x, weight_x, weight_h, bias, head_weight, std::nullopt, starts,
                                           slots, activation, negative_slope);
   check_backward_args("cuda", d, x, grad_y, grad_h, h_all);
@@ -164,7 +210,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at
     p.x_slots = static_cast<int>(d.x_slots);
     p.h_slots = static_cast<int>(d.h_slots);
     p.slope = static_cast<Acc>(d.negative_slope);
-    launch_backward(p, static_cast<Act>(d.activation), stream, check_launch);
+    launch_backward(p, static_cast<Act>(d.activation), stream, check);
   });
   return {dx, dwx, dwh, db, dwo, dbo};
 }
