@@ -238,3 +238,29 @@ def test_compile_fullgraph(backend):
     (gx,) = torch.autograd.grad(got.sum(), x)
     (ex,) = torch.autograd.grad(expected.sum(), x)
     assert_close(gx, ex, what=f"{backend} compiled: dx")
+
+
+def test_wide_path_read_back_is_ordered_by_its_barrier():
+    """Negative control: the Triton wide path stores each sub-layer's h to H and the next sub-layer reads it back,
+    written by other threads of the program. With the barrier between sub-layers the forward is right; without it
+    some run reads values not yet stored (H is poisoned with NaN before each run, so a stale read shows)."""
+    _need("triton")
+    from spinal_ops.triton_kernels import config, spinal_fwd_triton
+
+    from spinal_ops import reference
+
+    case = Case(512, 600, 2, 300, 8, out=10)  # w = 300: the wide path, several column tiles per sub-layer
+    assert config.path_plan(case.width, case.out, torch.float32, torch.device("cuda")).wide
+    x, params = _gpu_inputs(case)
+    args = (x.detach(), *[params[k].detach() for k in PARAMS], *case.layer_args(), case.activation,
+            case.negative_slope)
+
+    def run(barrier: bool):
+        poison = torch.full((case.rows, case.num_layers * case.width), float("nan"), device="cuda")
+        del poison  # the caching allocator hands this block to H next
+        return spinal_fwd_triton(*args, barrier=barrier)[1]
+
+    expected = reference.spinal_forward(*args)[1]
+    assert_close(run(True), expected, what="triton wide path with its barrier")
+    if all(torch.equal(run(False), run(True)) for _ in range(20)):
+        pytest.xfail("without the barrier every one of 20 runs happened to read H after it was stored")

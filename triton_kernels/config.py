@@ -356,9 +356,12 @@ WIDE_ROW_TILE = {"forward": 32, "chain": 16}
 WIDE_WARPS = 8
 
 
-def _chain_settings(rows: int, chunk: int, path: PathPlan, dtype: torch.dtype, kernel: str) -> ChainSettings:
+@functools.lru_cache(maxsize=4096)
+def _chain_settings(rows: int, chunk: int, path: PathPlan, dtype: torch.dtype, kernel: str,
+                    interpreter: bool) -> ChainSettings:
+    """Cached per problem (computed once per batch size, chunk, path and dtype)."""
     bc = k_step(chunk, dtype)
-    if interpreted():
+    if interpreter:
         return ChainSettings(min(INTERPRETER_ROW_TILE, max(MIN_DOT, _pow2(rows))), max(bc, min(64, _pow2(chunk))),
                              4, 1)
     # 2 stages: double-buffer the operand tiles of the K loops; a third stage buys nothing when the input
@@ -373,12 +376,12 @@ def _chain_settings(rows: int, chunk: int, path: PathPlan, dtype: torch.dtype, k
 
 def forward_settings(rows: int, chunk: int, path: PathPlan, dtype: torch.dtype) -> ChainSettings:
     """Forward: row tile from the forward's accumulators per row (:func:`live_per_row`)."""
-    return _chain_settings(rows, chunk, path, dtype, "forward")
+    return _chain_settings(rows, chunk, path, dtype, "forward", interpreted())
 
 
 def chain_settings(rows: int, chunk: int, path: PathPlan, dtype: torch.dtype) -> ChainSettings:
     """Backward chain: row tile from the chain kernel's accumulators per row (:func:`live_per_row`)."""
-    return _chain_settings(rows, chunk, path, dtype, "chain")
+    return _chain_settings(rows, chunk, path, dtype, "chain", interpreted())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -410,7 +413,13 @@ def weight_settings(rows: int, chunk: int, width: int, out: int, dtype: torch.dt
     Output tile 64 x 64 (the head's too): 4096 fp32 accumulators = 32 per thread at 4 warps, small enough to leave
     registers for the two operand tiles; row step 32 (fp32) / 64 (16-bit) = 128 bytes per column.
     """
-    if interpreted():
+    return _weight_settings(rows, chunk, width, out, dtype, interpreted())
+
+
+@functools.lru_cache(maxsize=4096)
+def _weight_settings(rows: int, chunk: int, width: int, out: int, dtype: torch.dtype,
+                     interpreter: bool) -> WeightSettings:
+    if interpreter:
         return WeightSettings(min(INTERPRETER_WEIGHT_TILE, max(MIN_DOT, _pow2(width))),
                               min(INTERPRETER_WEIGHT_TILE, max(MIN_DOT, _pow2(max(chunk, width)))),
                               min(INTERPRETER_HEAD_TILE, max(MIN_DOT, _pow2(out))),

@@ -40,6 +40,7 @@ def _spinal_fwd_kernel(
     ACC_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
     WIDE: tl.constexpr,
+    BARRIER: tl.constexpr,  # True; False only for the GPU test that shows the wide path's read-back needs it
     BLOCK_W: tl.constexpr,
     BLOCK_O: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -93,7 +94,8 @@ def _spinal_fwd_kernel(
                 h = _activate(z, NEG_SLOPE, ACT)
                 tl.store(h_out_ptr + rows64[:, None] * hidden + i * W + cols_n[None, :],
                          h.to(h_out_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
-            tl.debug_barrier()  # h_i complete and visible to every thread before sub-layer i + 1 / the head
+            if BARRIER:
+                tl.debug_barrier()  # h_i complete and visible to every thread before sub-layer i + 1 / the head
         if HAS_HEAD:
             offs_o = tl.arange(0, BLOCK_O)
             for o0 in range(0, OUT, BLOCK_O):
@@ -176,6 +178,7 @@ def spinal_fwd_triton(
     negative_slope: float,
     *,
     store_h: bool = True,
+    barrier: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward of the spinal layer in one Triton launch.
 
@@ -186,7 +189,7 @@ def spinal_fwd_triton(
 
     ``store_h=False`` (internal; head mode only) skips writing ``H`` on the fast path, for inference where no
     backward follows; the returned ``H`` is then uninitialised memory (the wide path always writes it: it is
-    that path's working storage).
+    that path's working storage). ``barrier=False`` (tests only) drops the wide path's barrier between sub-layers.
     """
     rows, in_features = x.shape
     num_layers = len(starts)
@@ -206,7 +209,7 @@ def spinal_fwd_triton(
             rows, in_features, chunk, width, num_layers, out, config.batch_bucket(rows))
     consts = dict(NEG_SLOPE=float(negative_slope), ACT=activation_code(activation), HAS_BIAS=bias is not None,
                   HAS_HEAD=has_head, HAS_HEAD_BIAS=head_bias is not None,
-                  STORE_H=bool(store_h or not has_head), DOT_DTYPE=plan.dot, ACC_DTYPE=plan.acc,
+                  STORE_H=bool(store_h or not has_head), BARRIER=bool(barrier), DOT_DTYPE=plan.dot, ACC_DTYPE=plan.acc,
                   PRECISION=plan.precision, **path.meta())
     with config.launch_guard(x.device):
         if config.autotune_enabled():
