@@ -16,22 +16,13 @@ os.environ.setdefault("SPINAL_OPS_TRITON_AUTOTUNE", "0")  # one compile per kern
 
 import torch  # noqa: E402
 from helpers import Case  # noqa: E402
-from kernel_paths import VARIANTS, Variant, check_variant  # noqa: E402
+from kernel_paths import VARIANTS, Variant, check_variant, gpu_backward, gpu_forward  # noqa: E402
 
 import spinal_ops  # noqa: E402
 
 
 def _on(t, device):
     return t.to(device) if isinstance(t, torch.Tensor) else t
-
-
-def cuda_forward(*args):
-    h_all, y = torch.ops.spinal_ops._spinal_forward_cuda_options(*[_on(a, "cuda") for a in args])
-    return h_all.cpu(), y.cpu()
-
-
-def cuda_backward(*args):
-    return tuple(g.cpu() for g in torch.ops.spinal_ops.spinal_backward(*[_on(a, "cuda") for a in args]))
 
 
 def triton_forward(*args):
@@ -57,7 +48,7 @@ def variants(kind: str) -> list[Variant]:
 def main(argv) -> int:
     kinds = argv[1:] or ["all"]
     kinds = ["cuda", "triton"] if "all" in kinds else kinds
-    runners = {"cuda": (cuda_forward, cuda_backward), "triton": (triton_forward, triton_backward)}
+    runners = {"cuda": (gpu_forward, gpu_backward), "triton": (triton_forward, triton_backward)}
     failures = 0
     for kind in kinds:
         if kind not in spinal_ops.available_backends():

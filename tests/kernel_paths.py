@@ -174,3 +174,18 @@ def check_variant(forward, backward, variant: Variant, what: str) -> None:
             assert_close(got, hi, lo, what=f"{what}: d{name}")
         else:
             assert got.numel() == 0, f"{what}: d{name} was not asked for but has shape {tuple(got.shape)}"
+
+
+def _cuda(t):
+    return t.to("cuda") if isinstance(t, torch.Tensor) else t
+
+
+def gpu_forward(*args):
+    """:func:`check_variant`'s forward on the GPU: the CUDA forward with its launch options forced."""
+    h_all, y = torch.ops.spinal_ops._spinal_forward_cuda_options(*[_cuda(a) for a in args])
+    return h_all.cpu(), y.cpu()
+
+
+def gpu_backward(*args):
+    """:func:`check_variant`'s backward on the GPU: the CUDA backward op."""
+    return tuple(g.cpu() for g in torch.ops.spinal_ops.spinal_backward(*[_cuda(a) for a in args]))

@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 from helpers import CASES, Case, assert_close, functional_kwargs, make_inputs, run_and_grad
-from kernel_paths import VARIANTS, check_variant
+from kernel_paths import VARIANTS, check_variant, gpu_backward, gpu_forward
 
 import spinal_ops
 
@@ -39,27 +39,13 @@ def _need(backend: str) -> None:
         pytest.skip(f"backend {backend!r} not available (built without CUDA kernels, or Triton missing)")
 
 
-def _on(t, device):
-    return t.to(device) if isinstance(t, torch.Tensor) else t
-
-
-def _cuda_forward(*args):
-    """The CUDA forward with forced launch options, CPU tensors in and out (kernel_paths.check_variant's runner)."""
-    h_all, y = torch.ops.spinal_ops._spinal_forward_cuda_options(*[_on(a, "cuda") for a in args])
-    return h_all.cpu(), y.cpu()
-
-
-def _cuda_backward(*args):
-    return tuple(g.cpu() for g in torch.ops.spinal_ops.spinal_backward(*[_on(a, "cuda") for a in args]))
-
-
 # ------------------------------------------------------------------------------------- every kernel path
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.id)
 def test_cuda_kernel_path_matches_reference(variant):
     _need("cuda")
-    check_variant(_cuda_forward, _cuda_backward, variant, f"cuda (GPU) {variant.id}")
+    check_variant(gpu_forward, gpu_backward, variant, f"cuda (GPU) {variant.id}")
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)

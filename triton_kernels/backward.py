@@ -454,14 +454,8 @@ def spinal_bwd_triton(
                       HAS_GY=grad_y is not None, HAS_GH=grad_H is not None,
                       NEED_Z=needs_preactivation(activation, negative_slope), NEED_DX=mask[0], DOT_DTYPE=plan.dot,
                       ACC_DTYPE=plan.acc, PRECISION=plan.precision, **path.meta())
-        with config.launch_guard(x.device):
-            if config.autotune_enabled():
-                grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_B"]),)  # noqa: E731
-                wrap_triton(_spinal_bwd_chain_kernel_tuned)[grid](*args, **consts)
-            else:
-                s = config.chain_settings(rows, chunk, path, x.dtype)
-                wrap_triton(_spinal_bwd_chain_kernel)[(triton.cdiv(rows, s.block_b),)](*args, **consts,
-                                                                                       **s.meta())
+        config.launch_row_tiled(_spinal_bwd_chain_kernel, _spinal_bwd_chain_kernel_tuned, rows, args, consts,
+                                lambda: config.chain_settings(rows, chunk, path, x.dtype), x.device)
 
     if any(mask[1:]):
         s = config.weight_settings(rows, chunk, width, out, x.dtype)

@@ -80,6 +80,20 @@ def launch_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def launch_row_tiled(kernel, tuned, rows: int, args: tuple, consts: dict, settings, device: torch.device) -> None:
+    """Launch a row-tiled kernel (forward, backward chain) under :func:`launch_guard`: ``tuned`` (its
+    ``triton.autotune`` wrapper, the grid from the chosen ``BLOCK_B``) when :func:`autotune_enabled`, else
+    ``kernel`` with ``settings()`` (the model's :class:`ChainSettings`)."""
+    from torch.library import wrap_triton
+
+    with launch_guard(device):
+        if autotune_enabled():
+            wrap_triton(tuned)[lambda meta: (triton.cdiv(rows, meta["BLOCK_B"]),)](*args, **consts)
+        else:
+            s = settings()
+            wrap_triton(kernel)[(triton.cdiv(rows, s.block_b),)](*args, **consts, **s.meta())
+
+
 @functools.lru_cache(maxsize=256)
 def cached_layer_table(starts: tuple, slots: tuple, device: torch.device) -> torch.Tensor:
     """The kernels' ``(2L,)`` int32 table (starts, then slots) on ``device``: copied once per distinct table and

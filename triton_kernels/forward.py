@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from . import config
 from ._common import _activate, _dot_k_loop, _input_projection, _preactivation_tile, activation_code
@@ -211,11 +210,6 @@ def spinal_fwd_triton(
                   HAS_HEAD=has_head, HAS_HEAD_BIAS=head_bias is not None,
                   STORE_H=bool(store_h or not has_head), BARRIER=bool(barrier), DOT_DTYPE=plan.dot, ACC_DTYPE=plan.acc,
                   PRECISION=plan.precision, **path.meta())
-    with config.launch_guard(x.device):
-        if config.autotune_enabled():
-            grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_B"]),)  # noqa: E731
-            wrap_triton(_spinal_fwd_kernel_tuned)[grid](*args, **consts)
-        else:
-            s = config.forward_settings(rows, chunk, path, x.dtype)
-            wrap_triton(_spinal_fwd_kernel)[(triton.cdiv(rows, s.block_b),)](*args, **consts, **s.meta())
+    config.launch_row_tiled(_spinal_fwd_kernel, _spinal_fwd_kernel_tuned, rows, args, consts,
+                            lambda: config.forward_settings(rows, chunk, path, x.dtype), x.device)
     return h_all, y
