@@ -13,8 +13,12 @@ Install with ``pip install --no-build-isolation -e .`` so the extension is built
 """
 
 import glob
+import importlib.metadata
 import os
+import re
+import shlex
 import shutil
+import subprocess
 import sys
 
 from setuptools import setup
@@ -26,8 +30,10 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
-def _cuda_include_dirs():
-    """CUDA headers that torch's headers include (cusparse.h, cublas_v2.h) ship in the `nvidia` pip package."""
+def _pip_cuda_include_dirs():
+    """Headers that torch's CUDA headers include but a toolkit may lack (cusparse.h, cublas_v2.h): the `nvidia` pip
+    packages torch depends on ship them. They are searched *after* the toolkit's own headers (-idirafter), so that
+    nvcc always reads the runtime headers of its own release (a newer release's headers stop an older nvcc)."""
     dirs = []
     try:
         import nvidia  # noqa: F401  (namespace package of the CUDA wheels)
@@ -37,7 +43,63 @@ def _cuda_include_dirs():
             dirs += sorted(glob.glob(os.path.join(root, "*", "include")))
     except ImportError:
         pass
-    return [d for d in dirs if os.path.isdir(d)]
+    return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
+
+
+def _nvcc_release(nvcc: str) -> tuple[int, int] | None:
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    found = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
+def _check_cuda_pair(nvcc: str, torch_cuda: str) -> tuple[int, int] | None:
+    """nvcc's release; stops the build when it cannot build for this torch (a different CUDA major release)."""
+    release = _nvcc_release(nvcc)
+    torch_major = int(torch_cuda.split(".")[0])
+    if release is not None and release[0] != torch_major:
+        sys.exit(
+            f"spinal_ops: nvcc {release[0]}.{release[1]} ({nvcc}) cannot build CUDA kernels for this torch, which "
+            f"was built with CUDA {torch_cuda} (the major releases differ). Install a CUDA {torch_major}.x toolkit "
+            f"(set CUDA_HOME), or build the CPU kernels only with SPINAL_OPS_SKIP_CUDA=1."
+        )
+    return release
+
+
+def _target_torch_version() -> str | None:
+    """The torch that the interpreter running this build sees without the build's own sys.path (pip's build
+    isolation puts a separate torch first); None when it has none."""
+    probe = "import importlib.metadata as m\ntry: print(m.version('torch'))\nexcept m.PackageNotFoundError: pass"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONNOUSERSITE")}
+    out = subprocess.run([sys.executable, "-I", "-c", probe], capture_output=True, text=True, env=env)
+    return out.stdout.strip() or None
+
+
+def _check_build_torch(torch_version: str) -> None:
+    """Stop an isolated build (pip's default) against a torch other than the one the extension will run with:
+    the result would fail to load (undefined symbols) or pull in another torch."""
+    target = _target_torch_version()
+    if target is not None and target != torch_version:
+        sys.exit(
+            f"spinal_ops: this build would compile against torch {torch_version}, but the environment it installs "
+            f"into has torch {target}. The extension must be built against the torch it runs with: install with\n"
+            f"    pip install --no-build-isolation .        (or -e . for a source checkout)\n"
+            f"after `pip install -r requirements.txt` (or the build tools: setuptools wheel ninja)."
+        )
+
+
+def _nvcc_with_report(nvcc: str, report: str) -> str:
+    """A wrapper around nvcc that appends its output (ptxas's resource report with -Xptxas -v) to `report`."""
+    wrapper = os.path.join(HERE, "build", "nvcc_with_report.sh")
+    os.makedirs(os.path.dirname(wrapper), exist_ok=True)
+    with open(wrapper, "w") as f:
+        f.write(f'''#!/usr/bin/env bash
+# Written by setup.py: nvcc, its messages also appended to SPINAL_OPS_PTXAS_REPORT.
+set -o pipefail
+{nvcc} "$@" 2>&1 | tee -a {shlex.quote(report)}
+''')
+    os.chmod(wrapper, 0o755)
+    open(report, "w").close()
+    return wrapper
 
 
 def _cuda_home():
@@ -72,27 +134,54 @@ def _extensions():
     arch_list = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     ptxas_report = os.environ.get("SPINAL_OPS_PTXAS_REPORT", "")
 
-    print("spinal_ops build configuration:", file=sys.stderr)
-    print(f"  torch {torch.__version__} (CUDA build: {torch.version.cuda})", file=sys.stderr)
-    print(f"  CUDA_HOME={cuda_home}  nvcc: {nvcc}", file=sys.stderr)
-    print(f"  SPINAL_OPS_SKIP_CUDA={int(skip_cuda)} -> CUDA kernels {'ON' if with_cuda else 'OFF'}", file=sys.stderr)
-    print(f"  TORCH_CUDA_ARCH_LIST={arch_list}", file=sys.stderr)
-    print(f"  SPINAL_OPS_PTXAS_REPORT={ptxas_report or '(not kept)'}", file=sys.stderr)
-    print(f"  SPINAL_OPS_DEBUG={int(debug)}", file=sys.stderr)
+    torch_version = importlib.metadata.version("torch")
+    _check_build_torch(torch_version)
+    release = _check_cuda_pair(nvcc, torch.version.cuda) if with_cuda else None
+
+    config = {
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_kernels": with_cuda,
+        "nvcc": f"{release[0]}.{release[1]}" if release else None,
+        "cuda_arch_list": arch_list if with_cuda else None,
+        "debug": debug,
+    }
+    banner = [
+        "spinal_ops build configuration:",
+        f"  torch {torch_version} (CUDA build: {torch.version.cuda})",
+        f"  CUDA_HOME={cuda_home}  nvcc: {nvcc}" + (f" (release {config['nvcc']})" if release else ""),
+        f"  SPINAL_OPS_SKIP_CUDA={int(skip_cuda)} -> CUDA kernels {'ON' if with_cuda else 'OFF'}",
+        f"  TORCH_CUDA_ARCH_LIST={arch_list}",
+        f"  SPINAL_OPS_PTXAS_REPORT={ptxas_report or '(not kept)'}",
+        f"  SPINAL_OPS_DEBUG={int(debug)}",
+    ]
+    print("\n".join(banner), file=sys.stderr)
+    with open(os.path.join(HERE, "spinal_ops", "_build_info.py"), "w") as f:
+        f.write(f'"""Written by setup.py: how spinal_ops._C was built."""\n\nCONFIG = {config!r}\n')
 
     common = dict(name="spinal_ops._C", py_limited_api=True, include_dirs=[os.path.join(HERE, "csrc")])
     if not with_cuda:
         return [CppExtension(sources=sources, extra_compile_args={"cxx": cxx_flags}, **common)]
 
-    nvcc_flags = [*opt, "-std=c++20", "-lineinfo", "-Xptxas", "-v", "--expt-relaxed-constexpr"]
-    common["include_dirs"] += _cuda_include_dirs()
+    after = [arg for d in _pip_cuda_include_dirs() for arg in ("-idirafter", d)]
+    nvcc_flags = [*opt, "-std=c++20", "-lineinfo", "-Xptxas", "-v", "--expt-relaxed-constexpr",
+                  *(f"-Xcompiler={arg}" for arg in after)]
+    if ptxas_report:
+        os.environ["PYTORCH_NVCC"] = _nvcc_with_report(os.environ.get("PYTORCH_NVCC", nvcc),
+                                                       os.path.abspath(ptxas_report))
     return [
         CUDAExtension(
             sources=sources + cuda_sources,
-            extra_compile_args={"cxx": [*cxx_flags, "-DSPINAL_OPS_WITH_CUDA"], "nvcc": nvcc_flags},
+            extra_compile_args={"cxx": [*cxx_flags, *after, "-DSPINAL_OPS_WITH_CUDA"], "nvcc": nvcc_flags},
             **common,
         )
     ]
+
+
+def _requires() -> list[str]:
+    """torch of the major.minor release the extension is built against (its C++ ABI changes between them)."""
+    major, minor = importlib.metadata.version("torch").split(".")[:2]
+    return [f"torch=={major}.{minor}.*"]
 
 
 def _build_ext():
@@ -102,14 +191,10 @@ def _build_ext():
 
 
 setup(
-    name="spinal_ops",
-    version="0.1.0",
-    description="Fused SpinalNet layers for PyTorch: C++ CPU, CUDA and Triton kernels",
     packages=["spinal_ops", "spinal_ops.triton_kernels"],
     package_dir={"spinal_ops": "spinal_ops", "spinal_ops.triton_kernels": "triton_kernels"},
     ext_modules=_extensions(),
     cmdclass={"build_ext": _build_ext()},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
-    python_requires=">=3.10",
-    install_requires=["torch"],
+    install_requires=_requires(),
 )

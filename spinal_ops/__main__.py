@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import importlib.util
 import shlex
 import sys
 
@@ -81,8 +82,19 @@ def _check(args) -> int:
 
     print(f"spinal_ops {spinal_ops.__version__}, torch {torch.__version__} (CUDA build: {torch.version.cuda}), "
           f"triton {version('triton')}, python {sys.version.split()[0]}")
-    native = "loaded" if ops.NATIVE_IMPORT_ERROR is None else f"NOT loaded ({ops.NATIVE_IMPORT_ERROR})"
-    print(f"native extension spinal_ops._C: {native}")
+    error = ops.NATIVE_IMPORT_ERROR
+    if error is None:
+        print("native extension spinal_ops._C: loaded")
+    elif isinstance(error, ModuleNotFoundError):
+        print("native extension spinal_ops._C: not built (a source checkout: `pip install --no-build-isolation -e .`)")
+    else:
+        print(f"native extension spinal_ops._C: NOT loaded. {ops.native_load_message(error)}")
+    try:
+        from spinal_ops._build_info import CONFIG
+
+        print("  built with: " + ", ".join(f"{k}={v}" for k, v in CONFIG.items()))
+    except ImportError:
+        pass
     print(f"  C++ CPU kernels: {'yes' if backends._native_kernel('CPU') else 'no'}; "
           f"CUDA kernels compiled in: {'yes' if backends._native_kernel('CUDA') else 'no'}")
     print(f"TRITON_INTERPRET=1: {backends.triton_interpreted()}; GPU present: {torch.cuda.is_available()}")
@@ -125,13 +137,28 @@ def _check(args) -> int:
     return 1 if failures else 0
 
 
-def _error(message: str) -> int:
+def _error(message: str, command: str = "bench") -> int:
     """One error line on stderr, exit status 2 (as argparse's own errors)."""
-    print(f"{PROG} bench: error: {message}", file=sys.stderr)
+    print(f"{PROG} {command}: error: {message}", file=sys.stderr)
     return 2
 
 
+# Packages a command needs beyond torch: the package's extra that installs them, and the modules.
+EXTRAS = {"bench": ("matplotlib",), "demo": ("numpy", "sklearn", "matplotlib", "tqdm")}
+
+
+def _missing_extra(command: str) -> str | None:
+    """The error line when a package the command needs is not installed (``pip install 'spinal_ops[<command>]'``)."""
+    missing = [m for m in EXTRAS[command] if importlib.util.find_spec(m) is None]
+    if not missing:
+        return None
+    return (f"needs {', '.join(missing)}, not installed: pip install 'spinal_ops[{command}]' (from a source "
+            "checkout: pip install -r requirements.txt)")
+
+
 def _bench(args) -> int:
+    if (missing := _missing_extra("bench")) is not None:
+        return _error(missing)
     import torch
 
     from spinal_ops import benchmark
@@ -155,6 +182,8 @@ def _bench(args) -> int:
 
 
 def _demo(args) -> int:
+    if (missing := _missing_extra("demo")) is not None:
+        return _error(missing, "demo")
     from spinal_ops import demo
 
     demo.run(epochs=args.epochs, seed=args.seed, out=args.out, progress=not args.no_progress, threads=args.threads)

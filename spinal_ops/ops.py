@@ -22,22 +22,52 @@ the Triton backward op keeps its kernels and differentiates through the vector-J
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
 from . import backends, reference
 from .backends import select_backend
 
-try:
-    from . import _C  # noqa: F401  (loads the native library, which registers the ops)
 
-    NATIVE_IMPORT_ERROR: ImportError | None = None
-except ModuleNotFoundError as exc:  # a source checkout without a build: only `reference` (and `triton`) work
-    if exc.name != f"{__package__}._C":
-        raise
-    NATIVE_IMPORT_ERROR = exc
+def _load_native() -> ImportError | OSError | None:
+    """Load ``spinal_ops._C`` (which registers the native ops); the error when it cannot be loaded.
 
-TRITON_IMPORT_ERROR: Exception | None = None
+    A source checkout without a build has no ``_C``: only ``reference`` (and ``triton``) run, silently. A ``_C``
+    that exists but fails to load (built against another torch: undefined symbols; a missing CUDA library) warns
+    once, naming the torch it was built for, the running one and the rebuild command, and the package runs on the
+    other backends.
+    """
+    try:
+        from . import _C  # noqa: F401
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__package__}._C":
+            raise
+        return exc
+    except (ImportError, OSError) as exc:
+        warnings.warn(native_load_message(exc), RuntimeWarning, stacklevel=3)
+        return exc
+    return None
+
+
+def native_load_message(exc: BaseException) -> str:
+    """What went wrong loading ``spinal_ops._C`` and what to do (the warning, and ``python -m spinal_ops check``)."""
+    try:
+        from ._build_info import CONFIG
+
+        built = f"torch {CONFIG['torch']}"
+    except ImportError:
+        built = "an unknown torch (no build record)"
+    return (
+        f"spinal_ops: the native extension spinal_ops._C failed to load: {exc}. It was built for {built}; this is "
+        f"torch {torch.__version__}. Rebuild it against this torch: `pip install --no-build-isolation -e .` in a "
+        "source checkout (or `pip install --no-build-isolation --force-reinstall --no-deps .`). Until then the cpu "
+        "and cuda backends are unavailable; spinal ops run on reference (and triton)."
+    )
+
+
+NATIVE_IMPORT_ERROR = _load_native()
 
 
 # ----------------------------------------------------------------------------------------------- fake kernels

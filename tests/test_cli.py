@@ -124,6 +124,21 @@ def test_an_unknown_option_shows_the_subcommands_usage(command, capsys, monkeypa
     assert err.strip().splitlines()[-1] == f"python -m spinal_ops {command}: error: unrecognized arguments: --foo"
 
 
+@pytest.mark.parametrize("command,module", [("bench", "matplotlib"), ("demo", "sklearn"), ("demo", "tqdm")])
+def test_a_missing_extra_is_one_error_line_naming_it(command, module, capsys, monkeypatch):
+    """``pip install .`` does not install what bench and demo need beyond torch: they say which extra does."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else find_spec(name, *a))
+    monkeypatch.setattr(benchmark, "run", lambda *a, **k: pytest.fail("the report ran"))
+    monkeypatch.setattr(demo, "run", lambda *a, **k: pytest.fail("the demo ran"))
+    assert cli.main([command]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"python -m spinal_ops {command}: error: needs {module}, not installed: pip install "
+                   f"'spinal_ops[{command}]' (from a source checkout: pip install -r requirements.txt)"), err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
 def test_bench_on_cuda_without_a_gpu_is_one_error_line():
     done = run_python("", "-m", "spinal_ops", "bench", "--device", "cuda", "--configs", "regression")

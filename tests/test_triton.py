@@ -107,24 +107,39 @@ def _launched_kernels():
 
     tuned = config.autotune_enabled()
     return {
-        "forward": forward._spinal_fwd_kernel_tuned if tuned else forward._spinal_fwd_kernel,
-        "chain": backward._spinal_bwd_chain_kernel_tuned if tuned else backward._spinal_bwd_chain_kernel,
+        "forward": forward._spinal_fwd_kernel_tuned() if tuned else forward._spinal_fwd_kernel,
+        "chain": backward._spinal_bwd_chain_kernel_tuned() if tuned else backward._spinal_bwd_chain_kernel,
         "weights": backward._spinal_bwd_weights_kernel,
     }
 
 
+def _record_launches(monkeypatch, on_launch) -> None:
+    """Calls ``on_launch(name, kwargs)`` for every kernel launch: the launchers launch through
+    ``config.launcher``, which this wraps (it may be wrapped again)."""
+    from spinal_ops.triton_kernels import config
+
+    names = {id(kernel): name for name, kernel in _launched_kernels().items()}
+    original = config.launcher
+
+    class Recorded:
+        def __init__(self, kernel):
+            self.launch, self.name = original(kernel), names.get(id(kernel), repr(kernel))
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                on_launch(self.name, kwargs)
+                return self.launch[grid](*args, **kwargs)
+
+            return run
+
+    monkeypatch.setattr(config, "launcher", Recorded)
+
+
 @pytest.fixture
 def launches(monkeypatch):
-    """Counts kernel launches by name (patches each kernel object's ``run``)."""
+    """Counts kernel launches by name."""
     counts = {}
-    for name, kernel in _launched_kernels().items():
-        original = kernel.run
-
-        def counting_run(*args, _original=original, _name=name, **kwargs):
-            counts[_name] = counts.get(_name, 0) + 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(kernel, "run", counting_run)
+    _record_launches(monkeypatch, lambda name, kwargs: counts.__setitem__(name, counts.get(name, 0) + 1))
     return counts
 
 
@@ -200,22 +215,14 @@ WIDE_CASES = [
 @pytest.fixture
 def force_wide(monkeypatch):
     """Forces the wide path with WIDE_TILE-sized tiles (patches ``config.path_plan``, the one place that chooses)
-    and records the ``WIDE`` flag of every forward / chain launch, so a test can check that the wide path ran."""
+    and records the ``WIDE`` flag of every forward / chain launch (the weights kernel is tiled for any size and
+    has no path flag), so a test can check that the wide path ran."""
     from spinal_ops.triton_kernels import config
 
     plan = config.PathPlan(wide=True, block_w=WIDE_TILE, block_o=WIDE_TILE, block_n=WIDE_TILE, block_k=WIDE_TILE)
     monkeypatch.setattr(config, "path_plan", lambda width, out, dtype, device=None: plan)
     seen = []
-    for name, kernel in _launched_kernels().items():
-        if name == "weights":  # tiled for any size, no path flag
-            continue
-        original = kernel.run
-
-        def recording_run(*args, _original=original, **kwargs):
-            seen.append(kwargs.get("WIDE"))
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(kernel, "run", recording_run)
+    _record_launches(monkeypatch, lambda name, kwargs: seen.append(kwargs.get("WIDE")) if name != "weights" else None)
     return seen
 
 
@@ -363,7 +370,7 @@ def test_float32_precision_follows_torch():
         assert config.dtype_plan(torch.float32).precision == "tf32"
     finally:
         torch.set_float32_matmul_precision(saved)
-    assert config.dtype_plan(torch.float64).precision == "ieee"
+    assert config.dtype_plan(torch.float64).precision == ("ieee" if config.FP64_DOT else "fma")
 
 
 def test_autotune_prune_keeps_a_fitting_config(monkeypatch):
@@ -444,3 +451,20 @@ def test_repeated_calls_upload_no_table_and_check_once():
     other = case.replace(tie=(0, 1, 2, 3, 3, 2))
     step(other)
     assert config.cached_layer_table.cache_info().misses == misses + 1, "triton: a new table is uploaded once"
+
+
+@pytest.mark.parametrize("triton_version,numpy_version,refused", [
+    ("3.4.0", "2.4.6", True), ("3.6.0", "2.4.0", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.6", False),
+    ("3.9.0+git1234", "2.5.0.dev0", False),
+])
+def test_interpreter_numpy_pairing(triton_version, numpy_version, refused):
+    """Triton's interpreter before 3.7 cannot run with numpy >= 2.4: a clear error naming both, not a failure
+    inside a kernel."""
+    from spinal_ops.triton_kernels import config
+
+    if not refused:
+        config.check_interpreter_numpy(triton_version, numpy_version)
+        return
+    expected = rf"Triton {triton_version} interpreter .* numpy {numpy_version}.*numpy<2\.4"
+    with pytest.raises(RuntimeError, match=expected):
+        config.check_interpreter_numpy(triton_version, numpy_version)

@@ -32,6 +32,17 @@ def activation_code(name: str) -> int:
 
 
 @triton.jit
+def _mma(a, b, acc, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc + a @ b``, accumulated in ``acc``'s dtype: ``tl.dot`` on operands cast to ``DOT_DTYPE`` with
+    ``input_precision=PRECISION``; with ``PRECISION == "fma"`` (float64 where Triton's ``tl.dot`` has no fp64:
+    releases before 3.5) the products are summed by broadcast instead."""
+    if PRECISION == "fma":
+        return acc + tl.sum(a.to(acc.dtype)[:, :, None] * b.to(acc.dtype)[None, :, :], axis=1)
+    else:
+        return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=acc.dtype)
+
+
+@triton.jit
 def _tanh(z):
     # tl has no tanh that also runs under the interpreter; exp(-2|z|) never overflows.
     e = tl.exp(-2.0 * tl.abs(z))
@@ -130,7 +141,7 @@ def _input_projection(
         xt = tl.load(x_ptr + rows64[:, None] * D + col[None, :], mask=row_mask[:, None] & j_mask[None, :], other=0.0)
         # wt[j, n] = weight_x[slot][n, j]
         wt = tl.load(wx_slot_ptr + cols_n[None, :] * C + j[:, None], mask=j_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(xt.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=acc.dtype)
+        acc = _mma(xt, wt, acc, DOT_DTYPE, PRECISION)
     return acc
 
 
@@ -163,7 +174,7 @@ def _dot_k_loop(
             a_ptr + rows64[:, None] * a_stride + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0
         )
         b = tl.load(b_ptr + k[:, None] * b_stride_k + n_off[None, :], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=acc.dtype)
+        acc = _mma(a, b, acc, DOT_DTYPE, PRECISION)
     return acc
 
 

@@ -10,15 +10,23 @@ width and any number of outputs: it has no fast/wide distinction).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from spinal_ops.reference import needs_preactivation
 
 from . import config
-from ._common import _act_grad_from_h, _act_grad_from_z, _dot_k_loop, _preactivation_tile, activation_code
+from ._common import (
+    _act_grad_from_h,
+    _act_grad_from_z,
+    _dot_k_loop,
+    _mma,
+    _preactivation_tile,
+    activation_code,
+)
 from .forward import layer_table
 
 
@@ -145,7 +153,7 @@ def _spinal_bwd_chain_kernel(
                 # wo[o, k] = head_weight[o, i * W + k]
                 wo = tl.load(wo_ptr + cols_o[:, None] * hidden + i * W + cols_w[None, :],
                              mask=o_mask[:, None] & w_mask[None, :], other=0.0)
-                dh = tl.dot(g.to(DOT_DTYPE), wo.to(DOT_DTYPE), dh, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+                dh = _mma(g, wo, dh, DOT_DTYPE, PRECISION)
             xs = tl.load(slots_ptr + i)
             hs = xs - 1
             if NEED_Z:
@@ -165,8 +173,7 @@ def _spinal_bwd_chain_kernel(
                 # wh[n, k] = weight_h[hs][n, k]: carry = dZ_i @ Wh
                 wh = tl.load(wh_ptr + hs * W * W + cols_w[:, None] * W + cols_w[None, :],
                              mask=w_mask[:, None] & w_mask[None, :], other=0.0)
-                carry = tl.dot(dz.to(DOT_DTYPE), wh.to(DOT_DTYPE), tl.zeros((BLOCK_B, BLOCK_W), dtype=ACC_DTYPE),
-                               input_precision=PRECISION, out_dtype=ACC_DTYPE)
+                carry = _mma(dz, wh, tl.zeros((BLOCK_B, BLOCK_W), dtype=ACC_DTYPE), DOT_DTYPE, PRECISION)
 
     if NEED_DX:
         tl.debug_barrier()
@@ -224,8 +231,7 @@ def _reduce_rows(
         if WANT_MAT:
             b = tl.load(b_ptr + r64[:, None] * b_stride + n_col[None, :], mask=r_mask[:, None] & n_mask[None, :],
                         other=0.0)
-            acc = tl.dot(tl.trans(a.to(DOT_DTYPE)), b.to(DOT_DTYPE), acc, input_precision=PRECISION,
-                         out_dtype=ACC_DTYPE)
+            acc = _mma(tl.trans(a), b, acc, DOT_DTYPE, PRECISION)
         if WANT_VEC:
             vec += tl.sum(a.to(ACC_DTYPE), axis=0)
     return acc, vec
@@ -379,11 +385,14 @@ def _spinal_bwd_weights_kernel(
                 tl.store(dbo_ptr + o_idx, vec_o.to(dbo_ptr.dtype.element_ty), mask=o_mask)
 
 
-_spinal_bwd_chain_kernel_tuned = triton.autotune(
-    configs=config.chain_autotune_configs(),
-    key=config.AUTOTUNE_KEY,
-    prune_configs_by={"early_config_prune": config.chain_prune},
-)(_spinal_bwd_chain_kernel)
+@functools.cache
+def _spinal_bwd_chain_kernel_tuned():
+    """The chain kernel's ``triton.autotune`` wrapper, built on first use (as the forward's)."""
+    return triton.autotune(
+        configs=config.chain_autotune_configs(),
+        key=config.AUTOTUNE_KEY,
+        prune_configs_by={"early_config_prune": config.chain_prune},
+    )(_spinal_bwd_chain_kernel)
 
 
 def _weight_grid_size(rows, chunk, width, num_layers, out, lx, lh, mask, s: config.WeightSettings) -> int:
@@ -462,7 +471,7 @@ def spinal_bwd_triton(
         programs = _weight_grid_size(rows, chunk, width, num_layers, out, lx, lh, mask, s)
         if programs > 0:
             with config.launch_guard(x.device):
-                wrap_triton(_spinal_bwd_weights_kernel)[(programs,)](
+                config.launcher(_spinal_bwd_weights_kernel)[(programs,)](
                     x, H, grad_y if grad_y is not None else x, dz if need_dz else x, starts_t, slots_t,
                     dwx if mask[1] else x, db if mask[3] else x, dwh if mask[2] else x, dwo if mask[4] else x,
                     dbo if mask[5] else x,

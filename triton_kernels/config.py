@@ -67,6 +67,15 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
+def _release(version: str) -> tuple[int, int]:
+    """``(major, minor)`` of a version string such as ``"3.9.0+git1234"``."""
+    major, minor = version.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+FP64_DOT = _release(triton.__version__) >= (3, 5)  # tl.dot accepts float64 operands
+
+
 # Triton's interpreter is process-global (each launch patches triton.language): launches are serialised there.
 INTERPRETER_LOCK = threading.Lock()
 
@@ -76,22 +85,57 @@ def launch_guard(device: torch.device):
     on a GPU the device guard of ``device``, so that Triton launches there, on that device's current stream (not on
     whatever device is current)."""
     if interpreted():
+        check_interpreter_numpy(triton.__version__, _numpy_version())
         return INTERPRETER_LOCK
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def launch_row_tiled(kernel, tuned, rows: int, args: tuple, consts: dict, settings, device: torch.device) -> None:
-    """Launch a row-tiled kernel (forward, backward chain) under :func:`launch_guard`: ``tuned`` (its
-    ``triton.autotune`` wrapper, the grid from the chosen ``BLOCK_B``) when :func:`autotune_enabled`, else
-    ``kernel`` with ``settings()`` (the model's :class:`ChainSettings`)."""
+def _numpy_version() -> str:
+    import numpy
+
+    return numpy.__version__
+
+
+@functools.cache
+def check_interpreter_numpy(triton_version: str, numpy_version: str) -> None:
+    """Triton's interpreter before 3.7 turns each scalar kernel argument into a 1-element array and converts it
+    back with ``int()`` (loop bounds such as ``range(0, L)``), which numpy 2.4 refuses; stop with what to install
+    instead of failing inside a kernel."""
+    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+        raise RuntimeError(
+            f"spinal_ops: the Triton {triton_version} interpreter (TRITON_INTERPRET=1) cannot run with numpy "
+            f"{numpy_version} (it converts 1-element arrays with int(), which numpy 2.4 refuses): install "
+            "'numpy<2.4', or Triton >= 3.7"
+        )
+
+
+def launcher(kernel):
+    """``torch.library.wrap_triton(kernel)``: a launch that ``torch.compile`` and ``make_fx`` trace as a kernel call.
+
+    torch before 2.13 rejects the interpreter's kernel objects (``TRITON_INTERPRET=1``); there the kernel is
+    launched as it is, which runs it the same way eagerly (tracing such a launch under ``torch.compile`` then needs
+    torch >= 2.13).
+    """
     from torch.library import wrap_triton
 
+    try:
+        return wrap_triton(kernel)
+    except RuntimeError:
+        if not interpreted():
+            raise
+        return kernel
+
+
+def launch_row_tiled(kernel, tuned, rows: int, args: tuple, consts: dict, settings, device: torch.device) -> None:
+    """Launch a row-tiled kernel (forward, backward chain) under :func:`launch_guard`: ``tuned()`` (its
+    ``triton.autotune`` wrapper, the grid from the chosen ``BLOCK_B``) when :func:`autotune_enabled`, else
+    ``kernel`` with ``settings()`` (the model's :class:`ChainSettings`)."""
     with launch_guard(device):
         if autotune_enabled():
-            wrap_triton(tuned)[lambda meta: (triton.cdiv(rows, meta["BLOCK_B"]),)](*args, **consts)
+            launcher(tuned())[lambda meta: (triton.cdiv(rows, meta["BLOCK_B"]),)](*args, **consts)
         else:
             s = settings()
-            wrap_triton(kernel)[(triton.cdiv(rows, s.block_b),)](*args, **consts, **s.meta())
+            launcher(kernel)[(triton.cdiv(rows, s.block_b),)](*args, **consts, **s.meta())
 
 
 @functools.lru_cache(maxsize=256)
@@ -121,15 +165,16 @@ class DtypePlan:
 
     dot: tl.dtype
     acc: tl.dtype
-    precision: str  # "ieee" or "tf32"
+    precision: str  # "ieee" or "tf32"; "fma": no tl.dot (float64 before Triton 3.5)
 
 
 def dtype_plan(dtype: torch.dtype) -> DtypePlan:
-    """float64: fp64 throughout. float32: fp32 with ieee/tf32 from ``torch.get_float32_matmul_precision()``.
+    """float64: fp64 throughout (``tl.dot`` in fp64 from Triton 3.5; before, products summed by broadcast, the
+    ``"fma"`` precision of ``_mma``). float32: fp32 with ieee/tf32 from ``torch.get_float32_matmul_precision()``.
     float16: fp16 dot operands, fp32 accumulation. bfloat16: bf16 dot operands with fp32 accumulation on a GPU;
     under the interpreter the operands are upcast to fp32 first (its bf16 ``tl.dot`` returns garbage)."""
     if dtype == torch.float64:
-        return DtypePlan(tl.float64, tl.float64, "ieee")
+        return DtypePlan(tl.float64, tl.float64, "ieee" if FP64_DOT else "fma")
     if dtype == torch.float32:
         precision = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
         return DtypePlan(tl.float32, tl.float32, precision)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from . import config
-from ._common import _activate, _dot_k_loop, _input_projection, _preactivation_tile, activation_code
+from ._common import _activate, _dot_k_loop, _input_projection, _mma, _preactivation_tile, activation_code
 
 
 @triton.jit
@@ -127,7 +129,7 @@ def _spinal_fwd_kernel(
                 # wh_t[k, n] = weight_h[hs][n, k]
                 wh_t = tl.load(wh_ptr + hs * W * W + cols_w[None, :] * W + cols_w[:, None],
                                mask=w_mask[:, None] & w_mask[None, :], other=0.0)
-                z = tl.dot(h.to(DOT_DTYPE), wh_t.to(DOT_DTYPE), z, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+                z = _mma(h, wh_t, z, DOT_DTYPE, PRECISION)
             if HAS_BIAS:
                 bias = tl.load(b_ptr + xs * W + cols_w, mask=w_mask, other=0.0).to(ACC_DTYPE)
                 z = z + bias[None, :]
@@ -141,7 +143,7 @@ def _spinal_fwd_kernel(
                 # wo_t[k, o] = head_weight[o, i * W + k]
                 wo_t = tl.load(wo_ptr + cols_o[None, :] * hidden + i * W + cols_w[:, None],
                                mask=w_mask[:, None] & o_mask[None, :], other=0.0)
-                y = tl.dot(h.to(DOT_DTYPE), wo_t.to(DOT_DTYPE), y, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+                y = _mma(h, wo_t, y, DOT_DTYPE, PRECISION)
         if HAS_HEAD:
             if HAS_HEAD_BIAS:
                 bo = tl.load(bo_ptr + cols_o, mask=o_mask, other=0.0).to(ACC_DTYPE)
@@ -150,11 +152,15 @@ def _spinal_fwd_kernel(
                      mask=row_mask[:, None] & o_mask[None, :])
 
 
-_spinal_fwd_kernel_tuned = triton.autotune(
-    configs=config.forward_autotune_configs(),
-    key=config.AUTOTUNE_KEY,
-    prune_configs_by={"early_config_prune": config.forward_prune},
-)(_spinal_fwd_kernel)
+@functools.cache
+def _spinal_fwd_kernel_tuned():
+    """The kernel's ``triton.autotune`` wrapper, built on first use (some Triton releases need a GPU driver to
+    build one, and importing the kernels must not)."""
+    return triton.autotune(
+        configs=config.forward_autotune_configs(),
+        key=config.AUTOTUNE_KEY,
+        prune_configs_by={"early_config_prune": config.forward_prune},
+    )(_spinal_fwd_kernel)
 
 
 def layer_table(starts, slots, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,25 @@
+"""README's Python examples run as written, on the README's install (no package beyond requirements.txt)."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+# complete programs: the blocks that import the package
+EXAMPLES = [block for block in re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+            if "import spinal_ops" in block]
+
+
+def test_readme_has_examples():
+    assert EXAMPLES
+
+
+@pytest.mark.parametrize("index", range(len(EXAMPLES)))
+def test_readme_example_runs(index):
+    done = subprocess.run([sys.executable, "-c", EXAMPLES[index]], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
