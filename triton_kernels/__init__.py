@@ -23,10 +23,10 @@ The only size limit left is 32-bit index arithmetic inside weight tensors: fewer
 2^31 elements per weight tensor (:func:`config.check_index_limits` raises a ``ValueError`` naming the fallback
 backends).
 
-Both launch through :func:`config.launcher` (``torch.library.wrap_triton``; under the interpreter on torch before
-2.13, which rejects interpreted kernels there, the kernel itself) so that the ``torch.library.triton_op`` registrations in
-:mod:`spinal_ops.ops` (``spinal_ops::spinal_forward_triton`` / ``spinal_backward_triton``) are traceable by
-``torch.compile`` on a GPU.
+Both launch through :func:`config.launcher` (``torch.library.wrap_triton``; under the interpreter on torch
+before 2.13, which rejects interpreted kernels there, the kernel itself), so that the ``torch.library.triton_op``
+registrations in :mod:`spinal_ops.ops` (``spinal_ops::spinal_forward_triton`` / ``spinal_backward_triton``) are
+traceable by ``torch.compile`` on a GPU.
 
 CPU tensors: set ``TRITON_INTERPRET=1`` in the environment *before* Triton is first imported (e.g. before
 ``import spinal_ops`` and anything else importing triton); the kernels then run in Triton's interpreter
