@@ -22,6 +22,7 @@ the Triton backward op keeps its kernels and differentiates through the vector-J
 
 from __future__ import annotations
 
+import importlib
 import warnings
 
 import torch
@@ -40,7 +41,7 @@ def _load_native() -> ImportError | OSError | None:
     other backends.
     """
     try:
-        from . import _C  # noqa: F401
+        importlib.import_module(f"{__package__}._C")
     except ModuleNotFoundError as exc:
         if exc.name != f"{__package__}._C":
             raise

@@ -33,6 +33,20 @@ BROKEN_NATIVE = textwrap.dedent("""
 """)
 
 
+# A source checkout without a build: no spinal_ops._C at all.
+NO_NATIVE = textwrap.dedent("""
+    import importlib.abc, sys
+
+    class NoNative(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "spinal_ops._C":
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+            return None
+
+    sys.meta_path.insert(0, NoNative())
+""")
+
+
 def run_python(code: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, **(env or {})}, timeout=300)
@@ -79,6 +93,21 @@ def test_broken_native_library_check_command_explains():
     assert "spinal_ops._C: NOT loaded" in done.stdout
     assert "pip install --no-build-isolation" in done.stdout
     assert "reference  OK" in done.stdout
+
+
+def test_unbuilt_checkout_imports_without_a_warning():
+    code = NO_NATIVE + textwrap.dedent("""
+        import warnings
+        warnings.simplefilter("error")
+        import torch
+        import spinal_ops
+        from spinal_ops import ops
+        assert isinstance(ops.NATIVE_IMPORT_ERROR, ModuleNotFoundError), ops.NATIVE_IMPORT_ERROR
+        print("backends:", spinal_ops.available_backends())
+    """)
+    done = run_python(code)
+    assert done.returncode == 0, done.stderr
+    assert "backends: ['reference'" in done.stdout and "'cpu'" not in done.stdout
 
 
 def test_setup_refuses_a_build_torch_other_than_the_environments(tmp_path):
