@@ -24,6 +24,9 @@ import sys
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+OLDEST_TORCH = (2, 8)
+NEWEST_TORCH = (2, 15)
+SUPPORTED = "torch 2.8 to 2.15, triton 3.4 to 3.9 (README: Install and compatibility)"
 
 
 def _env_flag(name: str) -> bool:
@@ -136,6 +139,10 @@ def _extensions():
 
     torch_version = importlib.metadata.version("torch")
     _check_build_torch(torch_version)
+    release_of_torch = tuple(int(part) for part in torch_version.split("+")[0].split(".")[:2])
+    if release_of_torch < OLDEST_TORCH:
+        sys.exit(f"spinal_ops: torch {torch_version} is older than the oldest supported release, "
+                 f"{OLDEST_TORCH[0]}.{OLDEST_TORCH[1]} (supported: {SUPPORTED})")
     release = _check_cuda_pair(nvcc, torch.version.cuda) if with_cuda else None
 
     config = {
@@ -148,7 +155,9 @@ def _extensions():
     }
     banner = [
         "spinal_ops build configuration:",
-        f"  torch {torch_version} (CUDA build: {torch.version.cuda})",
+        f"  torch {torch_version} (CUDA build: {torch.version.cuda})"
+        + (f"  [newer than the newest tested, {NEWEST_TORCH[0]}.{NEWEST_TORCH[1]}]"
+           if release_of_torch > NEWEST_TORCH else ""),
         f"  CUDA_HOME={cuda_home}  nvcc: {nvcc}" + (f" (release {config['nvcc']})" if release else ""),
         f"  SPINAL_OPS_SKIP_CUDA={int(skip_cuda)} -> CUDA kernels {'ON' if with_cuda else 'OFF'}",
         f"  TORCH_CUDA_ARCH_LIST={arch_list}",
@@ -156,8 +165,7 @@ def _extensions():
         f"  SPINAL_OPS_DEBUG={int(debug)}",
     ]
     print("\n".join(banner), file=sys.stderr)
-    with open(os.path.join(HERE, "spinal_ops", "_build_info.py"), "w") as f:
-        f.write(f'"""Written by setup.py: how spinal_ops._C was built."""\n\nCONFIG = {config!r}\n')
+    BUILD_INFO.update(config)
 
     common = dict(name="spinal_ops._C", py_limited_api=True, include_dirs=[os.path.join(HERE, "csrc")])
     if not with_cuda:
@@ -184,10 +192,28 @@ def _requires() -> list[str]:
     return [f"torch=={major}.{minor}.*"]
 
 
+BUILD_INFO: dict = {}  # how _C is built, recorded in spinal_ops/_build_info.py when it is
+
+
 def _build_ext():
     from torch.utils.cpp_extension import BuildExtension
 
-    return BuildExtension.with_options(no_python_abi_suffix=True)
+    class BuildExtensionWithInfo(BuildExtension):
+        """Writes spinal_ops/_build_info.py (read by `python -m spinal_ops check` and by the warning of a _C that
+        fails to load) beside the extension it builds: in the source tree, and in the wheel's build folder."""
+
+        def run(self):
+            text = f'"""Written by setup.py: how spinal_ops._C was built."""\n\nCONFIG = {BUILD_INFO!r}\n'
+            folders = [os.path.join(HERE, "spinal_ops")]
+            if not self.inplace:
+                folders.append(os.path.join(self.build_lib, "spinal_ops"))
+            for folder in folders:
+                os.makedirs(folder, exist_ok=True)
+                with open(os.path.join(folder, "_build_info.py"), "w") as f:
+                    f.write(text)
+            super().run()
+
+    return BuildExtensionWithInfo.with_options(no_python_abi_suffix=True)
 
 
 setup(

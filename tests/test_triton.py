@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -468,3 +471,21 @@ def test_interpreter_numpy_pairing(triton_version, numpy_version, refused):
     expected = rf"Triton {triton_version} interpreter .* numpy {numpy_version}.*numpy<2\.4"
     with pytest.raises(RuntimeError, match=expected):
         config.check_interpreter_numpy(triton_version, numpy_version)
+
+
+def test_importing_the_kernels_builds_no_autotuner():
+    """Some Triton releases need a GPU driver to build a ``triton.autotune`` wrapper: importing the kernels must
+    not build one (they are built on first use)."""
+    code = textwrap.dedent("""
+        import triton
+        def refuse(*args, **kwargs):
+            raise RuntimeError("triton.autotune called at import")
+        triton.autotune = refuse
+        import spinal_ops.triton_kernels
+        from spinal_ops.triton_kernels import backward, forward
+        print("imported", forward._spinal_fwd_kernel_tuned.cache_info().currsize,
+              backward._spinal_bwd_chain_kernel_tuned.cache_info().currsize)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "imported 0 0" in done.stdout
