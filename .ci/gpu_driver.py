@@ -32,7 +32,7 @@ def triton_forward(*args):
 
 
 def triton_backward(*args):
-    return tuple(g.cpu() for g in torch.ops.spinal_ops.spinal_backward_triton(*[_on(a, "cuda") for a in args]))
+    return tuple(g.cpu() for g in torch.ops.spinal_ops._spinal_backward_triton(*[_on(a, "cuda") for a in args]))
 
 
 def variants(kind: str) -> list[Variant]:

@@ -2,7 +2,7 @@
 // overhead per call. The fake kernels and the autograd of the Triton ops live in spinal_ops/ops.py; the formula
 // is the same: saved for backward are x, H and the weights, nothing else.
 //
-// Double backward: spinal_backward is differentiable. Its autograd kernel runs the fused kernel whenever its result
+// Double backward: _spinal_backward is differentiable. Its autograd kernel runs the fused kernel whenever its result
 // needs no graph (grad mode off, as in every first-order backward, or no input requiring grad), and otherwise
 // _spinal_backward_reference: the same math in differentiable ATen ops (reference.spinal_backward), whose graph
 // autograd differentiates to any order (create_graph=True: gradient penalties, Hessian-vector products).
@@ -42,7 +42,7 @@ const c10::TypedOperatorHandle<ForwardOp>& forward_op() {
 
 const c10::TypedOperatorHandle<BackwardOp>& backward_op() {
   static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("spinal_ops::spinal_backward", "").typed<BackwardOp>();
+      c10::Dispatcher::singleton().findSchemaOrThrow("spinal_ops::_spinal_backward", "").typed<BackwardOp>();
   return op;
 }
 
@@ -103,7 +103,7 @@ class SpinalFunction : public torch::autograd::Function<SpinalFunction> {
     const auto starts = ctx->saved_data["starts"].toIntVector();
     const auto slots = ctx->saved_data["slots"].toIntVector();
     const auto activation = ctx->saved_data["activation"].toStringRef();
-    // Through the dispatcher: spinal_backward's autograd kernel below (differentiable under create_graph=True).
+    // Through the dispatcher: _spinal_backward's autograd kernel below (differentiable under create_graph=True).
     auto [dx, dwx, dwh, db, dwo, dbo] =
         backward_op().call(grad_y, grad_h, x, h_all, saved[2], saved[3], opt(bias), opt(head_weight), starts, slots,
                            activation, ctx->saved_data["negative_slope"].toDouble(), mask);
@@ -148,5 +148,5 @@ Grads spinal_backward_autograd(const std::optional<at::Tensor>& grad_y, const st
 
 TORCH_LIBRARY_IMPL(spinal_ops, Autograd, m) {
   m.impl("spinal_forward", &spinal_ops::spinal_forward_autograd);
-  m.impl("spinal_backward", &spinal_ops::spinal_backward_autograd);
+  m.impl("_spinal_backward", &spinal_ops::spinal_backward_autograd);
 }

@@ -9,7 +9,7 @@
 //   (slots[0] = 0, slots[i] >= 1 for i >= 1, every slot used).
 //   H (B, L*w) is the concatenated sub-layer outputs; y (B, out) the head output, or (B, 0) in hidden mode.
 //
-// spinal_backward(grad_y, grad_H, x, H, weight_x, weight_h, bias, head_weight, starts, slots, activation,
+// _spinal_backward(grad_y, grad_H, x, H, weight_x, weight_h, bias, head_weight, starts, slots, activation,
 //                 negative_slope, output_mask) -> (dx, dweight_x, dweight_h, dbias, dhead_weight, dhead_bias)
 //   grad_y (B, out)? and grad_H (B, L*w)? are the incoming gradients (either may be absent). output_mask
 //   says which of the six gradients to compute; the others come back as empty tensors. dhead_bias is only
@@ -34,11 +34,11 @@ TORCH_LIBRARY(spinal_ops, m) {
       "spinal_forward(Tensor x, Tensor weight_x, Tensor weight_h, Tensor? bias, Tensor? head_weight, "
       "Tensor? head_bias, int[] starts, int[] slots, str activation, float negative_slope) -> (Tensor, Tensor)");
   m.def(
-      "spinal_backward(Tensor? grad_y, Tensor? grad_H, Tensor x, Tensor H, Tensor weight_x, Tensor weight_h, "
+      "_spinal_backward(Tensor? grad_y, Tensor? grad_H, Tensor x, Tensor H, Tensor weight_x, Tensor weight_h, "
       "Tensor? bias, Tensor? head_weight, int[] starts, int[] slots, str activation, float negative_slope, "
       "bool[6] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // spinal_backward as differentiable ATen ops (CompositeImplicitAutograd, implemented in spinal_ops/ops.py by
-  // reference.spinal_backward): what spinal_backward's autograd kernel runs when its result must be
+  // _spinal_backward as differentiable ATen ops (CompositeImplicitAutograd, implemented in spinal_ops/ops.py by
+  // reference.spinal_backward): what _spinal_backward's autograd kernel runs when its result must be
   // differentiable.
   m.def(
       "_spinal_backward_reference(Tensor? grad_y, Tensor? grad_H, Tensor x, Tensor H, Tensor weight_x, "

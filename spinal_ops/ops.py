@@ -9,7 +9,7 @@ Op contract (2-D ``x``; see :mod:`spinal_ops.reference` for the math):
 
 - ``spinal_forward(x, weight_x, weight_h, bias?, head_weight?, head_bias?, starts, slots, activation,
   negative_slope) -> (H (B, L*w), y (B, out) or (B, 0) in hidden mode)``
-- ``spinal_backward(grad_y?, grad_H?, x, H, weight_x, weight_h, bias?, head_weight?, starts, slots, activation,
+- ``_spinal_backward(grad_y?, grad_H?, x, H, weight_x, weight_h, bias?, head_weight?, starts, slots, activation,
   negative_slope, output_mask[6]) -> (dx, dweight_x, dweight_h, dbias, dhead_weight, dhead_bias)``, gradients
   not asked for by ``output_mask`` come back empty.
 
@@ -175,7 +175,7 @@ if NATIVE_IMPORT_ERROR is None:
     backends.record_native_kernels()
     # The native ops carry their autograd in C++ (csrc/spinal_autograd.cpp): same formula, no Python per call. Their
     # backward's derivative recomputes the reference backward through this op (CompositeImplicitAutograd).
-    _register("spinal_ops::spinal_forward", "spinal_ops::spinal_backward")
+    _register("spinal_ops::spinal_forward", "spinal_ops::_spinal_backward")
     torch.library.impl("spinal_ops::_spinal_backward_reference", "CompositeImplicitAutograd")(
         reference.spinal_backward)
 
@@ -217,8 +217,8 @@ def _register_triton() -> None:
         return spinal_fwd_triton(x, weight_x, weight_h, bias, head_weight, head_bias, starts, slots, activation,
                                  negative_slope)
 
-    @torch.library.triton_op("spinal_ops::spinal_backward_triton", mutates_args=())
-    def spinal_backward_triton(
+    @torch.library.triton_op("spinal_ops::_spinal_backward_triton", mutates_args=())
+    def _spinal_backward_triton(
         grad_y: Tensor | None, grad_H: Tensor | None, x: Tensor, H: Tensor, weight_x: Tensor, weight_h: Tensor,
         bias: Tensor | None, head_weight: Tensor | None, starts: list[int], slots: list[int], activation: str,
         negative_slope: float, output_mask: list[bool],
@@ -228,8 +228,8 @@ def _register_triton() -> None:
         return spinal_bwd_triton(grad_y, grad_H, x, H, weight_x, weight_h, bias, head_weight, starts, slots,
                                  activation, negative_slope, output_mask)
 
-    _register("spinal_ops::spinal_forward_triton", "spinal_ops::spinal_backward_triton",
-              torch.ops.spinal_ops.spinal_backward_triton)
+    _register("spinal_ops::spinal_forward_triton", "spinal_ops::_spinal_backward_triton",
+              torch.ops.spinal_ops._spinal_backward_triton)
 
 
 _triton_registered = False

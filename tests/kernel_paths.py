@@ -188,4 +188,4 @@ def gpu_forward(*args):
 
 def gpu_backward(*args):
     """:func:`check_variant`'s backward on the GPU: the CUDA backward op."""
-    return tuple(g.cpu() for g in torch.ops.spinal_ops.spinal_backward(*[_cuda(a) for a in args]))
+    return tuple(g.cpu() for g in torch.ops.spinal_ops._spinal_backward(*[_cuda(a) for a in args]))

@@ -40,7 +40,7 @@ def _call(backend, case, dtype, device, seed):
 
 
 # Triton's interpreter is process-global; the launchers serialise interpreted launches with a lock
-# (triton_kernels/config.py launch_guard), which this test exercises under TRITON_INTERPRET=1.
+# (triton_kernels/settings.py launch_guard), which this test exercises under TRITON_INTERPRET=1.
 @pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
 def test_threads_match_single_threaded_results(backend):
     require_backend(backend)

@@ -97,8 +97,8 @@ def test_opcheck_backward(case, mask):
     mask = [m and t is not None for m, t in zip(mask, (x, wx, wh, b, wo, bo), strict=False)]
     args = (grad_y, grad_h, x.detach(), h_all.detach(), wx.detach(), wh.detach(), b.detach() if b is not None else None,
             wo.detach() if wo is not None else None, starts, slots, act, slope, mask)
-    torch.library.opcheck(torch.ops.spinal_ops.spinal_backward.default, args)
-    grads = torch.ops.spinal_ops.spinal_backward(*args)
+    torch.library.opcheck(torch.ops.spinal_ops._spinal_backward.default, args)
+    grads = torch.ops.spinal_ops._spinal_backward(*args)
     for wanted, g, t in zip(mask, grads, (x, wx, wh, b, wo, bo), strict=False):
         assert (g.shape == t.shape) if wanted else g.numel() == 0, "output mask not honoured"
 
@@ -109,7 +109,7 @@ def test_backward_matches_reference_on_its_own():
     h_all, y = reference.spinal_forward(x, wx, wh, b, wo, bo, starts, slots, act, slope)
     grad_y, grad_h = torch.randn_like(y), torch.randn_like(h_all)
     expected = torch.autograd.grad((h_all, y), (x, wx, wh, b, wo, bo), (grad_h, grad_y))
-    got = torch.ops.spinal_ops.spinal_backward(grad_y, grad_h, x.detach(), h_all.detach(), wx.detach(), wh.detach(),
+    got = torch.ops.spinal_ops._spinal_backward(grad_y, grad_h, x.detach(), h_all.detach(), wx.detach(), wh.detach(),
                                                b.detach(), wo.detach(), starts, slots, act, slope, [True] * 6)
     names = ("x", "weight_x", "weight_h", "bias", "head_weight", "head_bias")
     for name, g, e in zip(names, got, expected, strict=False):

@@ -198,8 +198,8 @@ def test_opcheck_forward_and_backward(backend, case):
     _need(backend)
     if backend == "triton":
         spinal_ops.ops._triton_forward()
-    names = {"cuda": ("spinal_forward", "spinal_backward"), "triton": ("spinal_forward_triton",
-                                                                        "spinal_backward_triton")}[backend]
+    names = {"cuda": ("spinal_forward", "_spinal_backward"), "triton": ("spinal_forward_triton",
+                                                                        "_spinal_backward_triton")}[backend]
     forward, backward = (getattr(torch.ops.spinal_ops, n) for n in names)
     args = _op_args(case)
     torch.library.opcheck(forward, args)
@@ -231,12 +231,12 @@ def test_wide_path_read_back_is_ordered_by_its_barrier():
     written by other threads of the program. With the barrier between sub-layers the forward is right; without it
     some run reads values not yet stored (H is poisoned with NaN before each run, so a stale read shows)."""
     _need("triton")
-    from spinal_ops.triton_kernels import config, spinal_fwd_triton
+    from spinal_ops.triton_kernels import settings, spinal_fwd_triton
 
     from spinal_ops import reference
 
     case = Case(512, 600, 2, 300, 8, out=10)  # w = 300: the wide path, several column tiles per sub-layer
-    assert config.path_plan(case.width, case.out, torch.float32, torch.device("cuda")).wide
+    assert settings.path_plan(case.width, case.out, torch.float32, torch.device("cuda")).wide
     x, params = _gpu_inputs(case)
     args = (x.detach(), *[params[k].detach() for k in PARAMS], *case.layer_args(), case.activation,
             case.negative_slope)

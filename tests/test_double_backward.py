@@ -143,7 +143,7 @@ def _backward_args(case: Case, device: str, forward_op):
 def test_opcheck_native_backward_with_grad(case):
     require_backend("cpu")
     args = _backward_args(case, "cpu", torch.ops.spinal_ops.spinal_forward)
-    torch.library.opcheck(torch.ops.spinal_ops.spinal_backward.default, args)
+    torch.library.opcheck(torch.ops.spinal_ops._spinal_backward.default, args)
 
 
 @pytest.mark.triton
@@ -156,4 +156,4 @@ def test_opcheck_triton_backward_with_grad(case):
     skip = ("test_aot_dispatch_dynamic",) if spinal_ops.backends.triton_interpreted() else ()
     tests = [t for t in ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
              if t not in skip]
-    torch.library.opcheck(torch.ops.spinal_ops.spinal_backward_triton.default, args, test_utils=tests)
+    torch.library.opcheck(torch.ops.spinal_ops._spinal_backward_triton.default, args, test_utils=tests)

@@ -184,7 +184,7 @@ def test_triton_matches_reference(problem, dtype, value_seed):
 
 
 # The wide path of the Triton kernels (chosen on a GPU for layers whose whole tiles would not fit, see
-# triton_kernels/config.py) forced with 16-wide tiles, so that widths and heads up to 40 span several tiles with a
+# triton_kernels/settings.py) forced with 16-wide tiles, so that widths and heads up to 40 span several tiles with a
 # masked last one; the config's own choice is what test_triton_matches_reference exercises.
 WIDE_TILE = 16
 
@@ -197,10 +197,10 @@ def test_triton_wide_path_matches_reference(problem, dtype, value_seed):
     _require("triton")
     from unittest import mock
 
-    from spinal_ops.triton_kernels import config
+    from spinal_ops.triton_kernels import settings
 
-    plan = config.PathPlan(wide=True, block_w=WIDE_TILE, block_o=WIDE_TILE, block_n=WIDE_TILE, block_k=WIDE_TILE)
-    with mock.patch.object(config, "path_plan", lambda width, out, dtype, device=None: plan):
+    plan = settings.PathPlan(wide=True, block_w=WIDE_TILE, block_o=WIDE_TILE, block_n=WIDE_TILE, block_k=WIDE_TILE)
+    with mock.patch.object(settings, "path_plan", lambda width, out, dtype, device=None: plan):
         check_against_reference("triton", *problem, dtype, value_seed, device="cpu" if INTERPRETED else "cuda")
 
 

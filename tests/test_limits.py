@@ -82,7 +82,7 @@ def test_cpu_row_offsets_past_2_31_elements():
     params = [t.clone().requires_grad_() for t in (wx, wh, b, wo, bo)]
     _, ref_y2 = reference.spinal_forward(x[-extra:], *params, *hyper)
     expected = torch.autograd.grad(ref_y2, params, grad_y[-extra:])
-    got = torch.ops.spinal_ops.spinal_backward(grad_y, None, x, h_all, wx, wh, b, wo, *hyper,
+    got = torch.ops.spinal_ops._spinal_backward(grad_y, None, x, h_all, wx, wh, b, wo, *hyper,
                                                [False, True, True, True, True, True])
     names = ("weight_x", "weight_h", "bias", "head_weight", "head_bias")
     for name, g_got, g_exp in zip(names, got[1:], expected, strict=True):
@@ -105,7 +105,7 @@ def test_cpu_refuses_2_31_rows_naming_the_limit_and_the_fallback():
     with pytest.raises(ValueError, match=match):
         torch.ops.spinal_ops.spinal_forward(x, wx, wh, b, None, None, *hyper)
     with pytest.raises(ValueError, match=match):
-        torch.ops.spinal_ops.spinal_backward(None, h_all, x, h_all, wx, wh, b, None, *hyper, [True] * 6)
+        torch.ops.spinal_ops._spinal_backward(None, h_all, x, h_all, wx, wh, b, None, *hyper, [True] * 6)
 
 
 # ------------------------------------------------------------------------------------------- very large heads

@@ -106,9 +106,9 @@ def test_gradcheck(activation, slope, head):
 
 def _launched_kernels():
     """The kernel objects the launchers call under the current settings (autotuned wrappers on a GPU)."""
-    from spinal_ops.triton_kernels import backward, config, forward
+    from spinal_ops.triton_kernels import backward, forward, settings
 
-    tuned = config.autotune_enabled()
+    tuned = settings.autotune_enabled()
     return {
         "forward": forward._spinal_fwd_kernel_tuned() if tuned else forward._spinal_fwd_kernel,
         "chain": backward._spinal_bwd_chain_kernel_tuned() if tuned else backward._spinal_bwd_chain_kernel,
@@ -118,11 +118,11 @@ def _launched_kernels():
 
 def _record_launches(monkeypatch, on_launch) -> None:
     """Calls ``on_launch(name, kwargs)`` for every kernel launch: the launchers launch through
-    ``config.launcher``, which this wraps (it may be wrapped again)."""
-    from spinal_ops.triton_kernels import config
+    ``settings.launcher``, which this wraps (it may be wrapped again)."""
+    from spinal_ops.triton_kernels import settings
 
     names = {id(kernel): name for name, kernel in _launched_kernels().items()}
-    original = config.launcher
+    original = settings.launcher
 
     class Recorded:
         def __init__(self, kernel):
@@ -135,7 +135,7 @@ def _record_launches(monkeypatch, on_launch) -> None:
 
             return run
 
-    monkeypatch.setattr(config, "launcher", Recorded)
+    monkeypatch.setattr(settings, "launcher", Recorded)
 
 
 @pytest.fixture
@@ -171,7 +171,7 @@ def test_backward_output_mask(launches):
     spinal_ops.ops._triton_forward()
     h_all, y = torch.ops.spinal_ops.spinal_forward_triton(x.detach(), *p, *hyper)
     grad_y = torch.ones_like(y)
-    bwd = torch.ops.spinal_ops.spinal_backward_triton
+    bwd = torch.ops.spinal_ops._spinal_backward_triton
     launches.clear()
     only_dx = bwd(grad_y, None, x.detach(), h_all, p[0], p[1], p[2], p[3], *hyper, [True] + [False] * 5)
     assert launches == {"chain": 1}, f"backend=triton case={case.id} mask=dx: launches {launches}"
@@ -217,13 +217,13 @@ WIDE_CASES = [
 
 @pytest.fixture
 def force_wide(monkeypatch):
-    """Forces the wide path with WIDE_TILE-sized tiles (patches ``config.path_plan``, the one place that chooses)
+    """Forces the wide path with WIDE_TILE-sized tiles (patches ``settings.path_plan``, the one place that chooses)
     and records the ``WIDE`` flag of every forward / chain launch (the weights kernel is tiled for any size and
     has no path flag), so a test can check that the wide path ran."""
-    from spinal_ops.triton_kernels import config
+    from spinal_ops.triton_kernels import settings
 
-    plan = config.PathPlan(wide=True, block_w=WIDE_TILE, block_o=WIDE_TILE, block_n=WIDE_TILE, block_k=WIDE_TILE)
-    monkeypatch.setattr(config, "path_plan", lambda width, out, dtype, device=None: plan)
+    plan = settings.PathPlan(wide=True, block_w=WIDE_TILE, block_o=WIDE_TILE, block_n=WIDE_TILE, block_k=WIDE_TILE)
+    monkeypatch.setattr(settings, "path_plan", lambda width, out, dtype, device=None: plan)
     seen = []
     _record_launches(monkeypatch, lambda name, kwargs: seen.append(kwargs.get("WIDE")) if name != "weights" else None)
     return seen
@@ -291,37 +291,37 @@ def test_wide_path_launch_counts(force_wide, launches):
 def test_path_choice():
     """The fast path for the benchmark's narrow layers, the wide path where the fast path's whole tiles would not
     fit (wide layers, large heads); whole-width tiles on the fast path, tiles >= 16 (tl.dot) on both."""
-    from spinal_ops.triton_kernels import config
+    from spinal_ops.triton_kernels import settings
 
     for dtype in DTYPES:
         for name in ("resnet-head", "vit-custom", "regression", "vgg-head"):  # w = 20, 20, 50, 128; out 10 or 1
             cfg = CONFIG_BY_NAME[name]
-            path = config.path_plan(cfg.width, cfg.out, dtype)
+            path = settings.path_plan(cfg.width, cfg.out, dtype)
             assert not path.wide, f"{name} ({dtype}): wide path chosen for w={cfg.width} out={cfg.out}"
             assert path.block_w >= cfg.width and path.block_o >= cfg.out, f"{name} ({dtype}): {path}"
-        assert not config.path_plan(20, 0, dtype).wide, f"hidden mode w=20 ({dtype}): wide path chosen"
+        assert not settings.path_plan(20, 0, dtype).wide, f"hidden mode w=20 ({dtype}): wide path chosen"
         for width, out in ((512, 10), (1100, 3), (8, 10_000), (100, 10_000), (8, 70_000), (4096, 0)):
-            path = config.path_plan(width, out, dtype)
+            path = settings.path_plan(width, out, dtype)
             assert path.wide, f"w={width} out={out} ({dtype}): fast path chosen, whole tiles do not fit"
             assert min(path.block_n, path.block_k, path.block_o) >= 16, f"w={width} out={out} ({dtype}): {path}"
     # where the whole w x w tile stops fitting 160 KB of shared memory depends on the element size
-    assert config.path_plan(128, 10, torch.float32).wide is False
-    assert config.path_plan(256, 10, torch.float32).wide is True
-    assert config.path_plan(256, 10, torch.float16).wide is False
-    assert config.path_plan(512, 10, torch.float16).wide is True
+    assert settings.path_plan(128, 10, torch.float32).wide is False
+    assert settings.path_plan(256, 10, torch.float32).wide is True
+    assert settings.path_plan(256, 10, torch.float16).wide is False
+    assert settings.path_plan(512, 10, torch.float16).wide is True
 
 
 def test_index_limit_error_names_backend_argument_and_fallback():
     """The one size limit left, 32-bit offsets inside a weight tensor, raises before any launch."""
-    from spinal_ops.triton_kernels import config
+    from spinal_ops.triton_kernels import settings
 
-    config.check_index_limits(3, 20, 10, 1100, 2, 70_000, 2, 1)  # the sizes tests/test_limits.py runs: no error
+    settings.check_index_limits(3, 20, 10, 1100, 2, 70_000, 2, 1)  # the sizes tests/test_limits.py runs: no error
     with pytest.raises(ValueError, match=r"triton backend: out_features.*head_weight \(65536, 32768\).*2\^31.*"
                                          r"cuda, cpu or reference"):
-        config.check_index_limits(3, 20, 10, 16384, 2, 65536, 2, 1)
+        settings.check_index_limits(3, 20, 10, 16384, 2, 65536, 2, 1)
     with pytest.raises(ValueError, match=r"triton backend: layer_width.*weight_h \(1, 46341, 46341\).*"
                                          r"cuda, cpu or reference"):
-        config.check_index_limits(3, 20, 10, 46341, 2, 10, 2, 1)
+        settings.check_index_limits(3, 20, 10, 46341, 2, 10, 2, 1)
 
 
 # ------------------------------------------------------------------------------------ original-style modules
@@ -363,33 +363,33 @@ def test_from_linears_original_style(spec):
 
 
 def test_float32_precision_follows_torch():
-    from spinal_ops.triton_kernels import config
+    from spinal_ops.triton_kernels import settings
 
     saved = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("highest")
-        assert config.dtype_plan(torch.float32).precision == "ieee"
+        assert settings.dtype_plan(torch.float32).precision == "ieee"
         torch.set_float32_matmul_precision("high")
-        assert config.dtype_plan(torch.float32).precision == "tf32"
+        assert settings.dtype_plan(torch.float32).precision == "tf32"
     finally:
         torch.set_float32_matmul_precision(saved)
-    assert config.dtype_plan(torch.float64).precision == ("ieee" if config.FP64_DOT else "fma")
+    assert settings.dtype_plan(torch.float64).precision == ("ieee" if settings.FP64_DOT else "fma")
 
 
 def test_autotune_prune_keeps_a_fitting_config(monkeypatch):
     """For every benchmark configuration (fast and wide path) and batch size the GPU autotune space keeps at least
     one config, and every kept one respects the row cap."""
-    from spinal_ops.triton_kernels import config
+    from spinal_ops.triton_kernels import settings
 
-    monkeypatch.setattr(config, "interpreted", lambda: False)  # the GPU tiles of path_plan
+    monkeypatch.setattr(settings, "interpreted", lambda: False)  # the GPU tiles of path_plan
     paths = set()
     for cfg in CONFIGS:
         for dtype in (torch.bfloat16, torch.float32):
-            path = config.path_plan(cfg.width, cfg.out, dtype)
+            path = settings.path_plan(cfg.width, cfg.out, dtype)
             paths.add(path.wide)
             for rows in ROOFLINE_BATCH_SIZES:
-                for configs, prune in ((config.forward_autotune_configs(), config.forward_prune),
-                                       (config.chain_autotune_configs(), config.chain_prune)):
+                for configs, prune in ((settings.forward_autotune_configs(), settings.forward_prune),
+                                       (settings.chain_autotune_configs(), settings.chain_prune)):
                     named = {"B": rows, "x_ptr": torch.empty(0, dtype=dtype)}
                     kept = prune(configs, named, **path.meta())  # the constexprs the launcher passes
                     what = f"{cfg.name} {dtype} B={rows} wide={path.wide}"
@@ -408,33 +408,33 @@ def triton_pow2(n: int) -> int:
 def test_path_choice_respects_the_device_shared_memory(monkeypatch):
     """The fast path is kept only where its tiles plus the margin fit the device's opt-in shared memory: the 16-bit
     w = 256, out = 64 boundary plan fits an H100 / H200 (232,448 B) but not an A100 (166,912 B)."""
-    from spinal_ops.triton_kernels import config
+    from spinal_ops.triton_kernels import settings
 
     limits = {7: 166_912, 6: 232_448}
-    monkeypatch.setattr(config, "shared_memory_limit", lambda device: limits.get(getattr(device, "index", None)))
-    config._path_plan.cache_clear()
+    monkeypatch.setattr(settings, "shared_memory_limit", lambda device: limits.get(getattr(device, "index", None)))
+    settings._path_plan.cache_clear()
     try:
         a100, h200 = torch.device("cuda", 7), torch.device("cuda", 6)
-        assert config.path_plan(256, 64, torch.float16, a100).wide, "A100: the boundary plan exceeds 166,912 B"
-        assert not config.path_plan(256, 64, torch.float16, h200).wide, "H200: the boundary plan fits"
-        assert not config.path_plan(256, 64, torch.float16).wide, "no device: the model's budget alone"
+        assert settings.path_plan(256, 64, torch.float16, a100).wide, "A100: the boundary plan exceeds 166,912 B"
+        assert not settings.path_plan(256, 64, torch.float16, h200).wide, "H200: the boundary plan fits"
+        assert not settings.path_plan(256, 64, torch.float16).wide, "no device: the model's budget alone"
         for device in (a100, h200):  # the benchmark's narrow layers stay fast on both
-            assert not config.path_plan(128, 10, torch.float32, device).wide
+            assert not settings.path_plan(128, 10, torch.float32, device).wide
     finally:
-        config._path_plan.cache_clear()
+        settings._path_plan.cache_clear()
 
 
 def test_autotune_key_buckets_the_batch_size():
-    from spinal_ops.triton_kernels import config
+    from spinal_ops.triton_kernels import settings
 
-    assert "B" not in config.AUTOTUNE_KEY and "B_BUCKET" in config.AUTOTUNE_KEY
-    assert [config.batch_bucket(b) for b in (1, 2, 3, 64, 65, 128, 129)] == [1, 2, 4, 64, 128, 128, 256]
+    assert "B" not in settings.AUTOTUNE_KEY and "B_BUCKET" in settings.AUTOTUNE_KEY
+    assert [settings.batch_bucket(b) for b in (1, 2, 3, 64, 65, 128, 129)] == [1, 2, 4, 64, 128, 128, 256]
 
 
 def test_repeated_calls_upload_no_table_and_check_once():
     """A repeated forward and backward copies no layer table to the device and runs the C++ argument checks once
     per signature; another tying pattern is a new table and a new signature."""
-    from spinal_ops.triton_kernels import config
+    from spinal_ops.triton_kernels import settings
 
     from spinal_ops import ops
 
@@ -446,14 +446,14 @@ def test_repeated_calls_upload_no_table_and_check_once():
             spinal_ops.spinal_linear(x, **params, **functional_kwargs(c)).sum().backward()
 
     step(case)
-    misses, checked = config.cached_layer_table.cache_info().misses, len(ops._TRITON_CHECKED)
+    misses, checked = settings.cached_layer_table.cache_info().misses, len(ops._TRITON_CHECKED)
     step(case)
     step(case)
-    assert config.cached_layer_table.cache_info().misses == misses, "triton: a repeated call uploaded its table"
+    assert settings.cached_layer_table.cache_info().misses == misses, "triton: a repeated call uploaded its table"
     assert len(ops._TRITON_CHECKED) == checked, "triton: a repeated call was checked as a new signature"
     other = case.replace(tie=(0, 1, 2, 3, 3, 2))
     step(other)
-    assert config.cached_layer_table.cache_info().misses == misses + 1, "triton: a new table is uploaded once"
+    assert settings.cached_layer_table.cache_info().misses == misses + 1, "triton: a new table is uploaded once"
 
 
 @pytest.mark.parametrize("triton_version,numpy_version,refused", [
@@ -463,14 +463,14 @@ def test_repeated_calls_upload_no_table_and_check_once():
 def test_interpreter_numpy_pairing(triton_version, numpy_version, refused):
     """Triton's interpreter before 3.7 cannot run with numpy >= 2.4: a clear error naming both, not a failure
     inside a kernel."""
-    from spinal_ops.triton_kernels import config
+    from spinal_ops.triton_kernels import settings
 
     if not refused:
-        config.check_interpreter_numpy(triton_version, numpy_version)
+        settings.check_interpreter_numpy(triton_version, numpy_version)
         return
     expected = rf"Triton {triton_version} interpreter .* numpy {numpy_version}.*numpy<2\.4"
     with pytest.raises(RuntimeError, match=expected):
-        config.check_interpreter_numpy(triton_version, numpy_version)
+        settings.check_interpreter_numpy(triton_version, numpy_version)
 
 
 def test_importing_the_kernels_builds_no_autotuner():

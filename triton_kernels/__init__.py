@@ -7,7 +7,7 @@
   output tile reduced over all rows in a fixed order: deterministic).
 
 Each program of the forward and chain kernels owns a tile of rows and runs the whole chain for them; the two
-kernels have two paths, one ``WIDE`` constexpr flag, chosen per layer by :func:`config.path_plan`:
+kernels have two paths, one ``WIDE`` constexpr flag, chosen per layer by :func:`settings.path_plan`:
 
 - fast path (narrow layers): a sub-layer's whole width and the whole head row are single tiles; ``h`` (forward)
   or the carry ``dZ @ Wh`` (backward) stays in registers across sub-layers, and the whole ``w x w`` recurrent
@@ -20,12 +20,12 @@ kernels have two paths, one ``WIDE`` constexpr flag, chosen per layer by :func:`
   counts (forward 1, backward at most 2).
 
 The only size limit left is 32-bit index arithmetic inside weight tensors: fewer than 2^31 rows and fewer than
-2^31 elements per weight tensor (:func:`config.check_index_limits` raises a ``ValueError`` naming the fallback
+2^31 elements per weight tensor (:func:`settings.check_index_limits` raises a ``ValueError`` naming the fallback
 backends).
 
-Both launch through :func:`config.launcher` (``torch.library.wrap_triton``; under the interpreter on torch
+Both launch through :func:`settings.launcher` (``torch.library.wrap_triton``; under the interpreter on torch
 before 2.13, which rejects interpreted kernels there, the kernel itself), so that the ``torch.library.triton_op``
-registrations in :mod:`spinal_ops.ops` (``spinal_ops::spinal_forward_triton`` / ``spinal_backward_triton``) are
+registrations in :mod:`spinal_ops.ops` (``spinal_ops::spinal_forward_triton`` / ``_spinal_backward_triton``) are
 traceable by ``torch.compile`` on a GPU.
 
 CPU tensors: set ``TRITON_INTERPRET=1`` in the environment *before* Triton is first imported (e.g. before
@@ -35,7 +35,7 @@ interpreter's bf16 dot is broken), and ``torch.compile`` through the Triton ops 
 have no data pointer): eager only.
 
 Launch settings (path, tiles, warps, stages, autotuning, the float32 ieee/tf32 choice) come from
-:mod:`spinal_ops.triton_kernels.config`.
+:mod:`spinal_ops.triton_kernels.settings`.
 """
 
 from .backward import spinal_bwd_triton

@@ -2,7 +2,7 @@
 
 Launch 1, ``_spinal_bwd_chain_kernel``: the reverse recurrence per row tile, writing ``dZ`` (a float32 /
 float64 scratch ``(B, L*w)``, read again by launch 2) and ``dx``. Fast or wide path as in the forward
-(:func:`spinal_ops.triton_kernels.config.path_plan`).
+(:func:`spinal_ops.triton_kernels.settings.path_plan`).
 Launch 2, ``_spinal_bwd_weights_kernel``: ``dweight_x``, ``dbias``, ``dweight_h``, ``dhead_weight``,
 ``dhead_bias``; every program owns one output tile and reduces it over all rows in a fixed order (tiled for any
 width and any number of outputs: it has no fast/wide distinction).
@@ -18,7 +18,7 @@ import triton.language as tl
 
 from spinal_ops.reference import needs_preactivation
 
-from . import config
+from . import settings
 from ._common import (
     _act_grad_from_h,
     _act_grad_from_z,
@@ -89,7 +89,7 @@ def _spinal_bwd_chain_kernel(
     # (one step on the fast path, where BLOCK_K = BLOCK_W). Each dx element is written once (zero where no chunk
     # reads the column): no atomics, no pre-zeroing, deterministic.
     # Assumptions: C <= D, tile dimensions >= 16, each weight tensor has < 2^31 elements (32-bit weight
-    # offsets; row offsets are 64-bit), checked by config.check_index_limits.
+    # offsets; row offsets are 64-bit), checked by settings.check_index_limits.
     pid = tl.program_id(0)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
@@ -389,13 +389,13 @@ def _spinal_bwd_weights_kernel(
 def _spinal_bwd_chain_kernel_tuned():
     """The chain kernel's ``triton.autotune`` wrapper, built on first use (as the forward's)."""
     return triton.autotune(
-        configs=config.chain_autotune_configs(),
-        key=config.AUTOTUNE_KEY,
-        prune_configs_by={"early_config_prune": config.chain_prune},
+        configs=settings.chain_autotune_configs(),
+        key=settings.AUTOTUNE_KEY,
+        prune_configs_by={"early_config_prune": settings.chain_prune},
     )(_spinal_bwd_chain_kernel)
 
 
-def _weight_grid_size(rows, chunk, width, num_layers, out, lx, lh, mask, s: config.WeightSettings) -> int:
+def _weight_grid_size(rows, chunk, width, num_layers, out, lx, lh, mask, s: settings.WeightSettings) -> int:
     """Number of programs of the weights kernel (must mirror the task ranges computed inside it)."""
     tm_w = triton.cdiv(width, s.block_m)
     n_a = lx * tm_w * (triton.cdiv(chunk, s.block_n) if mask[1] else 1) if (mask[1] or mask[3]) else 0
@@ -422,7 +422,7 @@ def spinal_bwd_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of the spinal layer in at most two Triton launches.
 
-    Parameters follow the ``spinal_backward`` op (``csrc/spinal_ops.cpp``): ``grad_y (B, out)?``,
+    Parameters follow the ``_spinal_backward`` op (``csrc/spinal_ops.cpp``): ``grad_y (B, out)?``,
     ``grad_H (B, L*w)?``, ``x (B, D)``, ``H (B, L*w)``, weights as in the forward, ``output_mask`` (6 bools).
     Returns ``(dx, dweight_x, dweight_h, dbias, dhead_weight, dhead_bias)``; entries not asked for by
     ``output_mask`` are empty tensors.
@@ -433,14 +433,14 @@ def spinal_bwd_triton(
     lh = weight_h.shape[0]
     has_head = head_weight is not None
     out = head_weight.shape[0] if has_head else 0
-    config.check_index_limits(rows, in_features, chunk, width, num_layers, out, lx, lh)
+    settings.check_index_limits(rows, in_features, chunk, width, num_layers, out, lx, lh)
     mask = [bool(m) for m in output_mask]
     mask[3] = mask[3] and bias is not None
     mask[4] = mask[4] and has_head
     mask[5] = mask[5] and has_head
     if not has_head:
         grad_y = None
-    plan = config.dtype_plan(x.dtype)
+    plan = settings.dtype_plan(x.dtype)
     # one fresh empty tensor per skipped gradient: op outputs must not alias each other
     dx = torch.empty_like(x) if mask[0] else x.new_empty(0)
     dwx = torch.empty_like(weight_x) if mask[1] else x.new_empty(0)
@@ -455,23 +455,23 @@ def spinal_bwd_triton(
     starts_t, slots_t = layer_table(starts, slots, x.device)
 
     if need_dz and rows > 0:
-        path = config.path_plan(width, out, x.dtype, x.device)
+        path = settings.path_plan(width, out, x.dtype, x.device)
         args = (grad_y if grad_y is not None else x, grad_H if grad_H is not None else x, x, H, weight_x, weight_h,
                 bias if bias is not None else x, head_weight if has_head else x, starts_t, slots_t, dz,
-                dx if mask[0] else dz, rows, in_features, chunk, width, num_layers, out, config.batch_bucket(rows))
+                dx if mask[0] else dz, rows, in_features, chunk, width, num_layers, out, settings.batch_bucket(rows))
         consts = dict(NEG_SLOPE=float(negative_slope), ACT=activation_code(activation), HAS_BIAS=bias is not None,
                       HAS_GY=grad_y is not None, HAS_GH=grad_H is not None,
                       NEED_Z=needs_preactivation(activation, negative_slope), NEED_DX=mask[0], DOT_DTYPE=plan.dot,
                       ACC_DTYPE=plan.acc, PRECISION=plan.precision, **path.meta())
-        config.launch_row_tiled(_spinal_bwd_chain_kernel, _spinal_bwd_chain_kernel_tuned, rows, args, consts,
-                                lambda: config.chain_settings(rows, chunk, path, x.dtype), x.device)
+        settings.launch_row_tiled(_spinal_bwd_chain_kernel, _spinal_bwd_chain_kernel_tuned, rows, args, consts,
+                                lambda: settings.chain_settings(rows, chunk, path, x.dtype), x.device)
 
     if any(mask[1:]):
-        s = config.weight_settings(rows, chunk, width, out, x.dtype)
+        s = settings.weight_settings(rows, chunk, width, out, x.dtype)
         programs = _weight_grid_size(rows, chunk, width, num_layers, out, lx, lh, mask, s)
         if programs > 0:
-            with config.launch_guard(x.device):
-                config.launcher(_spinal_bwd_weights_kernel)[(programs,)](
+            with settings.launch_guard(x.device):
+                settings.launcher(_spinal_bwd_weights_kernel)[(programs,)](
                     x, H, grad_y if grad_y is not None else x, dz if need_dz else x, starts_t, slots_t,
                     dwx if mask[1] else x, db if mask[3] else x, dwh if mask[2] else x, dwo if mask[4] else x,
                     dbo if mask[5] else x,

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import config
+from . import settings
 from ._common import _activate, _dot_k_loop, _input_projection, _mma, _preactivation_tile, activation_code
 
 
@@ -51,7 +51,7 @@ def _spinal_fwd_kernel(
 ):
     # Program p owns rows [p * BLOCK_B, (p + 1) * BLOCK_B) and runs the whole chain and head for them: rows are
     # independent in the forward, so programs never synchronise with each other. The path (WIDE) and its tiles
-    # come from config.path_plan.
+    # come from settings.path_plan.
     #
     # Fast path (WIDE = False; BLOCK_W >= W, BLOCK_O >= OUT: whole widths per tile, padded lanes masked to zero).
     # Kept in registers for the whole chain: h (BLOCK_B x BLOCK_W, the previous sub-layer's output, rounded to
@@ -72,7 +72,7 @@ def _spinal_fwd_kernel(
     # program reads the same ones).
     #
     # Assumptions: C <= D; every tile dimension >= 16 (tl.dot); each weight tensor has < 2^31 elements (32-bit
-    # weight offsets; row offsets are 64-bit), checked by config.check_index_limits.
+    # weight offsets; row offsets are 64-bit), checked by settings.check_index_limits.
     pid = tl.program_id(0)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
@@ -157,16 +157,16 @@ def _spinal_fwd_kernel_tuned():
     """The kernel's ``triton.autotune`` wrapper, built on first use (some Triton releases need a GPU driver to
     build one, and importing the kernels must not)."""
     return triton.autotune(
-        configs=config.forward_autotune_configs(),
-        key=config.AUTOTUNE_KEY,
-        prune_configs_by={"early_config_prune": config.forward_prune},
+        configs=settings.forward_autotune_configs(),
+        key=settings.AUTOTUNE_KEY,
+        prune_configs_by={"early_config_prune": settings.forward_prune},
     )(_spinal_fwd_kernel)
 
 
 def layer_table(starts, slots, device) -> tuple[torch.Tensor, torch.Tensor]:
     """``(starts, slots)`` as int32 device tensors, views of one ``(2L,)`` tensor, uploaded once per distinct table
-    and device and then reused (:func:`config.cached_layer_table`): no host-to-device copy per call."""
-    table = config.cached_layer_table(tuple(starts), tuple(slots), device)
+    and device and then reused (:func:`settings.cached_layer_table`): no host-to-device copy per call."""
+    table = settings.cached_layer_table(tuple(starts), tuple(slots), device)
     return table[: len(starts)], table[len(starts) :]
 
 
@@ -200,22 +200,22 @@ def spinal_fwd_triton(
     num_layers = len(starts)
     lx, width, chunk = weight_x.shape
     out = head_weight.shape[0] if head_weight is not None else 0
-    config.check_index_limits(rows, in_features, chunk, width, num_layers, out, lx, weight_h.shape[0])
+    settings.check_index_limits(rows, in_features, chunk, width, num_layers, out, lx, weight_h.shape[0])
     has_head = head_weight is not None
     h_all = x.new_empty(rows, num_layers * width)
     y = x.new_empty(rows, out)
     if rows == 0:
         return h_all, y
-    plan = config.dtype_plan(x.dtype)
-    path = config.path_plan(width, out, x.dtype, x.device)
+    plan = settings.dtype_plan(x.dtype)
+    path = settings.path_plan(width, out, x.dtype, x.device)
     starts_t, slots_t = layer_table(starts, slots, x.device)
     args = (x, weight_x, weight_h, bias if bias is not None else x, head_weight if has_head else x,
             head_bias if head_bias is not None else x, starts_t, slots_t, h_all, y if has_head else h_all,
-            rows, in_features, chunk, width, num_layers, out, config.batch_bucket(rows))
+            rows, in_features, chunk, width, num_layers, out, settings.batch_bucket(rows))
     consts = dict(NEG_SLOPE=float(negative_slope), ACT=activation_code(activation), HAS_BIAS=bias is not None,
                   HAS_HEAD=has_head, HAS_HEAD_BIAS=head_bias is not None,
                   STORE_H=bool(store_h or not has_head), BARRIER=bool(barrier), DOT_DTYPE=plan.dot, ACC_DTYPE=plan.acc,
                   PRECISION=plan.precision, **path.meta())
-    config.launch_row_tiled(_spinal_fwd_kernel, _spinal_fwd_kernel_tuned, rows, args, consts,
-                            lambda: config.forward_settings(rows, chunk, path, x.dtype), x.device)
+    settings.launch_row_tiled(_spinal_fwd_kernel, _spinal_fwd_kernel_tuned, rows, args, consts,
+                            lambda: settings.forward_settings(rows, chunk, path, x.dtype), x.device)
     return h_all, y

@@ -618,5 +618,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 TORCH_LIBRARY_IMPL(spinal_ops, CPU, m) {
   m.impl("spinal_forward", &spinal_ops::spinal_forward_cpu);
-  m.impl("spinal_backward", &spinal_ops::spinal_backward_cpu);
+  m.impl("_spinal_backward", &spinal_ops::spinal_backward_cpu);
 }

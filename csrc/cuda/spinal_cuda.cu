@@ -61,6 +61,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 TORCH_LIBRARY_IMPL(spinal_ops, CUDA, m) {
   m.impl("spinal_forward", &spinal_ops::cuda::spinal_forward_cuda);
-  m.impl("spinal_backward", &spinal_ops::cuda::spinal_backward_cuda);
+  m.impl("_spinal_backward", &spinal_ops::cuda::spinal_backward_cuda);
   m.impl("_spinal_forward_cuda_options", &spinal_ops::cuda::spinal_forward_cuda_options);
 }

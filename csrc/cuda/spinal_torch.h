@@ -1,6 +1,6 @@
 // Tensor-level entry points of the spinal kernels: argument checks (csrc/spinal_args.h), output and
 // workspace allocation, and the launchers of spinal_launch.h. Shared by the CUDA binding (spinal_cuda.cu,
-// CUDA tensors on the current stream) and the emulated binding (spinal_emulated.cpp, CPU tensors).
+// CUDA tensors on the current stream) and the emulated binding (tests/cuda_emulated/spinal_emulated.cpp, CPU tensors).
 #pragma once
 
 #include <ATen/ATen.h>

@@ -10,7 +10,7 @@ import pathlib
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CUDA_HOME = os.environ.get("CUDA_HOME", "/usr/local/cuda")
 BUILD_DIR = ROOT / "build" / "emulated"
-SOURCES = [ROOT / "csrc" / "spinal_args.cpp", ROOT / "csrc" / "cuda" / "spinal_emulated.cpp",
+SOURCES = [ROOT / "csrc" / "spinal_args.cpp", ROOT / "tests" / "cuda_emulated" / "spinal_emulated.cpp",
            ROOT / "tests" / "cuda_emulated" / "module.cpp"]
 # -O1: the emulated wmma is 32x redundant per warp, so some optimisation pays; -O2 doubles the build time.
 CFLAGS = ["-std=c++20", "-O1", "-fvisibility=hidden", "-Wno-unknown-pragmas"]

@@ -1,8 +1,8 @@
 // Python module of the emulated CUDA kernels, for tests/test_cuda_emulated.py: the spinal kernels through
-// csrc/cuda/spinal_emulated.cpp, the emulator controls, and the planted-bug kernels of planted.h.
+// spinal_emulated.cpp, the emulator controls, and the planted-bug kernels of planted.h.
 #include <torch/extension.h>
 
-#include "cuda/spinal_emulated.h"
+#include "spinal_emulated.h"
 #include "planted.h"
 
 namespace {

@@ -4,7 +4,7 @@
 // library too (tests/cuda_emulated/build.py). The schemas are not: spinal_ops._C registers them.
 
 #include "spinal_emulated.h"
-#include "spinal_torch.h"
+#include "cuda/spinal_torch.h"
 
 namespace spinal_ops::emulated {
 
