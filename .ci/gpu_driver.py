@@ -26,7 +26,8 @@ def _on(t, device):
 
 
 def triton_forward(*args):
-    spinal_ops.ops._triton_forward()
+    import spinal_ops.triton_kernels  # noqa: F401  (registers the Triton ops)
+
     h_all, y = torch.ops.spinal_ops.spinal_forward_triton(*[_on(a, "cuda") for a in args[:-2]])
     return h_all.cpu(), y.cpu()
 

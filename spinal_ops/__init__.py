@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "SpinalLinear": "module",
     "default_layer_width": "module",
-    "replace_linear": "module",
+    "replace_linear": "replace",
     "spinal_linear": "ops",
     "available_backends": "backends",
     "use_backend": "backends",

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import reference
-from .module import SpinalLinear, replace_linear
+from .module import SpinalLinear
+from .replace import replace_linear
 
 HEADS = ("linear", "dense", "spinal")
 HEAD_NAMES = {"linear": "nn.Linear", "dense": "dense 2-layer", "spinal": "SpinalLinear"}

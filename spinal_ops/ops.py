@@ -22,6 +22,7 @@ the Triton backward op keeps its kernels and differentiates through the vector-J
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import warnings
 
@@ -111,12 +112,23 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+def effective_output_mask(output_mask, bias: Tensor | None, head_weight: Tensor | None,
+                          has_head_bias: bool = True) -> list[bool]:
+    """The backward op's output mask with the gradients of absent tensors dropped (``dbias`` without a bias,
+    ``dhead_weight`` and ``dhead_bias`` without a head, ``dhead_bias`` without a head bias).
+
+    The Python side of the one rule; the native ops apply the same in C++ (``csrc/spinal_args.cpp``).
+    """
+    has_head = head_weight is not None
+    return [bool(output_mask[0]), bool(output_mask[1]), bool(output_mask[2]),
+            bool(output_mask[3]) and bias is not None, bool(output_mask[4]) and has_head,
+            bool(output_mask[5]) and has_head and has_head_bias]
+
+
 def _make_backward(backward_op):
     def backward(ctx, grad_h, grad_y):
         x, h_all, weight_x, weight_h, bias, head_weight = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        mask = [need[0], need[1], need[2], need[3] and bias is not None, need[4] and head_weight is not None,
-                need[5] and ctx.has_head_bias]
+        mask = effective_output_mask(ctx.needs_input_grad[:6], bias, head_weight, ctx.has_head_bias)
         if not any(mask):
             return (None,) * 10
         if head_weight is None or (grad_y is not None and grad_y.shape[1] == 0):
@@ -162,8 +174,9 @@ def _backward_of_backward(ctx, *grads):
     return (*result, *(None,) * len(ctx.hyper))
 
 
-def _register(forward_name: str, backward_name: str, backward_op=None) -> None:
-    """Fake kernels for both ops; autograd too when ``backward_op`` is given (the Triton ops)."""
+def register_op_pair(forward_name: str, backward_name: str, backward_op=None) -> None:
+    """Fake kernels for both ops; autograd too when ``backward_op`` is given (the Triton ops,
+    :mod:`spinal_ops.triton_kernels.ops`)."""
     torch.library.register_fake(forward_name)(_fake_forward)
     torch.library.register_fake(backward_name)(_fake_backward)
     if backward_op is not None:
@@ -175,89 +188,96 @@ if NATIVE_IMPORT_ERROR is None:
     backends.record_native_kernels()
     # The native ops carry their autograd in C++ (csrc/spinal_autograd.cpp): same formula, no Python per call. Their
     # backward's derivative recomputes the reference backward through this op (CompositeImplicitAutograd).
-    _register("spinal_ops::spinal_forward", "spinal_ops::_spinal_backward")
+    register_op_pair("spinal_ops::spinal_forward", "spinal_ops::_spinal_backward")
     torch.library.impl("spinal_ops::_spinal_backward_reference", "CompositeImplicitAutograd")(
         reference.spinal_backward)
-
-
-# ------------------------------------------------------------------------------------------------- Triton ops
-
-
-_TRITON_CHECKED: set = set()  # signatures (sizes, dtypes, devices, layouts, hyper-parameters) that passed
-
-
-def _signature(args) -> tuple:
-    return tuple((tuple(a.shape), a.dtype, a.device, a.is_contiguous()) if isinstance(a, Tensor)
-                 else tuple(a) if isinstance(a, list) else a for a in args)
-
-
-def _check_triton_args(*args) -> None:
-    """The shared C++ argument checks (csrc/spinal_args.cpp), naming the triton backend in every message; run once
-    per signature (they read only sizes, dtypes, devices, layouts and hyper-parameters), then remembered."""
-    if NATIVE_IMPORT_ERROR is None:
-        key = _signature(args)
-        if key in _TRITON_CHECKED:
-            return
-        torch.ops.spinal_ops._check_args("triton", *args)
-        if len(_TRITON_CHECKED) > 4096:
-            _TRITON_CHECKED.clear()
-        _TRITON_CHECKED.add(key)
-
-
-def _register_triton() -> None:
-    from .triton_kernels import spinal_bwd_triton, spinal_fwd_triton
-
-    @torch.library.triton_op("spinal_ops::spinal_forward_triton", mutates_args=())
-    def spinal_forward_triton(
-        x: Tensor, weight_x: Tensor, weight_h: Tensor, bias: Tensor | None, head_weight: Tensor | None,
-        head_bias: Tensor | None, starts: list[int], slots: list[int], activation: str, negative_slope: float,
-    ) -> tuple[Tensor, Tensor]:
-        _check_triton_args(x, weight_x, weight_h, bias, head_weight, head_bias, starts, slots, activation,
-                           negative_slope)
-        return spinal_fwd_triton(x, weight_x, weight_h, bias, head_weight, head_bias, starts, slots, activation,
-                                 negative_slope)
-
-    @torch.library.triton_op("spinal_ops::_spinal_backward_triton", mutates_args=())
-    def _spinal_backward_triton(
-        grad_y: Tensor | None, grad_H: Tensor | None, x: Tensor, H: Tensor, weight_x: Tensor, weight_h: Tensor,
-        bias: Tensor | None, head_weight: Tensor | None, starts: list[int], slots: list[int], activation: str,
-        negative_slope: float, output_mask: list[bool],
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        _check_triton_args(x, weight_x, weight_h, bias, head_weight, None, starts, slots, activation,
-                           negative_slope)
-        return spinal_bwd_triton(grad_y, grad_H, x, H, weight_x, weight_h, bias, head_weight, starts, slots,
-                                 activation, negative_slope, output_mask)
-
-    _register("spinal_ops::spinal_forward_triton", "spinal_ops::_spinal_backward_triton",
-              torch.ops.spinal_ops._spinal_backward_triton)
-
-
-_triton_registered = False
-
-
-def _triton_forward():
-    """The Triton forward op, registered on first use (importing Triton is slow and optional)."""
-    global _triton_registered
-    if not _triton_registered:
-        _register_triton()
-        _triton_registered = True
-    return torch.ops.spinal_ops.spinal_forward_triton
 
 
 # ------------------------------------------------------------------------------------------------- functional
 
 
-def _forward_op(backend: str):
-    if backend == "cpu" or backend == "cuda":
-        return _NATIVE_FORWARD
-    if backend == "reference":
-        return reference.spinal_forward
-    if backend == "triton":
-        return _triton_forward()
-    raise AssertionError(backend)
+@dataclasses.dataclass(frozen=True, eq=False)
+class LayerSpec:
+    """The hyper-parameters of one spinal layer, validated, with the op arguments they give.
+
+    :class:`spinal_ops.SpinalLinear` builds one at construction; :func:`spinal_linear` builds one per call. The
+    tensors are checked against it (and against each other) on the way to a kernel, in :func:`run`.
+    """
+
+    in_features: int  # D
+    num_splits: int  # K
+    split_mode: str
+    chunk: int  # c = round(D / K)
+    num_layers: int  # L
+    slots: tuple[int, ...]  # the weight slot of each sub-layer
+    activation: str
+    negative_slope: float
+    starts: list[int]  # op argument: the first input column of each sub-layer's chunk
+    slot_list: list[int]  # op argument: ``slots`` as a list
+
+    @property
+    def num_slots(self) -> tuple[int, int]:
+        """``(S, S - 1)``: the ``weight_x`` and ``weight_h`` slots the slot table needs."""
+        return reference.num_slots(self.slots)
 
 
-_NATIVE_FORWARD = torch.ops.spinal_ops.spinal_forward.default if NATIVE_IMPORT_ERROR is None else None
+def layer_spec(in_features: int, *, num_layers: int | None, num_splits: int, split_mode: str, activation: str,
+               negative_slope: float, shared_weights: bool, weight_slots, default_layers: int,
+               where: str) -> LayerSpec:
+    """Validate a layer's hyper-parameters (raising ``ValueError`` / ``TypeError`` that name ``where`` and the
+    argument) and return them as a :class:`LayerSpec`. ``default_layers``: ``L`` when neither ``num_layers`` nor
+    ``weight_slots`` gives it."""
+    for name, value in (("in_features", in_features), ("num_splits", num_splits)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{where}: {name} must be an integer >= 1, got {value!r}")
+    if split_mode not in reference.SPLIT_MODES:
+        raise ValueError(f"{where}: split_mode must be one of {reference.SPLIT_MODES}, got {split_mode!r}")
+    if activation not in reference.ACTIVATIONS:
+        raise ValueError(f"{where}: activation must be one of {reference.ACTIVATIONS}, got {activation!r}")
+    num_layers, slots = resolve_slots(num_layers, shared_weights, weight_slots, default_layers, where)
+    chunk = reference.chunk_size(in_features, num_splits)
+    starts = reference.split_starts(in_features, num_splits, num_layers, split_mode)
+    return LayerSpec(in_features, num_splits, split_mode, chunk, num_layers, slots, activation,
+                     float(negative_slope), starts, list(slots))
+
+
+def resolve_slots(num_layers, shared_weights: bool, weight_slots, default_layers: int, where: str):
+    """``(num_layers, slot table)`` from the ways a caller may give them; raises naming ``where``.
+
+    ``weight_slots`` (any tying pattern) and ``shared_weights=True`` (the pattern ``[0, 1, ..., 1]``) exclude each
+    other. Without either, ``num_layers`` defaults to ``default_layers`` (one slot per sub-layer).
+    """
+    if weight_slots is not None:
+        if shared_weights:
+            raise ValueError(f"{where}: give weight_slots or shared_weights=True, not both (shared_weights=True is "
+                             "weight_slots=[0, 1, 1, ..., 1])")
+        if isinstance(weight_slots, (str, bytes)) or not hasattr(weight_slots, "__len__"):
+            raise TypeError(f"{where}: weight_slots must be a sequence of ints, got {weight_slots!r}")
+        if num_layers is None:
+            num_layers = len(weight_slots)
+    elif num_layers is None:
+        if shared_weights:
+            raise ValueError(f"{where}: num_layers is required with shared_weights=True")
+        num_layers = default_layers
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"{where}: num_layers must be an integer >= 1, got {num_layers!r}")
+    if weight_slots is None:
+        return num_layers, reference.weight_slots(num_layers, shared_weights)
+    try:
+        return num_layers, reference.check_weight_slots(weight_slots, num_layers)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{where}: {exc}") from None
+
+
+def check_input(input, where: str, in_features: int | None = None) -> None:
+    """``input`` is a floating-point tensor ``(*, in_features)``; raises naming ``where``."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{where}: input must be a Tensor, got {type(input).__name__}")
+    if not input.is_floating_point():
+        raise TypeError(f"{where}: input must be a floating-point tensor, got dtype {input.dtype}")
+    if input.dim() < 1 or (in_features is not None and input.shape[-1] != in_features):
+        expected = "(*, in_features)" if in_features is None else f"(*, {in_features}) (in_features)"
+        raise ValueError(f"{where}: expected input of shape {expected}, got shape {tuple(input.shape)}")
 
 
 def spinal_linear(
@@ -294,84 +314,15 @@ def spinal_linear(
 
     The backend is chosen by :func:`spinal_ops.backends.select_backend` (see :func:`spinal_ops.use_backend`).
     """
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"spinal_linear: input must be a Tensor, got {type(input).__name__}")
-    if not input.is_floating_point():
-        raise TypeError(f"spinal_linear: input must be a floating-point tensor, got dtype {input.dtype}")
-    if input.dim() < 1:
-        raise ValueError("spinal_linear: input must have at least 1 dimension (*, in_features), got a scalar")
-    if torch._C._is_any_autocast_enabled():  # cast first, so that the checks see what will run
-        input, (weight_x, weight_h, bias, head_weight, head_bias) = autocast_args(
-            input, (weight_x, weight_h, bias, head_weight, head_bias))
-    for name, t in (("weight_x", weight_x), ("weight_h", weight_h), ("bias", bias), ("head_weight", head_weight),
-                    ("head_bias", head_bias)):
-        if t is None:
-            continue
-        if t.dtype != input.dtype:
-            raise TypeError(f"spinal_linear: {name} has dtype {t.dtype} but input has dtype {input.dtype}; "
-                            "they must match (cast the module with .to(dtype) or the input)")
-        if t.device != input.device:
-            raise ValueError(f"spinal_linear: {name} is on {t.device} but input is on {input.device}")
-    in_features = input.shape[-1]
-    if weight_x.dim() != 3:
-        raise ValueError(f"spinal_linear: weight_x must be 3-D (Lx, w, c), got shape {tuple(weight_x.shape)}")
-    chunk = reference.chunk_size(in_features, num_splits)
-    if weight_x.shape[2] != chunk:
-        raise ValueError(
-            f"spinal_linear: input has {in_features} features, so num_splits={num_splits} gives chunk size "
-            f"round({in_features} / {num_splits}) = {chunk}, but weight_x has chunk size {weight_x.shape[2]} "
-            f"(shape {tuple(weight_x.shape)})"
-        )
-    num_layers, slots = resolve_slots(num_layers, shared_weights, weight_slots, weight_x.shape[0], "spinal_linear")
-    expected_x, expected_h = reference.num_slots(slots)
-    width = weight_x.shape[1]
-    if weight_x.shape[0] != expected_x or tuple(weight_h.shape) != (expected_h, width, width):
-        raise ValueError(
-            f"spinal_linear: num_layers={num_layers} with weight slots {list(slots)} needs weight_x of shape "
-            f"({expected_x}, {width}, {chunk}) and weight_h of shape ({expected_h}, {width}, {width}), got "
-            f"{tuple(weight_x.shape)} and {tuple(weight_h.shape)}"
-        )
-    if head_weight is None and head_bias is not None:
-        raise ValueError("spinal_linear: head_bias given without head_weight (hidden mode has no head)")
-    if head_weight is not None and tuple(head_weight.shape[1:]) != (num_layers * width,):
-        raise ValueError(
-            f"spinal_linear: head_weight must have shape (out, L*w) = (out, {num_layers * width}), got "
-            f"{tuple(head_weight.shape)}"
-        )
-    if activation not in reference.ACTIVATIONS:
-        raise ValueError(f"spinal_linear: activation must be one of {reference.ACTIVATIONS}, got {activation!r}")
-    starts = reference.split_starts(in_features, num_splits, num_layers, split_mode)
-    params = tuple(t.contiguous() if t is not None else None
-                   for t in (weight_x, weight_h, bias, head_weight, head_bias))
-    return apply_spinal(input, params, starts, list(slots), activation, float(negative_slope))
-
-
-def resolve_slots(num_layers, shared_weights: bool, weight_slots, default_layers: int, where: str):
-    """``(num_layers, slot table)`` from the ways a caller may give them; raises naming ``where``.
-
-    ``weight_slots`` (any tying pattern) and ``shared_weights=True`` (the pattern ``[0, 1, ..., 1]``) exclude each
-    other. Without either, ``num_layers`` defaults to ``default_layers`` (one slot per sub-layer).
-    """
-    if weight_slots is not None:
-        if shared_weights:
-            raise ValueError(f"{where}: give weight_slots or shared_weights=True, not both (shared_weights=True is "
-                             "weight_slots=[0, 1, 1, ..., 1])")
-        if isinstance(weight_slots, (str, bytes)) or not hasattr(weight_slots, "__len__"):
-            raise TypeError(f"{where}: weight_slots must be a sequence of ints, got {weight_slots!r}")
-        if num_layers is None:
-            num_layers = len(weight_slots)
-    elif num_layers is None:
-        if shared_weights:
-            raise ValueError(f"{where}: num_layers is required with shared_weights=True")
-        num_layers = default_layers
-    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-        raise ValueError(f"{where}: num_layers must be an integer >= 1, got {num_layers!r}")
-    if weight_slots is None:
-        return num_layers, reference.weight_slots(num_layers, shared_weights)
-    try:
-        return num_layers, reference.check_weight_slots(weight_slots, num_layers)
-    except (TypeError, ValueError) as exc:
-        raise type(exc)(f"{where}: {exc}") from None
+    where = "spinal_linear"
+    check_input(input, where)
+    if not isinstance(weight_x, Tensor) or weight_x.dim() != 3:
+        got = f"shape {tuple(weight_x.shape)}" if isinstance(weight_x, Tensor) else type(weight_x).__name__
+        raise ValueError(f"{where}: weight_x must be a 3-D tensor (S, w, c), got {got}")
+    spec = layer_spec(input.shape[-1], num_layers=num_layers, num_splits=num_splits, split_mode=split_mode,
+                      activation=activation, negative_slope=negative_slope, shared_weights=shared_weights,
+                      weight_slots=weight_slots, default_layers=weight_x.shape[0], where=where)
+    return run(input, (weight_x, weight_h, bias, head_weight, head_bias), spec, where)
 
 
 def autocast_args(input: Tensor, params: tuple) -> tuple[Tensor, tuple]:
@@ -397,22 +348,68 @@ def autocast_args(input: Tensor, params: tuple) -> tuple[Tensor, tuple]:
     return cast(input), tuple(cast(t) for t in params)
 
 
-def apply_spinal(input: Tensor, params: tuple, starts: list[int], slots: list[int], activation: str,
-                 negative_slope: float) -> Tensor:
-    """Run validated arguments on the chosen backend: ``(*, D) -> (*, out)`` or ``(*, L*w)``.
+def _check_against_spec(params: tuple, spec: LayerSpec, where: str) -> None:
+    """The weights against what only the hyper-parameters decide: the chunk size (``num_splits``) and the slot
+    count (``num_layers``, tying). Everything else about the tensors (dtype, device, the other sizes, layout) the
+    ops check, with the shared checks of ``csrc/spinal_args.cpp``."""
+    weight_x, weight_h = params[0], params[1]
+    if weight_x.dim() == 3 and weight_x.shape[2] != spec.chunk:
+        raise ValueError(
+            f"{where}: input has {spec.in_features} features, so num_splits={spec.num_splits} gives chunk size "
+            f"round({spec.in_features} / {spec.num_splits}) = {spec.chunk}, but weight_x has chunk size "
+            f"{weight_x.shape[2]} (shape {tuple(weight_x.shape)})"
+        )
+    expected_x, expected_h = spec.num_slots
+    if weight_x.dim() != 3 or weight_x.shape[0] != expected_x or weight_h.dim() != 3 or weight_h.shape[0] != expected_h:
+        width = weight_x.shape[1] if weight_x.dim() == 3 else "w"
+        raise ValueError(
+            f"{where}: num_layers={spec.num_layers} with weight slots {spec.slot_list} needs weight_x of shape "
+            f"({expected_x}, {width}, {spec.chunk}) and weight_h of shape ({expected_h}, {width}, {width}), got "
+            f"{tuple(weight_x.shape)} and {tuple(weight_h.shape)}"
+        )
 
-    ``params`` is ``(weight_x, weight_h, bias, head_weight, head_bias)``, contiguous, of the input's dtype and
-    device. :func:`spinal_linear` and :class:`SpinalLinear` validate, then call this (it is on the per-call path
-    of every layer, so it does no more than it must). Under ``torch.autocast`` it computes in the autocast
-    dtype (:func:`autocast_args`).
+
+def run(input: Tensor, params: tuple, spec: LayerSpec, where: str) -> Tensor:
+    """The one way from a layer to a kernel: ``(*, D) -> (*, out)`` or ``(*, L*w)``.
+
+    ``params`` is ``(weight_x, weight_h, bias, head_weight, head_bias)``; ``input`` has passed
+    :func:`check_input`. Under ``torch.autocast`` the tensors are cast here, once (:func:`autocast_args`); the
+    weights are checked against ``spec``; the backend comes from :func:`spinal_ops.backends.select_backend`;
+    its forward op checks the tensors (the shared checks of ``csrc/spinal_args.cpp``) and runs the kernel. This
+    is on the per-call path of every layer: it does no more than it must.
     """
     if torch._C._is_any_autocast_enabled():  # the one cheap check when autocast is off
         input, params = autocast_args(input, params)
+    _check_against_spec(params, spec, where)
     backend = select_backend(input.device, input.dtype)
     two_d = input.dim() == 2
     x2d = input if two_d else input.reshape(-1, input.shape[-1])
     if not x2d.is_contiguous():
         x2d = x2d.contiguous()
-    h_all, y = _forward_op(backend)(x2d, *params, starts, slots, activation, negative_slope)
+    if not all(t is None or t.is_contiguous() for t in params):
+        params = tuple(t.contiguous() if t is not None else None for t in params)
+    h_all, y = forward_op(backend)(x2d, *params, spec.starts, spec.slot_list, spec.activation, spec.negative_slope)
     out = h_all if params[3] is None else y
     return out if two_d else out.reshape(*input.shape[:-1], out.shape[-1])
+
+
+def _reference_forward(*args):
+    """The reference backend's forward, after the same argument checks the ops run (when the native library is
+    loaded: they live in ``csrc/spinal_args.cpp``)."""
+    if NATIVE_IMPORT_ERROR is None:
+        torch.ops.spinal_ops._check_args("reference", *args)
+    return reference.spinal_forward(*args)
+
+
+def forward_op(backend: str):
+    """The forward op of ``backend`` (a name :func:`spinal_ops.backends.select_backend` returns)."""
+    if backend == "reference":
+        return _reference_forward
+    if backend == "triton":
+        from . import triton_kernels  # importing the package registers the Triton ops
+
+        return triton_kernels.spinal_forward_op
+    return _NATIVE_FORWARD  # cpu, cuda: one op, dispatched on the tensors' device
+
+
+_NATIVE_FORWARD = torch.ops.spinal_ops.spinal_forward.default if NATIVE_IMPORT_ERROR is None else None

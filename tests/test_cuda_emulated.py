@@ -165,7 +165,7 @@ def test_tied_regression_original_matches(emu):
     cot = torch.randn_like(y)
     y.backward(cot)
     params = [getattr(port, k).detach() for k in PARAM_NAMES]
-    hyper = (port._starts, port._slots, "leaky_relu", 0.01)
+    hyper = (port._spec.starts, port._spec.slot_list, "leaky_relu", 0.01)
     H, y_emu = emu.forward(x, *params, *hyper, 0, False)
     assert_close(y_emu, y.detach(), what="cuda (emulated) tied regression: output")
     grads = emu.backward(cot, None, x, H, *params[:4], *hyper, [True] * 6)

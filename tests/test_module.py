@@ -92,8 +92,8 @@ def _x(*shape, dtype=torch.float32):
     [
         (lambda: SpinalLinear(10, 3), lambda m: m(_x(4, 9)), ValueError,
          r"expected input of shape \(\*, 10\).*\(4, 9\)"),
-        (lambda: SpinalLinear(10, 3), lambda m: m(_x(4, 10, dtype=torch.float64)), TypeError,
-         "weight_x has dtype torch.float32 but input has dtype torch.float64"),
+        (lambda: SpinalLinear(10, 3), lambda m: m(_x(4, 10, dtype=torch.float64)), RuntimeError,
+         r"weight_x must have the dtype of x \(Double\), got Float"),
         (lambda: SpinalLinear(10, 3), lambda m: m(torch.ones(4, 10, dtype=torch.int64)), TypeError,
          "floating-point.*torch.int64"),
         (lambda: SpinalLinear(10, 3, activation="swish"), None, ValueError, "activation must be one of.*'swish'"),

@@ -110,7 +110,7 @@ def test_functional_weight_slots_are_checked_against_the_weights():
 def test_native_op_checks_the_slot_table():
     m = SpinalLinear(13, 3, layer_width=5, num_splits=3, weight_slots=[0, 1, 2, 1]).double()
     x = torch.randn(2, 13, dtype=torch.float64)
-    args = (x, m.weight_x, m.weight_h, m.bias, m.head_weight, m.head_bias, m._starts)
+    args = (x, m.weight_x, m.weight_h, m.bias, m.head_weight, m.head_bias, m._spec.starts)
     op = torch.ops.spinal_ops.spinal_forward
     for slots, match in (([0, 1, 2], "slots must hold one entry per sub-layer"), ([0, 1, 3, 1], r"slots\[2\] must "
                          r"be in \[1, 3\)"), ([1, 1, 2, 1], r"slots\[0\] must be 0"),

@@ -253,7 +253,7 @@ def test_frozen_batch_norm_in_train_mode_runs_fused(monkeypatch):
     m.norms.eval()  # the usual fine-tuning trick: freeze the statistics
     x = torch.randn(5, 12, dtype=torch.float64)
     unfused = reference.spinal_forward_blocks(x, m.weight_x, m.weight_h, m.bias, m.head_weight, m.head_bias,
-                                              m._starts, m._slots, "relu", 0.01, norms=m.norms)
+                                              m._spec.starts, m._spec.slot_list, "relu", 0.01, norms=m.norms)
 
     def boom(*args, **kwargs):
         raise AssertionError("frozen batch norms without dropout ran unfused")
@@ -338,7 +338,7 @@ def test_autocast_computes_in_the_autocast_dtype_like_nn_linear(dtype, input_dty
     assert y.dtype == expected_dtype, f"autocast {dtype}: SpinalLinear returned {y.dtype}, nn.Linear {expected_dtype}"
     assert y_functional.dtype == expected_dtype, f"autocast {dtype}: spinal_linear returned {y_functional.dtype}"
     params = [t.detach() for t in (m.weight_x, m.weight_h, m.bias, m.head_weight, m.head_bias)]
-    args = (m._starts, m._slots, "relu", 0.01)
+    args = (m._spec.starts, m._spec.slot_list, "relu", 0.01)
     x64 = x.detach().double()
     hi = reference.spinal_forward(x64, *[t.double() for t in params], *args)[1]
     same = reference.spinal_forward(x.to(dtype), *[t.to(dtype) for t in params], *args)[1]

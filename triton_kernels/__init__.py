@@ -25,8 +25,9 @@ backends).
 
 Both launch through :func:`settings.launcher` (``torch.library.wrap_triton``; under the interpreter on torch
 before 2.13, which rejects interpreted kernels there, the kernel itself), so that the ``torch.library.triton_op``
-registrations in :mod:`spinal_ops.ops` (``spinal_ops::spinal_forward_triton`` / ``_spinal_backward_triton``) are
-traceable by ``torch.compile`` on a GPU.
+registrations of :mod:`spinal_ops.triton_kernels.ops` (``spinal_ops::spinal_forward_triton`` /
+``_spinal_backward_triton``, registered when this package is imported) are traceable by ``torch.compile`` on a
+GPU.
 
 CPU tensors: set ``TRITON_INTERPRET=1`` in the environment *before* Triton is first imported (e.g. before
 ``import spinal_ops`` and anything else importing triton); the kernels then run in Triton's interpreter
@@ -40,5 +41,6 @@ Launch settings (path, tiles, warps, stages, autotuning, the float32 ieee/tf32 c
 
 from .backward import spinal_bwd_triton
 from .forward import spinal_fwd_triton
+from .ops import spinal_forward_op  # registers the Triton ops
 
-__all__ = ["spinal_bwd_triton", "spinal_fwd_triton"]
+__all__ = ["spinal_bwd_triton", "spinal_forward_op", "spinal_fwd_triton"]
