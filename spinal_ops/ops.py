@@ -214,11 +214,7 @@ class LayerSpec:
     negative_slope: float
     starts: list[int]  # op argument: the first input column of each sub-layer's chunk
     slot_list: list[int]  # op argument: ``slots`` as a list
-
-    @property
-    def num_slots(self) -> tuple[int, int]:
-        """``(S, S - 1)``: the ``weight_x`` and ``weight_h`` slots the slot table needs."""
-        return reference.num_slots(self.slots)
+    num_slots: tuple[int, int]  # (S, S - 1): the weight_x and weight_h slots the slot table needs
 
 
 def layer_spec(in_features: int, *, num_layers: int | None, num_splits: int, split_mode: str, activation: str,
@@ -238,7 +234,7 @@ def layer_spec(in_features: int, *, num_layers: int | None, num_splits: int, spl
     chunk = reference.chunk_size(in_features, num_splits)
     starts = reference.split_starts(in_features, num_splits, num_layers, split_mode)
     return LayerSpec(in_features, num_splits, split_mode, chunk, num_layers, slots, activation,
-                     float(negative_slope), starts, list(slots))
+                     float(negative_slope), starts, list(slots), reference.num_slots(slots))
 
 
 def resolve_slots(num_layers, shared_weights: bool, weight_slots, default_layers: int, where: str):
@@ -348,55 +344,61 @@ def autocast_args(input: Tensor, params: tuple) -> tuple[Tensor, tuple]:
     return cast(input), tuple(cast(t) for t in params)
 
 
-def _check_against_spec(params: tuple, spec: LayerSpec, where: str) -> None:
-    """The weights against what only the hyper-parameters decide: the chunk size (``num_splits``) and the slot
-    count (``num_layers``, tying). Everything else about the tensors (dtype, device, the other sizes, layout) the
-    ops check, with the shared checks of ``csrc/spinal_args.cpp``."""
+def _spec_mismatch(params: tuple, spec: LayerSpec, where: str) -> ValueError:
+    """The error for weights that do not fit the hyper-parameters (see :func:`run`)."""
     weight_x, weight_h = params[0], params[1]
     if weight_x.dim() == 3 and weight_x.shape[2] != spec.chunk:
-        raise ValueError(
+        return ValueError(
             f"{where}: input has {spec.in_features} features, so num_splits={spec.num_splits} gives chunk size "
             f"round({spec.in_features} / {spec.num_splits}) = {spec.chunk}, but weight_x has chunk size "
             f"{weight_x.shape[2]} (shape {tuple(weight_x.shape)})"
         )
     expected_x, expected_h = spec.num_slots
-    if weight_x.dim() != 3 or weight_x.shape[0] != expected_x or weight_h.dim() != 3 or weight_h.shape[0] != expected_h:
-        width = weight_x.shape[1] if weight_x.dim() == 3 else "w"
-        raise ValueError(
-            f"{where}: num_layers={spec.num_layers} with weight slots {spec.slot_list} needs weight_x of shape "
-            f"({expected_x}, {width}, {spec.chunk}) and weight_h of shape ({expected_h}, {width}, {width}), got "
-            f"{tuple(weight_x.shape)} and {tuple(weight_h.shape)}"
-        )
+    width = weight_x.shape[1] if weight_x.dim() == 3 else "w"
+    return ValueError(
+        f"{where}: num_layers={spec.num_layers} with weight slots {spec.slot_list} needs weight_x of shape "
+        f"({expected_x}, {width}, {spec.chunk}) and weight_h of shape ({expected_h}, {width}, {width}), got "
+        f"{tuple(weight_x.shape)} and {tuple(weight_h.shape)}"
+    )
 
 
 def run(input: Tensor, params: tuple, spec: LayerSpec, where: str) -> Tensor:
     """The one way from a layer to a kernel: ``(*, D) -> (*, out)`` or ``(*, L*w)``.
 
     ``params`` is ``(weight_x, weight_h, bias, head_weight, head_bias)``; ``input`` has passed
-    :func:`check_input`. Under ``torch.autocast`` the tensors are cast here, once (:func:`autocast_args`); the
-    weights are checked against ``spec``; the backend comes from :func:`spinal_ops.backends.select_backend`;
-    its forward op checks the tensors (the shared checks of ``csrc/spinal_args.cpp``) and runs the kernel. This
-    is on the per-call path of every layer: it does no more than it must.
+    :func:`check_input`. Under ``torch.autocast`` the tensors are cast here, once (:func:`autocast_args`). The
+    weights are checked against what only the hyper-parameters decide (the chunk size, from ``num_splits``, and
+    the slot count, from ``num_layers`` and the tying); everything else about the tensors (dtypes, devices, the
+    other sizes, layout) the backend's forward op checks, with the shared checks of ``csrc/spinal_args.cpp``.
+    The backend comes from :func:`spinal_ops.backends.select_backend`. This is on the per-call path of every
+    layer: it does no more than it must.
     """
     if torch._C._is_any_autocast_enabled():  # the one cheap check when autocast is off
         input, params = autocast_args(input, params)
-    _check_against_spec(params, spec, where)
+    weight_x, weight_h, bias, head_weight, head_bias = params
+    shape = weight_x.shape
+    if len(shape) != 3 or shape[2] != spec.chunk or shape[0] != spec.num_slots[0] or \
+            weight_h.dim() != 3 or weight_h.shape[0] != spec.num_slots[1]:
+        raise _spec_mismatch(params, spec, where)
+    if not (weight_x.is_contiguous() and weight_h.is_contiguous() and (bias is None or bias.is_contiguous())
+            and (head_weight is None or head_weight.is_contiguous())
+            and (head_bias is None or head_bias.is_contiguous())):
+        params = tuple(t.contiguous() if t is not None else None for t in params)
     backend = select_backend(input.device, input.dtype)
     two_d = input.dim() == 2
     x2d = input if two_d else input.reshape(-1, input.shape[-1])
     if not x2d.is_contiguous():
         x2d = x2d.contiguous()
-    if not all(t is None or t.is_contiguous() for t in params):
-        params = tuple(t.contiguous() if t is not None else None for t in params)
     h_all, y = forward_op(backend)(x2d, *params, spec.starts, spec.slot_list, spec.activation, spec.negative_slope)
-    out = h_all if params[3] is None else y
+    out = h_all if head_weight is None else y
     return out if two_d else out.reshape(*input.shape[:-1], out.shape[-1])
 
 
 def _reference_forward(*args):
     """The reference backend's forward, after the same argument checks the ops run (when the native library is
-    loaded: they live in ``csrc/spinal_args.cpp``)."""
-    if NATIVE_IMPORT_ERROR is None:
+    loaded: they live in ``csrc/spinal_args.cpp``). Traced (``torch.compile``, ``torch.export``), the graph holds
+    the plain PyTorch ops alone: a portable graph, checked when it was traced."""
+    if NATIVE_IMPORT_ERROR is None and not torch.compiler.is_compiling():
         torch.ops.spinal_ops._check_args("reference", *args)
     return reference.spinal_forward(*args)
 
