@@ -396,8 +396,8 @@ def run(input: Tensor, params: tuple, spec: LayerSpec, where: str) -> Tensor:
 
 def _reference_forward(*args):
     """The reference backend's forward, after the same argument checks the ops run (when the native library is
-    loaded: they live in ``csrc/spinal_args.cpp``). Traced (``torch.compile``, ``torch.export``), the graph holds
-    the plain PyTorch ops alone: a portable graph, checked when it was traced."""
+    loaded: they live in ``csrc/spinal_args.cpp``). Traced (``torch.compile``, ``torch.export``), it skips them:
+    the graph holds the plain PyTorch ops alone (portable), which fail on mismatched tensors by themselves."""
     if NATIVE_IMPORT_ERROR is None and not torch.compiler.is_compiling():
         torch.ops.spinal_ops._check_args("reference", *args)
     return reference.spinal_forward(*args)
