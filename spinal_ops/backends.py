@@ -6,7 +6,8 @@ Backends:
 - ``cpu``: the fused C++ CPU kernels of ``spinal_ops._C`` (CPU tensors).
 - ``cuda``: the hand-written CUDA kernels of ``spinal_ops._C`` (CUDA tensors; built when nvcc is present).
 - ``triton``: the Triton kernels (CUDA tensors; CPU tensors when ``TRITON_INTERPRET=1`` was set before
-  Triton was imported).
+  Triton was imported). Its ops check their arguments with the native library's shared checks, so it needs
+  ``spinal_ops._C`` too (any build of it: the CPU-only one will do).
 
 Automatic choice: the fastest available for the tensor's device and dtype (CUDA tensors: ``cuda``, then
 ``triton``, then ``reference``; CPU tensors: ``cpu`` for float32/float64, else ``reference``).
@@ -50,6 +51,11 @@ def _native_kernel(dispatch_key: str) -> bool:
     return dispatch_key in _native_keys
 
 
+def _native_loaded() -> bool:
+    """``spinal_ops._C`` is loaded (every build of it has the CPU kernels and the shared argument checks)."""
+    return bool(_native_keys)
+
+
 def triton_importable() -> bool:
     """Triton is installed (checked without importing it)."""
     return _TRITON_INSTALLED
@@ -72,7 +78,7 @@ def _serves(name: str, device_type: str, dtype: torch.dtype | None = None) -> bo
     if name == "cuda":
         return device_type == "cuda" and _native_kernel("CUDA")
     if name == "triton":
-        if not triton_importable():
+        if not (triton_importable() and _native_loaded()):
             return False
         return device_type == "cuda" or (device_type == "cpu" and triton_interpreted())
     return False
@@ -86,7 +92,7 @@ def available_backends() -> list[str]:
     has_gpu = torch.cuda.is_available()
     if has_gpu and _native_kernel("CUDA"):
         names.append("cuda")
-    if triton_importable() and (has_gpu or triton_interpreted()):
+    if triton_importable() and _native_loaded() and (has_gpu or triton_interpreted()):
         names.append("triton")
     return names
 
@@ -98,7 +104,8 @@ def _check_name(name: str) -> None:
     if name not in usable:
         raise RuntimeError(
             f"spinal_ops backend {name!r} is not available in this process; available: {', '.join(usable)}"
-            + (" (Triton on CPU tensors needs TRITON_INTERPRET=1 set before import)" if name == "triton" else "")
+            + (" (the triton backend needs spinal_ops._C, and TRITON_INTERPRET=1 set before import for CPU tensors)"
+               if name == "triton" else "")
         )
 
 

@@ -25,15 +25,18 @@ def _signature(args) -> tuple:
 
 def _check_args(*args) -> None:
     """The shared argument checks, once per signature (they read only sizes, dtypes, devices, layouts and
-    hyper-parameters), then remembered. Without the native library there are none to run."""
-    if _spinal.NATIVE_IMPORT_ERROR is None:
-        key = _signature(args)
-        if key in _CHECKED:
-            return
-        torch.ops.spinal_ops._check_args("triton", *args)
-        if len(_CHECKED) > 4096:
-            _CHECKED.clear()
-        _CHECKED.add(key)
+    hyper-parameters), then remembered. They are the native library's: the triton backend is available only
+    where ``spinal_ops._C`` is loaded (:mod:`spinal_ops.backends`)."""
+    if _spinal.NATIVE_IMPORT_ERROR is not None:
+        raise RuntimeError("spinal_ops triton backend: its ops check their arguments with the native library, "
+                           f"which failed to load: {_spinal.NATIVE_IMPORT_ERROR}")
+    key = _signature(args)
+    if key in _CHECKED:
+        return
+    torch.ops.spinal_ops._check_args("triton", *args)
+    if len(_CHECKED) > 4096:
+        _CHECKED.clear()
+    _CHECKED.add(key)
 
 
 @torch.library.triton_op("spinal_ops::spinal_forward_triton", mutates_args=())
