@@ -262,9 +262,9 @@ def _spinal_bwd_weights_kernel(
     OUT,
     TILES_M,  # the task counts, from settings.weight_tasks: tiles of BLOCK_M over W (ranges A and B)
     TILES_N_A,  # tiles of BLOCK_N over C per tile row of range A (1 when only dbias)
-    TASKS_A,  # programs of range A: LX * TILES_M * TILES_N_A, or 0
+    TASKS_A,  # programs of range A: Lx * TILES_M * TILES_N_A, or 0
     TILES_N_B,  # tiles of BLOCK_N over W per tile row of range B
-    TASKS_B,  # programs of range B: LH * TILES_M * TILES_N_B, or 0
+    TASKS_B,  # programs of range B: Lh * TILES_M * TILES_N_B, or 0
     TILES_N_C,  # tiles of BLOCK_N over L * W per tile row of range C (1 when only dhead_bias); C is the rest
     HAS_GY: tl.constexpr,
     NEED_WX: tl.constexpr,
@@ -282,10 +282,10 @@ def _spinal_bwd_weights_kernel(
 ):
     # One program per output tile (BLOCK_M x BLOCK_N; BLOCK_O x BLOCK_N for the head) of one gradient; the 1-D
     # grid is split into three task ranges, in this order (their counts computed on the host, passed in):
-    #   A. dweight_x[s] (W x C) and dbias[s]: s < LX, tile (m over W, n over C). Sums dZ_i.T @ x[:, idx_i] over
+    #   A. dweight_x[s] (W x C) and dbias[s]: s < Lx, tile (m over W, n over C). Sums dZ_i.T @ x[:, idx_i] over
     #      the sub-layers i of slot s (slots[i] == s: several when weights are tied). dbias[s] is summed by the
     #      n == 0 tiles. (With only dbias wanted, one n tile per m tile.)
-    #   B. dweight_h[s] (W x W): s < LH, tile (m over W, n over W). Sums dZ_i.T @ h_{i-1} over the i >= 1 with
+    #   B. dweight_h[s] (W x W): s < Lh, tile (m over W, n over W). Sums dZ_i.T @ h_{i-1} over the i >= 1 with
     #      slots[i] == s + 1.
     #   C. dhead_weight (OUT x L*W) = G.T @ H and dhead_bias = G.sum(0) (by the n == 0 tiles), tile (o over OUT
     #      in BLOCK_O, n over L*W).
@@ -403,9 +403,9 @@ def spinal_bwd_triton(
     ``(dx, dweight_x, dweight_h, dbias, dhead_weight, dhead_bias)``; entries not asked for by ``output_mask`` are
     empty tensors.
 
-    ``output_mask`` must be normalised by the caller (the op registration in ``spinal_ops/ops.py`` does): ``mask[3]``
-    false without ``bias``, ``mask[4]`` and ``mask[5]`` false without ``head_weight``; an inconsistent mask raises
-    a ``ValueError``. Without ``head_weight`` a ``grad_y`` is ignored.
+    ``output_mask`` must be normalised by the caller (``spinal_ops/ops.py``): ``mask[3]`` false without ``bias``,
+    ``mask[4]`` and ``mask[5]`` false without ``head_weight``; an inconsistent mask raises a ``ValueError``.
+    Without ``head_weight`` a ``grad_y`` is ignored.
     """
     rows, in_features = x.shape
     num_layers = len(starts)

@@ -5,7 +5,8 @@ problem (:class:`Dims`), the storage dtype and the device, it returns the whole 
 the path of the row-tiled kernels (fast or wide, :func:`path_plan`) with its tiles, the row and K-step tiles, warps
 and stages (or, when autotuning, what the autotuner leaves open), the dtype constexprs (:func:`dtype_plan`) and the
 runtime arguments the settings own (the autotuning key's batch bucket; the weight kernel's task counts). The
-launchers in ``forward.py`` and ``backward.py`` add only the call's tensors, sizes and flags.
+launchers in ``triton_kernels/forward.py`` and ``triton_kernels/backward.py`` add only the call's tensors, sizes
+and flags.
 
 Two paths of the row-tiled kernels (forward, backward chain): the fast path keeps a whole sub-layer width and the
 whole head row as single tiles (h in registers, the whole recurrent and head weight tiles staged at once); the wide
@@ -221,10 +222,11 @@ MAX_ROW_TILE = 128
 # Warps of the fast path's row-tiled kernels (:func:`_warps_for`): 4 while a program's accumulators at the
 # smallest row tile fit 4 warps' share of the register budget, else 8, the next register file share.
 MODEL_WARPS = (4, 8)
-# Pipeline stages on a GPU without autotuning: 2 double-buffer the operand tiles of the K loops. The input
-# projection's loop has c / BLOCK_C trips: 8 in fp32 (4 in 16-bit) at c = 256 (resnet-head, vgg-head in
-# spinal_ops/configs.py), fewer for vit-custom (c = 128) and regression (c = 4), where a third stage buys nothing.
-# wide-resnet-head and wide-resnet-custom (c = 1024: 32 trips in fp32) also get 2; the autotuner tries 3 there.
+# Pipeline stages on a GPU without autotuning: 2 double-buffer the operand tiles of the K loops; a third stage buys
+# nothing when the input projection's loop is short: c / BLOCK_C trips, 8 in fp32 (4 in 16-bit, 16 in fp64) at
+# c = 256 (resnet-head, vgg-head in spinal_ops/configs.py), fewer for vit-custom (c = 128) and regression (c = 4).
+# wide-resnet-head and wide-resnet-custom (c = 1024: 32 trips in fp32) get 2 as well; the autotuner's candidates
+# include 3 stages.
 MODEL_STAGES = 2
 
 # The fast path's fit model (:func:`fast_path_fits`). It stages two whole weight tiles as tl.dot operands in shared
