@@ -511,8 +511,9 @@ def _row_tiles(kernel: str, rows: int, chunk: int, path: PathPlan, dtype: torch.
     """BLOCK_B, BLOCK_C, warps and stages of a row-tiled kernel without autotuning (cached per problem; read-only)."""
     bc = k_step(chunk, dtype)
     if interpreter:
-        return dict(BLOCK_B=_row_cap(rows, INTERPRETER_ROW_TILE), BLOCK_C=max(bc, min(INTERPRETER_CHUNK_TILE,
-                    _pow2(chunk))), num_warps=INTERPRETER_WARPS, num_stages=INTERPRETER_STAGES)
+        block_c = max(bc, min(INTERPRETER_CHUNK_TILE, _pow2(chunk)))
+        return dict(BLOCK_B=_row_cap(rows, INTERPRETER_ROW_TILE), BLOCK_C=block_c, num_warps=INTERPRETER_WARPS,
+                    num_stages=INTERPRETER_STAGES)
     if path.wide:
         return dict(BLOCK_B=_row_cap(rows, WIDE_ROW_TILE[kernel]), BLOCK_C=bc, num_warps=WIDE_WARPS,
                     num_stages=MODEL_STAGES)
