@@ -388,8 +388,8 @@ def test_autotune_prune_keeps_a_fitting_config(monkeypatch):
             path = settings.path_plan(cfg.width, cfg.out, dtype)
             paths.add(path.wide)
             for rows in ROOFLINE_BATCH_SIZES:
-                for configs, prune in ((settings.forward_autotune_configs(), settings.forward_prune),
-                                       (settings.chain_autotune_configs(), settings.chain_prune)):
+                for configs, prune in ((settings.autotune_configs(), settings.autotune_prune("forward")),
+                                       (settings.autotune_configs(), settings.autotune_prune("chain"))):
                     named = {"B": rows, "x_ptr": torch.empty(0, dtype=dtype)}
                     kept = prune(configs, named, **path.meta())  # the constexprs the launcher passes
                     what = f"{cfg.name} {dtype} B={rows} wide={path.wide}"

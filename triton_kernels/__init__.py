@@ -1,10 +1,19 @@
 """Triton kernels of spinal_ops (installed as ``spinal_ops.triton_kernels``).
 
-- :func:`spinal_fwd_triton`: the forward, one launch of ``_spinal_fwd_kernel`` (whole chain and head per row
-  tile).
-- :func:`spinal_bwd_triton`: the backward, at most two launches: ``_spinal_bwd_chain_kernel`` (reverse
-  recurrence per row tile: dZ and dx) and ``_spinal_bwd_weights_kernel`` (weight and bias gradients, each
-  output tile reduced over all rows in a fixed order: deterministic).
+- :func:`spinal_fwd_triton` (``triton_kernels/forward.py``): the forward, one launch of ``_spinal_fwd_kernel``
+  (whole chain and head per row tile); ``H`` is always stored (the backward reads it).
+- :func:`spinal_bwd_triton` (``triton_kernels/backward.py``): the backward, at most two launches:
+  ``_spinal_bwd_chain_kernel`` (reverse recurrence per row tile: dZ and dx) and ``_spinal_bwd_weights_kernel``
+  (weight and bias gradients, each output tile reduced over all rows in a fixed order: deterministic; its task
+  counts computed on the host and passed in). It expects an output mask already normalised by its caller (no
+  ``dbias`` without ``bias``, no head gradients without ``head_weight``) and raises a ``ValueError`` on an
+  inconsistent one.
+- ``triton_kernels/_common.py``: the device helpers both share (activations and their derivatives, the gathered
+  input projection, the K-loop, the pre-activation tile).
+- ``triton_kernels/settings.py``: the launch settings. :func:`settings.launch_settings` is the one entry the
+  launchers call: given the kernel, the problem (:class:`settings.Dims`), the dtype and the device, it returns the
+  launch (:class:`settings.Launch`: grid, path, tiles, warps, stages, dtype constexprs, or the autotuner to run),
+  with the cost model's constants next to their justification.
 
 Each program of the forward and chain kernels owns a tile of rows and runs the whole chain for them; the two
 kernels have two paths, one ``WIDE`` constexpr flag, chosen per layer by :func:`settings.path_plan`:
@@ -34,9 +43,6 @@ CPU tensors: set ``TRITON_INTERPRET=1`` in the environment *before* Triton is fi
 (slow; for testing). Under the interpreter bfloat16 operands are upcast to float32 before ``tl.dot`` (the
 interpreter's bf16 dot is broken), and ``torch.compile`` through the Triton ops does not work (FakeTensors
 have no data pointer): eager only.
-
-Launch settings (path, tiles, warps, stages, autotuning, the float32 ieee/tf32 choice) come from
-:mod:`spinal_ops.triton_kernels.settings`.
 """
 
 from .backward import spinal_bwd_triton

@@ -21,7 +21,6 @@ ACT_RELU: tl.constexpr = tl.constexpr(reference.ACTIVATIONS.index("relu"))
 ACT_LEAKY: tl.constexpr = tl.constexpr(reference.ACTIVATIONS.index("leaky_relu"))
 ACT_TANH: tl.constexpr = tl.constexpr(reference.ACTIVATIONS.index("tanh"))
 ACT_SIGMOID: tl.constexpr = tl.constexpr(reference.ACTIVATIONS.index("sigmoid"))
-ACT_IDENTITY: tl.constexpr = tl.constexpr(reference.ACTIVATIONS.index("identity"))
 ACT_GELU: tl.constexpr = tl.constexpr(reference.ACTIVATIONS.index("gelu"))
 ACT_SILU: tl.constexpr = tl.constexpr(reference.ACTIVATIONS.index("silu"))
 
@@ -72,7 +71,7 @@ def _activate(z, NEG_SLOPE: tl.constexpr, ACT: tl.constexpr):
         h = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
     elif ACT == ACT_SILU:
         h = z * _sigmoid(z)
-    else:
+    else:  # identity
         h = z
     return h.to(z.dtype)
 

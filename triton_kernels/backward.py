@@ -5,7 +5,11 @@ float64 scratch ``(B, L*w)``, read again by launch 2) and ``dx``. Fast or wide p
 (:func:`spinal_ops.triton_kernels.settings.path_plan`).
 Launch 2, ``_spinal_bwd_weights_kernel``: ``dweight_x``, ``dbias``, ``dweight_h``, ``dhead_weight``,
 ``dhead_bias``; every program owns one output tile and reduces it over all rows in a fixed order (tiled for any
-width and any number of outputs: it has no fast/wide distinction).
+width and any number of outputs: it has no fast/wide distinction). Its task counts are computed once, on the host
+(:func:`spinal_ops.triton_kernels.settings.weight_tasks`), and passed in.
+
+Both launches take their grid, tiles, warps and stages from
+:func:`spinal_ops.triton_kernels.settings.launch_settings`.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ def _spinal_bwd_chain_kernel(
     W,
     L,
     OUT,
-    B_BUCKET,  # next power of two of B: the autotuning key (read by nothing else)
+    B_BUCKET,  # next power of two of B: the autotuning key (read by nothing else), from settings.launch_settings
     NEG_SLOPE: tl.constexpr,
     ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -256,8 +260,12 @@ def _spinal_bwd_weights_kernel(
     W,
     L,
     OUT,
-    LX,
-    LH,
+    TILES_M,  # the task counts, from settings.weight_tasks: tiles of BLOCK_M over W (ranges A and B)
+    TILES_N_A,  # tiles of BLOCK_N over C per tile row of range A (1 when only dbias)
+    TASKS_A,  # programs of range A: Lx * TILES_M * TILES_N_A, or 0
+    TILES_N_B,  # tiles of BLOCK_N over W per tile row of range B
+    TASKS_B,  # programs of range B: Lh * TILES_M * TILES_N_B, or 0
+    TILES_N_C,  # tiles of BLOCK_N over L * W per tile row of range C (1 when only dhead_bias); C is the rest
     HAS_GY: tl.constexpr,
     NEED_WX: tl.constexpr,
     NEED_B: tl.constexpr,
@@ -273,11 +281,11 @@ def _spinal_bwd_weights_kernel(
     BLOCK_R: tl.constexpr,
 ):
     # One program per output tile (BLOCK_M x BLOCK_N; BLOCK_O x BLOCK_N for the head) of one gradient; the 1-D
-    # grid is split into three task ranges, in this order:
-    #   A. dweight_x[s] (W x C) and dbias[s]: s < LX, tile (m over W, n over C). Sums dZ_i.T @ x[:, idx_i] over
+    # grid is split into three task ranges, in this order (their counts computed on the host, passed in):
+    #   A. dweight_x[s] (W x C) and dbias[s]: s < Lx, tile (m over W, n over C). Sums dZ_i.T @ x[:, idx_i] over
     #      the sub-layers i of slot s (slots[i] == s: several when weights are tied). dbias[s] is summed by the
     #      n == 0 tiles. (With only dbias wanted, one n tile per m tile.)
-    #   B. dweight_h[s] (W x W): s < LH, tile (m over W, n over W). Sums dZ_i.T @ h_{i-1} over the i >= 1 with
+    #   B. dweight_h[s] (W x W): s < Lh, tile (m over W, n over W). Sums dZ_i.T @ h_{i-1} over the i >= 1 with
     #      slots[i] == s + 1.
     #   C. dhead_weight (OUT x L*W) = G.T @ H and dhead_bias = G.sum(0) (by the n == 0 tiles), tile (o over OUT
     #      in BLOCK_O, n over L*W).
@@ -287,38 +295,19 @@ def _spinal_bwd_weights_kernel(
     # distinction here). Without an incoming G, task C writes zeros.
     pid = tl.program_id(0)
     hidden = L * W
-    tm_w = tl.cdiv(W, BLOCK_M)
-    if NEED_WX:
-        tn_a = tl.cdiv(C, BLOCK_N)
-    else:
-        tn_a = 1
-    if NEED_WX or NEED_B:
-        n_a = LX * tm_w * tn_a
-    else:
-        n_a = 0
-    if NEED_WH:
-        tn_b = tl.cdiv(W, BLOCK_N)
-        n_b = LH * tm_w * tn_b
-    else:
-        tn_b = 1
-        n_b = 0
-    if NEED_WO:
-        tn_c = tl.cdiv(hidden, BLOCK_N)
-    else:
-        tn_c = 1
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     vec = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
-    if pid < n_a:
-        s = pid // (tm_w * tn_a)
-        rem = pid % (tm_w * tn_a)
-        m_idx = (rem // tn_a) * BLOCK_M + offs_m
-        n_idx = (rem % tn_a) * BLOCK_N + offs_n
+    if pid < TASKS_A:
+        s = pid // (TILES_M * TILES_N_A)
+        rem = pid % (TILES_M * TILES_N_A)
+        m_idx = (rem // TILES_N_A) * BLOCK_M + offs_m
+        n_idx = (rem % TILES_N_A) * BLOCK_N + offs_n
         m_mask = m_idx < W
         n_mask = n_idx < C
-        want_vec = (rem % tn_a) == 0
+        want_vec = (rem % TILES_N_A) == 0
         for i in range(0, L):
             if tl.load(slots_ptr + i) == s:
                 start = tl.load(starts_ptr + i)
@@ -340,12 +329,12 @@ def _spinal_bwd_weights_kernel(
         if NEED_B:
             if want_vec:
                 tl.store(db_ptr + s * W + m_idx, vec.to(db_ptr.dtype.element_ty), mask=m_mask)
-    elif pid < n_a + n_b:
-        q = pid - n_a
-        s = q // (tm_w * tn_b)
-        rem = q % (tm_w * tn_b)
-        m_idx = (rem // tn_b) * BLOCK_M + offs_m
-        n_idx = (rem % tn_b) * BLOCK_N + offs_n
+    elif pid < TASKS_A + TASKS_B:
+        q = pid - TASKS_A
+        s = q // (TILES_M * TILES_N_B)
+        rem = q % (TILES_M * TILES_N_B)
+        m_idx = (rem // TILES_N_B) * BLOCK_M + offs_m
+        n_idx = (rem % TILES_N_B) * BLOCK_N + offs_n
         m_mask = m_idx < W
         n_mask = n_idx < W
         for i in range(1, L):
@@ -358,12 +347,12 @@ def _spinal_bwd_weights_kernel(
     else:
         # own names (o_*): the head tile is BLOCK_O x BLOCK_N, and names assigned in both branches of a runtime
         # if must keep one type
-        q = pid - n_a - n_b
-        o_idx = (q // tn_c) * BLOCK_O + tl.arange(0, BLOCK_O)
-        n_idx = (q % tn_c) * BLOCK_N + offs_n
+        q = pid - TASKS_A - TASKS_B
+        o_idx = (q // TILES_N_C) * BLOCK_O + tl.arange(0, BLOCK_O)
+        n_idx = (q % TILES_N_C) * BLOCK_N + offs_n
         o_mask = o_idx < OUT
         n_mask = n_idx < hidden
-        want_vec = (q % tn_c) == 0
+        want_vec = (q % TILES_N_C) == 0
         acc_o = tl.zeros((BLOCK_O, BLOCK_N), dtype=ACC_DTYPE)
         vec_o = tl.zeros((BLOCK_O,), dtype=ACC_DTYPE)
         if HAS_GY:
@@ -388,21 +377,7 @@ def _spinal_bwd_weights_kernel(
 @functools.cache
 def _spinal_bwd_chain_kernel_tuned():
     """The chain kernel's ``triton.autotune`` wrapper, built on first use (as the forward's)."""
-    return triton.autotune(
-        configs=settings.chain_autotune_configs(),
-        key=settings.AUTOTUNE_KEY,
-        prune_configs_by={"early_config_prune": settings.chain_prune},
-    )(_spinal_bwd_chain_kernel)
-
-
-def _weight_grid_size(rows, chunk, width, num_layers, out, lx, lh, mask, s: settings.WeightSettings) -> int:
-    """Number of programs of the weights kernel (must mirror the task ranges computed inside it)."""
-    tm_w = triton.cdiv(width, s.block_m)
-    n_a = lx * tm_w * (triton.cdiv(chunk, s.block_n) if mask[1] else 1) if (mask[1] or mask[3]) else 0
-    n_b = lh * tm_w * triton.cdiv(width, s.block_n) if mask[2] else 0
-    n_c = (triton.cdiv(out, s.block_o) * (triton.cdiv(num_layers * width, s.block_n) if mask[4] else 1)
-           if (mask[4] or mask[5]) else 0)
-    return n_a + n_b + n_c
+    return settings.autotuner("chain")(_spinal_bwd_chain_kernel)
 
 
 def spinal_bwd_triton(
@@ -423,9 +398,14 @@ def spinal_bwd_triton(
     """Backward of the spinal layer in at most two Triton launches.
 
     Parameters follow the ``_spinal_backward`` op (``csrc/spinal_ops.cpp``): ``grad_y (B, out)?``,
-    ``grad_H (B, L*w)?``, ``x (B, D)``, ``H (B, L*w)``, weights as in the forward, ``output_mask`` (6 bools).
-    Returns ``(dx, dweight_x, dweight_h, dbias, dhead_weight, dhead_bias)``; entries not asked for by
-    ``output_mask`` are empty tensors.
+    ``grad_H (B, L*w)?``, ``x (B, D)``, ``H (B, L*w)``, weights as in the forward, ``output_mask`` (6 bools:
+    dx, dweight_x, dweight_h, dbias, dhead_weight, dhead_bias). Returns
+    ``(dx, dweight_x, dweight_h, dbias, dhead_weight, dhead_bias)``; entries not asked for by ``output_mask`` are
+    empty tensors.
+
+    ``output_mask`` must be normalised by the caller (``spinal_ops/ops.py``): ``mask[3]`` false without ``bias``,
+    ``mask[4]`` and ``mask[5]`` false without ``head_weight``; an inconsistent mask raises a ``ValueError``.
+    Without ``head_weight`` a ``grad_y`` is ignored.
     """
     rows, in_features = x.shape
     num_layers = len(starts)
@@ -433,14 +413,17 @@ def spinal_bwd_triton(
     lh = weight_h.shape[0]
     has_head = head_weight is not None
     out = head_weight.shape[0] if has_head else 0
-    settings.check_index_limits(rows, in_features, chunk, width, num_layers, out, lx, lh)
-    mask = [bool(m) for m in output_mask]
-    mask[3] = mask[3] and bias is not None
-    mask[4] = mask[4] and has_head
-    mask[5] = mask[5] and has_head
+    mask = tuple(bool(m) for m in output_mask)
+    if len(mask) != 6 or (mask[3] and bias is None) or ((mask[4] or mask[5]) and not has_head):
+        raise ValueError(
+            f"spinal_ops triton backend: output_mask {list(mask)} is inconsistent with the arguments (bias "
+            f"{'given' if bias is not None else 'None'}, head_weight {'given' if has_head else 'None'}): expected 6 "
+            "entries, mask[3] False without bias, mask[4] and mask[5] False without head_weight"
+        )
+    dims = settings.Dims(rows, in_features, chunk, width, num_layers, out, lx, lh, mask)
+    dims.check()
     if not has_head:
         grad_y = None
-    plan = settings.dtype_plan(x.dtype)
     # one fresh empty tensor per skipped gradient: op outputs must not alias each other
     dx = torch.empty_like(x) if mask[0] else x.new_empty(0)
     dwx = torch.empty_like(weight_x) if mask[1] else x.new_empty(0)
@@ -455,29 +438,27 @@ def spinal_bwd_triton(
     starts_t, slots_t = layer_table(starts, slots, x.device)
 
     if need_dz and rows > 0:
-        path = settings.path_plan(width, out, x.dtype, x.device)
-        args = (grad_y if grad_y is not None else x, grad_H if grad_H is not None else x, x, H, weight_x, weight_h,
+        launch = settings.launch_settings("chain", dims, x.dtype, x.device)
+        kernel = _spinal_bwd_chain_kernel_tuned() if launch.autotune else _spinal_bwd_chain_kernel
+        with settings.launch_guard(x.device):
+            settings.launcher(kernel)[launch.grid](
+                grad_y if grad_y is not None else x, grad_H if grad_H is not None else x, x, H, weight_x, weight_h,
                 bias if bias is not None else x, head_weight if has_head else x, starts_t, slots_t, dz,
-                dx if mask[0] else dz, rows, in_features, chunk, width, num_layers, out, settings.batch_bucket(rows))
-        consts = dict(NEG_SLOPE=float(negative_slope), ACT=activation_code(activation), HAS_BIAS=bias is not None,
-                      HAS_GY=grad_y is not None, HAS_GH=grad_H is not None,
-                      NEED_Z=needs_preactivation(activation, negative_slope), NEED_DX=mask[0], DOT_DTYPE=plan.dot,
-                      ACC_DTYPE=plan.acc, PRECISION=plan.precision, **path.meta())
-        settings.launch_row_tiled(_spinal_bwd_chain_kernel, _spinal_bwd_chain_kernel_tuned, rows, args, consts,
-                                lambda: settings.chain_settings(rows, chunk, path, x.dtype), x.device)
+                dx if mask[0] else dz, rows, in_features, chunk, width, num_layers, out, *launch.args,
+                NEG_SLOPE=float(negative_slope), ACT=activation_code(activation), HAS_BIAS=bias is not None,
+                HAS_GY=grad_y is not None, HAS_GH=grad_H is not None,
+                NEED_Z=needs_preactivation(activation, negative_slope), NEED_DX=mask[0], **launch.meta,
+            )
 
     if any(mask[1:]):
-        s = settings.weight_settings(rows, chunk, width, out, x.dtype)
-        programs = _weight_grid_size(rows, chunk, width, num_layers, out, lx, lh, mask, s)
-        if programs > 0:
+        launch = settings.launch_settings("weights", dims, x.dtype, x.device)
+        if launch.grid[0] > 0:  # no task, e.g. only dweight_h with one sub-layer (an empty weight_h)
             with settings.launch_guard(x.device):
-                settings.launcher(_spinal_bwd_weights_kernel)[(programs,)](
+                settings.launcher(_spinal_bwd_weights_kernel)[launch.grid](
                     x, H, grad_y if grad_y is not None else x, dz if need_dz else x, starts_t, slots_t,
                     dwx if mask[1] else x, db if mask[3] else x, dwh if mask[2] else x, dwo if mask[4] else x,
-                    dbo if mask[5] else x,
-                    rows, in_features, chunk, width, num_layers, out, lx, lh,
-                    HAS_GY=grad_y is not None, NEED_WX=mask[1], NEED_B=mask[3],
-                    NEED_WH=mask[2], NEED_WO=mask[4], NEED_BO=mask[5], DOT_DTYPE=plan.dot, ACC_DTYPE=plan.acc,
-                    PRECISION=plan.precision, **s.meta(),
+                    dbo if mask[5] else x, rows, in_features, chunk, width, num_layers, out, *launch.args,
+                    HAS_GY=grad_y is not None, NEED_WX=mask[1], NEED_B=mask[3], NEED_WH=mask[2], NEED_WO=mask[4],
+                    NEED_BO=mask[5], **launch.meta,
                 )
     return dx, dwx, dwh, db, dwo, dbo

@@ -22,7 +22,7 @@ def _spinal_fwd_kernel(
     bo_ptr,  # (OUT,), read when HAS_HEAD_BIAS
     starts_ptr,  # (L,) int32: chunk i reads columns (starts[i] + j) mod D, j < C
     slots_ptr,  # (L,) int32: sub-layer i uses weight_x[slots[i]], bias[slots[i]], weight_h[slots[i] - 1]
-    h_out_ptr,  # (B, L * W) out: written when STORE_H (fast path) and always on the wide path
+    h_out_ptr,  # (B, L * W) out: H, every sub-layer's h
     y_ptr,  # (B, OUT) out, written when HAS_HEAD
     B,
     D,
@@ -30,13 +30,12 @@ def _spinal_fwd_kernel(
     W,
     L,
     OUT,
-    B_BUCKET,  # next power of two of B: the autotuning key (read by nothing else)
+    B_BUCKET,  # next power of two of B: the autotuning key (read by nothing else), from settings.launch_settings
     NEG_SLOPE: tl.constexpr,
     ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_HEAD: tl.constexpr,
     HAS_HEAD_BIAS: tl.constexpr,
-    STORE_H: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -50,21 +49,21 @@ def _spinal_fwd_kernel(
     BLOCK_C: tl.constexpr,
 ):
     # Program p owns rows [p * BLOCK_B, (p + 1) * BLOCK_B) and runs the whole chain and head for them: rows are
-    # independent in the forward, so programs never synchronise with each other. The path (WIDE) and its tiles
-    # come from settings.path_plan.
+    # independent in the forward, so programs never synchronise with each other. The path (WIDE), its tiles and
+    # the row tile come from settings.launch_settings (the path from settings.path_plan).
     #
     # Fast path (WIDE = False; BLOCK_W >= W, BLOCK_O >= OUT: whole widths per tile, padded lanes masked to zero).
     # Kept in registers for the whole chain: h (BLOCK_B x BLOCK_W, the previous sub-layer's output, rounded to
     # the storage dtype exactly as H stores it) and the head accumulator y (BLOCK_B x BLOCK_O). Per sub-layer
     # the pre-activation z (BLOCK_B x BLOCK_W) is accumulated from the gathered input chunk (K-steps of
     # BLOCK_C columns, wrapping past column D - 1), the recurrent product h @ Wh.T (the whole BLOCK_W x BLOCK_W
-    # weight tile) and the bias; the head adds h @ Wo[:, i-th block].T (a BLOCK_W x BLOCK_O tile). H is stored
-    # only when STORE_H.
+    # weight tile) and the bias; h is stored to H and the head adds h @ Wo[:, i-th block].T (a BLOCK_W x BLOCK_O
+    # tile).
     #
-    # Wide path (WIDE = True; any W and OUT). H in global memory is the working storage (always written): per
-    # sub-layer i, for each column tile n of the width (BLOCK_N columns), z = gathered input projection of those
-    # columns + h_{i-1} @ Wh.T[:, n] as a K-loop (BLOCK_K steps) over h_{i-1} read back from H + bias; h = act(z)
-    # is stored to H. A barrier after each sub-layer makes the stores of all the program's threads visible before
+    # Wide path (WIDE = True; any W and OUT). H in global memory is the working storage: per sub-layer i, for
+    # each column tile n of the width (BLOCK_N columns), z = gathered input projection of those columns +
+    # h_{i-1} @ Wh.T[:, n] as a K-loop (BLOCK_K steps) over h_{i-1} read back from H + bias; h = act(z) is stored
+    # to H. A barrier after each sub-layer makes the stores of all the program's threads visible before
     # the next sub-layer reads them (global memory is coherent within a block after a barrier). Then the head:
     # for each tile of OUT (BLOCK_O columns), y = H @ Wo.T[:, o] as a K-loop over the L*W columns of H, + head
     # bias, stored. On-chip per program: one accumulator tile (BLOCK_B x BLOCK_N, or BLOCK_B x BLOCK_O in the
@@ -136,9 +135,8 @@ def _spinal_fwd_kernel(
             h = _activate(z, NEG_SLOPE, ACT)
             h = tl.where(w_mask[None, :], h, 0.0)
             h = h.to(h_out_ptr.dtype.element_ty).to(ACC_DTYPE)
-            if STORE_H:
-                tl.store(h_out_ptr + rows64[:, None] * hidden + i * W + cols_w[None, :],
-                         h.to(h_out_ptr.dtype.element_ty), mask=row_mask[:, None] & w_mask[None, :])
+            tl.store(h_out_ptr + rows64[:, None] * hidden + i * W + cols_w[None, :],
+                     h.to(h_out_ptr.dtype.element_ty), mask=row_mask[:, None] & w_mask[None, :])
             if HAS_HEAD:
                 # wo_t[k, o] = head_weight[o, i * W + k]
                 wo_t = tl.load(wo_ptr + cols_o[None, :] * hidden + i * W + cols_w[:, None],
@@ -156,11 +154,7 @@ def _spinal_fwd_kernel(
 def _spinal_fwd_kernel_tuned():
     """The kernel's ``triton.autotune`` wrapper, built on first use (some Triton releases need a GPU driver to
     build one, and importing the kernels must not)."""
-    return triton.autotune(
-        configs=settings.forward_autotune_configs(),
-        key=settings.AUTOTUNE_KEY,
-        prune_configs_by={"early_config_prune": settings.forward_prune},
-    )(_spinal_fwd_kernel)
+    return settings.autotuner("forward")(_spinal_fwd_kernel)
 
 
 def layer_table(starts, slots, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,7 +176,6 @@ def spinal_fwd_triton(
     activation: str,
     negative_slope: float,
     *,
-    store_h: bool = True,
     barrier: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward of the spinal layer in one Triton launch.
@@ -192,30 +185,28 @@ def spinal_fwd_triton(
     ``head_bias (out,)?``, ``starts`` (L first columns), ``slots`` (L weight slots). Returns
     ``(H (B, L*w), y (B, out) or (B, 0))``.
 
-    ``store_h=False`` (internal; head mode only) skips writing ``H`` on the fast path, for inference where no
-    backward follows; the returned ``H`` is then uninitialised memory (the wide path always writes it: it is
-    that path's working storage). ``barrier=False`` (tests only) drops the wide path's barrier between sub-layers.
+    ``barrier=False`` (tests only) drops the wide path's barrier between sub-layers.
     """
     rows, in_features = x.shape
     num_layers = len(starts)
     lx, width, chunk = weight_x.shape
-    out = head_weight.shape[0] if head_weight is not None else 0
-    settings.check_index_limits(rows, in_features, chunk, width, num_layers, out, lx, weight_h.shape[0])
     has_head = head_weight is not None
+    out = head_weight.shape[0] if has_head else 0
+    dims = settings.Dims(rows, in_features, chunk, width, num_layers, out, lx, weight_h.shape[0])
+    dims.check()
     h_all = x.new_empty(rows, num_layers * width)
     y = x.new_empty(rows, out)
     if rows == 0:
         return h_all, y
-    plan = settings.dtype_plan(x.dtype)
-    path = settings.path_plan(width, out, x.dtype, x.device)
+    launch = settings.launch_settings("forward", dims, x.dtype, x.device)
     starts_t, slots_t = layer_table(starts, slots, x.device)
-    args = (x, weight_x, weight_h, bias if bias is not None else x, head_weight if has_head else x,
+    kernel = _spinal_fwd_kernel_tuned() if launch.autotune else _spinal_fwd_kernel
+    with settings.launch_guard(x.device):
+        settings.launcher(kernel)[launch.grid](
+            x, weight_x, weight_h, bias if bias is not None else x, head_weight if has_head else x,
             head_bias if head_bias is not None else x, starts_t, slots_t, h_all, y if has_head else h_all,
-            rows, in_features, chunk, width, num_layers, out, settings.batch_bucket(rows))
-    consts = dict(NEG_SLOPE=float(negative_slope), ACT=activation_code(activation), HAS_BIAS=bias is not None,
-                  HAS_HEAD=has_head, HAS_HEAD_BIAS=head_bias is not None,
-                  STORE_H=bool(store_h or not has_head), BARRIER=bool(barrier), DOT_DTYPE=plan.dot, ACC_DTYPE=plan.acc,
-                  PRECISION=plan.precision, **path.meta())
-    settings.launch_row_tiled(_spinal_fwd_kernel, _spinal_fwd_kernel_tuned, rows, args, consts,
-                            lambda: settings.forward_settings(rows, chunk, path, x.dtype), x.device)
+            rows, in_features, chunk, width, num_layers, out, *launch.args,
+            NEG_SLOPE=float(negative_slope), ACT=activation_code(activation), HAS_BIAS=bias is not None,
+            HAS_HEAD=has_head, HAS_HEAD_BIAS=head_bias is not None, BARRIER=bool(barrier), **launch.meta,
+        )
     return h_all, y
