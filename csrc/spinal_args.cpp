@@ -1,8 +1,11 @@
-// Argument checks shared by every native kernel (CPU, CUDA and the emulated CUDA build); see spinal_args.h.
+// Argument checks shared by every native kernel (CPU, CUDA and the emulated CUDA build): the op arguments, the
+// backward's output mask and the 32-bit index limits; see spinal_args.h.
 #include "spinal_args.h"
 
 #include <c10/util/Exception.h>
 
+#include <initializer_list>
+#include <limits>
 #include <sstream>
 #include <string>
 
@@ -12,8 +15,6 @@
 namespace spinal_ops {
 
 namespace {
-
-constexpr const char* kActivationNames[] = {"relu", "leaky_relu", "tanh", "sigmoid", "identity", "gelu", "silu"};
 
 std::string shape_str(const at::Tensor& t) {
   std::ostringstream os;
@@ -35,11 +36,12 @@ void check_tensor(std::string_view backend, const at::Tensor& t, const char* nam
 }  // namespace
 
 Activation parse_activation(std::string_view name, std::string_view backend) {
-  for (int i = 0; i < 7; ++i) {
+  for (int i = 0; i < kNumActivations; ++i) {
     if (name == kActivationNames[i]) return static_cast<Activation>(i);
   }
-  TORCH_CHECK(false, SPINAL_PREFIX, "activation must be one of relu, leaky_relu, tanh, sigmoid, identity, gelu, silu; "
-                     "got '", std::string(name), "'");
+  std::string allowed;
+  for (std::string_view n : kActivationNames) allowed.append(allowed.empty() ? "" : ", ").append(n);
+  TORCH_CHECK(false, SPINAL_PREFIX, "activation must be one of ", allowed, "; got '", std::string(name), "'");
 }
 
 SpinalDims check_forward_args(std::string_view backend, const at::Tensor& x, const at::Tensor& weight_x, const at::Tensor& weight_h,
@@ -103,14 +105,45 @@ SpinalDims check_forward_args(std::string_view backend, const at::Tensor& x, con
   return d;
 }
 
-void check_backward_args(std::string_view backend, const SpinalDims& dims, const at::Tensor& x, const std::optional<at::Tensor>& grad_y,
-                         const std::optional<at::Tensor>& grad_h, const at::Tensor& h_all) {
+std::array<bool, 6> check_backward_args(std::string_view backend, const SpinalDims& dims, const at::Tensor& x,
+                                        const std::optional<at::Tensor>& grad_y,
+                                        const std::optional<at::Tensor>& grad_h, const at::Tensor& h_all,
+                                        std::array<bool, 6> output_mask) {
   check_tensor(backend, h_all, "H", x, {dims.rows, dims.hidden()});
   if (grad_y.has_value()) {
     TORCH_CHECK(dims.has_head, SPINAL_PREFIX, "grad_y given in hidden mode (no head_weight)");
     check_tensor(backend, *grad_y, "grad_y", x, {dims.rows, dims.out});
   }
   if (grad_h.has_value()) check_tensor(backend, *grad_h, "grad_H", x, {dims.rows, dims.hidden()});
+  return effective_output_mask(dims, output_mask);
+}
+
+void check_index_limits(const SpinalDims& d, std::string_view backend, const IndexLimits& limits) {
+  constexpr int64_t kMax = std::numeric_limits<int>::max();
+  struct Size {
+    const char* argument;
+    int64_t value;
+    std::string shape;  // the tensor whose size it is
+    const char* unit;   // what of that tensor the size counts
+  };
+  auto shape = [](const char* name, std::initializer_list<int64_t> sizes) {
+    std::ostringstream os;
+    os << name << " " << c10::IntArrayRef(sizes);
+    return os.str();
+  };
+  const int64_t lw = d.hidden();
+  const Size sizes[] = {
+      {"the number of rows of x (B)", d.rows, shape("x", {d.rows, d.in_features}), "rows"},
+      {"in_features (D)", d.in_features, shape("x", {d.rows, d.in_features}), "columns"},
+      {"num_layers * layer_width (L*w)", lw, shape("H", {d.rows, lw}), "columns"},
+      {"out_features", d.out, shape("head_weight", {d.out, lw}), "rows"},
+      {"layer_width * chunk (w*c)", limits.weight_x_slot ? d.width * d.chunk : 0,
+       shape("weight_x", {d.x_slots, d.width, d.chunk}), "elements per slot"}};
+  for (const Size& s : sizes) {
+    TORCH_CHECK_VALUE(s.value <= kMax, SPINAL_PREFIX, s.argument, " must be at most 2^31 - 1, got ", s.value, ": ",
+                      s.shape, " has ", s.value, " ", s.unit, ", past ", std::string(limits.arithmetic), "; supported: ",
+                      std::string(limits.supported), "; ", std::string(limits.fallback));
+  }
 }
 
 void check_args_op(c10::string_view backend, const at::Tensor& x, const at::Tensor& weight_x, const at::Tensor& weight_h,

@@ -10,6 +10,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <string>
 #include <tuple>
@@ -91,12 +92,15 @@ class SpinalFunction : public torch::autograd::Function<SpinalFunction> {
     const at::Tensor& bias = saved[4];
     const at::Tensor& head_weight = saved[5];
     // needs_input_grad() counts only the tensor arguments that were present (absent optionals have no edge).
-    const bool present[6] = {true, true, true, bias.defined(), head_weight.defined(),
-                             ctx->saved_data["has_head_bias"].toBool()};
-    std::array<bool, 6> mask{};
-    for (size_t i = 0, edge = 0; i < 6; ++i) mask[i] = present[i] && ctx->needs_input_grad(edge++);
+    const std::array<bool, 6> inputs =
+        grad_inputs(bias.defined(), head_weight.defined(), ctx->saved_data["has_head_bias"].toBool());
+    std::array<bool, 6> asked{};
+    for (size_t i = 0, edge = 0; i < asked.size(); ++i) {
+      if (inputs[i]) asked[i] = ctx->needs_input_grad(edge++);
+    }
+    const std::array<bool, 6> mask = effective_output_mask(inputs, asked);
     variable_list result(10);
-    if (!(mask[0] || mask[1] || mask[2] || mask[3] || mask[4] || mask[5])) return result;
+    if (std::none_of(mask.begin(), mask.end(), [](bool b) { return b; })) return result;
     std::optional<at::Tensor> grad_h, grad_y;
     if (grads[0].defined()) grad_h = grads[0].contiguous();
     if (grads[1].defined() && head_weight.defined()) grad_y = grads[1].contiguous();

@@ -19,13 +19,13 @@
 //      dWh_i = dZ_i.T @ H_{i-1}, dWo[:, block i] = G.T @ H_i); a slot that serves several sub-layers (tied
 //      weights) gets per-sub-layer partials that are added in sub-layer order afterwards; bias gradients are
 //      column sums in row order.
+// The products go through csrc/cpu/spinal_blas.h, the jobs through csrc/cpu/spinal_parallel.h, the activations
+// through csrc/spinal_activation.h (shared with the CUDA kernels).
 //
-// Determinism: every GEMM goes to the BLAS PyTorch links (MKL on x86-64) with BLAS threading switched off for
-// the call (MKL_Set_Num_Threads_Local), and the split into jobs depends only on the problem sizes, so outputs
-// and gradients are bitwise identical across runs and across thread counts. (With a BLAS other than MKL the
-// switch is absent and the BLAS's own threading may change the last bits.)
+// Determinism: every GEMM runs with sequential BLAS (csrc/cpu/spinal_blas.h) and the split into jobs depends only
+// on the problem sizes (csrc/cpu/spinal_parallel.h), so outputs and gradients are bitwise identical across runs
+// and across thread counts.
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -34,160 +34,17 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
-#include <cmath>
-#include <limits>
-#include <utility>
+#include <array>
+#include <cstdint>
 #include <tuple>
-#include <type_traits>
 #include <vector>
 
-#include "spinal_args.h"
+#include "../spinal_args.h"
+#include "spinal_blas.h"
+#include "spinal_parallel.h"
 
-extern "C" {
-// MKL's per-thread switch of its own threading (weak: absent when PyTorch links another BLAS).
-int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));  // the C interface
-// Fortran BLAS, exported by libtorch_cpu (column-major, 32-bit integers).
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
-            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-            const int* ldc);
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
-            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
-            const int* ldc);
-}
-
-namespace spinal_ops {
+namespace spinal_ops::cpu {
 namespace {
-
-// Rows per tile (fixed, independent of the thread count, which keeps results bitwise reproducible). Chosen by
-// `python -m spinal_ops bench` over {64, 128, 256, 512} on the configurations of spinal_ops/configs.py: 256
-// amortises the per-GEMM call overhead that dominates narrow layers (w = 20..50: one tile is 3L+1 BLAS calls)
-// while a tile of H (256 * L*w values, <= 5 MB for L*w = 5120) still streams through L2 for the wide ones.
-constexpr int64_t kRowTile = 256;
-
-// One row times a matrix: c (n) = alpha * a (k) @ op(B) + beta * c, where op(B) (k x n) is B stored row-major as
-// n x k (trans_b: output j is the dot product of a with row j) or as k x n (a weighted sum of B's rows).
-// Written by hand because MKL takes its generic code path on non-Intel CPUs: on an AMD EPYC (Zen, AVX2) these
-// loops took 0.6-0.82x the time of MKL's sgemm for 1 x (20..512) x (50..1024) products (a micro-benchmark of the
-// shapes of spinal_ops/configs.py, one core); in a perf profile of the vgg-head forward at B = 1 their share fell
-// from 21% (MKL's generic sgemv) to 18%. The summation order is fixed: results do not depend on threads.
-template <typename T>
-void row_times_matrix(bool trans_b, int64_t n, int64_t k, T alpha, const T* __restrict a, const T* __restrict b,
-                      int64_t ldb, T beta, T* __restrict c) {
-  auto store = [&](int64_t j, T sum) { c[j] = beta == T(0) ? alpha * sum : alpha * sum + beta * c[j]; };
-  if (trans_b) {
-    int64_t j = 0;
-    for (; j + 4 <= n; j += 4) {  // four rows per pass: a is loaded once for four dot products
-      const T* __restrict r0 = b + j * ldb;
-      const T* __restrict r1 = r0 + ldb;
-      const T* __restrict r2 = r1 + ldb;
-      const T* __restrict r3 = r2 + ldb;
-      T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-      for (int64_t q = 0; q < k; ++q) {
-        const T v = a[q];
-        s0 += v * r0[q];
-        s1 += v * r1[q];
-        s2 += v * r2[q];
-        s3 += v * r3[q];
-      }
-      store(j, s0), store(j + 1, s1), store(j + 2, s2), store(j + 3, s3);
-    }
-    for (; j < n; ++j) {
-      const T* __restrict r = b + j * ldb;
-      T sum = 0;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t q = 0; q < k; ++q) sum += a[q] * r[q];
-      store(j, sum);
-    }
-    return;
-  }
-  if (beta == T(0)) {
-    std::fill(c, c + n, T(0));
-  } else if (beta != T(1)) {
-    for (int64_t j = 0; j < n; ++j) c[j] *= beta;
-  }
-  for (int64_t q = 0; q < k; ++q) {
-    const T v = alpha * a[q];
-    const T* __restrict r = b + q * ldb;
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) c[j] += v * r[j];
-  }
-}
-
-// Row-major GEMM: C (m x n, ldc) = alpha * op(A) (m x k) @ op(B) (k x n) + beta * C.
-// trans_a / trans_b: use the transpose of the stored row-major A (k x m, lda) / B (n x k, ldb).
-template <typename T>
-void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
-          int64_t ldb, T beta, T* c, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  if (m == 1 && !trans_a && k > 0) return row_times_matrix(trans_b, n, k, alpha, a, b, ldb, beta, c);
-  if (k == 0) {  // BLAS would reject the leading dimensions of an empty operand
-    for (int64_t r = 0; r < m; ++r)
-      for (int64_t j = 0; j < n; ++j) c[r * ldc + j] = beta == T(0) ? T(0) : beta * c[r * ldc + j];
-    return;
-  }
-  // A row-major matrix is its transpose in column-major order, so C.T = op(B).T @ op(A).T in column-major.
-  const char ta = trans_b ? 'T' : 'N';
-  const char tb = trans_a ? 'T' : 'N';
-  const int mm = static_cast<int>(n), nn = static_cast<int>(m), kk = static_cast<int>(k);
-  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
-  if constexpr (std::is_same_v<T, float>) {
-    sgemm_(&ta, &tb, &mm, &nn, &kk, &alpha, b, &la, a, &lb, &beta, c, &lc);
-  } else {
-    dgemm_(&ta, &tb, &mm, &nn, &kk, &alpha, b, &la, a, &lb, &beta, c, &lc);
-  }
-}
-
-// Activation functions, one instantiation per activation so the element loops are branch-free and vectorize.
-template <Activation A, typename T>
-inline T act_forward(T z, T slope) {
-  // Written as selects (no branch on the sign: the loops vectorize); NaN propagates, as in torch.relu.
-  if constexpr (A == Activation::kRelu) return z < T(0) ? T(0) : z;
-  if constexpr (A == Activation::kLeakyRelu) return z * (z < T(0) ? slope : T(1));
-  if constexpr (A == Activation::kTanh) return std::tanh(z);
-  if constexpr (A == Activation::kSigmoid) return T(1) / (T(1) + std::exp(-z));
-  if constexpr (A == Activation::kIdentity) return z;
-  if constexpr (A == Activation::kGelu) return T(0.5) * z * (T(1) + std::erf(z * T(M_SQRT1_2)));
-  if constexpr (A == Activation::kSilu) return z / (T(1) + std::exp(-z));
-}
-
-// act'(Z), from the output h = act(Z) or from Z itself (needs_preactivation() says which is valid).
-template <Activation A, typename T>
-inline T act_derivative(T h, T z, T slope) {
-  if constexpr (A == Activation::kRelu) return h > T(0) ? T(1) : T(0);
-  if constexpr (A == Activation::kLeakyRelu) {
-    const T v = slope >= T(0) ? h : z;
-    return v > T(0) ? T(1) : slope;
-  }
-  if constexpr (A == Activation::kTanh) return T(1) - h * h;
-  if constexpr (A == Activation::kSigmoid) return h * (T(1) - h);
-  if constexpr (A == Activation::kIdentity) return T(1);
-  if constexpr (A == Activation::kGelu) {
-    const T cdf = T(0.5) * (T(1) + std::erf(z * T(M_SQRT1_2)));
-    const T pdf = std::exp(T(-0.5) * z * z) * T(0.5 * M_2_SQRTPI * M_SQRT1_2);
-    return cdf + z * pdf;
-  }
-  if constexpr (A == Activation::kSilu) {
-    const T s = T(1) / (T(1) + std::exp(-z));
-    return s * (T(1) + z * (T(1) - s));
-  }
-}
-
-// Calls fn(std::integral_constant<Activation, A>{}) for the runtime activation a.
-template <typename F>
-void dispatch_activation(Activation a, const F& fn) {
-  using A = Activation;
-  switch (a) {
-    case A::kRelu: return fn(std::integral_constant<A, A::kRelu>{});
-    case A::kLeakyRelu: return fn(std::integral_constant<A, A::kLeakyRelu>{});
-    case A::kTanh: return fn(std::integral_constant<A, A::kTanh>{});
-    case A::kSigmoid: return fn(std::integral_constant<A, A::kSigmoid>{});
-    case A::kIdentity: return fn(std::integral_constant<A, A::kIdentity>{});
-    case A::kGelu: return fn(std::integral_constant<A, A::kGelu>{});
-    case A::kSilu: return fn(std::integral_constant<A, A::kSilu>{});
-  }
-}
 
 // Raw pointers and sizes of one call.
 template <typename T>
@@ -232,111 +89,20 @@ void input_and_recurrent_product(const Problem<T>& p, int64_t i, int64_t r0, int
 template <Activation A, typename T>
 void bias_activation(T* __restrict row, const T* __restrict bias, int64_t n, T slope) {
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) row[j] = act_forward<A>(row[j] + bias[j], slope);
+  for (int64_t j = 0; j < n; ++j) row[j] = activation_forward<A>(row[j] + bias[j], slope);
 }
 
-// dz = (dz + carry) * act'(h or z + bias), one row of one sub-layer.
-template <Activation A, bool kFromInput, typename T>
+// dz = (dz + carry) * act'(.), one row of one sub-layer: act' from z + bias (kFromZ, hz holds Z without the
+// bias) or from h (hz holds H; bias unused).
+template <Activation A, bool kFromZ, typename T>
 void chain_rule(T* __restrict dz, const T* __restrict carry, const T* __restrict hz, const T* __restrict bias,
                 int64_t n, T slope) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    const T g = kFromInput ? act_derivative<A>(T(0), hz[j] + bias[j], slope) : act_derivative<A>(hz[j], T(0), slope);
+    const T g = activation_derivative<A, kFromZ>(kFromZ ? hz[j] + bias[j] : hz[j], slope);
     dz[j] = (dz[j] + carry[j]) * g;
   }
 }
-
-// Keeps the BLAS single-threaded on this thread while alive: parallelism comes from our jobs only.
-class SequentialBlas {
- public:
-  SequentialBlas() : previous_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
-  ~SequentialBlas() {
-    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous_);
-  }
-  SequentialBlas(const SequentialBlas&) = delete;
-  SequentialBlas& operator=(const SequentialBlas&) = delete;
-
- private:
-  int previous_;
-};
-
-// Below this many multiply-adds in all, jobs run on the calling thread: waking the thread pool costs more
-// than it saves (measured: a B = 32 backward took 0.67 ms on one thread and up to 20 ms through the pool on a
-// loaded 2-core machine). About 10 us of work on one core.
-constexpr int64_t kParallelWork = int64_t(1) << 18;
-
-// Runs fn(j) for j = 0 .. jobs-1, in parallel over PyTorch's intra-op threads when there is enough work, each
-// job with sequential BLAS. `work` is the multiply-adds of all jobs together. Threads take the next job from a
-// shared counter, so jobs of unequal size balance: at::parallel_for alone hands each thread a contiguous range,
-// which gave one of 2 threads all four dW_x jobs of wide-resnet-head's weight-gradient phase (~90% of its work).
-// Which thread runs a job never changes its result.
-//
-// Global state: none is changed. The one hazard is ATen's lazy per-thread initialisation of its thread settings:
-// the first at::parallel_for or at::get_num_threads of a thread sets OpenMP's thread count to
-// mkl_get_max_threads(), which reads 1 while a SequentialBlas is alive on that thread (a one-tile batch runs its
-// column-split jobs inside one). That left torch.get_num_threads() at 1 for the rest of the caller's program.
-// The flag is thread-local and kept once per copy of the inline at::internal::lazy_init_num_threads (libtorch
-// has one, at::parallel_for inlines another into this library), so both are initialised here, before any
-// SequentialBlas exists on this thread.
-template <typename F>
-void run_jobs(int64_t jobs, int64_t work, const F& fn) {
-  at::internal::lazy_init_num_threads();
-  (void)at::get_num_threads();
-  if (jobs <= 1 || work < kParallelWork) {
-    SequentialBlas sequential;
-    for (int64_t j = 0; j < jobs; ++j) fn(j);
-    return;
-  }
-  std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(jobs, at::get_num_threads());
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    SequentialBlas sequential;
-    for (int64_t j = next.fetch_add(1); j < jobs; j = next.fetch_add(1)) fn(j);
-  });
-}
-
-// Runs fn(r0, m, one_tile) for every tile of kRowTile rows, as parallel jobs; one_tile: the batch is one tile.
-template <typename F>
-void for_each_tile(const SpinalDims& d, const F& fn) {
-  const int64_t rows = d.rows;
-  const int64_t work = rows * (d.layers * d.width * (d.chunk + d.width) + d.hidden() * d.out);
-  const int64_t tiles = (rows + kRowTile - 1) / kRowTile;
-  run_jobs(tiles, work, [&](int64_t t) {
-    const int64_t r0 = t * kRowTile;
-    fn(r0, std::min(kRowTile, rows - r0), tiles == 1);
-  });
-}
-
-// Rows of one tile are one job. When the whole batch fits in one tile (B <= kRowTile) that single job would leave
-// every other thread idle while it runs the chain, so each sub-layer's products are split instead into fixed
-// column blocks of the output (the width w for Z and the carry, the chunk c for dx), one job each, with a join per
-// sub-layer. The split depends only on the sizes, never on the thread count (results stay bitwise reproducible),
-// and is used only when one sub-layer's product has at least kParallelWork multiply-adds. Blocks are multiples of
-// 16 columns (whole AVX-512 / two AVX2 vectors), at least kMinColumnBlock wide (a GEMM call per block stays
-// cheap next to its work) and at most kMaxColumnBlocks. Measured on 2 cores (AMD EPYC, AVX2): the forward of
-// wide-resnet-custom (w = 512, 8 blocks) at B = 1 / 64 took 0.70x / 0.52x the time of the single job.
-constexpr int64_t kMaxColumnBlocks = 8;
-constexpr int64_t kMinColumnBlock = 64;
-
-struct ColumnSplit {
-  int64_t columns = 0;
-  int64_t blocks = 1;
-  int64_t size = 0;  // columns per block (the last one may be shorter)
-
-  // Split of `columns` output columns of a product with `work` multiply-adds, within a one-tile batch.
-  static ColumnSplit make(int64_t columns, int64_t work, bool one_tile) {
-    ColumnSplit c;
-    c.columns = columns;
-    c.size = columns;
-    if (!one_tile || work < kParallelWork || columns < 2 * kMinColumnBlock) return c;
-    c.blocks = std::min(kMaxColumnBlocks, columns / kMinColumnBlock);
-    c.size = ((columns + c.blocks - 1) / c.blocks + 15) / 16 * 16;
-    c.blocks = (columns + c.size - 1) / c.size;
-    return c;
-  }
-  int64_t begin(int64_t b) const { return b * size; }
-  int64_t end(int64_t b) const { return std::min(columns, (b + 1) * size); }
-};
 
 template <Activation A, typename T>
 void forward_tile(const Problem<T>& p, int64_t r0, int64_t m, T* h_all, T* y, const T* zero_bias, bool one_tile) {
@@ -385,17 +151,10 @@ void check_cpu_args(const SpinalDims& d, const at::Tensor& x) {
               "spinal_ops cpu backend: x must be float32 or float64, got ", x.scalar_type(),
               " (the reference backend runs every dtype: spinal_ops.use_backend('reference'))");
   TORCH_CHECK(x.device().is_cpu(), "spinal_ops cpu backend: x must be a CPU tensor, got ", x.device());
-  constexpr int64_t kMax = std::numeric_limits<int>::max();
-  const std::pair<const char*, int64_t> sizes[] = {
-      {"the number of rows of x (B)", d.rows},
-      {"in_features (D)", d.in_features},
-      {"num_layers * layer_width (L*w)", d.hidden()},
-      {"out_features", d.out}};
-  for (const auto& [name, value] : sizes) {
-    TORCH_CHECK_VALUE(value <= kMax, "spinal_ops cpu backend: ", name, " must be at most 2^31 - 1 (32-bit BLAS ",
-                      "sizes), got ", value, "; split the batch, or use the reference backend ",
-                      "(spinal_ops.use_backend('reference'))");
-  }
+  check_index_limits(d, "cpu",
+                     {"the 32-bit sizes of the BLAS interface",
+                      "fewer than 2^31 rows, in_features, L*w and out_features (offsets are 64-bit)",
+                      "split the batch, or use the reference backend (spinal_ops.use_backend('reference'))"});
 }
 
 std::tuple<at::Tensor, at::Tensor> spinal_forward_cpu(const at::Tensor& x, const at::Tensor& weight_x,
@@ -415,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor> spinal_forward_cpu(const at::Tensor& x, const
     scalar_t* hp = h_all.mutable_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     const std::vector<scalar_t> zero_bias(static_cast<size_t>(d.width), scalar_t(0));
-    dispatch_activation(d.activation, [&](auto act) {
+    with_activation(d.activation, [&](auto act) {
       for_each_tile(d, [&](int64_t r0, int64_t m, bool one_tile) {
         forward_tile<decltype(act)::value>(p, r0, m, hp, yp, zero_bias.data(), one_tile);
       });
@@ -449,12 +208,16 @@ void backward_chain_tile(const Problem<T>& p, int64_t r0, int64_t m, const T* h_
     const T* bi = p.b ? p.b_slot(i) : zero_bias;
     run_jobs(zsplit.blocks, z_work, [&](int64_t blk) {
       const int64_t n0 = zsplit.begin(blk), n = zsplit.end(blk) - n0;
-      if (from_input) {
-        input_and_recurrent_product(p, i, r0, m, n0, n0 + n, h_all, zbuf.data() + n0, w);
-        for (int64_t r = 0; r < m; ++r)
-          chain_rule<A, true>(dzi + r * lw + n0, carry.data() + r * w + n0, zbuf.data() + r * w + n0, bi + n0, n,
-                              slope);
-      } else {
+      if constexpr (kDerivativeFromZ<A>) {
+        if (from_input) {
+          input_and_recurrent_product(p, i, r0, m, n0, n0 + n, h_all, zbuf.data() + n0, w);
+          for (int64_t r = 0; r < m; ++r)
+            chain_rule<A, true>(dzi + r * lw + n0, carry.data() + r * w + n0, zbuf.data() + r * w + n0, bi + n0, n,
+                                slope);
+          return;
+        }
+      }
+      if constexpr (kDerivativeFromH<A>) {
         for (int64_t r = 0; r < m; ++r)
           chain_rule<A, false>(dzi + r * lw + n0, carry.data() + r * w + n0, hi + r * lw + n0, zero_bias, n, slope);
       }
@@ -500,15 +263,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     c10::IntArrayRef slots, c10::string_view activation, double negative_slope, std::array<bool, 6> output_mask) {
   const SpinalDims d = check_forward_args("cpu", x, weight_x, weight_h, bias, head_weight, std::nullopt, starts,
                                           slots, activation, negative_slope);
-  check_backward_args("cpu", d, x, grad_y, grad_h, h_all);
+  const std::array<bool, 6> mask = check_backward_args("cpu", d, x, grad_y, grad_h, h_all, output_mask);
   check_cpu_args(d, x);
-  const bool want_dx = output_mask[kGradX];
-  const bool want_wx = output_mask[kGradWeightX];
-  const bool want_wh = output_mask[kGradWeightH];
-  const bool want_b = output_mask[kGradBias] && d.has_bias;
-  const bool want_wo = output_mask[kGradHeadWeight] && d.has_head;
-  const bool want_bo = output_mask[kGradHeadBias] && d.has_head;
-  const bool need_chain = want_dx || want_wx || want_wh || want_b;
+  const bool want_dx = mask[kGradX];
+  const bool want_wx = mask[kGradWeightX];
+  const bool want_wh = mask[kGradWeightH];
+  const bool want_b = mask[kGradBias];
+  const bool want_wo = mask[kGradHeadWeight];
+  const bool want_bo = mask[kGradHeadBias];
+  const bool need_chain = needs_chain(mask);
   const bool has_gy = grad_y.has_value();
 
   // Gradients nobody asked for come back as distinct empty tensors (outputs must not alias).
@@ -556,7 +319,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           for (int64_t k = 0; k < m * lw; ++k) dzt[k] += ght[k];
         }
         std::vector<T> carry, zbuf;
-        dispatch_activation(d.activation, [&](auto act) {
+        with_activation(d.activation, [&](auto act) {
           backward_chain_tile<decltype(act)::value>(p, r0, m, hp, dz, dxp, carry, zbuf, zero_bias.data(), one_tile);
         });
       });
@@ -614,9 +377,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 }  // namespace
-}  // namespace spinal_ops
+}  // namespace spinal_ops::cpu
 
 TORCH_LIBRARY_IMPL(spinal_ops, CPU, m) {
-  m.impl("spinal_forward", &spinal_ops::spinal_forward_cpu);
-  m.impl("_spinal_backward", &spinal_ops::spinal_backward_cpu);
+  m.impl("spinal_forward", &spinal_ops::cpu::spinal_forward_cpu);
+  m.impl("_spinal_backward", &spinal_ops::cpu::spinal_backward_cpu);
 }

@@ -5,8 +5,9 @@
 // * with nvcc (the CUDA branch below): plain CUDA. `simt::launch` is `<<<grid, block, smem, stream>>>`
 //   followed by `cudaGetLastError()`; `simt::dynamic_shared<T>()` is the block's `extern __shared__` buffer.
 // * with a host C++20 compiler (the emulator branch): every CUDA thread of a block becomes a user-space
-//   fiber; blocks run one after another on the calling OS thread. `__syncthreads()`, `__syncwarp()`, the
-//   warp shuffles and `nvcuda::wmma` are emulated. `__shared__` becomes `static`, which is one copy per
+//   fiber; blocks run one after another on the calling OS thread. `__syncthreads()`, `__syncwarp()`,
+//   `__shfl_xor_sync` and the part of `nvcuda::wmma` the kernels use (fill, load of A/B fragments, mma, store
+//   of the accumulator) are emulated. `__shared__` becomes `static`, which is one copy per
 //   kernel instantiation: correct because only one block runs at a time.
 //
 // Emulator backends (chosen by a macro of the host build):
@@ -46,7 +47,6 @@ using Stream = cudaStream_t;
 using Status = cudaError_t;
 inline bool ok(Status s) { return s == cudaSuccess; }
 inline const char* error_string(Status s) { return cudaGetErrorString(s); }
-inline constexpr bool kEmulated = false;
 
 // The block's dynamic shared memory (the size is the launch's `smem` argument). 128-byte aligned, enough
 // for wmma's 256-bit pointer alignment.
@@ -55,8 +55,6 @@ __device__ __forceinline__ T* dynamic_shared() {
   extern __shared__ __align__(128) unsigned char simt_dynamic_smem[];
   return reinterpret_cast<T*>(simt_dynamic_smem);
 }
-
-__device__ __forceinline__ int lane_id() { return static_cast<int>(threadIdx.x & 31u); }
 
 // Lets `kernel` use the device's whole opt-in dynamic shared memory: set once per kernel instantiation and device
 // (not per launch, so concurrent launches with different sizes never race on the attribute).
@@ -125,14 +123,12 @@ Status launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, Stre
 #undef __shared__
 #undef __forceinline__
 #undef __launch_bounds__
-#undef __restrict__
 #define __host__
 #define __device__
 #define __global__
 #define __shared__ static
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __restrict__ __restrict
 
 namespace simt {
 
@@ -140,7 +136,6 @@ using Stream = void*;
 using Status = int;
 inline bool ok(Status s) { return s == 0; }
 inline const char* error_string(Status) { return "emulated launch failed"; }
-inline constexpr bool kEmulated = true;
 
 // A bug found by the emulator in kernel code (message names the source lines).
 struct Error : std::runtime_error {
@@ -231,7 +226,6 @@ struct Warp {
 };
 
 struct Run {
-  dim3 grid{}, block{};
   uint3 block_idx{};
   std::function<void()> body;
   std::vector<Fiber> fibers;
@@ -494,8 +488,6 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem, std::function<void()> b
   Global& g = global();
   std::lock_guard<std::mutex> lock(g.mutex);
   Run r;
-  r.grid = grid;
-  r.block = block;
   r.body = std::move(body);
   const int n = static_cast<int>(block.x * block.y * block.z);
   if (n <= 0 || n > 1024) throw Error("simt: block size must be in [1, 1024], got " + std::to_string(n));
@@ -585,8 +577,6 @@ Status launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, Stre
 // ------------------------------------------------------------------------------------- CUDA built-ins
 #define threadIdx (::simt::host::current().tid)
 #define blockIdx (::simt::host::run().block_idx)
-#define blockDim (::simt::host::run().block)
-#define gridDim (::simt::host::run().grid)
 
 inline void __syncthreads(std::source_location loc = std::source_location::current()) {
   ::simt::host::block_barrier(loc);
@@ -615,12 +605,6 @@ T shuffle(unsigned mask, T v, int (*src_of)(int lane, int arg, int width), int a
 }  // namespace simt::host
 
 template <typename T>
-T __shfl_sync(unsigned mask, T v, int src, int width = 32,
-              std::source_location loc = std::source_location::current()) {
-  return ::simt::host::shuffle<T>(
-      mask, v, [](int lane, int s, int wd) { return (lane / wd) * wd + ((s % wd) + wd) % wd; }, src, width, loc);
-}
-template <typename T>
 T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32,
                   std::source_location loc = std::source_location::current()) {
   return ::simt::host::shuffle<T>(
@@ -631,18 +615,6 @@ T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32,
       },
       lane_mask, width, loc);
 }
-template <typename T>
-T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32,
-                   std::source_location loc = std::source_location::current()) {
-  return ::simt::host::shuffle<T>(
-      mask, v,
-      [](int lane, int d, int wd) {
-        int src = lane + d;
-        return (src / wd == lane / wd) ? src : lane;
-      },
-      static_cast<int>(delta), width, loc);
-}
-
 // ------------------------------------------------------------------------------------- nvcuda::wmma
 // Every lane holds the whole tile (the CUDA element-to-lane mapping is opaque, so any mapping is legal).
 // mma_sync accumulates in fp32; tf32 operands are rounded as the hardware does. store_matrix_sync has lane
@@ -696,12 +668,6 @@ inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const P* p, u
   for (int r = 0; r < F::rows; ++r)
     for (int c = 0; c < F::cols; ++c)
       f.x[r * F::cols + c] = std::is_same_v<Layout, col_major> ? p[c * ldm + r] : p[r * ldm + c];
-}
-
-template <int M, int N, int K, typename P>
-inline void load_matrix_sync(fragment<accumulator, M, N, K, float>& f, const P* p, unsigned ldm, layout_t l) {
-  for (int r = 0; r < M; ++r)
-    for (int c = 0; c < N; ++c) f.x[r * N + c] = l == mem_col_major ? p[c * ldm + r] : p[r * ldm + c];
 }
 
 template <int M, int N, int K, typename P>

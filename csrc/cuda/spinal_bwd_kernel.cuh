@@ -6,7 +6,8 @@
 //     carry = dZ_{i+1} @ Wh[slots[i+1]-1]                            (GEMM with K = w; i < L-1)
 //     dZ_i  = (dH_i + carry) * act'(.)
 // act' comes from H for relu, leaky_relu (slope >= 0), tanh, sigmoid, identity; for gelu, silu and
-// leaky_relu with a negative slope (RECOMPUTE_Z) Z_i is recomputed from x and H with the forward's GEMMs.
+// leaky_relu with a negative slope (RECOMPUTE_Z) Z_i is recomputed from x and H by the forward's z_tile
+// (spinal_common.cuh); act' is activation_derivative of csrc/spinal_activation.h.
 // dZ_i goes to a workspace (B, L, w) in the accumulation type; the next (smaller) i reads the block's own
 // rows of it back (the carry never leaves the block's rows). Then, if dx is wanted,
 //     dx[:, (starts[i] + j) mod D] += dZ_i @ Wx[slots[i]]           (GEMM with K = w, N = c)
@@ -58,7 +59,7 @@ struct BwdSmem {
   static constexpr size_t bytes = as + align128(sizeof(acc_t<T>) * BN * LDS);
 };
 
-template <typename T, Act ACT, bool RECOMPUTE_Z>
+template <typename T, Activation ACT, bool RECOMPUTE_Z>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) spinal_bwd_chain_kernel(const BwdParams<T> p) {
   using Acc = acc_t<T>;
   using TileT = Tile<Acc, Acc, Mma::kNone>;
@@ -109,29 +110,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) spinal_bwd_chain_ke
       }
       TileT z;
       if constexpr (RECOMPUTE_Z) {
-        z.zero_all();
-        gemm<Acc>(z, c, As, Bs,
-                  [&](int r, int k) -> Acc {
-                    const int gr = r0 + r;
-                    if (gr >= B) return zero_acc;
-                    int col = start + k;
-                    col -= col >= D ? D : 0;
-                    return convert<Acc>(p.x[static_cast<int64_t>(gr) * D + col]);
-                  },
-                  [&](int n, int k) -> Acc {
-                    return n0 + n < w ? convert<Acc>(Wx[static_cast<int64_t>(n0 + n) * c + k]) : zero_acc;
-                  });
-        if (i > 0) {
-          const T* Wh = p.wh + static_cast<int64_t>(h_slot(p.slots, i)) * w * w;
-          gemm<Acc>(z, w, As, Bs,
-                    [&](int r, int k) -> Acc {
-                      const int gr = r0 + r;
-                      return gr < B ? convert<Acc>(p.h_all[gr * Lw + static_cast<int64_t>(i - 1) * w + k]) : zero_acc;
-                    },
-                    [&](int n, int k) -> Acc {
-                      return n0 + n < w ? convert<Acc>(Wh[static_cast<int64_t>(n0 + n) * w + k]) : zero_acc;
-                    });
-        }
+        const T* Wh = i > 0 ? p.wh + static_cast<int64_t>(h_slot(p.slots, i)) * w * w : nullptr;
+        z_tile<Acc>(z, As, Bs, p.x, B, D, r0, start, Wx, c, i > 0, Wh, w, n0, [&](int r, int k) -> Acc {
+          const int gr = r0 + r;
+          return gr < B ? convert<Acc>(p.h_all[gr * Lw + static_cast<int64_t>(i - 1) * w + k]) : zero_acc;
+        });
       }
 #pragma unroll
       for (int j = 0; j < kPerThread; ++j) {
@@ -144,9 +127,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) spinal_bwd_chain_ke
         if constexpr (RECOMPUTE_Z) {
           Acc zz = z.get(nullptr, j);
           if (p.bias) zz += convert<Acc>(p.bias[static_cast<int64_t>(xs) * w + n]);
-          deriv = act_grad_from_z<ACT>(zz, p.slope);
+          deriv = activation_derivative<ACT, true>(zz, p.slope);
         } else {
-          deriv = act_grad_from_h<ACT>(convert<Acc>(p.h_all[hidx]), p.slope);
+          deriv = activation_derivative<ACT, false>(convert<Acc>(p.h_all[hidx]), p.slope);
         }
         *dz_at(row, i, n) = d * deriv;
       }

@@ -1,4 +1,6 @@
-// Pieces shared by the spinal kernels: types, activations, and the block-tile GEMM every phase uses.
+// Pieces shared by the spinal kernels: types, the block-tile GEMM every phase uses, and the Z tile (the
+// sub-layer's pre-activation) that the forward computes and the backward recomputes. The activations are
+// csrc/spinal_activation.h, shared with the CPU kernel.
 //
 // Block tile: BM = 16 rows x BN = 64 columns, reduced in BK = 32 slices, kThreads = 128 threads (4 warps).
 //   * BM = 16 is the row size of a wmma tile, so the tensor-core path covers a block tile with one row of
@@ -20,6 +22,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "../spinal_activation.h"
 #include "simt.h"
 
 namespace spinal_ops::cuda {
@@ -36,9 +39,6 @@ constexpr int LDS = BK + 8;  // staged row stride: a multiple of 8 elements (wmm
 constexpr int LDC = BN + 4;  // fp32 result tile stride (multiple of 4 floats, the wmma store rule)
 constexpr int kPerThread = BM * BN / kThreads;  // 8 results per thread
 constexpr int kColsPerRow = BN / kPerThread;     // 8 threads share a row
-
-// Activations, in the order of spinal_ops::Activation.
-enum class Act : int { kRelu = 0, kLeakyRelu, kTanh, kSigmoid, kIdentity, kGelu, kSilu };
 
 // How a tile product is computed: FMA (fp32/fp64), tensor cores on 16-bit operands (fp16/bf16), or tensor
 // cores on tf32-rounded fp32 operands.
@@ -83,55 +83,6 @@ __device__ __forceinline__ To convert(From v) {
 template <typename T>
 __device__ __forceinline__ T zero() {
   return convert<T>(0.0f);
-}
-
-__device__ __forceinline__ float math_exp(float v) { return expf(v); }
-__device__ __forceinline__ double math_exp(double v) { return exp(v); }
-__device__ __forceinline__ float math_tanh(float v) { return tanhf(v); }
-__device__ __forceinline__ double math_tanh(double v) { return tanh(v); }
-__device__ __forceinline__ float math_erf(float v) { return erff(v); }
-__device__ __forceinline__ double math_erf(double v) { return erf(v); }
-
-// act(z). gelu is the exact erf form of nn.GELU().
-template <Act A, typename F>
-__device__ __forceinline__ F activate(F z, F slope) {
-  const F one = F(1), zero_ = F(0);
-  if constexpr (A == Act::kRelu) return z > zero_ ? z : zero_;
-  if constexpr (A == Act::kLeakyRelu) return z > zero_ ? z : z * slope;
-  if constexpr (A == Act::kTanh) return math_tanh(z);
-  if constexpr (A == Act::kSigmoid) return one / (one + math_exp(-z));
-  if constexpr (A == Act::kIdentity) return z;
-  if constexpr (A == Act::kGelu) return F(0.5) * z * (one + math_erf(z * F(0.70710678118654752440)));
-  if constexpr (A == Act::kSilu) return z / (one + math_exp(-z));
-}
-
-// act'(z) from the output h = act(z): relu, leaky_relu with slope >= 0, tanh, sigmoid, identity.
-template <Act A, typename F>
-__device__ __forceinline__ F act_grad_from_h(F h, F slope) {
-  const F one = F(1), zero_ = F(0);
-  if constexpr (A == Act::kRelu) return h > zero_ ? one : zero_;
-  if constexpr (A == Act::kLeakyRelu) return h > zero_ ? one : slope;
-  if constexpr (A == Act::kTanh) return one - h * h;
-  if constexpr (A == Act::kSigmoid) return h * (one - h);
-  if constexpr (A == Act::kIdentity) return one;
-  return one;  // not reached: the others recompute z
-}
-
-// act'(z) from the pre-activation: gelu, silu, leaky_relu with a negative slope.
-template <Act A, typename F>
-__device__ __forceinline__ F act_grad_from_z(F z, F slope) {
-  const F one = F(1), zero_ = F(0);
-  if constexpr (A == Act::kLeakyRelu) return z > zero_ ? one : slope;
-  if constexpr (A == Act::kGelu) {
-    const F cdf = F(0.5) * (one + math_erf(z * F(0.70710678118654752440)));
-    const F pdf = F(0.39894228040143267794) * math_exp(F(-0.5) * z * z);
-    return cdf + z * pdf;
-  }
-  if constexpr (A == Act::kSilu) {
-    const F s = one / (one + math_exp(-z));
-    return s * (one + z * (one - s));
-  }
-  return one;  // not reached
 }
 
 // Weight slots (tying): sub-layer i uses weight_x[slots[i]], bias[slots[i]] and, for i >= 1,
@@ -230,6 +181,36 @@ __device__ __forceinline__ void gemm(TileT& acc, int K, S* As, S* Bs, ALoad a, B
     }
     __syncthreads();
     acc.step(As, Bs);
+  }
+}
+
+// ------------------------------------------------------------------------------------------- Z tile
+// Z_i without the bias for the block's rows r0 .. r0 + 15 and columns n0 .. n0 + 63 of sub-layer i:
+//     z = x[:, (start + k) mod D] @ Wx.T            (K = c; start < D and k < c <= D, so one subtraction wraps)
+//       + h_{i-1} @ Wh.T                            (K = w; when recurrent, i.e. i >= 1)
+// Wx / Wh are the sub-layer's weight slots; h_prev(r, k) returns h_{i-1}[r0 + r, k] as S (zero past B). The one
+// definition of Z for the forward (spinal_fwd_kernel.cuh) and the backward chain's recomputation
+// (spinal_bwd_kernel.cuh). Every thread of the block calls it (it holds barriers).
+template <typename S, typename TileT, typename T, typename HPrev>
+__device__ __forceinline__ void z_tile(TileT& z, S* As, S* Bs, const T* x, int B, int D, int r0, int start,
+                                       const T* Wx, int c, bool recurrent, const T* Wh, int w, int n0,
+                                       HPrev h_prev) {
+  z.zero_all();
+  gemm<S>(z, c, As, Bs,
+          [&](int r, int k) -> S {
+            const int gr = r0 + r;
+            if (gr >= B) return zero<S>();
+            int col = start + k;
+            col -= col >= D ? D : 0;
+            return convert<S>(x[static_cast<int64_t>(gr) * D + col]);
+          },
+          [&](int n, int k) -> S {
+            return n0 + n < w ? convert<S>(Wx[static_cast<int64_t>(n0 + n) * c + k]) : zero<S>();
+          });
+  if (recurrent) {
+    gemm<S>(z, w, As, Bs, h_prev, [&](int n, int k) -> S {
+      return n0 + n < w ? convert<S>(Wh[static_cast<int64_t>(n0 + n) * w + k]) : zero<S>();
+    });
   }
 }
 

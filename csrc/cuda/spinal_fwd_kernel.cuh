@@ -2,12 +2,12 @@
 //
 // Mapping. Block b owns rows r0 = 16 b .. r0 + 15 of x, H and y (rows are independent in the forward, so
 // blocks never wait on each other). The block walks the sub-layers i = 0 .. L-1 in order; for each one it
-// computes the tile Z_i[16, w] in column tiles of 64:
+// computes the tile Z_i[16, w] in column tiles of 64 (z_tile in spinal_common.cuh):
 //     Z_i = x[:, idx_i] @ Wx[slot].T          (the input projection: a GEMM with K = c, read straight from
 //                                             x with the wrap-around column map (starts[i] + k) mod D)
 //         + h_{i-1} @ Wh[slot].T              (the recurrence: K = w)
 //         + b[slot]
-// then h_i = act(Z_i), written to H; then the head y[16, out] += h_i @ Wo[:, i*w:(i+1)*w].T.
+// then h_i = act(Z_i) (csrc/spinal_activation.h), written to H; then the head y[16, out] += h_i @ Wo[:, i*w:(i+1)*w].T.
 // Each column tile is a block-tile GEMM (spinal_common.cuh): 4 warps, 16x64 results, K staged in slices of
 // 32 through shared memory; thread t owns row t / 8, columns t % 8 + 8 j of the tile.
 //
@@ -68,7 +68,7 @@ struct FwdSmem {
   }
 };
 
-template <typename T, Act ACT, int WFAST, Mma MMA>
+template <typename T, Activation ACT, int WFAST, Mma MMA>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) spinal_fwd_kernel(const FwdParams<T> p) {
   using Acc = acc_t<T>;
   using S = stage_t<T, MMA>;
@@ -101,14 +101,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) spinal_fwd_kernel(c
     T* h_prev_s = hbuf + ((i + 1) & 1) * BM * WFAST;
     T* h_cur_s = hbuf + (i & 1) * BM * WFAST;
 
-    // x[r0 + r, (start + k) mod D]: start < D and k < c <= D, so one subtraction wraps.
-    auto load_x = [&](int r, int k) -> S {
-      const int gr = r0 + r;
-      if (gr >= B) return zero<S>();
-      int col = start + k;
-      col -= col >= D ? D : 0;
-      return convert<S>(p.x[static_cast<int64_t>(gr) * D + col]);
-    };
     // h_{i-1}[r, k]
     auto load_h_prev = [&](int r, int k) -> S {
       if constexpr (WFAST > 0) {
@@ -122,15 +114,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) spinal_fwd_kernel(c
     const int n_end = WFAST > 0 ? BN : w;
     for (int n0 = 0; n0 < n_end; n0 += BN) {
       TileT z;
-      z.zero_all();
-      gemm<S>(z, c, As, Bs, load_x, [&](int n, int k) -> S {
-        return n0 + n < w ? convert<S>(Wx[static_cast<int64_t>(n0 + n) * c + k]) : zero<S>();
-      });
-      if (i > 0) {
-        gemm<S>(z, w, As, Bs, load_h_prev, [&](int n, int k) -> S {
-          return n0 + n < w ? convert<S>(Wh[static_cast<int64_t>(n0 + n) * w + k]) : zero<S>();
-        });
-      }
+      z_tile<S>(z, As, Bs, p.x, B, D, r0, start, Wx, c, i > 0, Wh, w, n0, load_h_prev);
       z.finish(Cs);
 #pragma unroll
       for (int j = 0; j < kPerThread; ++j) {
@@ -138,7 +122,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) spinal_fwd_kernel(c
         if (n >= w) continue;
         Acc zz = z.get(Cs, j);
         if (p.bias) zz += convert<Acc>(p.bias[static_cast<int64_t>(xs) * w + n]);
-        const T h = convert<T>(activate<ACT>(zz, p.slope));
+        const T h = convert<T>(activation_forward<ACT>(zz, p.slope));
         if (valid) p.h_all[row * Lw + static_cast<int64_t>(i) * w + n] = h;
         if constexpr (WFAST > 0) h_cur_s[er * WFAST + n] = valid ? h : zero<T>();
       }

@@ -35,7 +35,7 @@ bool forward_needs_y_workspace(int out, bool head) {
 
 // One launch: the forward kernel over ceil(B / 16) row tiles.
 template <typename T, typename Check>
-void launch_forward(const FwdParams<T>& p, Act act, LaunchOptions opt, simt::Stream stream, Check&& check) {
+void launch_forward(const FwdParams<T>& p, Activation act, LaunchOptions opt, simt::Stream stream, Check&& check) {
   if (p.rows == 0) return;
   const dim3 grid(static_cast<unsigned>((p.rows + BM - 1) / BM)), block(kThreads);
   const bool head = p.wo != nullptr;
@@ -53,12 +53,12 @@ void launch_forward(const FwdParams<T>& p, Act act, LaunchOptions opt, simt::Str
 // At most two launches: the chain (dZ, dx) when dx or an input-side weight gradient is wanted, then the
 // weight gradients when any is wanted.
 template <typename T, typename Check>
-void launch_backward(const BwdParams<T>& p, Act act, simt::Stream stream, Check&& check) {
+void launch_backward(const BwdParams<T>& p, Activation act, simt::Stream stream, Check&& check) {
   const bool chain = p.dx || p.dwx || p.dwh || p.db;
   if (chain && p.rows > 0) {
     const dim3 grid(static_cast<unsigned>((p.rows + BM - 1) / BM)), block(kThreads);
     with_activation(act, [&](auto A) {
-      constexpr Act kA = decltype(A)::value;
+      constexpr Activation kA = decltype(A)::value;
       with_recompute<kA>(p.slope < 0, [&](auto R) {
         auto kernel = spinal_bwd_chain_kernel<T, kA, decltype(R)::value>;
         check(simt::launch(kernel, grid, block, BwdSmem<T>::bytes, stream, p), "spinal_bwd_chain_kernel");

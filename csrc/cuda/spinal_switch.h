@@ -3,7 +3,8 @@
 // Each `with_*` calls `f` with a compile-time tag for the runtime value (std::integral_constant, or a type
 // tag for the dtype), so a launcher reads
 //     with_activation(act, [&](auto A) { launch(spinal_fwd_kernel<T, A.value, ...>, ...); });
-// and every instantiation the dispatch can reach is listed here, in one switch per choice.
+// and every instantiation the dispatch can reach is listed here, in one switch per choice; the activation's
+// switch, with_activation, is the one of csrc/spinal_activation.h that the CPU kernel uses too.
 #pragma once
 
 #include <type_traits>
@@ -27,22 +28,6 @@ void with_dtype(DType dt, F&& f) {
     case DType::kFloat64: f(TypeTag<double>{}); break;
     case DType::kFloat16: f(TypeTag<__half>{}); break;
     case DType::kBFloat16: f(TypeTag<__nv_bfloat16>{}); break;
-  }
-}
-
-template <Act A>
-using ActTag = std::integral_constant<Act, A>;
-
-template <typename F>
-void with_activation(Act a, F&& f) {
-  switch (a) {
-    case Act::kRelu: f(ActTag<Act::kRelu>{}); break;
-    case Act::kLeakyRelu: f(ActTag<Act::kLeakyRelu>{}); break;
-    case Act::kTanh: f(ActTag<Act::kTanh>{}); break;
-    case Act::kSigmoid: f(ActTag<Act::kSigmoid>{}); break;
-    case Act::kIdentity: f(ActTag<Act::kIdentity>{}); break;
-    case Act::kGelu: f(ActTag<Act::kGelu>{}); break;
-    case Act::kSilu: f(ActTag<Act::kSilu>{}); break;
   }
 }
 
@@ -74,18 +59,18 @@ void with_mma(bool allow_tf32, F&& f) {
 }
 
 // Backward: whether act' needs the recomputed pre-activation (gelu, silu; leaky_relu with a negative
-// slope). Only the activations that can need it get the `true` instantiation, and only those that can do
-// without it get `false`.
-template <Act A, typename F>
+// slope). Only the activations whose act' can come from Z get the `true` instantiation, and only those whose act'
+// can come from h get `false` (kDerivativeFromZ / kDerivativeFromH of csrc/spinal_activation.h).
+template <Activation A, typename F>
 void with_recompute(bool negative_slope, F&& f) {
-  if constexpr (A == Act::kGelu || A == Act::kSilu) {
-    f(std::true_type{});
-  } else if constexpr (A == Act::kLeakyRelu) {
+  if constexpr (kDerivativeFromZ<A> && kDerivativeFromH<A>) {
     if (negative_slope) {
       f(std::true_type{});
     } else {
       f(std::false_type{});
     }
+  } else if constexpr (kDerivativeFromZ<A>) {
+    f(std::true_type{});
   } else {
     f(std::false_type{});
   }

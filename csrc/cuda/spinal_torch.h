@@ -1,17 +1,17 @@
-// Tensor-level entry points of the spinal kernels: argument checks (csrc/spinal_args.h), output and
-// workspace allocation, and the launchers of spinal_launch.h. Shared by the CUDA binding (spinal_cuda.cu,
-// CUDA tensors on the current stream) and the emulated binding (tests/cuda_emulated/spinal_emulated.cpp, CPU tensors).
+// Tensor-level entry points of the spinal kernels: argument checks, index limits and the backward's effective
+// output mask (csrc/spinal_args.h), output and workspace allocation, and the launchers of spinal_launch.h. Shared
+// by the CUDA binding (spinal_cuda.cu, CUDA tensors on the current stream) and the emulated binding
+// (tests/cuda_emulated/spinal_emulated.cpp, CPU tensors).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
 #include <array>
-#include <limits>
 #include <list>
 #include <mutex>
-#include <utility>
 #include <optional>
+#include <utility>
 #include <string_view>
 #include <tuple>
 #include <vector>
@@ -46,18 +46,12 @@ T* mptr(const at::Tensor& t) {
 }
 
 // The kernels index rows, columns and weight slots with 32-bit integers (per dimension; offsets are 64-bit).
-inline void check_int32(const SpinalDims& d) {
-  constexpr int64_t kMax = std::numeric_limits<int>::max();
-  const std::pair<const char*, int64_t> sizes[] = {{"the number of rows of x (B)", d.rows},
-                                                   {"in_features (D)", d.in_features},
-                                                   {"num_layers * layer_width (L*w)", d.hidden()},
-                                                   {"out_features", d.out},
-                                                   {"layer_width * chunk (w*c)", d.chunk * d.width}};
-  for (const auto& [name, value] : sizes) {
-    TORCH_CHECK_VALUE(value <= kMax, "spinal_ops cuda backend: ", name, " must be at most 2^31 - 1 (32-bit ",
-                      "indices), got ", value, "; split the batch, or use the triton or reference backend ",
-                      "(spinal_ops.use_backend(...))");
-  }
+inline void check_int32_indices(const SpinalDims& d) {
+  check_index_limits(d, "cuda",
+                     {"the kernels' 32-bit index arithmetic",
+                      "fewer than 2^31 rows, in_features, L*w, out_features and w*c (offsets are 64-bit)",
+                      "split the batch, or use the triton or reference backend (spinal_ops.use_backend(...))",
+                      /*weight_x_slot=*/true});
 }
 
 // starts then slots (2L entries) as one int32 tensor on the device of x (kernel arguments), uploaded once per
@@ -122,7 +116,7 @@ inline std::tuple<at::Tensor, at::Tensor> forward_impl(
     LaunchCheck check = check_launch) {
   const SpinalDims d = check_forward_args("cuda", x, weight_x, weight_h, bias, head_weight, head_bias, starts, slots,
                                           activation, negative_slope);
-  check_int32(d);
+  check_int32_indices(d);
   at::Tensor h_all = at::empty({d.rows, d.hidden()}, x.options());
   at::Tensor y = at::empty({d.rows, d.has_head ? d.out : 0}, x.options());
   if (d.rows == 0) return {h_all, y};
@@ -152,7 +146,7 @@ inline std::tuple<at::Tensor, at::Tensor> forward_impl(
     p.chunk = static_cast<int>(d.chunk);
     p.out = static_cast<int>(d.out);
     p.slope = static_cast<acc_t<T>>(d.negative_slope);
-    launch_forward(p, static_cast<Act>(d.activation), opt, stream, check);
+    launch_forward(p, d.activation, opt, stream, check);
   });
   return {h_all, y};
 }
@@ -165,23 +159,23 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at
     simt::Stream stream, LaunchCheck check = check_launch) {
   const SpinalDims d = check_forward_args("cuda", x, weight_x, weight_h, bias, head_weight, std::nullopt, starts,
                                           slots, activation, negative_slope);
-  check_backward_args("cuda", d, x, grad_y, grad_h, h_all);
-  check_int32(d);
+  const std::array<bool, 6> m = check_backward_args("cuda", d, x, grad_y, grad_h, h_all, mask);
+  check_int32_indices(d);
   auto none = [&] { return x.new_empty({0}); };
-  at::Tensor dx = mask[kGradX] ? at::empty_like(x) : none();
-  at::Tensor dwx = mask[kGradWeightX] ? at::empty_like(weight_x) : none();
-  at::Tensor dwh = mask[kGradWeightH] ? at::empty_like(weight_h) : none();
-  at::Tensor db = mask[kGradBias] && d.has_bias ? at::empty_like(*bias) : none();
-  at::Tensor dwo = mask[kGradHeadWeight] && d.has_head ? at::empty_like(*head_weight) : none();
-  at::Tensor dbo = mask[kGradHeadBias] && d.has_head ? at::empty({d.out}, x.options()) : none();
-  const bool chain = (mask[kGradX] || mask[kGradWeightX] || mask[kGradWeightH] || (mask[kGradBias] && d.has_bias));
+  at::Tensor dx = m[kGradX] ? at::empty_like(x) : none();
+  at::Tensor dwx = m[kGradWeightX] ? at::empty_like(weight_x) : none();
+  at::Tensor dwh = m[kGradWeightH] ? at::empty_like(weight_h) : none();
+  at::Tensor db = m[kGradBias] ? at::empty_like(*bias) : none();
+  at::Tensor dwo = m[kGradHeadWeight] ? at::empty_like(*head_weight) : none();
+  at::Tensor dbo = m[kGradHeadBias] ? at::empty({d.out}, x.options()) : none();
+  const bool chain = needs_chain(m);
   at::Tensor table = device_layer_table(d, starts, x);
   with_dtype(dtype_of(x), [&](auto tag) {
     using T = typename decltype(tag)::type;
     using Acc = acc_t<T>;
     const auto acc_options = x.options().dtype(std::is_same_v<Acc, double> ? at::kDouble : at::kFloat);
     at::Tensor dz = chain ? at::empty({d.rows, d.layers, d.width}, acc_options) : at::Tensor();
-    at::Tensor dx_acc = (mask[kGradX] && !std::is_same_v<T, Acc>) ? at::empty({d.rows, d.in_features}, acc_options) : dx;
+    at::Tensor dx_acc = (m[kGradX] && !std::is_same_v<T, Acc>) ? at::empty({d.rows, d.in_features}, acc_options) : dx;
     BwdParams<T> p{};
     p.gy = d.has_head ? cptr<T>(grad_y) : nullptr;
     p.gh = cptr<T>(grad_h);
@@ -194,13 +188,13 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at
     p.starts = table.data_ptr<int>();
     p.slots = p.starts + d.layers;
     p.dz = dz.defined() ? reinterpret_cast<Acc*>(dz.data_ptr()) : nullptr;
-    p.dx_acc = mask[kGradX] && dx_acc.numel() ? reinterpret_cast<Acc*>(dx_acc.data_ptr()) : nullptr;
-    p.dx = mask[kGradX] ? mptr<T>(dx) : nullptr;
-    p.dwx = mask[kGradWeightX] ? mptr<T>(dwx) : nullptr;
-    p.dwh = mask[kGradWeightH] ? mptr<T>(dwh) : nullptr;
-    p.db = mask[kGradBias] && d.has_bias ? mptr<T>(db) : nullptr;
-    p.dwo = mask[kGradHeadWeight] && d.has_head ? mptr<T>(dwo) : nullptr;
-    p.dbo = mask[kGradHeadBias] && d.has_head ? mptr<T>(dbo) : nullptr;
+    p.dx_acc = m[kGradX] && dx_acc.numel() ? reinterpret_cast<Acc*>(dx_acc.data_ptr()) : nullptr;
+    p.dx = m[kGradX] ? mptr<T>(dx) : nullptr;
+    p.dwx = m[kGradWeightX] ? mptr<T>(dwx) : nullptr;
+    p.dwh = m[kGradWeightH] ? mptr<T>(dwh) : nullptr;
+    p.db = m[kGradBias] ? mptr<T>(db) : nullptr;
+    p.dwo = m[kGradHeadWeight] ? mptr<T>(dwo) : nullptr;
+    p.dbo = m[kGradHeadBias] ? mptr<T>(dbo) : nullptr;
     p.rows = static_cast<int>(d.rows);
     p.in_features = static_cast<int>(d.in_features);
     p.layers = static_cast<int>(d.layers);
@@ -210,7 +204,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at
     p.x_slots = static_cast<int>(d.x_slots);
     p.h_slots = static_cast<int>(d.h_slots);
     p.slope = static_cast<Acc>(d.negative_slope);
-    launch_backward(p, static_cast<Act>(d.activation), stream, check);
+    launch_backward(p, d.activation, stream, check);
   });
   return {dx, dwx, dwh, db, dwo, dbo};
 }

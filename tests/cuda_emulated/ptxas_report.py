@@ -39,7 +39,7 @@ def demangle(names: list[str]) -> list[str]:
 
 
 def short(name: str) -> str:
-    name = name.replace("spinal_ops::cuda::", "").replace("(spinal_ops::cuda::Act)", "Act:")
+    name = name.replace("spinal_ops::cuda::", "").replace("(spinal_ops::Activation)", "Act:").replace("(Mma)", "Mma:")
     name = re.sub(r"\(.*\)$", "", name)  # drop the parameter list
     return name.replace("__nv_bfloat16", "bf16").replace("__half", "f16")
 

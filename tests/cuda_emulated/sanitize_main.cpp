@@ -18,7 +18,7 @@
 
 namespace {
 
-using spinal_ops::cuda::Act;
+using Act = spinal_ops::Activation;
 using spinal_ops::cuda::acc_t;
 using spinal_ops::cuda::BwdParams;
 using spinal_ops::cuda::convert;

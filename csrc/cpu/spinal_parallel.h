@@ -1,0 +1,104 @@
+// The parallel jobs of the CPU kernels (csrc/cpu/spinal_cpu.cpp): row tiles, column blocks within a one-tile
+// batch, and the runner that spreads jobs over PyTorch's intra-op threads (at::parallel_for), each job with
+// sequential BLAS (csrc/cpu/spinal_blas.h).
+//
+// Determinism: the split into jobs depends only on the problem sizes, never on the thread count, and which
+// thread runs a job never changes its result, so outputs are bitwise identical across runs and thread counts.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+
+#include "../spinal_args.h"
+#include "spinal_blas.h"
+
+namespace spinal_ops::cpu {
+
+// Rows per tile (fixed, independent of the thread count, which keeps results bitwise reproducible). Chosen by
+// `python -m spinal_ops bench` over {64, 128, 256, 512} on the configurations of spinal_ops/configs.py: 256
+// amortises the per-GEMM call overhead that dominates narrow layers (w = 20..50: one tile is 3L+1 BLAS calls)
+// while a tile of H (256 * L*w values, <= 5 MB for L*w = 5120) still streams through L2 for the wide ones.
+inline constexpr int64_t kRowTile = 256;
+
+// Below this many multiply-adds in all, jobs run on the calling thread: waking the thread pool costs more
+// than it saves (measured: a B = 32 backward took 0.67 ms on one thread and up to 20 ms through the pool on a
+// loaded 2-core machine). About 10 us of work on one core.
+inline constexpr int64_t kParallelWork = int64_t(1) << 18;
+
+// Runs fn(j) for j = 0 .. jobs-1, in parallel over PyTorch's intra-op threads when there is enough work, each
+// job with sequential BLAS. `work` is the multiply-adds of all jobs together. Threads take the next job from a
+// shared counter, so jobs of unequal size balance: at::parallel_for alone hands each thread a contiguous range,
+// which gave one of 2 threads all four dW_x jobs of wide-resnet-head's weight-gradient phase (~90% of its work).
+// Which thread runs a job never changes its result.
+//
+// Global state: none is changed. The one hazard is ATen's lazy per-thread initialisation of its thread settings:
+// the first at::parallel_for or at::get_num_threads of a thread sets OpenMP's thread count to
+// mkl_get_max_threads(), which reads 1 while a SequentialBlas is alive on that thread (a one-tile batch runs its
+// column-split jobs inside one). That left torch.get_num_threads() at 1 for the rest of the caller's program.
+// The flag is thread-local and kept once per copy of the inline at::internal::lazy_init_num_threads (libtorch
+// has one, at::parallel_for inlines another into this library), so both are initialised here, before any
+// SequentialBlas exists on this thread.
+template <typename F>
+void run_jobs(int64_t jobs, int64_t work, const F& fn) {
+  at::internal::lazy_init_num_threads();
+  (void)at::get_num_threads();
+  if (jobs <= 1 || work < kParallelWork) {
+    SequentialBlas sequential;
+    for (int64_t j = 0; j < jobs; ++j) fn(j);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(jobs, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    SequentialBlas sequential;
+    for (int64_t j = next.fetch_add(1); j < jobs; j = next.fetch_add(1)) fn(j);
+  });
+}
+
+// Runs fn(r0, m, one_tile) for every tile of kRowTile rows, as parallel jobs; one_tile: the batch is one tile.
+template <typename F>
+void for_each_tile(const SpinalDims& d, const F& fn) {
+  const int64_t rows = d.rows;
+  const int64_t work = rows * (d.layers * d.width * (d.chunk + d.width) + d.hidden() * d.out);
+  const int64_t tiles = (rows + kRowTile - 1) / kRowTile;
+  run_jobs(tiles, work, [&](int64_t t) {
+    const int64_t r0 = t * kRowTile;
+    fn(r0, std::min(kRowTile, rows - r0), tiles == 1);
+  });
+}
+
+// Rows of one tile are one job. When the whole batch fits in one tile (B <= kRowTile) that single job would leave
+// every other thread idle while it runs the chain, so each sub-layer's products are split instead into fixed
+// column blocks of the output (the width w for Z and the carry, the chunk c for dx), one job each, with a join per
+// sub-layer. The split depends only on the sizes, never on the thread count (results stay bitwise reproducible),
+// and is used only when one sub-layer's product has at least kParallelWork multiply-adds. Blocks are multiples of
+// 16 columns (whole AVX-512 / two AVX2 vectors), at least kMinColumnBlock wide (a GEMM call per block stays
+// cheap next to its work) and at most kMaxColumnBlocks. Measured on 2 cores (AMD EPYC, AVX2): the forward of
+// wide-resnet-custom (w = 512, 8 blocks) at B = 1 / 64 took 0.70x / 0.52x the time of the single job.
+inline constexpr int64_t kMaxColumnBlocks = 8;
+inline constexpr int64_t kMinColumnBlock = 64;
+
+struct ColumnSplit {
+  int64_t columns = 0;
+  int64_t blocks = 1;
+  int64_t size = 0;  // columns per block (the last one may be shorter)
+
+  // Split of `columns` output columns of a product with `work` multiply-adds, within a one-tile batch.
+  static ColumnSplit make(int64_t columns, int64_t work, bool one_tile) {
+    ColumnSplit c;
+    c.columns = columns;
+    c.size = columns;
+    if (!one_tile || work < kParallelWork || columns < 2 * kMinColumnBlock) return c;
+    c.blocks = std::min(kMaxColumnBlocks, columns / kMinColumnBlock);
+    c.size = ((columns + c.blocks - 1) / c.blocks + 15) / 16 * 16;
+    c.blocks = (columns + c.size - 1) / c.size;
+    return c;
+  }
+  int64_t begin(int64_t b) const { return b * size; }
+  int64_t end(int64_t b) const { return std::min(columns, (b + 1) * size); }
+};
+
+}  // namespace spinal_ops::cpu
