@@ -9,7 +9,7 @@ import threading
 
 import pytest
 import torch
-from helpers import Case, assert_close, functional_kwargs, make_inputs, require_backend, run_and_grad
+from helpers import Case, assert_close, backends, require_backend, run_case
 
 import spinal_ops
 from spinal_ops import SpinalLinear
@@ -29,19 +29,13 @@ SMALL_CASES = [c.replace(rows=r) for c, r in zip(CASES, (20, 9, 17, 5), strict=T
 
 
 def _call(backend, case, dtype, device, seed):
-    x, params = make_inputs(case, dtype, device=device, seed=seed)
-
-    def fn(x_, **p):
-        with spinal_ops.use_backend(backend):  # a context variable: each thread forces its own backend
-            return spinal_ops.spinal_linear(x_, **p, **functional_kwargs(case))
-
-    out, grads = run_and_grad(fn, x, params, seed=seed + 1)
-    return {"output": out, **{f"d{k}": v for k, v in grads.items() if v is not None}}
+    result = run_case(backend, case, dtype, device=device, seed=seed, cot_seed=seed + 1)  # the backend: a context
+    return {name if name == "output" else f"d{name}": t for name, t in result.items() if t is not None}  # variable
 
 
 # Triton's interpreter is process-global; the launchers serialise interpreted launches with a lock
 # (triton_kernels/settings.py launch_guard), which this test exercises under TRITON_INTERPRET=1.
-@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+@pytest.mark.parametrize("backend", backends("cpu", "reference", "triton"))
 def test_threads_match_single_threaded_results(backend):
     require_backend(backend)
     device = "cuda" if backend == "triton" and not INTERPRETED else "cpu"

@@ -9,9 +9,7 @@ import re
 
 import pytest
 import torch
-from helpers import COLUMN_SPLIT_CASES, Case, functional_kwargs, make_inputs, require_backend, run_and_grad
-
-import spinal_ops
+from helpers import COLUMN_SPLIT_CASES, Case, backends, require_backend, run_case
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -19,7 +17,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Several row tiles of the cpu kernel (256 rows each) and the weight-gradient GEMMs over all rows, where a
 # threaded BLAS would split the reduction by thread count; wrap-around chunks, shared slots (partials added
 # afterwards), hidden mode, act' from a recomputed Z; one-tile batches whose products are split into column blocks.
-CPU_CASES = [*COLUMN_SPLIT_CASES,
+CPU_CASES = [*COLUMN_SPLIT_CASES.values(),
     Case(257, 13, 2, 5, 4),
     Case(1100, 200, 2, 64, 4, out=10),
     Case(1100, 24, 8, 7, 10, activation="gelu", shared=True),
@@ -34,14 +32,8 @@ def _dtype_id(dtype):
 
 
 def _run(backend, case, dtype, device="cpu"):
-    x, params = make_inputs(case, dtype, device=device, seed=5)
-
-    def fn(x_, **p):
-        with spinal_ops.use_backend(backend):
-            return spinal_ops.spinal_linear(x_, **p, **functional_kwargs(case))
-
-    out, grads = run_and_grad(fn, x, params, seed=6)
-    return {"output": out, **{f"d{k}": v for k, v in grads.items() if v is not None}}
+    result = run_case(backend, case, dtype, device=device, seed=5, cot_seed=6)
+    return {name if name == "output" else f"d{name}": t for name, t in result.items() if t is not None}
 
 
 def _assert_bitwise(first, second, what):
@@ -72,7 +64,7 @@ def test_cpu_bitwise_across_runs_and_thread_counts(case, dtype, threads):
                     f"backend=cpu case={case.id} dtype={_dtype_id(dtype)} 2 threads vs 1 thread")
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("backend", backends("reference", "cpu", "triton"))
 def test_use_deterministic_algorithms_runs_and_agrees(backend):
     """Every backend runs under ``torch.use_deterministic_algorithms(True)`` (none needs an order-dependent atomic,
     so none raises or falls back) and gives the same bits as without it."""

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close, require_backend
+from helpers import assert_close, backends, require_backend
 from original import TiedRegressionSpinal, packed_grads
 from torch import nn
 
 import spinal_ops
 from spinal_ops import SpinalLinear
 
-BACKENDS = ["reference", "cpu", pytest.param("triton", marks=pytest.mark.triton)]
+BACKENDS = backends("reference", "cpu", "triton")
 
 
 # ------------------------------------------------------------------------------------------------ weight tying
