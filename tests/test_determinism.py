@@ -31,15 +31,13 @@ def _dtype_id(dtype):
     return str(dtype).removeprefix("torch.")
 
 
-def _run(backend, case, dtype, device="cpu"):
-    result = run_case(backend, case, dtype, device=device, seed=5, cot_seed=6)
-    return {name if name == "output" else f"d{name}": t for name, t in result.items() if t is not None}
-
-
 def _assert_bitwise(first, second, what):
     assert first.keys() == second.keys(), f"{what}: tensors {sorted(first)} vs {sorted(second)}"
     for name in first:
         a, b = first[name], second[name]
+        if a is None:  # a gradient the output does not depend on (weight_h of L = 1)
+            assert b is None, f"{what}: {name} None in one run only"
+            continue
         diff = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
         assert torch.equal(a, b), f"{what}: {name} {tuple(a.shape)} not bitwise equal (max abs diff {diff:.3e})"
 
@@ -57,10 +55,11 @@ def threads():
 def test_cpu_bitwise_across_runs_and_thread_counts(case, dtype, threads):
     require_backend("cpu")
     threads(2)
-    first = _run("cpu", case, dtype)
-    _assert_bitwise(first, _run("cpu", case, dtype), f"backend=cpu case={case.id} dtype={_dtype_id(dtype)} rerun")
+    first = run_case("cpu", case, dtype, seed=5, cot_seed=6)
+    _assert_bitwise(first, run_case("cpu", case, dtype, seed=5, cot_seed=6),
+                    f"backend=cpu case={case.id} dtype={_dtype_id(dtype)} rerun")
     threads(1)
-    _assert_bitwise(first, _run("cpu", case, dtype),
+    _assert_bitwise(first, run_case("cpu", case, dtype, seed=5, cot_seed=6),
                     f"backend=cpu case={case.id} dtype={_dtype_id(dtype)} 2 threads vs 1 thread")
 
 
@@ -71,12 +70,12 @@ def test_use_deterministic_algorithms_runs_and_agrees(backend):
     require_backend(backend)
     device = "cuda" if backend == "triton" and not INTERPRETED else "cpu"
     case = Case(257, 13, 3, 5, 4, shared=True) if backend != "triton" else Case(70, 13, 3, 5, 4, shared=True)
-    plain = _run(backend, case, torch.float32, device)
+    plain = run_case(backend, case, torch.float32, device=device, seed=5, cot_seed=6)
     saved = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        strict = _run(backend, case, torch.float32, device)
-        again = _run(backend, case, torch.float32, device)
+        strict = run_case(backend, case, torch.float32, device=device, seed=5, cot_seed=6)
+        again = run_case(backend, case, torch.float32, device=device, seed=5, cot_seed=6)
     finally:
         torch.use_deterministic_algorithms(saved)
     what = f"backend={backend} case={case.id} dtype=float32"

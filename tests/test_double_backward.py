@@ -17,7 +17,7 @@ import spinal_ops
 from spinal_ops import reference
 
 PARAMS = ("weight_x", "weight_h", "bias", "head_weight", "head_bias")
-BACKENDS = backends("cpu", "triton", "cuda")
+SECOND_ORDER_BACKENDS = backends("cpu", "triton", "cuda")
 DEVICE = {name: device_of(name) for name in ("cpu", "triton", "cuda")}
 
 # Every activation (each act' is differentiated), head and hidden mode, tied slots, wrapping chunks, no bias.
@@ -76,7 +76,7 @@ def test_reference_backward_is_autograd_of_the_forward(case):
         assert_close(got[5], grad_y.sum(0), what=f"reference.spinal_backward {case.id}: dhead_bias")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", SECOND_ORDER_BACKENDS)
 @pytest.mark.parametrize("case", SECOND_ORDER_CASES, ids=lambda c: c.id)
 def test_second_order_gradients_match_the_reference(backend, case):
     require_backend(backend)

@@ -4,25 +4,11 @@ kernel ops themselves (naming the backend, the argument and the supported values
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from helpers import Case, assert_close, backends, check_against_reference, make_inputs, require_backend, triton_ops
 
 from spinal_ops import reference
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _device(backend):
-    return "cuda" if backend in ("triton", "cuda") and not INTERPRETED else "cpu"
-
-
-def _check(backend, case, dtype=torch.float32):
-    """Forward and every gradient of ``backend`` against the reference (float64 on the same inputs)."""
-    check_against_reference(backend, case, dtype, device=_device(backend), seed=2, cot_seed=3)
-
 
 # ------------------------------------------------------------------------------- index arithmetic past 2^31
 
@@ -98,7 +84,7 @@ LARGE_HEAD = Case(33, 40, 2, 16, 3, out=10_000)
 @pytest.mark.parametrize("backend", backends("reference", "cpu"))
 def test_head_with_10000_outputs(backend):
     require_backend(backend)
-    _check(backend, LARGE_HEAD)
+    check_against_reference(backend, LARGE_HEAD, torch.float32, seed=2, cot_seed=3)
 
 
 # The Triton kernels tile the head over outputs on their wide path (chosen for heads this large): no limit on
@@ -107,7 +93,7 @@ def test_head_with_10000_outputs(backend):
 @pytest.mark.parametrize("width", [8, 100], ids=["w8", "w100"])
 def test_triton_head_with_10000_outputs(width):
     require_backend("triton")
-    _check("triton", Case(3, 20, 2, width, 2, out=10_000))
+    check_against_reference("triton", Case(3, 20, 2, width, 2, out=10_000), torch.float32, seed=2, cot_seed=3)
 
 
 # ------------------------------------------------------------------------------- past the old triton tile limits
@@ -123,7 +109,7 @@ def test_triton_wide_layers_run_and_match_the_reference(case):
     the output and every gradient. (Its one remaining limit, 32-bit offsets inside a weight tensor, is tested in
     tests/test_triton.py.)"""
     require_backend("triton")
-    _check("triton", case)
+    check_against_reference("triton", case, torch.float32, seed=2, cot_seed=3)
 
 
 # --------------------------------------------------------------------------------------- errors from the ops
