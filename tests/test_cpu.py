@@ -69,7 +69,10 @@ class _Net(torch.nn.Module):
         return self.head(torch.relu(self.body(x)))
 
 
-def test_compile_fullgraph_matches_eager():
+def test_compile_fullgraph_matches_eager(tmp_path, monkeypatch):
+    # A private compile cache: the shared one (/tmp/torchinductor_<user>) may hold code compiled against another
+    # build of spinal_ops whose ops had other names, which the cache key does not see.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     torch._dynamo.reset()
     net = _Net()
     compiled = torch.compile(net, fullgraph=True, backend="inductor")

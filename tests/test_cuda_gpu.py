@@ -166,8 +166,9 @@ def test_bitwise_repeatable(backend):
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_compile_fullgraph(backend):
+def test_compile_fullgraph(backend, tmp_path, monkeypatch):
     _need(backend)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # as in test_cpu.py: a private cache
     case = CASES["wrap"]
     m = spinal_ops.SpinalLinear(case.in_features, case.out, layer_width=case.width, num_layers=case.num_layers,
                                 num_splits=case.num_splits, device="cuda")
