@@ -1,4 +1,4 @@
-"""Test configuration: RNG hygiene, hypothesis profiles."""
+"""Test configuration: backends skipped at collection time, RNG hygiene, hypothesis profiles."""
 
 from __future__ import annotations
 
@@ -7,6 +7,21 @@ import random
 
 import pytest
 import torch
+from helpers import BACKEND_NAMES, unavailable
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test parametrized over ``backend`` (helpers.BACKENDS, helpers.backends) is skipped at collection time when
+    that backend cannot run here; the test itself re-checks when it runs (helpers.require_backend)."""
+    reasons: dict[str, str | None] = {}
+    for item in items:
+        backend = getattr(item, "callspec", None) and item.callspec.params.get("backend")
+        if backend not in BACKEND_NAMES:
+            continue
+        if backend not in reasons:
+            reasons[backend] = unavailable(backend)
+        if reasons[backend]:
+            item.add_marker(pytest.mark.skip(reason=f"backend {backend!r}: {reasons[backend]}"))
 
 
 @pytest.fixture(autouse=True)

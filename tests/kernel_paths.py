@@ -35,7 +35,9 @@ class Variant:
         return f"{self.case.id}-{DTYPE_NAMES[self.dtype]}{'-tf32' if self.tf32 else ''}-{self.path}"
 
 
-_wrap, _alternate, _empty, _b257, _k8, _l1, _shared, _gelu, _silu, _identity, _tied = CASES
+_wrap, _alternate, _empty, _b257, _k8, _l1, _shared, _gelu, _silu, _identity, _tied = (
+    CASES[n] for n in ("wrap", "alternate", "empty", "b257", "k8", "l1", "shared", "gelu-hidden", "silu-transposed",
+                       "identity-3d", "tied"))
 
 VARIANTS = [
     # FMA path, fp64 / fp32, every activation, both width paths.

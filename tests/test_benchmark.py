@@ -75,7 +75,6 @@ def test_timed_steps_run_with_the_recorded_thread_count(monkeypatch, three_threa
     assert benchmark.environment(torch.float32)["threads"] == three_threads
 
 
-@pytest.mark.slow
 def test_every_provider_of_a_row_runs_on_the_threads_recorded_and_they_are_restored(monkeypatch, fast_machine):
     before = torch.get_num_threads()
     wanted = 3 if before != 3 else 2
@@ -155,7 +154,6 @@ def test_tiny_report_has_every_provider_ratio_spread_and_floor(fast_machine):
 
 # --- torch.compile ------------------------------------------------------------------------------------------------
 
-@pytest.mark.slow
 def test_compiled_cells_each_compile_and_never_hit_the_recompile_limit(capfd, fast_machine):
     """One cache for all cells made dynamo give up after ``recompile_limit`` graphs and run eagerly."""
     with torch._dynamo.config.patch(recompile_limit=1):
@@ -168,7 +166,6 @@ def test_compiled_cells_each_compile_and_never_hit_the_recompile_limit(capfd, fa
     assert "recompile_limit" not in capfd.readouterr().err
 
 
-@pytest.mark.slow
 def test_a_compiled_cell_that_hits_the_recompile_limit_is_failed_not_eager(monkeypatch, fast_machine):
     """Without the reset between cells the second one hits the limit: it must say so, not time eager."""
     counter = benchmark.GraphCounter()

@@ -1,19 +1,12 @@
-"""The fused C++ CPU backend against the reference: outputs, every gradient, gradcheck, opcheck, compile."""
+"""What is specific to the fused C++ CPU backend: gradcheck, the backward op on its own, compile, saved tensors,
+NaN rows, many rows, leading dims, dtypes and argument errors. Its outputs and gradients against the reference are
+in tests/test_conformance.py, its opcheck in tests/test_opcheck.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import (
-    CASES,
-    COLUMN_SPLIT_CASES,
-    Case,
-    assert_close,
-    functional_kwargs,
-    make_inputs,
-    require_backend,
-    run_and_grad,
-)
+from helpers import CASES, Case, assert_close, functional_kwargs, make_inputs, require_backend
 
 import spinal_ops
 from spinal_ops import SpinalLinear, reference
@@ -24,31 +17,6 @@ pytestmark = pytest.mark.usefixtures("_cpu_backend")
 @pytest.fixture
 def _cpu_backend():
     require_backend("cpu")
-
-
-def _run(backend, case, x, params):
-    def fn(x, **p):
-        with spinal_ops.use_backend(backend):
-            return spinal_ops.spinal_linear(x, **p, **functional_kwargs(case))
-
-    return run_and_grad(fn, x, params)
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("case", CASES + COLUMN_SPLIT_CASES, ids=[c.id for c in CASES + COLUMN_SPLIT_CASES])
-def test_matches_reference(case, dtype):
-    x, params = make_inputs(case, dtype)
-    out, grads = _run("cpu", case, x, params)
-    x64, p64 = make_inputs(case, torch.float64)
-    ref_out, ref_grads = _run("reference", case, x64, p64)
-    same_out, same_grads = _run("reference", case, x, params) if dtype != torch.float64 else (ref_out, ref_grads)
-    what = f"cpu/{case.id}/{dtype}"
-    assert_close(out, ref_out, same_out, what=f"{what} output")
-    for name, ref in ref_grads.items():
-        if ref is None:  # weight_h of L = 1 has no elements
-            assert grads[name] is None or grads[name].numel() == 0, f"{what} grad {name}: expected empty"
-            continue
-        assert_close(grads[name], ref, same_grads[name], what=f"{what} grad {name}")
 
 
 GRADCHECK = [
@@ -78,33 +46,8 @@ def _op_args(case, dtype=torch.float64):
             starts, slots, case.activation, case.negative_slope)
 
 
-OPCHECK = [CASES[0], CASES[6], CASES[7], CASES[8].replace(layout="contiguous"), CASES[10]]
-
-
-@pytest.mark.parametrize("case", OPCHECK, ids=[c.id for c in OPCHECK])
-def test_opcheck_forward(case):
-    torch.library.opcheck(torch.ops.spinal_ops.spinal_forward.default, _op_args(case))
-
-
-@pytest.mark.parametrize("case", OPCHECK, ids=[c.id for c in OPCHECK])
-@pytest.mark.parametrize("mask", [[True] * 6, [True, False, False, False, False, False],
-                                  [False, True, True, True, True, True]], ids=["all", "dx", "weights"])
-def test_opcheck_backward(case, mask):
-    x, wx, wh, b, wo, bo, starts, slots, act, slope = _op_args(case)
-    h_all, y = torch.ops.spinal_ops.spinal_forward(x, wx, wh, b, wo, bo, starts, slots, act, slope)
-    grad_y = torch.randn_like(y) if wo is not None else None
-    grad_h = torch.randn_like(h_all)
-    mask = [m and t is not None for m, t in zip(mask, (x, wx, wh, b, wo, bo), strict=False)]
-    args = (grad_y, grad_h, x.detach(), h_all.detach(), wx.detach(), wh.detach(), b.detach() if b is not None else None,
-            wo.detach() if wo is not None else None, starts, slots, act, slope, mask)
-    torch.library.opcheck(torch.ops.spinal_ops._spinal_backward.default, args)
-    grads = torch.ops.spinal_ops._spinal_backward(*args)
-    for wanted, g, t in zip(mask, grads, (x, wx, wh, b, wo, bo), strict=False):
-        assert (g.shape == t.shape) if wanted else g.numel() == 0, "output mask not honoured"
-
-
 def test_backward_matches_reference_on_its_own():
-    case = CASES[4]
+    case = CASES["k8"]
     x, wx, wh, b, wo, bo, starts, slots, act, slope = _op_args(case)
     h_all, y = reference.spinal_forward(x, wx, wh, b, wo, bo, starts, slots, act, slope)
     grad_y, grad_h = torch.randn_like(y), torch.randn_like(h_all)
@@ -126,7 +69,10 @@ class _Net(torch.nn.Module):
         return self.head(torch.relu(self.body(x)))
 
 
-def test_compile_fullgraph_matches_eager():
+def test_compile_fullgraph_matches_eager(tmp_path, monkeypatch):
+    # A private compile cache: the shared one (/tmp/torchinductor_<user>) may hold code compiled against another
+    # build of spinal_ops whose ops had other names, which the cache key does not see.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     torch._dynamo.reset()
     net = _Net()
     compiled = torch.compile(net, fullgraph=True, backend="inductor")
@@ -219,7 +165,7 @@ def test_other_dtypes_go_to_the_reference_or_raise_when_forced():
     ids=["weight_h-shape", "weight_x-dtype", "start-range", "activation", "x-layout"],
 )
 def test_op_argument_errors(mutate, match):
-    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in _op_args(CASES[0])]
+    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in _op_args(CASES["wrap"])]
     mutate(args)
     with pytest.raises(RuntimeError, match=match):
         torch.ops.spinal_ops.spinal_forward(*args)

@@ -38,7 +38,9 @@ pytestmark = [
 ]
 
 SCHEDULES = {"forward": 0, "reverse": 1, "random": 2}
-_wrap, _alternate, _empty, _b257, _k8, _l1, _shared, _gelu, _silu, _identity, _tied = CASES
+_wrap, _alternate, _empty, _b257, _k8, _l1, _shared, _gelu, _silu, _identity, _tied = (
+    CASES[n] for n in ("wrap", "alternate", "empty", "b257", "k8", "l1", "shared", "gelu-hidden", "silu-transposed",
+                       "identity-3d", "tied"))
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
-"""The GPU backends on a real GPU: every CUDA kernel path, Triton on the GPU, streams and devices, CUDA graphs,
-sync-free calls, opcheck and torch.compile.
+"""What is specific to the GPU backends on a real GPU: every CUDA kernel path, streams and devices, CUDA graphs,
+sync-free calls and torch.compile. Their outputs and gradients against the reference through the module API are in
+tests/test_conformance.py, their opcheck in tests/test_opcheck.py.
 
 Collected everywhere, run only where a GPU is: the module is skipped at collection time when the machine has
 no NVIDIA device node (a file-system check: CUDA itself is never queried at import or collection), and each
@@ -13,7 +14,7 @@ import os
 
 import pytest
 import torch
-from helpers import CASES, Case, assert_close, functional_kwargs, make_inputs, run_and_grad
+from helpers import CASES, Case, assert_close, backends, functional_kwargs, make_inputs
 from kernel_paths import VARIANTS, check_variant, gpu_backward, gpu_forward
 
 import spinal_ops
@@ -23,8 +24,7 @@ pytestmark = [
     pytest.mark.skipif(not os.path.exists("/dev/nvidiactl"), reason="no NVIDIA GPU on this machine"),
 ]
 
-DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-GPU_BACKENDS = ["cuda", "triton"]
+GPU_BACKENDS = backends("cuda", "triton")
 PARAMS = ("weight_x", "weight_h", "bias", "head_weight", "head_bias")
 
 
@@ -46,27 +46,6 @@ def _need(backend: str) -> None:
 def test_cuda_kernel_path_matches_reference(variant):
     _need("cuda")
     check_variant(gpu_forward, gpu_backward, variant, f"cuda (GPU) {variant.id}")
-
-
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_backend_matches_reference_through_the_module_api(backend, case, dtype):
-    _need(backend)
-    x, params = make_inputs(case, dtype)
-    xd = x.detach().to("cuda").requires_grad_()
-    pd = {k: (v.detach().to("cuda").requires_grad_() if v is not None else None) for k, v in params.items()}
-    kw = functional_kwargs(case)
-    with spinal_ops.use_backend(backend):
-        out, grads = run_and_grad(lambda x, **p: spinal_ops.spinal_linear(x, **p, **kw), xd, pd)
-    x64, p64 = make_inputs(case, torch.float64)
-    with spinal_ops.use_backend("reference"):
-        out_hi, grads_hi = run_and_grad(lambda x, **p: spinal_ops.spinal_linear(x, **p, **kw), x64, p64)
-        out_lo, grads_lo = run_and_grad(lambda x, **p: spinal_ops.spinal_linear(x, **p, **kw), x, params)
-    what = f"{backend} (GPU) {case.id} {dtype}"
-    assert_close(out.cpu(), out_hi, out_lo, what=f"{what}: output")
-    for name in grads_hi:
-        assert_close(grads[name].cpu(), grads_hi[name], grads_lo[name], what=f"{what}: d{name}")
 
 
 def test_cuda_backend_is_chosen_for_cuda_tensors():
@@ -94,7 +73,7 @@ def test_calls_synchronise_nothing(backend):
     """After a warm-up call, forward and backward run under sync-debug "error" mode: no synchronising call,
     no pageable host-to-device copy."""
     _need(backend)
-    case = CASES[10]
+    case = CASES["tied"]
     x, params = _gpu_inputs(case)
     _step(backend, case, x, params)  # warm-up: compiles, tunes, uploads the layer table once
     torch.cuda.synchronize()
@@ -110,7 +89,7 @@ def test_calls_synchronise_nothing(backend):
 def test_cuda_graph_capture_forward_and_backward(backend):
     """Forward and backward captured in one CUDA graph and replayed give the eager results."""
     _need(backend)
-    case = CASES[0].replace(rows=33)
+    case = CASES["wrap"].replace(rows=33)
     x, params = _gpu_inputs(case)
     leaves = [x, *[p for p in params.values() if p is not None]]
     stream = torch.cuda.Stream()
@@ -141,7 +120,7 @@ def test_cuda_graph_capture_forward_and_backward(backend):
 def test_side_stream(backend):
     """Launches go to the current stream: work on a side stream, ordered only by that stream, is correct."""
     _need(backend)
-    case = CASES[3]
+    case = CASES["b257"]
     x, params = _gpu_inputs(case)
     with spinal_ops.use_backend(backend):
         expected = spinal_ops.spinal_linear(x, **params, **functional_kwargs(case)).detach()
@@ -159,7 +138,7 @@ def test_second_device_while_the_first_is_current(backend):
     _need(backend)
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
-    case = CASES[0]
+    case = CASES["wrap"]
     x0, p0 = _gpu_inputs(case, device="cuda:0")
     x1, p1 = _gpu_inputs(case, device="cuda:1")
     with torch.cuda.device(0):
@@ -173,7 +152,7 @@ def test_second_device_while_the_first_is_current(backend):
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_bitwise_repeatable(backend):
     _need(backend)
-    case = CASES[3]
+    case = CASES["b257"]
     results = []
     for _ in range(2):
         x, params = _gpu_inputs(case)
@@ -186,33 +165,11 @@ def test_bitwise_repeatable(backend):
 # ------------------------------------------------------------------------------------- opcheck, compile
 
 
-def _op_args(case: Case, dtype=torch.float32):
-    x, params = _gpu_inputs(case, dtype)
-    return (x.detach(), *[params[k].detach() if params[k] is not None else None for k in PARAMS],
-            *case.layer_args(), case.activation, case.negative_slope)
-
-
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-@pytest.mark.parametrize("case", [CASES[0], CASES[7], CASES[10]], ids=lambda c: c.id)
-def test_opcheck_forward_and_backward(backend, case):
+def test_compile_fullgraph(backend, tmp_path, monkeypatch):
     _need(backend)
-    if backend == "triton":
-        spinal_ops.ops._triton_forward()
-    names = {"cuda": ("spinal_forward", "_spinal_backward"), "triton": ("spinal_forward_triton",
-                                                                        "_spinal_backward_triton")}[backend]
-    forward, backward = (getattr(torch.ops.spinal_ops, n) for n in names)
-    args = _op_args(case)
-    torch.library.opcheck(forward, args)
-    h_all, y = forward(*args)
-    grad_y = torch.randn_like(y) if case.head else None
-    bargs = (grad_y, torch.randn_like(h_all), args[0], h_all, *args[1:5], *args[6:], [True] * 6)
-    torch.library.opcheck(backward, bargs)
-
-
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_compile_fullgraph(backend):
-    _need(backend)
-    case = CASES[0]
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # as in test_cpu.py: a private cache
+    case = CASES["wrap"]
     m = spinal_ops.SpinalLinear(case.in_features, case.out, layer_width=case.width, num_layers=case.num_layers,
                                 num_splits=case.num_splits, device="cuda")
     x = torch.randn(9, case.in_features, device="cuda", requires_grad=True)

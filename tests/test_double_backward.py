@@ -3,23 +3,22 @@
 The backward ops are differentiable through ``reference.spinal_backward`` (the backward written out in
 differentiable PyTorch ops). Checked here: that function against autograd of the reference forward; gradgradcheck
 in float64 on cpu and triton; second-order gradients of every backend against the reference backend's (which
-differentiates the forward twice through plain PyTorch); ``opcheck`` on the backward ops with inputs that
-require grad.
+differentiates the forward twice through plain PyTorch). ``opcheck`` on the backward ops with inputs that require
+grad is in tests/test_opcheck.py.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import CASES, Case, assert_close, functional_kwargs, make_inputs, require_backend
+from helpers import Case, assert_close, backends, device_of, functional_kwargs, make_inputs, require_backend
 
 import spinal_ops
 from spinal_ops import reference
 
 PARAMS = ("weight_x", "weight_h", "bias", "head_weight", "head_bias")
-BACKENDS = ["cpu", pytest.param("triton", marks=pytest.mark.triton),
-            pytest.param("cuda", marks=pytest.mark.cuda)]
-DEVICE = {"cpu": "cpu", "triton": "cpu" if spinal_ops.backends.triton_interpreted() else "cuda", "cuda": "cuda"}
+SECOND_ORDER_BACKENDS = backends("cpu", "triton", "cuda")
+DEVICE = {name: device_of(name) for name in ("cpu", "triton", "cuda")}
 
 # Every activation (each act' is differentiated), head and hidden mode, tied slots, wrapping chunks, no bias.
 SECOND_ORDER_CASES = [
@@ -77,7 +76,7 @@ def test_reference_backward_is_autograd_of_the_forward(case):
         assert_close(got[5], grad_y.sum(0), what=f"reference.spinal_backward {case.id}: dhead_bias")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", SECOND_ORDER_BACKENDS)
 @pytest.mark.parametrize("case", SECOND_ORDER_CASES, ids=lambda c: c.id)
 def test_second_order_gradients_match_the_reference(backend, case):
     require_backend(backend)
@@ -105,7 +104,7 @@ def _gradgradcheck(case: Case, backend: str, names) -> bool:
     return torch.autograd.gradgradcheck(fn, (x, *[params[k] for k in names]), eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("backend", backends("cpu", "cuda"))
 @pytest.mark.parametrize("case", GRADGRAD_CASES, ids=lambda c: c.id)
 def test_gradgradcheck(backend, case):
     require_backend(backend)
@@ -123,37 +122,3 @@ def test_gradgradcheck(backend, case):
 def test_gradgradcheck_triton(case, names):
     require_backend("triton")
     assert _gradgradcheck(case, "triton", names)
-
-
-def _backward_args(case: Case, device: str, forward_op):
-    """Arguments of a backward op whose tensors require grad (what opcheck needs to test its autograd)."""
-    x, params = make_inputs(case, torch.float64, device=device, seed=8)
-    p = [params[k] for k in PARAMS]
-    starts, slots = case.layer_args()
-    with torch.no_grad():
-        H, y = forward_op(x, *p, starts, slots, case.activation, case.negative_slope)
-    g = torch.Generator().manual_seed(9)
-    grad_y = torch.rand(y.shape, generator=g, dtype=torch.float64).to(device).requires_grad_() if case.head else None
-    grad_h = torch.rand(H.shape, generator=g, dtype=torch.float64).to(device).requires_grad_()
-    return (grad_y, grad_h, x, H.requires_grad_(), *p[:4], starts, slots, case.activation, case.negative_slope,
-            [True] * 6)
-
-
-@pytest.mark.parametrize("case", [CASES[0], CASES[7], CASES[10]], ids=lambda c: c.id)
-def test_opcheck_native_backward_with_grad(case):
-    require_backend("cpu")
-    args = _backward_args(case, "cpu", torch.ops.spinal_ops.spinal_forward)
-    torch.library.opcheck(torch.ops.spinal_ops._spinal_backward.default, args)
-
-
-@pytest.mark.triton
-@pytest.mark.parametrize("case", [CASES[0], CASES[10]], ids=lambda c: c.id)
-def test_opcheck_triton_backward_with_grad(case):
-    require_backend("triton")
-    spinal_ops.ops._triton_forward()
-    args = _backward_args(case, DEVICE["triton"], torch.ops.spinal_ops.spinal_forward_triton)
-    # test_aot_dispatch_dynamic traces through FakeTensors, which the interpreter cannot run (no data pointer)
-    skip = ("test_aot_dispatch_dynamic",) if spinal_ops.backends.triton_interpreted() else ()
-    tests = [t for t in ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-             if t not in skip]
-    torch.library.opcheck(torch.ops.spinal_ops._spinal_backward_triton.default, args, test_utils=tests)

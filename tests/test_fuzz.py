@@ -2,9 +2,10 @@
 
 Hypothesis draws the sizes (D, K, w, L, B, out), the variant (activation and slope, split mode, shared weights,
 head, bias), the dtype, the layout of ``x`` (contiguous, transposed, arbitrary leading dims, non-contiguous
-leading dims) and the values' seed; the one tolerance rule of ``helpers.py`` decides. The expected values are the
-reference run on the very same inputs upcast to float64 (exact up to float64 rounding) and the reference run in
-the backend's dtype (the error PyTorch itself makes there).
+leading dims) and the values' seed; the one check of ``helpers.py`` (``check_against_reference``, under the one
+tolerance rule) decides. The expected values are the reference run on the very same inputs and cotangent upcast to
+float64 (exact up to float64 rounding) and the reference run in the backend's dtype (the error PyTorch itself makes
+there).
 
 Budget: 200 examples on the ``cpu`` backend, 60 on the ``reference`` (against literal ``nn.Linear`` chains
 written like the original scripts), 60 on ``triton`` and 30 on its wide path (tiny shapes: the interpreter costs
@@ -20,7 +21,7 @@ import os
 
 import pytest
 import torch
-from helpers import Case, assert_close, functional_kwargs, make_inputs, run_and_grad
+from helpers import DTYPE_NAMES, Case, assert_close, check_against_reference, make_inputs, require_backend
 from original import CustomizableSpinal, packed_grads
 
 import spinal_ops
@@ -34,7 +35,6 @@ EXPLORE = settings.get_current_profile_name() == "explore"
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 LAYOUTS = ("contiguous", "transposed", "lead", "lead-strided")
-DTYPE_NAMES = {torch.float64: "f64", torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
 def _budget(examples: int):
@@ -113,53 +113,18 @@ def _shape_input(x: torch.Tensor, lead: tuple, layout: str) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ the check
 
 
-def _fn(backend: str, case: Case):
-    def fn(x, **params):
-        with spinal_ops.use_backend(backend):
-            return spinal_ops.spinal_linear(x, **params, **functional_kwargs(case))
-
-    return fn
-
-
-def _upcast(x: torch.Tensor, params: dict):
-    """The same values in float64, as fresh leaves with the same layout as ``x``."""
-    x64 = torch.empty_strided(x.shape, x.stride(), dtype=torch.float64, device=x.device)
-    x64.copy_(x.detach())
-    return x64.requires_grad_(), {k: (v.detach().double().requires_grad_() if v is not None else None)
-                                  for k, v in params.items()}
-
-
-def check_against_reference(backend: str, case: Case, lead: tuple, layout: str, dtype: torch.dtype, value_seed: int,
-                            device: str = "cpu") -> None:
+def fuzz_check(backend: str, case: Case, lead: tuple, layout: str, dtype: torch.dtype, value_seed: int,
+               device: str = "cpu") -> None:
+    """helpers.check_against_reference on ``x`` of the drawn leading dims and layout."""
     x, params = make_inputs(case, dtype, device=device, seed=value_seed)
     x = _shape_input(x, lead, layout)
     what = (f"backend={backend} case={case.id} x={tuple(x.shape)}{'' if x.is_contiguous() else ' non-contiguous'} "
             f"dtype={DTYPE_NAMES[dtype]} seed={value_seed}")
     note(what)
-    out, grads = run_and_grad(_fn(backend, case), x, params)
-    x64, p64 = _upcast(x, params)
-    ref_hi, grads_hi = run_and_grad(_fn("reference", case), x64, p64)
-    if dtype == torch.float64:
-        ref_same, grads_same = ref_hi, grads_hi
-    else:
-        ref_same, grads_same = run_and_grad(_fn("reference", case), x, params)
-    assert out.dtype == dtype, f"{what}: output dtype {out.dtype}"
-    assert_close(out, ref_hi, ref_same, what=f"{what}: output")
-    assert grads.keys() == grads_hi.keys(), f"{what}: gradient set {sorted(grads)} != {sorted(grads_hi)}"
-    for name, expected in grads_hi.items():
-        got = grads[name]
-        if expected is None:  # weight_h of L = 1 (no recurrence): the reference does not use it
-            assert got is None or got.numel() == 0 or not bool(got.any()), f"{what}: d{name} must be zero"
-            continue
-        assert_close(got, expected, grads_same[name], what=f"{what}: d{name}")
+    check_against_reference(backend, case, inputs=(x, params), what=what)
 
 
 # ------------------------------------------------------------------------------------------------- backends
-
-
-def _require(name: str) -> None:
-    if name not in spinal_ops.available_backends():
-        pytest.skip(f"backend {name!r} not available here (available: {', '.join(spinal_ops.available_backends())})")
 
 
 CPU_TILE_ROWS = (255, 256, 257, 513)  # around the cpu kernel's 256-row tile (several tiles: parallel jobs)
@@ -170,8 +135,8 @@ CPU_TILE_ROWS = (255, 256, 257, 513)  # around the cpu kernel's 256-row tile (se
                         tile_rows=CPU_TILE_ROWS),
        dtype=st.sampled_from([torch.float64, torch.float32]), value_seed=st.integers(0, 2**16))
 def test_cpu_matches_reference(problem, dtype, value_seed):
-    _require("cpu")
-    check_against_reference("cpu", *problem, dtype, value_seed)
+    require_backend("cpu")
+    fuzz_check("cpu", *problem, dtype, value_seed)
 
 
 @_budget(60)
@@ -179,8 +144,8 @@ def test_cpu_matches_reference(problem, dtype, value_seed):
        dtype=st.sampled_from([torch.float64, torch.float32, torch.float16, torch.bfloat16]),
        value_seed=st.integers(0, 2**16))
 def test_triton_matches_reference(problem, dtype, value_seed):
-    _require("triton")
-    check_against_reference("triton", *problem, dtype, value_seed, device="cpu" if INTERPRETED else "cuda")
+    require_backend("triton")
+    fuzz_check("triton", *problem, dtype, value_seed, device="cpu" if INTERPRETED else "cuda")
 
 
 # The wide path of the Triton kernels (chosen on a GPU for layers whose whole tiles would not fit, see
@@ -194,14 +159,14 @@ WIDE_TILE = 16
        dtype=st.sampled_from([torch.float64, torch.float32, torch.float16, torch.bfloat16]),
        value_seed=st.integers(0, 2**16))
 def test_triton_wide_path_matches_reference(problem, dtype, value_seed):
-    _require("triton")
+    require_backend("triton")
     from unittest import mock
 
     from spinal_ops.triton_kernels import settings
 
     plan = settings.PathPlan(wide=True, block_w=WIDE_TILE, block_o=WIDE_TILE, block_n=WIDE_TILE, block_k=WIDE_TILE)
     with mock.patch.object(settings, "path_plan", lambda width, out, dtype, device=None: plan):
-        check_against_reference("triton", *problem, dtype, value_seed, device="cpu" if INTERPRETED else "cuda")
+        fuzz_check("triton", *problem, dtype, value_seed, device="cpu" if INTERPRETED else "cuda")
 
 
 @_budget(60)

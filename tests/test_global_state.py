@@ -15,7 +15,7 @@ import threading
 
 import pytest
 import torch
-from helpers import COLUMN_SPLIT_CASES, Case, functional_kwargs, make_inputs, require_backend
+from helpers import COLUMN_SPLIT_CASES, Case, backends, functional_kwargs, make_inputs, require_backend
 
 import spinal_ops
 
@@ -68,12 +68,12 @@ def assert_state_kept(fn, what: str) -> None:
 # tile split into column blocks (forward and backward), several row tiles.
 STATE_CASES = [
     Case(7, 13, 3, 5, 4),
-    COLUMN_SPLIT_CASES[1].replace(rows=64),
+    COLUMN_SPLIT_CASES["split-z-carry-dx"].replace(rows=64),
     Case(300, 301, 2, 200, 3, activation="gelu"),
 ]
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("backend", backends("reference", "cpu", "triton"))
 @pytest.mark.parametrize("case", STATE_CASES, ids=lambda c: c.id)
 def test_ops_leave_global_state_unchanged(backend, case):
     require_backend(backend)

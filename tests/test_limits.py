@@ -4,43 +4,11 @@ kernel ops themselves (naming the backend, the argument and the supported values
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from helpers import Case, assert_close, functional_kwargs, make_inputs, require_backend, run_and_grad
+from helpers import Case, assert_close, backends, check_against_reference, make_inputs, require_backend, triton_ops
 
-import spinal_ops
 from spinal_ops import reference
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _device(backend):
-    return "cuda" if backend in ("triton", "cuda") and not INTERPRETED else "cpu"
-
-
-def _check(backend, case, dtype=torch.float32):
-    """Forward and every gradient of ``backend`` against the reference (float64 on the same inputs)."""
-    x, params = make_inputs(case, dtype, device=_device(backend), seed=2)
-
-    def run(name, x_, p):
-        def fn(xx, **pp):
-            with spinal_ops.use_backend(name):
-                return spinal_ops.spinal_linear(xx, **pp, **functional_kwargs(case))
-
-        return run_and_grad(fn, x_, p, seed=3)
-
-    out, grads = run(backend, x, params)
-    up = {k: v.detach().double().requires_grad_() if v is not None else None for k, v in params.items()}
-    ref_hi, grads_hi = run("reference", x.detach().double().requires_grad_(), up)
-    ref_same, grads_same = run("reference", x, params)
-    what = f"backend={backend} case={case.id} dtype={dtype}"
-    assert_close(out, ref_hi, ref_same, what=f"{what}: output")
-    for name, expected in grads_hi.items():
-        if expected is not None:
-            assert_close(grads[name], expected, grads_same[name], what=f"{what}: d{name}")
-
 
 # ------------------------------------------------------------------------------- index arithmetic past 2^31
 
@@ -113,10 +81,10 @@ def test_cpu_refuses_2_31_rows_naming_the_limit_and_the_fallback():
 LARGE_HEAD = Case(33, 40, 2, 16, 3, out=10_000)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", backends("reference", "cpu"))
 def test_head_with_10000_outputs(backend):
     require_backend(backend)
-    _check(backend, LARGE_HEAD)
+    check_against_reference(backend, LARGE_HEAD, torch.float32, seed=2, cot_seed=3)
 
 
 # The Triton kernels tile the head over outputs on their wide path (chosen for heads this large): no limit on
@@ -125,7 +93,7 @@ def test_head_with_10000_outputs(backend):
 @pytest.mark.parametrize("width", [8, 100], ids=["w8", "w100"])
 def test_triton_head_with_10000_outputs(width):
     require_backend("triton")
-    _check("triton", Case(3, 20, 2, width, 2, out=10_000))
+    check_against_reference("triton", Case(3, 20, 2, width, 2, out=10_000), torch.float32, seed=2, cot_seed=3)
 
 
 # ------------------------------------------------------------------------------- past the old triton tile limits
@@ -141,7 +109,7 @@ def test_triton_wide_layers_run_and_match_the_reference(case):
     the output and every gradient. (Its one remaining limit, 32-bit offsets inside a weight tensor, is tested in
     tests/test_triton.py.)"""
     require_backend("triton")
-    _check("triton", case)
+    check_against_reference("triton", case, torch.float32, seed=2, cot_seed=3)
 
 
 # --------------------------------------------------------------------------------------- errors from the ops
@@ -185,10 +153,9 @@ def _error_cases():
 @pytest.mark.parametrize("backend,mutate,match", list(_error_cases()))
 def test_op_errors_name_backend_argument_and_supported_values(backend, mutate, match):
     require_backend(backend)
-    if backend == "triton":
-        spinal_ops.ops._triton_forward()  # registers the Triton ops
+    ops = triton_ops() if backend == "triton" else torch.ops.spinal_ops
     args = _op_args()
     mutate(args)
-    op = getattr(torch.ops.spinal_ops, OP_BACKENDS[backend])
+    op = getattr(ops, OP_BACKENDS[backend])
     with pytest.raises((RuntimeError, ValueError, TypeError), match=rf"{backend} backend.*{match}"):
         op(*args)

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close, require_backend
+from helpers import assert_close, backends, require_backend
 from original import TiedRegressionSpinal, packed_grads
 from torch import nn
 
 import spinal_ops
 from spinal_ops import SpinalLinear
 
-BACKENDS = ["reference", "cpu", pytest.param("triton", marks=pytest.mark.triton)]
+PORTING_BACKENDS = backends("reference", "cpu", "triton")
 
 
 # ------------------------------------------------------------------------------------------------ weight tying
@@ -39,7 +39,7 @@ def test_tied_regression_pattern_is_read_from_module_identity():
     assert "weight_slots=[0, 1, 2, 3, 2, 3]" in repr(sp)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", PORTING_BACKENDS)
 def test_tied_regression_trains_like_the_original(backend):
     """Two SGD steps of the original regression net and its port: the tied slots' gradients add up exactly as
     the shared modules' do, so the weights stay equal."""
@@ -167,7 +167,7 @@ class SpinalResNetHead(nn.Module):
         return self.fc_layer(torch.cat([x1, x2, x3, x4], dim=1))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", PORTING_BACKENDS)
 def test_spatial_chunks_recipe_matches_spinal_resnet(backend):
     """The README recipe: move the channels last and flatten, so that chunk i is spatial position i; then an
     alternate split with one chunk per position. Flattening the map as it is (channels first) would compute
@@ -242,7 +242,7 @@ class Arch2Port(nn.Module):
         return self.fc3(torch.relu(self.fc2(torch.cat([hs[2], hs[1], hs[0]], dim=1))))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", PORTING_BACKENDS)
 def test_arch2_is_one_hidden_spinal_layer_per_chain(backend):
     require_backend(backend)
     torch.manual_seed(4)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close, require_backend
+from helpers import assert_close, backends, require_backend
 from original import CustomizableSpinal, HalvesHead, TiedRegressionSpinal, packed_grads
 
 import spinal_ops
@@ -30,7 +30,7 @@ ORIGINALS = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("backend", backends("reference", "cpu", "triton"))
 @pytest.mark.parametrize("make,kwargs,rows", [o[1:] for o in ORIGINALS], ids=[o[0] for o in ORIGINALS])
 def test_reproduces_original_chain(backend, make, kwargs, rows):
     require_backend(backend)

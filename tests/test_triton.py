@@ -1,5 +1,7 @@
-"""The `triton` backend against the reference: outputs, every gradient, gradcheck, launch counts, original-style
-modules; the same for the kernels' wide path (forced with small tiles) and the choice between fast and wide path.
+"""What is specific to the `triton` backend: gradcheck, launch counts, original-style modules; the kernels' wide
+path (forced with small tiles) against the reference and the choice between fast and wide path. Its outputs and
+gradients against the reference on the shared cases are in tests/test_conformance.py, its opcheck in
+tests/test_opcheck.py.
 
 Runs on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` in the environment before pytest starts)
 or on CUDA tensors on a GPU. Skipped when Triton is not installed, or when neither is available: the import of
@@ -17,7 +19,16 @@ import textwrap
 
 import pytest
 import torch
-from helpers import CASES, Case, assert_close, functional_kwargs, make_inputs, run_and_grad
+from helpers import (
+    CASES,
+    Case,
+    assert_close,
+    check_against_reference,
+    functional_kwargs,
+    make_inputs,
+    run_case,
+    triton_ops,
+)
 from original import CustomizableSpinal, packed_grads
 
 import spinal_ops
@@ -37,46 +48,11 @@ pytestmark = [
 if not INTERPRETED:
     pytestmark.append(pytest.mark.cuda)
 
-# bfloat16 runs in the interpreter too: the kernels upcast its tl.dot operands to float32 there.
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-EXTRA_CASES = [
-    # leaky_relu with a negative slope: act' needs the recomputed Z (not readable from h)
-    Case(7, 13, 3, 5, 4, activation="leaky_relu", negative_slope=-0.3),
-    # shared weights in hidden mode without bias, alternate split
-    Case(9, 16, 4, 6, 5, split_mode="alternate", shared=True, bias=False, head=False, activation="silu"),
-]
-ALL_CASES = CASES + EXTRA_CASES
 
 
 def _dtype_id(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def _run(backend: str, case: Case, dtype: torch.dtype):
-    x, params = make_inputs(case, dtype, device=DEVICE)
-    with spinal_ops.use_backend(backend):
-        return run_and_grad(lambda x_, **p: spinal_ops.spinal_linear(x_, **p, **functional_kwargs(case)), x, params)
-
-
-def _check_grad(name, actual, expected_hi, expected_same, what):
-    if expected_hi is None:  # the reference does not use the parameter (weight_h with L = 1): zero gradient
-        assert actual is None or actual.numel() == 0 or not bool(actual.any()), f"{what}: d{name} must be zero"
-        return
-    assert_close(actual, expected_hi, expected_same, what=f"{what}: d{name}")
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
-@pytest.mark.parametrize("case", ALL_CASES, ids=lambda c: c.id)
-def test_matches_reference(case, dtype):
-    out, grads = _run("triton", case, dtype)
-    ref_hi, grads_hi = _run("reference", case, torch.float64)
-    ref_same, grads_same = _run("reference", case, dtype)
-    what = f"backend=triton case={case.id} dtype={_dtype_id(dtype)}"
-    assert out.dtype == dtype, f"{what}: output dtype {out.dtype}"
-    assert_close(out, ref_hi, ref_same, what=f"{what}: output")
-    assert grads.keys() == grads_hi.keys(), f"{what}: gradient set {sorted(grads)} != {sorted(grads_hi)}"
-    for name in grads_hi:
-        _check_grad(name, grads[name], grads_hi[name], grads_same[name], what)
 
 
 GRADCHECK_ACTIVATIONS = [("relu", 0.01), ("leaky_relu", 0.2), ("leaky_relu", -0.3), ("tanh", 0.01),
@@ -146,7 +122,7 @@ def launches(monkeypatch):
     return counts
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[7]], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", [CASES["wrap"], CASES["gelu-hidden"]], ids=lambda c: c.id)
 def test_launch_counts(case, launches):
     x, params = make_inputs(case, torch.float32, device=DEVICE)
     with spinal_ops.use_backend("triton"):
@@ -164,14 +140,14 @@ def test_launch_counts(case, launches):
 
 def test_backward_output_mask(launches):
     """Only dx wanted: one launch, the other five gradients come back empty; only head gradients: one launch."""
-    case = CASES[0]
+    case = CASES["wrap"]
     x, params = make_inputs(case, torch.float64, device=DEVICE)
     hyper = (*case.layer_args(), case.activation, case.negative_slope)
     p = [params[k].detach() for k in ("weight_x", "weight_h", "bias", "head_weight", "head_bias")]
-    spinal_ops.ops._triton_forward()
-    h_all, y = torch.ops.spinal_ops.spinal_forward_triton(x.detach(), *p, *hyper)
+    ops = triton_ops()
+    h_all, y = ops.spinal_forward_triton(x.detach(), *p, *hyper)
     grad_y = torch.ones_like(y)
-    bwd = torch.ops.spinal_ops._spinal_backward_triton
+    bwd = ops._spinal_backward_triton
     launches.clear()
     only_dx = bwd(grad_y, None, x.detach(), h_all, p[0], p[1], p[2], p[3], *hyper, [True] + [False] * 5)
     assert launches == {"chain": 1}, f"backend=triton case={case.id} mask=dx: launches {launches}"
@@ -187,10 +163,12 @@ def test_backward_output_mask(launches):
 
 
 def test_backward_deterministic():
-    case = CASES[3]  # B = 257: several row tiles
-    _, first = _run("triton", case, torch.float32)
-    _, second = _run("triton", case, torch.float32)
+    case = CASES["b257"]  # B = 257: several row tiles
+    first = run_case("triton", case, torch.float32)
+    second = run_case("triton", case, torch.float32)
     for name in first:
+        if first[name] is None:
+            continue
         assert torch.equal(first[name], second[name]), f"backend=triton case={case.id}: d{name} not bitwise equal"
 
 
@@ -199,20 +177,21 @@ def test_backward_deterministic():
 # Forced wide-path tiles: BLOCK_N = BLOCK_K = BLOCK_O = 16, so a w = 40 layer spans 3 column tiles and 3 K-steps
 # (the last ones masked: 40 = 16 + 16 + 8) and a 37-output head 3 output tiles.
 WIDE_TILE = 16
-WIDE_CASES = [
+WIDE_CASES = {
     # chunks wrap (D = 13, K = 3: c = 4); width and head both end in a partial tile
-    Case(7, 13, 3, 40, 4, out=37),
+    "wrap-partial-tiles": Case(7, 13, 3, 40, 4, out=37),
     # gelu: act' from Z recomputed tile by tile; out = 16: exactly one head tile
-    Case(7, 13, 3, 21, 3, out=16, activation="gelu"),
+    "gelu-one-head-tile": Case(7, 13, 3, 21, 3, out=16, activation="gelu"),
     # leaky_relu with a negative slope (Z recompute), shared weights; D = 11, c = 3: sub-layer 3 reads 9, 10, 0
-    Case(7, 11, 4, 19, 6, out=5, activation="leaky_relu", negative_slope=-0.3, shared=True),
+    "leaky-negative-shared": Case(7, 11, 4, 19, 6, out=5, activation="leaky_relu", negative_slope=-0.3, shared=True),
     # hidden mode, shared weights, no bias, alternate split, silu (Z recompute); grad_H only
-    Case(9, 16, 4, 37, 5, split_mode="alternate", shared=True, bias=False, head=False, activation="silu"),
+    "shared-hidden-nobias": Case(9, 16, 4, 37, 5, split_mode="alternate", shared=True, bias=False, head=False,
+                                 activation="silu"),
     # two row tiles (the interpreter's row tile is 64), c = round(4.5) = 4, w a multiple of the tile
-    Case(70, 9, 2, 32, 3, activation="tanh"),
+    "two-row-tiles": Case(70, 9, 2, 32, 3, activation="tanh"),
     # L = 1: no recurrence, no carry
-    Case(5, 11, 2, 20, 1, out=3, activation="sigmoid"),
-]
+    "l1": Case(5, 11, 2, 20, 1, out=3, activation="sigmoid"),
+}
 
 
 @pytest.fixture
@@ -234,17 +213,11 @@ def _assert_ran_wide(seen, what):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=_dtype_id)
-@pytest.mark.parametrize("case", WIDE_CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", list(WIDE_CASES.values()), ids=lambda c: c.id)
 def test_wide_path_matches_reference(case, dtype, force_wide):
-    out, grads = _run("triton", case, dtype)
-    ref_hi, grads_hi = _run("reference", case, torch.float64)
-    ref_same, grads_same = _run("reference", case, dtype)
     what = f"backend=triton path=wide tile={WIDE_TILE} case={case.id} dtype={_dtype_id(dtype)}"
+    check_against_reference("triton", case, dtype, what=what)
     _assert_ran_wide(force_wide, what)
-    assert_close(out, ref_hi, ref_same, what=f"{what}: output")
-    assert grads.keys() == grads_hi.keys(), f"{what}: gradient set {sorted(grads)} != {sorted(grads_hi)}"
-    for name in grads_hi:
-        _check_grad(name, grads[name], grads_hi[name], grads_same[name], what)
 
 
 WIDE_GRADCHECK = [("gelu", 0.01, True), ("tanh", 0.01, False), ("leaky_relu", -0.3, False)]
@@ -273,7 +246,7 @@ def test_wide_path_gradcheck(activation, slope, head, force_wide):
 
 
 def test_wide_path_launch_counts(force_wide, launches):
-    case = WIDE_CASES[0]
+    case = WIDE_CASES["wrap-partial-tiles"]
     x, params = make_inputs(case, torch.float32, device=DEVICE)
     what = f"backend=triton path=wide case={case.id}"
     with spinal_ops.use_backend("triton"):
@@ -438,7 +411,7 @@ def test_repeated_calls_upload_no_table_and_check_once():
 
     from spinal_ops import ops
 
-    case = CASES[10]
+    case = CASES["tied"]
     x, params = make_inputs(case, torch.float32, device=DEVICE)
 
     def step(c):

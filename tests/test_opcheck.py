@@ -1,0 +1,119 @@
+"""``torch.library.opcheck`` for every op, from one list of samples: the native forward and backward
+(``spinal_forward``, ``_spinal_backward``) on CPU and CUDA tensors, the Triton forward and backward
+(``spinal_forward_triton``, ``_spinal_backward_triton``). opcheck tests the schema (no undeclared mutation or
+aliasing), the autograd registration, the fake (meta) kernels and AOT dispatch with dynamic shapes.
+
+A backward sample is built from the reference forward (so every backward op sees the same H), once with plain
+inputs for each output mask and once with inputs that require grad (the backward's own derivative, used by double
+backward). After opcheck, each backward op's output mask is checked: asked-for gradients have their tensor's
+shape, the others are empty.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from helpers import CASES, Case, backends, device_of, make_inputs, require_backend, triton_ops
+
+import spinal_ops
+from spinal_ops import reference
+
+PARAMS = ("weight_x", "weight_h", "bias", "head_weight", "head_bias")
+# opcheck needs contiguous x (the ops require it; spinal_linear makes it so)
+OPCHECK_CASES = [CASES["wrap"], CASES["shared"], CASES["gelu-hidden"],
+                 CASES["silu-transposed"].replace(layout="contiguous"), CASES["tied"]]
+# with inputs that require grad (opcheck then traces the backward's own derivative: ~20 s a sample on a CPU)
+GRAD_CASES = [CASES["wrap"], CASES["gelu-hidden"], CASES["tied"]]
+MASKS = {"all": [True] * 6, "dx": [True] + [False] * 5, "weights": [False] + [True] * 5}
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One opcheck sample: a case, the op kind it is for, an output mask (backward) and whether the tensors
+    require grad."""
+
+    case: Case
+    kind: str  # "forward" or "backward"
+    mask: str = "all"
+    grad: bool = False
+
+    @property
+    def id(self) -> str:
+        return f"{self.case.id}-{self.kind}" + (f"-{self.mask}" if self.kind == "backward" else "") + \
+            ("-grad" if self.grad else "")
+
+
+SAMPLES = [
+    *(Sample(c, "forward", grad=g) for c in OPCHECK_CASES for g in (True, False)),
+    *(Sample(c, "backward", mask=m) for c in OPCHECK_CASES for m in MASKS),
+    *(Sample(c, "backward", grad=True) for c in GRAD_CASES),  # mask "all" as given: [True] * 6
+]
+
+# (backend, op name, kind): every op, on the device its backend runs here
+OPS = [
+    ("cpu", "spinal_forward", "forward"),
+    ("cpu", "_spinal_backward", "backward"),
+    ("triton", "spinal_forward_triton", "forward"),
+    ("triton", "_spinal_backward_triton", "backward"),
+    ("cuda", "spinal_forward", "forward"),
+    ("cuda", "_spinal_backward", "backward"),
+]
+# float64 on CPU tensors; float32 on the GPU (its common dtype there)
+DTYPE = {"cpu": torch.float64, "cuda": torch.float32}
+
+
+def _params():
+    for backend, op, kind in OPS:
+        (param,) = backends(backend)
+        for sample in SAMPLES:
+            if sample.kind == kind:
+                yield pytest.param(backend, op, sample, marks=param.marks, id=f"{backend}-{op}-{sample.id}")
+
+
+def make_sample(sample: Sample, device: str) -> tuple:
+    """The op arguments of a sample on ``device``."""
+    case, dtype = sample.case, DTYPE[device]
+    x, params = make_inputs(case, dtype, device=device, seed=8)
+    p = [params[k] for k in PARAMS]
+    if not sample.grad:
+        x, p = x.detach(), [t.detach() if t is not None else None for t in p]
+    starts, slots = case.layer_args()
+    hyper = (starts, slots, case.activation, case.negative_slope)
+    if sample.kind == "forward":
+        return (x, *p, *hyper)
+    with torch.no_grad():
+        H, y = reference.spinal_forward(x, *p, *hyper)
+    g = torch.Generator().manual_seed(9)
+    grad_y = torch.rand(y.shape, generator=g, dtype=dtype).to(device) if case.head else None
+    grad_h = torch.rand(H.shape, generator=g, dtype=dtype).to(device)
+    if sample.grad:
+        grad_y = grad_y.requires_grad_() if grad_y is not None else None
+        grad_h, H = grad_h.requires_grad_(), H.requires_grad_()
+        mask = list(MASKS[sample.mask])
+    else:
+        mask = [m and t is not None for m, t in zip(MASKS[sample.mask], (x, *p), strict=True)]
+    return (grad_y, grad_h, x, H, *p[:4], *hyper, mask)
+
+
+@pytest.mark.parametrize("backend,op,sample", list(_params()))
+def test_opcheck(backend, op, sample):
+    require_backend(backend)
+    if backend == "cuda" and not torch.cuda.is_available():
+        pytest.skip("CUDA is not available to torch")
+    ops = triton_ops() if backend == "triton" else torch.ops.spinal_ops
+    overload = getattr(ops, op).default
+    args = make_sample(sample, device_of(backend))
+    utils = ["test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"]
+    if backend == "triton" and spinal_ops.backends.triton_interpreted():
+        utils.remove("test_aot_dispatch_dynamic")  # traces through FakeTensors: the interpreter needs data pointers
+    torch.library.opcheck(overload, args, test_utils=utils)
+    if sample.kind == "backward":
+        grads = overload(*args)
+        what = f"{backend} {op} {sample.id}"
+        for name, wanted, g, t in zip(("x", *PARAMS), args[-1], grads, args[2:3] + args[4:8] + (None,), strict=True):
+            if not wanted:
+                assert g.numel() == 0, f"{what}: d{name} not asked for, got shape {tuple(g.shape)}"
+            elif t is not None:
+                assert g.shape == t.shape, f"{what}: d{name} has shape {tuple(g.shape)}, expected {tuple(t.shape)}"
