@@ -10,6 +10,7 @@ the floor alone applies: agreement to rounding.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import pathlib
 import sys
@@ -92,7 +93,7 @@ CASES = {
 }
 
 # One-tile batches wide enough that the cpu kernel splits each sub-layer's products into column blocks
-# (csrc/cpu/spinal_cpu.cpp, ColumnSplit: B <= 256 rows, a product of >= 2^18 multiply-adds, >= 128 columns):
+# (csrc/cpu/spinal_parallel.h, ColumnSplit: B <= 256 rows, a product of >= 2^18 multiply-adds, >= 128 columns):
 # w = 200 -> 3 blocks (80, 80, 40); c = round(150.5) = 150 -> 2 blocks (80, 70), the first straddling the wrap of
 # the chunk starting at column 300 of 301; w = 131 -> 2 blocks (80, 51), c = 128 -> 2 blocks (64, 64).
 COLUMN_SPLIT_CASES = {
@@ -253,8 +254,9 @@ def emulator():
 
 
 def triton_ops():
-    """``torch.ops.spinal_ops`` with the Triton ops (spinal_forward_triton, _spinal_backward_triton) registered."""
-    spinal_ops.ops._triton_forward()
+    """``torch.ops.spinal_ops`` with the Triton ops (spinal_forward_triton, _spinal_backward_triton) registered:
+    importing ``spinal_ops.triton_kernels`` registers them."""
+    importlib.import_module("spinal_ops.triton_kernels")
     return torch.ops.spinal_ops
 
 

@@ -407,9 +407,7 @@ def test_autotune_key_buckets_the_batch_size():
 def test_repeated_calls_upload_no_table_and_check_once():
     """A repeated forward and backward copies no layer table to the device and runs the C++ argument checks once
     per signature; another tying pattern is a new table and a new signature."""
-    from spinal_ops.triton_kernels import settings
-
-    from spinal_ops import ops
+    from spinal_ops.triton_kernels import ops, settings
 
     case = CASES["tied"]
     x, params = make_inputs(case, torch.float32, device=DEVICE)
@@ -419,11 +417,11 @@ def test_repeated_calls_upload_no_table_and_check_once():
             spinal_ops.spinal_linear(x, **params, **functional_kwargs(c)).sum().backward()
 
     step(case)
-    misses, checked = settings.cached_layer_table.cache_info().misses, len(ops._TRITON_CHECKED)
+    misses, checked = settings.cached_layer_table.cache_info().misses, len(ops._CHECKED)
     step(case)
     step(case)
     assert settings.cached_layer_table.cache_info().misses == misses, "triton: a repeated call uploaded its table"
-    assert len(ops._TRITON_CHECKED) == checked, "triton: a repeated call was checked as a new signature"
+    assert len(ops._CHECKED) == checked, "triton: a repeated call was checked as a new signature"
     other = case.replace(tie=(0, 1, 2, 3, 3, 2))
     step(other)
     assert settings.cached_layer_table.cache_info().misses == misses + 1, "triton: a new table is uploaded once"
