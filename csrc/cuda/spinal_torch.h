@@ -108,6 +108,19 @@ inline void check_launch(simt::Status s, const char* name) {
   TORCH_CHECK(simt::ok(s), "spinal_ops: launch of ", name, " failed: ", simt::error_string(s));
 }
 
+// The problem sizes and the slope every kernel parameter block carries (FwdParams, BwdParams), in the kernels'
+// 32-bit ints (check_int32_indices has bounded them).
+template <typename Params>
+void set_sizes(Params& p, const SpinalDims& d) {
+  p.rows = static_cast<int>(d.rows);
+  p.in_features = static_cast<int>(d.in_features);
+  p.layers = static_cast<int>(d.layers);
+  p.width = static_cast<int>(d.width);
+  p.chunk = static_cast<int>(d.chunk);
+  p.out = static_cast<int>(d.out);
+  p.slope = static_cast<decltype(p.slope)>(d.negative_slope);
+}
+
 inline std::tuple<at::Tensor, at::Tensor> forward_impl(
     const at::Tensor& x, const at::Tensor& weight_x, const at::Tensor& weight_h,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& head_weight,
@@ -139,13 +152,7 @@ inline std::tuple<at::Tensor, at::Tensor> forward_impl(
     p.h_all = mptr<T>(h_all);
     p.y = d.has_head ? mptr<T>(y) : nullptr;
     p.y_ws = y_ws.defined() ? reinterpret_cast<acc_t<T>*>(y_ws.data_ptr()) : nullptr;
-    p.rows = static_cast<int>(d.rows);
-    p.in_features = static_cast<int>(d.in_features);
-    p.layers = static_cast<int>(d.layers);
-    p.width = static_cast<int>(d.width);
-    p.chunk = static_cast<int>(d.chunk);
-    p.out = static_cast<int>(d.out);
-    p.slope = static_cast<acc_t<T>>(d.negative_slope);
+    set_sizes(p, d);
     launch_forward(p, d.activation, opt, stream, check);
   });
   return {h_all, y};
@@ -195,15 +202,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at
     p.db = m[kGradBias] ? mptr<T>(db) : nullptr;
     p.dwo = m[kGradHeadWeight] ? mptr<T>(dwo) : nullptr;
     p.dbo = m[kGradHeadBias] ? mptr<T>(dbo) : nullptr;
-    p.rows = static_cast<int>(d.rows);
-    p.in_features = static_cast<int>(d.in_features);
-    p.layers = static_cast<int>(d.layers);
-    p.width = static_cast<int>(d.width);
-    p.chunk = static_cast<int>(d.chunk);
-    p.out = static_cast<int>(d.out);
+    set_sizes(p, d);
     p.x_slots = static_cast<int>(d.x_slots);
     p.h_slots = static_cast<int>(d.h_slots);
-    p.slope = static_cast<Acc>(d.negative_slope);
     launch_backward(p, d.activation, stream, check);
   });
   return {dx, dwx, dwh, db, dwo, dbo};
