@@ -219,8 +219,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                        help=f"what is timed (default: {BENCH_DEFAULTS_TEXT['modes']})")
     bench.add_argument("--device", default="cpu", choices=DEVICES, help="device the tensors live on")
     bench.add_argument("--dtype", default="float32", choices=DTYPES,
-                       help="dtype of inputs and weights (the cpu backend runs float32 and float64; in other "
-                            "dtypes the fused column is the backend spinal_ops picks by itself, named in the table)")
+                       help="dtype of inputs and weights (bfloat16/float16 add a column for the reference backend)")
     bench.add_argument("--threads", type=positive_int,
                        help="torch.set_num_threads for the run, restored afterwards (default: torch's choice)")
     bench.add_argument("--min-run-time", type=positive_float, default=0.2,

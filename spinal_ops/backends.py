@@ -10,7 +10,7 @@ Backends:
   ``spinal_ops._C`` too (any build of it: the CPU-only one will do).
 
 Automatic choice: the fastest available for the tensor's device and dtype (CUDA tensors: ``cuda``, then
-``triton``, then ``reference``; CPU tensors: ``cpu`` for float32/float64, else ``reference``).
+``triton``, then ``reference``; CPU tensors: ``cpu``, which runs float32, float64, bfloat16 and float16).
 ``SPINAL_OPS_BACKEND`` (read once, at import) and :func:`use_backend` (a context manager, which wins over the
 variable) force one.
 """
@@ -66,7 +66,7 @@ def triton_interpreted() -> bool:
     return _TRITON_INTERPRET
 
 
-_CPU_DTYPES = (torch.float32, torch.float64)
+_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def _serves(name: str, device_type: str, dtype: torch.dtype | None = None) -> bool:
@@ -127,7 +127,8 @@ def use_backend(name: str):
 def select_backend(device: torch.device, dtype: torch.dtype | None = None) -> str:
     """The backend that runs a spinal op on tensors of ``device`` and ``dtype``: forced, or the fastest available.
 
-    The ``cpu`` backend runs float32 and float64; other dtypes on CPU go to ``reference`` automatically. Under
+    The ``cpu`` backend runs float32, float64, bfloat16 and float16 (the last two with float32 arithmetic); other
+    dtypes on CPU go to ``reference`` automatically. Under
     ``torch.compile`` the choice is made once, when the graph is traced (change :func:`use_backend` before
     compiling, not inside a compiled region).
     """
@@ -155,6 +156,6 @@ def _select(device_type: str, dtype: torch.dtype | None) -> str:
         raise RuntimeError(
             f"spinal_ops backend {forced!r} cannot run {what}; backends for them: "
             f"{', '.join(b for b in BACKENDS if _serves(b, device_type, dtype))}"
-            + (" (the cpu backend runs float32 and float64)" if forced == "cpu" else "")
+            + (" (the cpu backend runs float32, float64, bfloat16 and float16)" if forced == "cpu" else "")
         )
     return forced

@@ -3,8 +3,10 @@
 Providers, all holding the same weights:
 
 - ``fused[<backend>]``: :class:`SpinalLinear` on the backends of this device that run the report's dtype
-  (interpreted Triton excluded); where none does (bfloat16/float16 on CPU), the backend ``spinal_ops`` picks by
-  itself (:func:`spinal_ops.backends.select_backend`), labelled with its name;
+  (interpreted Triton excluded); where none does, the backend ``spinal_ops`` picks by itself
+  (:func:`spinal_ops.backends.select_backend`), labelled with its name;
+- ``reference`` (bfloat16 and float16 only): :class:`SpinalLinear` on the ``reference`` backend, the plain
+  PyTorch ops that ran these dtypes on CPU before the fused kernels did;
 - ``eager``: the original scripts' code path, an ``nn.Linear`` per sub-layer fed ``torch.cat([chunk, h])``;
 - ``compiled``: ``torch.compile`` of ``eager`` (inductor), compiled afresh for every (configuration, mode, batch
   size) after ``torch._dynamo.reset()``, so dynamo never reaches its recompile limit; the graphs compiled are
@@ -123,11 +125,16 @@ class Provider:
     compiled: bool = False
 
 
+REDUCED_DTYPES = (torch.bfloat16, torch.float16)
+
+
 def make_providers(cfg: SpinalConfig, dtype, device, compile_eager: bool = True) -> dict[str, Provider]:
     """``{name: Provider}`` for one configuration, all with the same spinal weights."""
     spinal = SpinalLinear(cfg.in_features, cfg.out, layer_width=cfg.width, num_layers=cfg.num_layers,
                           num_splits=cfg.num_splits, activation=cfg.activation, device=device, dtype=dtype)
     providers = {f"fused[{b}]": Provider(spinal, b) for b in fused_backends(torch.device(device), dtype)}
+    if dtype in REDUCED_DTYPES:
+        providers["reference"] = Provider(spinal, "reference")
     providers["eager"] = Provider(EagerSpinal(spinal))
     if compile_eager:
         providers["compiled"] = Provider(EagerSpinal(spinal), compiled=True)
@@ -587,7 +594,8 @@ def ratios(report: dict) -> list[dict]:
         fused_cells = {k: v for k, v in row.items() if k.startswith("fused")}
         fused_name = min(fused_cells, key=lambda k: (math.isnan(seconds(fused_cells[k])), seconds(fused_cells[k])))
         fused = seconds(row[fused_name])
-        times = {"fused": fused} | {k: seconds(row.get(k)) for k in ("dense", "eager", "compiled")}
+        others = [k for k in ("dense", "eager", "compiled", "reference") if k in row or k != "reference"]
+        times = {"fused": fused} | {k: seconds(row.get(k)) for k in others}
         spread = max((c["spread"] for c in row.values() if c.get("status", "ok") == "ok"), default=nan)
         out = {"config": cfg, "rows": b, "mode": mode, "fused_provider": fused_name}
         out |= {f"{k}_us": v * 1e6 for k, v in times.items()}
@@ -595,7 +603,7 @@ def ratios(report: dict) -> list[dict]:
             fl = floor(configs[cfg], b, mode, report["machine"])
             out |= {"floor_us": fl["seconds"] * 1e6, "floor_bound": fl["bound"]}
             times["floor"] = fl["seconds"]
-        for k in ("dense", "eager", "compiled", "floor"):
+        for k in ("dense", "eager", "compiled", "reference", "floor"):
             if k in times:
                 out[f"fused/{k}"] = fused / times[k] if times[k] > 0 else nan
         compiled = row.get("compiled")
@@ -613,6 +621,7 @@ COLUMNS = (  # (header, row key, format)
     ("compiled", "compiled_us", "time"), ("floor", "floor_us", "time"), ("f/dense", "fused/dense", "ratio"),
     ("f/eager", "fused/eager", "ratio"), ("f/comp", "fused/compiled", "ratio"), ("f/floor", "fused/floor", "ratio"),
     ("flops", "flop_ratio", "ratio"), ("graphs", "graphs", "count"), ("spread", "spread", "percent"),
+    ("reference", "reference_us", "time"), ("f/ref", "fused/reference", "ratio"),
 )
 
 
@@ -633,8 +642,10 @@ def _cell(row: dict, key: str, kind: str) -> str:
 def _columns(report: dict) -> list[tuple[str, str, str]]:
     compiled = any(r["provider"] == "compiled" for r in report["records"])
     floor_present = "machine" in report
+    reference = any(r["provider"] == "reference" for r in report["records"])
     return [c for c in COLUMNS if (compiled or c[0] not in ("compiled", "f/comp", "graphs"))
-            and (floor_present or c[0] not in ("floor", "f/floor"))]
+            and (floor_present or c[0] not in ("floor", "f/floor"))
+            and (reference or c[0] not in ("reference", "f/ref"))]
 
 
 def _fused_label(rows: list[dict]) -> str:
@@ -719,7 +730,8 @@ def format_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-PLOT_STYLE = {"fused": ("C0", "o"), "dense": ("C1", "s"), "eager": ("C2", "^"), "compiled": ("C3", "v")}
+PLOT_STYLE = {"fused": ("C0", "o"), "dense": ("C1", "s"), "eager": ("C2", "^"), "compiled": ("C3", "v"),
+              "reference": ("C4", "D")}
 
 
 def plot(report: dict, path: str) -> None:

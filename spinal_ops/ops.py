@@ -327,9 +327,8 @@ def autocast_args(input: Tensor, params: tuple) -> tuple[Tensor, tuple]:
     When autocast is enabled for the input's device type, every floating-point tensor except float64 is cast
     to ``torch.get_autocast_dtype(device_type)`` (CPU: bfloat16 by default; CUDA: float16 or bfloat16), so
     the layer computes and returns that dtype, and gradients flow back to the parameters in their own dtype.
-    float64 is left alone, as autocast leaves it. On CPU, the ``cpu`` backend runs float32 and float64
-    only, so a bfloat16 or float16 autocast region runs on the ``reference`` backend (see
-    :func:`spinal_ops.backends.select_backend`).
+    float64 is left alone, as autocast leaves it. On CPU the ``cpu`` backend runs the bfloat16 or float16 of an
+    autocast region with float32 arithmetic (see :func:`spinal_ops.backends.select_backend`).
     """
     device_type = input.device.type
     if not torch.is_autocast_enabled(device_type):

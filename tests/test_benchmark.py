@@ -295,12 +295,16 @@ def test_cpu_model_family_and_vector_isa_are_recorded():
 
 
 def test_bfloat16_on_cpu_times_the_backend_that_runs(fast_machine):
-    """The cpu backend runs float32/float64 only: in bfloat16 the fused column is spinal_ops' own choice."""
+    """In bfloat16 on CPU the fused column is the cpu backend, with the reference beside it."""
     chosen = backends.select_backend(torch.device("cpu"), torch.bfloat16)
     assert benchmark.fused_backends(torch.device("cpu"), torch.bfloat16) == [chosen]
     report = benchmark.run([TINY], [2], modes=("fwd+bwd",), dtype=torch.bfloat16, compile_eager=False, **FAST)
     fused = [r for r in report["records"] if r["provider"].startswith("fused")]
     assert [r["provider"] for r in fused] == [f"fused[{chosen}]"] and fused[0]["status"] == "ok", fused
+    assert chosen == "cpu" or not backends._native_loaded()
+    assert [r["status"] for r in report["records"] if r["provider"] == "reference"] == ["ok"]
+    assert report["rows"][0]["fused/reference"] > 0
+    assert "f/ref" in benchmark.format_table(report)
     gemm = report["machine"]["gemm"]["bfloat16"]
     assert "flops_per_s" in gemm or "unsupported" in gemm["unsupported"], gemm
     assert report["machine"]["element_size"] == 2

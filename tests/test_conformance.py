@@ -13,10 +13,10 @@ import torch
 from helpers import BACKENDS, CASES, COLUMN_SPLIT_CASES, DTYPE_NAMES, check_against_reference, require_backend
 
 ALL_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-# Per backend: the cases and the dtypes it runs. The cpu backend runs float32 and float64 only (other dtypes go to
-# the reference); its column-split cases are one-tile batches wide enough to split its products into column blocks.
+# Per backend: the cases and the dtypes it runs. The cpu backend's column-split cases are one-tile batches wide
+# enough to split its products into column blocks.
 MATRIX = {
-    "cpu": ([*CASES.values(), *COLUMN_SPLIT_CASES.values()], [torch.float64, torch.float32]),
+    "cpu": ([*CASES.values(), *COLUMN_SPLIT_CASES.values()], ALL_DTYPES),
     "triton": (list(CASES.values()), ALL_DTYPES),  # bfloat16 too: the interpreter upcasts tl.dot operands
     "cuda": (list(CASES.values()), ALL_DTYPES),
     # float16 / bfloat16 of the emulated kernels (wmma) are exercised by tests/kernel_paths.py's variants, under

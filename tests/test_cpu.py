@@ -137,19 +137,31 @@ def test_leading_dims_like_linear(shape):
     assert x.grad.shape == x.shape
 
 
-def test_other_dtypes_go_to_the_reference_or_raise_when_forced():
-    m = SpinalLinear(10, 3, layer_width=4, dtype=torch.bfloat16)
-    x = torch.randn(2, 10, dtype=torch.bfloat16)
-    assert spinal_ops.backends.select_backend(x.device, x.dtype) == "reference"
-    with spinal_ops.use_backend("reference"):
-        expected = m(x)
-    assert torch.equal(m(x), expected)
-    with pytest.raises(RuntimeError, match="'cpu' cannot run cpu tensors of dtype torch.bfloat16.*float32 and float64"):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision_runs_on_the_cpu_kernels_with_float32_arithmetic(dtype):
+    m = SpinalLinear(10, 3, layer_width=4, dtype=dtype)
+    x = torch.randn(5, 10, dtype=dtype, requires_grad=True)
+    assert spinal_ops.backends.select_backend(x.device, x.dtype) == "cpu"
+    y = m(x)
+    assert y.dtype == dtype
+    y.sum().backward()
+    assert x.grad.dtype == dtype and m.weight_x.grad.dtype == dtype
+    # float32 arithmetic, one rounding on exit: the same as the float32 kernel's result, rounded
+    params32 = [p.detach().float() for p in (m.weight_x, m.weight_h, m.bias, m.head_weight, m.head_bias)]
+    _, y32 = torch.ops.spinal_ops.spinal_forward(x.detach().float(), *params32, list(m._spec.starts),
+                                                 list(m._spec.slot_list), "relu", 0.01)
+    assert torch.equal(y.detach(), y32.to(dtype))
+
+
+def test_dtypes_without_a_cpu_kernel_raise_when_forced():
+    x = torch.randn(2, 10).to(torch.float8_e4m3fn)
+    m = SpinalLinear(10, 3, layer_width=4)
+    params = [p.detach().to(torch.float8_e4m3fn) for p in (m.weight_x, m.weight_h, m.bias, m.head_weight, m.head_bias)]
+    with pytest.raises(RuntimeError, match="'cpu' cannot run cpu tensors of dtype torch.float8_e4m3fn.*float16\\)"):
         with spinal_ops.use_backend("cpu"):
-            m(x)
-    with pytest.raises(RuntimeError, match="x must be float32 or float64, got BFloat16"):  # the op itself checks too
-        torch.ops.spinal_ops.spinal_forward(x, m.weight_x, m.weight_h, m.bias, m.head_weight, m.head_bias,
-                                            [0, 5, 0, 5], [0, 1, 2, 3], "relu", 0.01)
+            spinal_ops.spinal_linear(x, *params, num_splits=2)
+    with pytest.raises(RuntimeError, match="x must be float32, float64, bfloat16 or float16, got Float8_e4m3fn"):
+        torch.ops.spinal_ops.spinal_forward(x, *params, [0, 5, 0, 5], [0, 1, 2, 3], "relu", 0.01)
 
 
 @pytest.mark.parametrize(

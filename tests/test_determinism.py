@@ -24,7 +24,7 @@ CPU_CASES = [*COLUMN_SPLIT_CASES.values(),
     Case(700, 30, 3, 16, 6, activation="leaky_relu", negative_slope=-0.2, head=False),
     Case(513, 17, 2, 9, 3, bias=False, activation="silu", layout="transposed"),
 ]
-DTYPES = [torch.float32, torch.float64]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 
 
 def _dtype_id(dtype):

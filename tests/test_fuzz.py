@@ -133,7 +133,8 @@ CPU_TILE_ROWS = (255, 256, 257, 513)  # around the cpu kernel's 256-row tile (se
 @_budget(200)
 @given(problem=problems(max_features=40, max_width=24, max_layers=8, max_out=12, max_rows=70,
                         tile_rows=CPU_TILE_ROWS),
-       dtype=st.sampled_from([torch.float64, torch.float32]), value_seed=st.integers(0, 2**16))
+       dtype=st.sampled_from([torch.float64, torch.float32, torch.float16, torch.bfloat16]),
+       value_seed=st.integers(0, 2**16))
 def test_cpu_matches_reference(problem, dtype, value_seed):
     require_backend("cpu")
     fuzz_check("cpu", *problem, dtype, value_seed)

@@ -72,9 +72,9 @@ def _params():
                 yield pytest.param(backend, op, sample, marks=param.marks, id=f"{backend}-{op}-{sample.id}")
 
 
-def make_sample(sample: Sample, device: str) -> tuple:
-    """The op arguments of a sample on ``device``."""
-    case, dtype = sample.case, DTYPE[device]
+def make_sample(sample: Sample, device: str, dtype: torch.dtype | None = None) -> tuple:
+    """The op arguments of a sample on ``device`` (in ``dtype``; default: :data:`DTYPE`'s for the device)."""
+    case, dtype = sample.case, dtype or DTYPE[device]
     x, params = make_inputs(case, dtype, device=device, seed=8)
     p = [params[k] for k in PARAMS]
     if not sample.grad:
@@ -109,6 +109,26 @@ def test_opcheck(backend, op, sample):
     if backend == "triton" and spinal_ops.backends.triton_interpreted():
         utils.remove("test_aot_dispatch_dynamic")  # traces through FakeTensors: the interpreter needs data pointers
     torch.library.opcheck(overload, args, test_utils=utils)
+    _check_masked_gradients(backend, op, sample, overload, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("sample", [s for s in SAMPLES if s.case is CASES["wrap"] and not s.grad], ids=lambda s: s.id)
+def test_opcheck_cpu_reduced_precision(sample, dtype):
+    """The cpu ops widen bfloat16/float16 to float32 and round the results back: still fresh tensors of the
+    input's dtype (no aliasing), honouring the output mask."""
+    require_backend("cpu")
+    op = "spinal_forward" if sample.kind == "forward" else "_spinal_backward"
+    overload = getattr(torch.ops.spinal_ops, op).default
+    args = make_sample(sample, "cpu", dtype)
+    torch.library.opcheck(overload, args, test_utils=["test_schema", "test_autograd_registration",
+                                                      "test_faketensor", "test_aot_dispatch_dynamic"])
+    for out in overload(*args):
+        assert out.dtype == dtype, f"{op} {sample.id}: result in {out.dtype}"
+    _check_masked_gradients("cpu", op, sample, overload, args)
+
+
+def _check_masked_gradients(backend, op, sample, overload, args):
     if sample.kind == "backward":
         grads = overload(*args)
         what = f"{backend} {op} {sample.id}"

@@ -1,4 +1,5 @@
-// Fused C++ CPU kernels of the spinal ops (backend `cpu`): forward and backward, float32 and float64.
+// Fused C++ CPU kernels of the spinal ops (backend `cpu`): forward and backward, float32 and float64, and
+// bfloat16 / float16 with float32 arithmetic (see "Reduced precision" below).
 //
 // Layout: x (B, D) and H (B, L*w) row-major; sub-layer i owns columns [i*w, (i+1)*w) of H.
 //
@@ -21,6 +22,12 @@
 //      column sums in row order.
 // The products go through csrc/cpu/spinal_blas.h, the jobs through csrc/cpu/spinal_parallel.h, the activations
 // through csrc/spinal_activation.h (shared with the CUDA kernels).
+//
+// Reduced precision: bfloat16 and float16 tensors are widened to float32 on entry (x, parameters, incoming
+// gradients), the float32 kernels run, and the results (H, y, the gradients) are rounded back to the input dtype
+// once, on exit. Every product and sum is float32 and the chain keeps float32 between sub-layers, so the error
+// is that of one rounding of each result (the reference rounds after every op). This is the fast way on CPUs
+// without bfloat16/float16 GEMMs (AVX2: torch's bfloat16 GEMM runs ~15x slower than its float32 one).
 //
 // Determinism: every GEMM runs with sequential BLAS (csrc/cpu/spinal_blas.h) and the split into jobs depends only
 // on the problem sizes (csrc/cpu/spinal_parallel.h), so outputs and gradients are bitwise identical across runs
@@ -144,11 +151,21 @@ Problem<T> make_problem(const SpinalDims& d, c10::IntArrayRef starts, const at::
                     bo ? bo->const_data_ptr<T>() : nullptr};
 }
 
+bool is_reduced(const at::Tensor& t) {
+  return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
+}
+
+// A bfloat16/float16 tensor widened to float32 (absent stays absent).
+at::Tensor widen(const at::Tensor& t) { return t.to(at::kFloat); }
+std::optional<at::Tensor> widen(const std::optional<at::Tensor>& t) {
+  return t ? std::optional<at::Tensor>(widen(*t)) : std::nullopt;
+}
+
 // What only the cpu kernels require: CPU float32/float64 tensors, and sizes that fit the 32-bit integers of the
 // Fortran BLAS interface (rows are the `k` of the weight-gradient GEMMs; D, L*w and out are leading dimensions).
 void check_cpu_args(const SpinalDims& d, const at::Tensor& x) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "spinal_ops cpu backend: x must be float32 or float64, got ", x.scalar_type(),
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || is_reduced(x),
+              "spinal_ops cpu backend: x must be float32, float64, bfloat16 or float16, got ", x.scalar_type(),
               " (the reference backend runs every dtype: spinal_ops.use_backend('reference'))");
   TORCH_CHECK(x.device().is_cpu(), "spinal_ops cpu backend: x must be a CPU tensor, got ", x.device());
   check_index_limits(d, "cpu",
@@ -167,6 +184,11 @@ std::tuple<at::Tensor, at::Tensor> spinal_forward_cpu(const at::Tensor& x, const
   const SpinalDims d = check_forward_args("cpu", x, weight_x, weight_h, bias, head_weight, head_bias, starts, slots,
                                           activation, negative_slope);
   check_cpu_args(d, x);
+  if (is_reduced(x)) {
+    auto [h32, y32] = spinal_forward_cpu(widen(x), widen(weight_x), widen(weight_h), widen(bias), widen(head_weight),
+                                         widen(head_bias), starts, slots, activation, negative_slope);
+    return {h32.to(x.scalar_type()), y32.to(x.scalar_type())};
+  }
   at::Tensor h_all = at::empty({d.rows, d.hidden()}, x.options());
   at::Tensor y = at::empty({d.rows, d.out}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "spinal_forward_cpu", [&] {
@@ -265,6 +287,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                           slots, activation, negative_slope);
   const std::array<bool, 6> mask = check_backward_args("cpu", d, x, grad_y, grad_h, h_all, output_mask);
   check_cpu_args(d, x);
+  if (is_reduced(x)) {
+    auto grads = spinal_backward_cpu(widen(grad_y), widen(grad_h), widen(x), widen(h_all), widen(weight_x),
+                                     widen(weight_h), widen(bias), widen(head_weight), starts, slots, activation,
+                                     negative_slope, mask);
+    auto narrow = [&](const at::Tensor& g) { return g.to(x.scalar_type()); };
+    return {narrow(std::get<0>(grads)), narrow(std::get<1>(grads)), narrow(std::get<2>(grads)),
+            narrow(std::get<3>(grads)), narrow(std::get<4>(grads)), narrow(std::get<5>(grads))};
+  }
   const bool want_dx = mask[kGradX];
   const bool want_wx = mask[kGradWeightX];
   const bool want_wh = mask[kGradWeightH];
