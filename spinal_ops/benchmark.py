@@ -16,6 +16,9 @@ Providers, all holding the same weights:
 Modes: ``forward`` (under ``torch.no_grad``), ``backward`` (one retained graph, backward timed alone) and
 ``fwd+bwd``.
 
+Heads (:func:`time_heads`): the configurations of :data:`HEAD_CONFIGS` again as the scripts' dropout /
+batch-norm heads, :class:`SpinalLinear` against :class:`OriginalBlocks` with the same weights, train and eval mode.
+
 Timing: blocked runs (:func:`measure`): a block is a fixed number of calls, timed as a whole (``perf_counter`` on
 CPU, CUDA events on a GPU); at least :data:`MIN_BLOCKS` blocks and ``min_run_time`` seconds per cell. A cell
 reports the median time per call over its blocks, the quartiles, min and max; its spread is the interquartile
@@ -63,6 +66,14 @@ class BenchmarkError(RuntimeError):
     """A cell that cannot be timed honestly (failed compilation, a fallback, a changed thread count)."""
 
 
+def _script_chunk(x, s, chunk):
+    """Columns ``[s, s + chunk)`` of ``x``, wrapping, as the original scripts slice them."""
+    end = s + chunk
+    if end <= x.shape[1]:
+        return x[:, s:end]
+    return torch.cat([x[:, s:], x[:, : end - x.shape[1]]], dim=1)
+
+
 class EagerSpinal(nn.Module):
     """The original scripts' code path, built from a :class:`SpinalLinear` (same weights)."""
 
@@ -72,24 +83,41 @@ class EagerSpinal(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.head = head
         self.chunk = spinal.chunk
-        self.starts = reference.split_starts(spinal.in_features, spinal.num_splits, spinal.num_layers,
-                                             spinal.split_mode)
+        self.starts = spinal._spec.starts
         self.activation = spinal.activation
         self.negative_slope = spinal.negative_slope
-
-    def _chunk(self, x, s):
-        end = s + self.chunk
-        if end <= x.shape[1]:
-            return x[:, s:end]
-        return torch.cat([x[:, s:], x[:, : end - x.shape[1]]], dim=1)
 
     def forward(self, x):
         outs = []
         h = None
         for lin, s in zip(self.layers, self.starts, strict=False):
-            xi = self._chunk(x, s)
+            xi = _script_chunk(x, s, self.chunk)
             z = lin(xi if h is None else torch.cat([xi, h], dim=1))
             h = reference.activate(z, self.activation, self.negative_slope)
+            outs.append(h)
+        hcat = torch.cat(outs, dim=1)
+        return self.head(hcat) if self.head is not None else hcat
+
+
+class OriginalBlocks(nn.Module):
+    """The VGG / transfer-learning scripts' head, built from a :class:`SpinalLinear` with dropout and batch norms
+    (same weights and batch-norm state): ``Dropout -> Linear -> BatchNorm1d -> ReLU`` per sub-layer on
+    ``cat([x_chunk, h])``, ``Dropout -> Linear`` on the concatenated outputs (:meth:`SpinalLinear.to_blocks`)."""
+
+    def __init__(self, spinal: SpinalLinear):
+        super().__init__()
+        blocks, head = spinal.to_blocks()
+        self.blocks = nn.ModuleList(blocks)
+        self.head = head
+        self.chunk = spinal.chunk
+        self.starts = spinal._spec.starts
+
+    def forward(self, x):
+        outs = []
+        h = None
+        for block, s in zip(self.blocks, self.starts, strict=True):
+            xi = _script_chunk(x, s, self.chunk)
+            h = block(xi if h is None else torch.cat([xi, h], dim=1))
             outs.append(h)
         hcat = torch.cat(outs, dim=1)
         return self.head(hcat) if self.head is not None else hcat
@@ -295,6 +323,70 @@ def saved_activation_values(module, backend, x) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         _call(module, backend, xg)
     return sum(seen.values())
+
+
+# --- dropout / batch-norm heads against the original blocks ----------------------------------------------------
+
+HEAD_CONFIGS = ("vgg-head", "wide-resnet-head")  # their scripts build Dropout -> Linear -> BatchNorm1d -> ReLU blocks
+HEAD_DROPOUT = 0.5  # the scripts' nn.Dropout(p=0.5)
+HEAD_MODES = (("train", "fwd+bwd"), ("eval", "forward"), ("eval", "fwd+bwd"))
+
+
+def time_heads(configs, batch_sizes, dtype, device, min_run_time: float, threads: int, progress) -> list[dict]:
+    """``SpinalLinear(dropout=HEAD_DROPOUT, batch_norm=True)`` against :class:`OriginalBlocks` with the same
+    weights, per configuration, batch size and :data:`HEAD_MODES` (train mode: unfused, bit for bit the blocks;
+    eval mode: batch norms folded, fused). Train mode needs two rows or more (batch statistics)."""
+    out = []
+    for cfg in configs:
+        torch.manual_seed(0)
+        spinal = SpinalLinear(cfg.in_features, cfg.out, layer_width=cfg.width, num_layers=cfg.num_layers,
+                              num_splits=cfg.num_splits, activation=cfg.activation, dropout=HEAD_DROPOUT,
+                              batch_norm=True, device=device, dtype=dtype)
+        providers = {"spinal": spinal, "blocks": OriginalBlocks(spinal)}
+        x1 = torch.randn(max(batch_sizes), cfg.in_features, device=device).to(dtype)
+        for rows in batch_sizes:
+            for train, mode in HEAD_MODES:
+                if train == "train" and rows < 2:
+                    continue
+                print(f"[head] {cfg.name} B={rows} {train} {mode}", file=progress, flush=True)
+                record = {"config": cfg.name, "rows": rows, "train": train, "mode": mode}
+                for name, module in providers.items():
+                    module.train(train == "train")
+                    try:
+                        record[name] = {"status": "ok"} | time_provider(module, None, x1[:rows].contiguous(), mode,
+                                                                        min_run_time, threads)
+                    except Exception as e:  # reported in the cell
+                        message = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                        record[name] = {"status": "failed", "error": f"{type(e).__name__}: {message}",
+                                        "seconds": None}
+                cells = [record[n] for n in providers]
+                ok = all(c["status"] == "ok" for c in cells)
+                record["ratio"] = record["spinal"]["seconds"] / record["blocks"]["seconds"] if ok else None
+                record["spread"] = max((c["spread"] for c in cells if c["status"] == "ok"), default=None)
+                record["noisy"] = not (record["spread"] is not None and record["spread"] <= NOISY_SPREAD)
+                out.append(record)
+    return out
+
+
+def _head_lines(report: dict, markdown: bool) -> list[str]:
+    heads = report.get("heads") or []
+    if not heads:
+        return []
+    title = (f"dropout ({HEAD_DROPOUT}) / batch-norm heads: SpinalLinear (train mode unfused, bit for bit the "
+             "blocks; eval mode folded and fused) vs the original Dropout -> Linear -> BatchNorm1d -> ReLU blocks, "
+             "median microseconds")
+
+    def us(cell):
+        return f"{cell['seconds'] * 1e6:.0f}" if cell["status"] == "ok" else "failed"
+
+    cols = ["config", "B", "mode", "spinal", "blocks", "spinal/blocks", "spread"]
+    rows = [[h["config"], str(h["rows"]), f"{h['train']} {h['mode']}" + (" (noisy)" if h["noisy"] else ""),
+             us(h["spinal"]), us(h["blocks"]), "-" if h["ratio"] is None else f"{h['ratio']:.2f}",
+             "-" if h["spread"] is None else f"{100 * h['spread']:.1f}%"] for h in heads]
+    if markdown:
+        return ["", title + ":", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols),
+                *("| " + " | ".join(r) + " |" for r in rows)]
+    return ["", title + ":", "".join(f"{c:>14}" for c in cols), *("".join(f"{c:>14}" for c in r) for r in rows)]
 
 
 # --- the machine: CPU, native dtypes, GEMM rate, copy bandwidth, one op call -------------------------------------
@@ -507,8 +599,11 @@ def check_device(device) -> torch.device:
 
 
 def run(configs, batch_sizes, modes=MODES, dtype=torch.float32, min_run_time=0.2, compile_eager=True,
-        device="cpu", threads: int | None = None, progress=sys.stderr) -> dict:
+        device="cpu", threads: int | None = None, progress=sys.stderr, heads=HEAD_CONFIGS) -> dict:
     """Time every provider for every configuration, batch size and mode. Returns the JSON-able report.
+
+    ``heads``: names of the configurations also timed as dropout / batch-norm heads (:func:`time_heads`), where
+    they are among ``configs``.
 
     ``threads``: torch's intra-op thread count for the run (None: leave torch's); set before the first
     measurement, used by every cell, restored afterwards. The report records it, with the count before and after.
@@ -558,6 +653,8 @@ def run(configs, batch_sizes, modes=MODES, dtype=torch.float32, min_run_time=0.2
                                        "seconds": None, "threads": used}
                             print(f"  {name} failed: {record['error']}", file=progress, flush=True)
                         records.append(record)
+        head_records = time_heads([c for c in configs if c.name in heads], batch_sizes, dtype, device,
+                                  min_run_time, used, progress)
     finally:
         torch.set_num_threads(threads_before)
         if compile_eager:
@@ -568,7 +665,7 @@ def run(configs, batch_sizes, modes=MODES, dtype=torch.float32, min_run_time=0.2
     report = {"environment": env, "machine": machine,
               "configs": [c._asdict() | {"flop_ratio": c.flops_per_row() / c.dense_flops_per_row(),
                                          "parameters": parameter_count(c)} for c in configs],
-              "records": records, "memory": memory}
+              "records": records, "memory": memory, "heads": head_records}
     report["rows"] = ratios(report)
     return report
 
@@ -709,16 +806,19 @@ def format_table(report: dict) -> str:
     for m in report["memory"]:
         lines.append(f"  {m['config']:<20} B = {m['rows']:<4} fused {m['fused']:>9}  eager {m['eager']:>9}  "
                      f"({m['fused'] / max(m['eager'], 1):.2f}x)")
-    return "\n".join(lines)
+    return "\n".join(lines + _head_lines(report, markdown=False))
 
 
 def format_markdown(report: dict) -> str:
-    """The README's table: how the run was obtained, then one pipe-table row per (config, B, mode)."""
+    """The README's tables: how the run was obtained, then one pipe-table row per (config, B, mode), then the
+    dropout / batch-norm heads."""
     env, rows, cols = report["environment"], ratios(report), _columns(report)
-    noisy = sum(r["noisy"] for r in rows)
+    heads = report.get("heads") or []
+    noisy = sum(r["noisy"] for r in rows) + sum(h["noisy"] for h in heads)
     lines = []
     if noisy:
-        lines += [f"**Not for the README: {noisy} of {len(rows)} rows are noisy (spread > {NOISY_SPREAD:.0%}); "
+        lines += [f"**Not for the README: {noisy} of {len(rows) + len(heads)} rows are noisy (spread > "
+                  f"{NOISY_SPREAD:.0%}); "
                   "rerun on a quiet machine.**", ""]
     lines += [f"`{env.get('command', 'python -m spinal_ops bench')}`:\n" + ";\n".join(describe_machine(report)), "",
               "| config | B | mode | " + " | ".join(h for h, _, _ in cols) + " |",
@@ -727,7 +827,7 @@ def format_markdown(report: dict) -> str:
         noisy_mark = " (noisy)" if r["noisy"] else ""
         lines.append(f"| {r['config']} | {r['rows']} | {r['mode']}{noisy_mark} | "
                      + " | ".join(_cell(r, k, kind) for _, k, kind in cols) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _head_lines(report, markdown=True)) + "\n"
 
 
 PLOT_STYLE = {"fused": ("C0", "o"), "dense": ("C1", "s"), "eager": ("C2", "^"), "compiled": ("C3", "v"),

@@ -337,6 +337,12 @@ def spinal_forward_blocks(
     """
     d = x.shape[1]
     c = weight_x.shape[2]
+    # Per-slot views by unbind: its backward writes each slot's gradient once (indexing weight_x[slot] per
+    # sub-layer would zero-fill a whole weight_x-sized gradient per sub-layer). A slot's Linear weight
+    # [Wx | Wh] is concatenated once per call, however many sub-layers share it.
+    wx, wh = weight_x.unbind(0), weight_h.unbind(0)
+    bs = bias.unbind(0) if bias is not None else None
+    linear_weights: dict[int, torch.Tensor] = {0: wx[0]}
     outs = []
     h = None
     for i, s in enumerate(starts):
@@ -345,13 +351,14 @@ def spinal_forward_blocks(
             inp = x[:, s : s + c]
         else:
             inp = x.index_select(1, chunk_columns(d, s, c, x.device))
-        weight = weight_x[slot]
         if i > 0:
             inp = torch.cat([inp, h], dim=1)
-            weight = torch.cat([weight, weight_h[slot - 1]], dim=1)
+        weight = linear_weights.get(slot)
+        if weight is None:
+            weight = linear_weights[slot] = torch.cat([wx[slot], wh[slot - 1]], dim=1)
         if training and dropout > 0:
             inp = F.dropout(inp, dropout, training=True)
-        z = F.linear(inp, weight, bias[slot] if bias is not None else None)
+        z = F.linear(inp, weight, bs[slot] if bs is not None else None)
         if norms is not None:
             z = norms[slot](z)
         h = activate(z, activation, negative_slope)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+import spinal_ops
 from spinal_ops import backends, benchmark
 from spinal_ops.configs import SpinalConfig
 
@@ -336,3 +337,33 @@ def test_each_run_gets_its_own_folder_and_latest_points_at_the_newest(tmp_path):
     saved = json.loads(open(second["json"]).read(), parse_constant=no_nan)
     assert saved["records"][0]["seconds"] == report["records"][0]["seconds"]
     assert saved["rows"][0]["eager_us"] is None and "| failed |" in open(second["md"]).read()
+
+
+def test_heads_are_timed_against_the_original_blocks_in_train_and_eval_mode(fast_machine):
+    report = benchmark.run([TINY], [1, 3], modes=("forward",), dtype=torch.float64, compile_eager=False,
+                           heads=[TINY.name], **FAST)
+    heads = report["heads"]
+    # train mode needs two rows (batch statistics): B = 1 has eval rows only
+    assert [(h["rows"], h["train"], h["mode"]) for h in heads] == [
+        (1, "eval", "forward"), (1, "eval", "fwd+bwd"),
+        (3, "train", "fwd+bwd"), (3, "eval", "forward"), (3, "eval", "fwd+bwd")]
+    for h in heads:
+        assert h["spinal"]["status"] == h["blocks"]["status"] == "ok", h
+        assert h["ratio"] == h["spinal"]["seconds"] / h["blocks"]["seconds"]
+    table, md = benchmark.format_table(report), benchmark.format_markdown(report)
+    assert "spinal/blocks" in table and "| tiny | 3 | train fwd+bwd" in md.replace(" (noisy)", "")
+    assert benchmark.run([TINY], [1], modes=("forward",), compile_eager=False, **FAST)["heads"] == []
+
+
+def test_original_blocks_compute_what_the_train_mode_layer_computes():
+    """The heads' baseline is the scripts' head: with the same seed its output is the layer's, bit for bit."""
+    torch.manual_seed(0)
+    spinal = spinal_ops.SpinalLinear(TINY.in_features, TINY.out, layer_width=TINY.width, num_layers=TINY.num_layers,
+                                     num_splits=TINY.num_splits, dropout=0.5, batch_norm=True)
+    blocks = benchmark.OriginalBlocks(spinal)
+    x = torch.randn(6, TINY.in_features)
+    torch.manual_seed(1)
+    a = blocks(x)
+    torch.manual_seed(1)
+    b = spinal(x)
+    assert torch.equal(a, b)
