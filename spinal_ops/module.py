@@ -69,7 +69,8 @@ class SpinalLinear(nn.Module):
     (:func:`spinal_ops.reference.spinal_forward_blocks`: dropout and batch statistics cannot run inside the
     fused kernels). Eval mode runs fused on any backend: dropout is the identity and each batch norm is folded
     into ``weight_x``, ``weight_h`` and ``bias`` with its running statistics
-    (:func:`spinal_ops.reference.fold_batch_norm`). Without either, nothing changes on the fused path.
+    (:func:`spinal_ops.reference.fold_batch_norm`); without autograd (inference) the folded weights are kept
+    and reused until a weight or batch-norm tensor changes. Without either, nothing changes on the fused path.
 
     ``dropout`` may be changed later by assigning the attribute, and ``norms`` replaced (or set to None); the
     other hyper-parameters are read-only attributes (the weights' shapes depend on them).
@@ -230,9 +231,34 @@ class SpinalLinear(nn.Module):
             return out.reshape(*input.shape[:-1], out.shape[-1])
         weight_x, weight_h, bias = self.weight_x, self.weight_h, self.bias  # eval-mode dropout is the identity
         if norms is not None:
-            scale, shift = self._batch_norm_affine()
-            weight_x, weight_h, bias = reference.fold_batch_norm(weight_x, weight_h, bias, scale, shift)
+            weight_x, weight_h, bias = self._folded_weights()
         return run(input, (weight_x, weight_h, bias, self.head_weight, self.head_bias), spec, "SpinalLinear")
+
+    def _folded_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``weight_x``, ``weight_h``, ``bias`` with the eval-mode batch norms folded in.
+
+        Without autograd (``torch.no_grad`` / ``torch.inference_mode``: inference) the folded tensors are kept
+        and reused until a tensor they come from changes (another tensor object, storage or version: in-place
+        updates, ``load_state_dict``, ``.to()``, ``.data`` assignment), so repeated inference does not fold on
+        every call. With autograd they are folded on each call, in the graph.
+        """
+        sources = self._fold_sources()
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return reference.fold_batch_norm(self.weight_x, self.weight_h, self.bias, *self._batch_norm_affine())
+        key = tuple((t, t.data_ptr(), t._version) if isinstance(t, torch.Tensor) else t for t in sources)
+        cached = self.__dict__.get("_fold_cache")
+        if cached is not None and _same_key(cached[0], key):
+            return cached[1]
+        folded = reference.fold_batch_norm(self.weight_x, self.weight_h, self.bias, *self._batch_norm_affine())
+        self.__dict__["_fold_cache"] = (key, folded)
+        return folded
+
+    def _fold_sources(self) -> list:
+        """What the folded weights depend on: the weights and every batch norm's state and eps."""
+        out = [self.weight_x, self.weight_h, self.bias]
+        for n in self.norms:
+            out += [n.running_mean, n.running_var, n.weight, n.bias, n.eps]
+        return out
 
     def _batch_norm_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scale, shift)``, each ``(Lx, w)``: eval-mode batch norm of slot ``j`` is ``z * scale[j] + shift[j]``."""
@@ -247,6 +273,12 @@ class SpinalLinear(nn.Module):
             scales.append(scale)
             shifts.append(shift)
         return torch.stack(scales), torch.stack(shifts)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state = dict(state)
+        state.pop("_fold_cache", None)  # derived; copies and pickles fold afresh
+        return state
 
     def extra_repr(self) -> str:
         text = (
@@ -278,3 +310,18 @@ class SpinalLinear(nn.Module):
     def to_blocks(self) -> tuple[list[nn.Sequential], nn.Module | None]:
         """The original-script blocks, with dropout and batch norm (:func:`spinal_ops.interop.to_blocks`)."""
         return interop.to_blocks(self)
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    """Whether two fold keys name the same tensors (by identity), storages and versions, and the same numbers."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b, strict=True):
+        if isinstance(x, tuple) != isinstance(y, tuple):
+            return False
+        if isinstance(x, tuple):
+            if x[0] is not y[0] or x[1:] != y[1:]:
+                return False
+        elif x != y:
+            return False
+    return True

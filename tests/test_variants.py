@@ -499,3 +499,54 @@ def test_replace_linear_then_train_a_step():
     head = model.classifier[-1]
     assert head.weight_x.grad is not None and head.norms[0].weight.grad is not None
     opt.step()
+
+
+# ------------------------------------------------------------------------------- folded weights for inference
+
+
+def test_inference_folds_once_and_refolds_when_a_source_changes(monkeypatch):
+    _, spinal = _build(HEADS["vgg-halves"], dtype=torch.float32)
+    spinal.eval()
+    calls = []
+    real = reference.fold_batch_norm
+
+    def counting(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(reference, "fold_batch_norm", counting)
+    x = torch.randn(5, 16)
+
+    def fresh():  # what folding now gives, without the cache
+        with torch.enable_grad():
+            return spinal(x).detach()
+
+    with torch.no_grad():
+        first = spinal(x)
+        assert torch.equal(spinal(x), first) and len(calls) == 1, f"folded {len(calls)} times for two calls"
+        changes = [
+            lambda: spinal.norms[1].running_var.mul_(2.0),  # in place: a new version
+            lambda: spinal.weight_x.add_(0.1),
+            lambda: setattr(spinal.norms[0], "eps", 0.5),  # a number
+            lambda: spinal.load_state_dict({k: v * 1.5 if v.is_floating_point() else v
+                                            for k, v in spinal.state_dict().items()}),
+        ]
+        for i, change in enumerate(changes):
+            before = spinal(x)
+            change()
+            after = spinal(x)
+            assert not torch.equal(before, after), f"change {i}: inference reused stale folded weights"
+            assert torch.equal(after, fresh()), f"change {i}: refolded weights differ from a fresh fold"
+    with torch.inference_mode():
+        assert torch.equal(spinal(x), fresh())
+
+
+def test_folded_weights_with_autograd_are_in_the_graph_and_never_cached():
+    _, spinal = _build(HEADS["vgg-halves"], dtype=torch.float32)
+    spinal.eval()
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        spinal(x)  # a cached fold must not be what autograd sees
+    spinal(x).sum().backward()
+    assert spinal.norms[0].weight.grad is not None and spinal.weight_x.grad is not None
+    assert "_fold_cache" not in copy.deepcopy(spinal).__dict__
