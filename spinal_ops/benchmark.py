@@ -74,53 +74,56 @@ def _script_chunk(x, s, chunk):
     return torch.cat([x[:, s:], x[:, : end - x.shape[1]]], dim=1)
 
 
-class EagerSpinal(nn.Module):
-    """The original scripts' code path, built from a :class:`SpinalLinear` (same weights)."""
+class _ScriptChain(nn.Module):
+    """The original scripts' loop: sub-layer ``i`` (:meth:`sub_layer`) on ``cat([x_chunk_i, h_{i-1}])`` (the chunk
+    alone for ``i = 0``), the head on the concatenated outputs."""
 
-    def __init__(self, spinal: SpinalLinear):
+    def __init__(self, spinal: SpinalLinear, head: nn.Module | None):
         super().__init__()
-        layers, head = spinal.to_linears()
-        self.layers = nn.ModuleList(layers)
         self.head = head
         self.chunk = spinal.chunk
         self.starts = spinal._spec.starts
-        self.activation = spinal.activation
-        self.negative_slope = spinal.negative_slope
+
+    def sub_layer(self, i: int, inp: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(self, x):
         outs = []
         h = None
-        for lin, s in zip(self.layers, self.starts, strict=False):
+        for i, s in enumerate(self.starts):
             xi = _script_chunk(x, s, self.chunk)
-            z = lin(xi if h is None else torch.cat([xi, h], dim=1))
-            h = reference.activate(z, self.activation, self.negative_slope)
+            h = self.sub_layer(i, xi if h is None else torch.cat([xi, h], dim=1))
             outs.append(h)
         hcat = torch.cat(outs, dim=1)
         return self.head(hcat) if self.head is not None else hcat
 
 
-class OriginalBlocks(nn.Module):
+class EagerSpinal(_ScriptChain):
+    """The original scripts' code path, built from a :class:`SpinalLinear` (same weights)."""
+
+    def __init__(self, spinal: SpinalLinear):
+        layers, head = spinal.to_linears()
+        super().__init__(spinal, head)
+        self.layers = nn.ModuleList(layers)
+        self.activation = spinal.activation
+        self.negative_slope = spinal.negative_slope
+
+    def sub_layer(self, i, inp):
+        return reference.activate(self.layers[i](inp), self.activation, self.negative_slope)
+
+
+class OriginalBlocks(_ScriptChain):
     """The VGG / transfer-learning scripts' head, built from a :class:`SpinalLinear` with dropout and batch norms
     (same weights and batch-norm state): ``Dropout -> Linear -> BatchNorm1d -> ReLU`` per sub-layer on
     ``cat([x_chunk, h])``, ``Dropout -> Linear`` on the concatenated outputs (:meth:`SpinalLinear.to_blocks`)."""
 
     def __init__(self, spinal: SpinalLinear):
-        super().__init__()
         blocks, head = spinal.to_blocks()
+        super().__init__(spinal, head)
         self.blocks = nn.ModuleList(blocks)
-        self.head = head
-        self.chunk = spinal.chunk
-        self.starts = spinal._spec.starts
 
-    def forward(self, x):
-        outs = []
-        h = None
-        for block, s in zip(self.blocks, self.starts, strict=True):
-            xi = _script_chunk(x, s, self.chunk)
-            h = block(xi if h is None else torch.cat([xi, h], dim=1))
-            outs.append(h)
-        hcat = torch.cat(outs, dim=1)
-        return self.head(hcat) if self.head is not None else hcat
+    def sub_layer(self, i, inp):
+        return self.blocks[i](inp)
 
 
 def dense_equivalent(cfg: SpinalConfig, dtype=None, device=None) -> nn.Module:

@@ -242,15 +242,15 @@ class SpinalLinear(nn.Module):
         updates, ``load_state_dict``, ``.to()``, ``.data`` assignment), so repeated inference does not fold on
         every call. With autograd they are folded on each call, in the graph.
         """
-        sources = self._fold_sources()
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return reference.fold_batch_norm(self.weight_x, self.weight_h, self.bias, *self._batch_norm_affine())
-        key = tuple((t, t.data_ptr(), t._version) if isinstance(t, torch.Tensor) else t for t in sources)
-        cached = self.__dict__.get("_fold_cache")
-        if cached is not None and _same_key(cached[0], key):
-            return cached[1]
+        sources = self._fold_sources()
+        stamp = tuple((t.data_ptr(), t._version) if isinstance(t, torch.Tensor) else t for t in sources)
+        cached = self.__dict__.get("_fold_cache")  # (sources, stamp, folded)
+        if cached is not None and cached[1] == stamp and all(a is b for a, b in zip(cached[0], sources, strict=True)):
+            return cached[2]
         folded = reference.fold_batch_norm(self.weight_x, self.weight_h, self.bias, *self._batch_norm_affine())
-        self.__dict__["_fold_cache"] = (key, folded)
+        self.__dict__["_fold_cache"] = (sources, stamp, folded)
         return folded
 
     def _fold_sources(self) -> list:
@@ -311,17 +311,3 @@ class SpinalLinear(nn.Module):
         """The original-script blocks, with dropout and batch norm (:func:`spinal_ops.interop.to_blocks`)."""
         return interop.to_blocks(self)
 
-
-def _same_key(a: tuple, b: tuple) -> bool:
-    """Whether two fold keys name the same tensors (by identity), storages and versions, and the same numbers."""
-    if len(a) != len(b):
-        return False
-    for x, y in zip(a, b, strict=True):
-        if isinstance(x, tuple) != isinstance(y, tuple):
-            return False
-        if isinstance(x, tuple):
-            if x[0] is not y[0] or x[1:] != y[1:]:
-                return False
-        elif x != y:
-            return False
-    return True
