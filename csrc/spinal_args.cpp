@@ -4,7 +4,7 @@
 
 #include <c10/util/Exception.h>
 
-#include <initializer_list>
+#include <array>
 #include <limits>
 #include <sstream>
 #include <string>
@@ -123,26 +123,24 @@ void check_index_limits(const SpinalDims& d, std::string_view backend, const Ind
   struct Size {
     const char* argument;
     int64_t value;
-    std::string shape;  // the tensor whose size it is
-    const char* unit;   // what of that tensor the size counts
-  };
-  auto shape = [](const char* name, std::initializer_list<int64_t> sizes) {
-    std::ostringstream os;
-    os << name << " " << c10::IntArrayRef(sizes);
-    return os.str();
+    const char* tensor;               // the tensor whose size it is, and its shape (formatted only on failure)
+    std::array<int64_t, 3> shape;
+    size_t dims;
+    const char* unit;                 // what of that tensor the size counts
   };
   const int64_t lw = d.hidden();
   const Size sizes[] = {
-      {"the number of rows of x (B)", d.rows, shape("x", {d.rows, d.in_features}), "rows"},
-      {"in_features (D)", d.in_features, shape("x", {d.rows, d.in_features}), "columns"},
-      {"num_layers * layer_width (L*w)", lw, shape("H", {d.rows, lw}), "columns"},
-      {"out_features", d.out, shape("head_weight", {d.out, lw}), "rows"},
-      {"layer_width * chunk (w*c)", limits.weight_x_slot ? d.width * d.chunk : 0,
-       shape("weight_x", {d.x_slots, d.width, d.chunk}), "elements per slot"}};
+      {"the number of rows of x (B)", d.rows, "x", {d.rows, d.in_features}, 2, "rows"},
+      {"in_features (D)", d.in_features, "x", {d.rows, d.in_features}, 2, "columns"},
+      {"num_layers * layer_width (L*w)", lw, "H", {d.rows, lw}, 2, "columns"},
+      {"out_features", d.out, "head_weight", {d.out, lw}, 2, "rows"},
+      {"layer_width * chunk (w*c)", limits.weight_x_slot ? d.width * d.chunk : 0, "weight_x",
+       {d.x_slots, d.width, d.chunk}, 3, "elements per slot"}};
   for (const Size& s : sizes) {
     TORCH_CHECK_VALUE(s.value <= kMax, SPINAL_PREFIX, s.argument, " must be at most 2^31 - 1, got ", s.value, ": ",
-                      s.shape, " has ", s.value, " ", s.unit, ", past ", std::string(limits.arithmetic), "; supported: ",
-                      std::string(limits.supported), "; ", std::string(limits.fallback));
+                      s.tensor, " ", c10::IntArrayRef(s.shape.data(), s.dims), " has ", s.value, " ", s.unit,
+                      ", past ", std::string(limits.arithmetic), "; supported: ", std::string(limits.supported),
+                      "; ", std::string(limits.fallback));
   }
 }
 

@@ -124,15 +124,16 @@ def use_backend(name: str):
         _forced.reset(token)
 
 
-def select_backend(device: torch.device, dtype: torch.dtype | None = None) -> str:
-    """The backend that runs a spinal op on tensors of ``device`` and ``dtype``: forced, or the fastest available.
+def select_backend(device: torch.device | str, dtype: torch.dtype | None = None) -> str:
+    """The backend that runs a spinal op on tensors of ``device`` (a device or its type, ``"cpu"``, ``"cuda"``) and
+    ``dtype``: forced, or the fastest available.
 
     The ``cpu`` backend runs float32, float64, bfloat16 and float16 (the last two with float32 arithmetic); other
     dtypes on CPU go to ``reference`` automatically. Under
     ``torch.compile`` the choice is made once, when the graph is traced (change :func:`use_backend` before
     compiling, not inside a compiled region).
     """
-    return _select(device.type, dtype)
+    return _select(device if isinstance(device, str) else device.type, dtype)
 
 
 # A constant for torch.compile: dynamo calls it while tracing instead of tracing into it (dynamo before torch 2.14

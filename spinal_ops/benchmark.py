@@ -205,26 +205,34 @@ def make_step(module, backend, x, mode: str):
 
     ``fwd+bwd`` and ``backward`` run one forward with gradients while they are set up (the output's shape, the
     retained graph): the same shapes and grad mode as the timed calls, so a compiled module compiles nothing else.
+    Each of their steps first sets the gradients of the input and the parameters to None, as a training loop's
+    ``optimizer.zero_grad()`` does: a step writes its gradients once, as new tensors, and does not add them to the
+    previous step's (which would time PyTorch's gradient accumulation, a pass over every parameter, in each cell).
     """
     if mode == "forward":
         def step():
             with torch.no_grad():
                 _call(module, backend, x)
-    elif mode == "fwd+bwd":
-        xg = x.detach().requires_grad_()
+        return step
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    xg = x.detach().requires_grad_()
+    leaves = [xg, *(p for p in module.parameters() if p.requires_grad)]
+    if mode == "fwd+bwd":
         grad = torch.ones_like(_call(module, backend, xg))
 
         def step():
+            for t in leaves:
+                t.grad = None
             _call(module, backend, xg).backward(grad)
-    elif mode == "backward":
-        xg = x.detach().requires_grad_()
+    else:
         y = _call(module, backend, xg)
         grad = torch.ones_like(y)
 
         def step():
+            for t in leaves:
+                t.grad = None
             y.backward(grad, retain_graph=True)
-    else:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     return step
 
 

@@ -208,12 +208,12 @@ class SpinalLinear(nn.Module):
                     self.head_bias.uniform_(-bound, bound)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        check_input(input, "SpinalLinear", self.in_features)
-        if self._blocks:
+        if self._dropout > 0 or self._modules.get("norms") is not None:  # self._blocks, on the per-call path
+            check_input(input, "SpinalLinear", self.in_features)
             return self._forward_blocks(input)
-        p = self._parameters
-        params = (p["weight_x"], p["weight_h"], p["bias"], p["head_weight"], p["head_bias"])
-        return run(input, params, self._spec, "SpinalLinear")
+        p = self._parameters  # run() checks the input
+        return run(input, (p["weight_x"], p["weight_h"], p["bias"], p["head_weight"], p["head_bias"]), self._spec,
+                   "SpinalLinear")
 
     def _forward_blocks(self, input: torch.Tensor) -> torch.Tensor:
         """Forward with dropout and/or batch norm: fused when they reduce to an affine map, else unfused."""

@@ -364,33 +364,37 @@ def _spec_mismatch(params: tuple, spec: LayerSpec, where: str) -> ValueError:
 def run(input: Tensor, params: tuple, spec: LayerSpec, where: str) -> Tensor:
     """The one way from a layer to a kernel: ``(*, D) -> (*, out)`` or ``(*, L*w)``.
 
-    ``params`` is ``(weight_x, weight_h, bias, head_weight, head_bias)``; ``input`` has passed
-    :func:`check_input`. Under ``torch.autocast`` the tensors are cast here, once (:func:`autocast_args`). The
-    weights are checked against what only the hyper-parameters decide (the chunk size, from ``num_splits``, and
-    the slot count, from ``num_layers`` and the tying); everything else about the tensors (dtypes, devices, the
-    other sizes, layout) the backend's forward op checks, with the shared checks of ``csrc/spinal_args.cpp``.
+    ``params`` is ``(weight_x, weight_h, bias, head_weight, head_bias)``; ``input`` is checked here (as
+    :func:`check_input` checks it, against ``spec.in_features``). Under ``torch.autocast`` the tensors are cast
+    here, once (:func:`autocast_args`). The weights are checked against what only the hyper-parameters decide (the
+    chunk size, from ``num_splits``, and the slot count, from ``num_layers`` and the tying); everything else about
+    the tensors (dtypes, devices, the other sizes, layout) the backend's forward op checks, with the shared checks of ``csrc/spinal_args.cpp``.
     The backend comes from :func:`spinal_ops.backends.select_backend`. This is on the per-call path of every
     layer: it does no more than it must.
     """
+    # (Written for the interpreter: each tensor attribute read costs ~50-250 ns, and this runs on every call.)
+    shape = input.shape if isinstance(input, Tensor) else None
+    if not shape or shape[-1] != spec.in_features or not input.is_floating_point():
+        check_input(input, where, spec.in_features)  # raises, naming what is wrong
     if torch._C._is_any_autocast_enabled():  # the one cheap check when autocast is off
         input, params = autocast_args(input, params)
-    weight_x, weight_h, bias, head_weight, head_bias = params
-    shape = weight_x.shape
-    if len(shape) != 3 or shape[2] != spec.chunk or shape[0] != spec.num_slots[0] or \
-            weight_h.dim() != 3 or weight_h.shape[0] != spec.num_slots[1]:
+    weight_x, weight_h, _, head_weight, _ = params
+    sx, sh = weight_x.shape, weight_h.shape
+    if len(sx) != 3 or sx[2] != spec.chunk or sx[0] != spec.num_slots[0] or len(sh) != 3 or \
+            sh[0] != spec.num_slots[1]:
         raise _spec_mismatch(params, spec, where)
-    if not (weight_x.is_contiguous() and weight_h.is_contiguous() and (bias is None or bias.is_contiguous())
-            and (head_weight is None or head_weight.is_contiguous())
-            and (head_bias is None or head_bias.is_contiguous())):
-        params = tuple(t.contiguous() if t is not None else None for t in params)
-    backend = select_backend(input.device, input.dtype)
-    two_d = input.dim() == 2
-    x2d = input if two_d else input.reshape(-1, input.shape[-1])
+    for t in params:
+        if t is not None and not t.is_contiguous():
+            params = tuple(t.contiguous() if t is not None else None for t in params)
+            break
+    backend = select_backend("cpu" if input.is_cpu else input.device, input.dtype)
+    two_d = len(shape) == 2
+    x2d = input if two_d else input.reshape(-1, shape[-1])
     if not x2d.is_contiguous():
         x2d = x2d.contiguous()
     h_all, y = forward_op(backend)(x2d, *params, spec.starts, spec.slot_list, spec.activation, spec.negative_slope)
     out = h_all if head_weight is None else y
-    return out if two_d else out.reshape(*input.shape[:-1], out.shape[-1])
+    return out if two_d else out.reshape(*shape[:-1], out.shape[-1])
 
 
 def _reference_forward(*args):

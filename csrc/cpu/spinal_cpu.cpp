@@ -3,35 +3,42 @@
 //
 // Layout: x (B, D) and H (B, L*w) row-major; sub-layer i owns columns [i*w, (i+1)*w) of H.
 //
-// Forward, per tile of kRowTile rows (tiles are independent jobs, run in parallel):
-//   for i = 0 .. L-1:  H_i  = x[:, s_i : s_i+c1] @ Wx_i[:, :c1].T          (one GEMM)
+// Forward, per row tile (RowTiles: independent jobs, run in parallel):
+//   for i = 0 .. L-1:  H_i  = x[:, s_i : s_i+c1] @ Wx_i[:, :c1].T          (one product)
 //                      H_i += x[:, 0 : c2]      @ Wx_i[:, c1:].T          (only when the chunk wraps)
 //                      H_i += H_{i-1} @ Wh_i.T                            (i >= 1: the recurrence)
 //                      H_i  = act(H_i + b_i)                              (in place, one pass)
 //   y = H @ Wo.T + bo                                                     (head mode)
-// The tile of H is written and read back while it is still in cache; nothing else is allocated.
+// The tile of H is written and read back while it is still in cache. A batch that is one tile splits each
+// sub-layer's products into column blocks instead (ColumnSplit), one job each, with a join per sub-layer.
 //
-// Backward, with G = dL/dy and dH = G @ Wo (+ grad_H), in two phases:
-//   1. per row tile (parallel jobs): dZ_i = (dH_i + carry) * act'(.) for i = L-1 .. 0, written over dH in one
-//      (B, L*w) scratch tensor; carry = dZ_i @ Wh_i; dx[:, chunk_i] += dZ_i @ Wx_i (scatter with wrap, in
-//      sub-layer order, so the sum order is fixed). act' comes from H, or from Z recomputed from x and H
-//      for gelu, silu and leaky_relu with a negative slope.
-//   2. weight gradients, one job per sub-layer and kind, each a GEMM over all rows (dWx_i = dZ_i.T @ x_chunk,
-//      dWh_i = dZ_i.T @ H_{i-1}, dWo[:, block i] = G.T @ H_i); a slot that serves several sub-layers (tied
-//      weights) gets per-sub-layer partials that are added in sub-layer order afterwards; bias gradients are
-//      column sums in row order.
-// The products go through csrc/cpu/spinal_blas.h, the jobs through csrc/cpu/spinal_parallel.h, the activations
+// Backward, with G = dL/dy and dH = G @ Wo (+ grad_H):
+//   chain, per row tile: dZ_i = (dH_i + carry) * act'(.) for i = L-1 .. 0, written over dH in one (B, L*w) scratch
+//      tensor; carry = dZ_i @ Wh_i; dx[:, chunk_i] += dZ_i @ Wx_i (scatter with wrap, in sub-layer order, so the sum
+//      order is fixed). act' comes from H, or from Z recomputed from x and H for gelu, silu and leaky_relu with a
+//      negative slope.
+//   weight gradients, products over all rows: dWx_i = dZ_i.T @ x_chunk, dWh_i = dZ_i.T @ H_{i-1}, dWo[:, block i] =
+//      G.T @ H_i, in jobs of at most kWeightRows output rows; a slot that serves several sub-layers (tied weights)
+//      gets per-sub-layer partials that are added in sub-layer order afterwards; bias gradients are column sums in
+//      row order.
+//   Several tiles: the chain of every tile (one job each), then the weight gradients. One tile: per sub-layer, dZ_i
+//      (column blocks), then carry, dx and sub-layer i's weight gradients as the jobs of one round; the head's
+//      weight gradient joins the first round. (A small batch has little chain work to spread, but a wide layer has
+//      weight-sized gradients to write at any batch size.)
+// The products go through csrc/cpu/spinal_gemm.h, the jobs through csrc/cpu/spinal_parallel.h, the activations
 // through csrc/spinal_activation.h (shared with the CUDA kernels).
 //
 // Reduced precision: bfloat16 and float16 tensors are widened to float32 on entry (x, parameters, incoming
 // gradients), the float32 kernels run, and the results (H, y, the gradients) are rounded back to the input dtype
-// once, on exit. Every product and sum is float32 and the chain keeps float32 between sub-layers, so the error
+// once, on exit. (The backward of an activation whose act' needs Z recomputes the float32 H rather than widen the
+// rounded one.) Every product and sum is float32 and the chain keeps float32 between sub-layers, so the error
 // is that of one rounding of each result (the reference rounds after every op). This is the fast way on CPUs
 // without bfloat16/float16 GEMMs (AVX2: torch's bfloat16 GEMM runs ~15x slower than its float32 one).
 //
-// Determinism: every GEMM runs with sequential BLAS (csrc/cpu/spinal_blas.h) and the split into jobs depends only
-// on the problem sizes (csrc/cpu/spinal_parallel.h), so outputs and gradients are bitwise identical across runs
-// and across thread counts.
+// Determinism: every element of every product is summed in an order fixed by the problem sizes
+// (csrc/cpu/spinal_gemm.h; products on the BLAS run it single-threaded) and the split into jobs depends only on the
+// sizes (csrc/cpu/spinal_parallel.h), so outputs and gradients are bitwise identical across runs and across thread
+// counts.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -47,13 +54,13 @@
 #include <vector>
 
 #include "../spinal_args.h"
-#include "spinal_blas.h"
+#include "spinal_gemm.h"
 #include "spinal_parallel.h"
 
 namespace spinal_ops::cpu {
 namespace {
 
-// Raw pointers and sizes of one call.
+// Raw pointers and sizes of one call, and the packed W^T of the short NT products (packs_transposed).
 template <typename T>
 struct Problem {
   SpinalDims d;
@@ -64,11 +71,64 @@ struct Problem {
   const T* b;    // (Lx, w) or nullptr
   const T* wo;   // (out, L*w) or nullptr
   const T* bo;   // (out) or nullptr
+  const T* wxt = nullptr;  // per slot (c, ldwxt): Wx_s^T, or nullptr
+  const T* wht = nullptr;  // per slot (w, ldwht): Wh_s^T, or nullptr
+  const T* wot = nullptr;  // (L*w, ldwot): Wo^T, or nullptr
+  int64_t ldwxt = 0, ldwht = 0, ldwot = 0;
 
   const T* wx_slot(int64_t i) const { return wx + d.x_slot(i) * d.width * d.chunk; }
   const T* wh_slot(int64_t i) const { return wh + d.h_slot(i) * d.width * d.width; }
   const T* b_slot(int64_t i) const { return b ? b + d.x_slot(i) * d.width : nullptr; }
+  NtOperand<T> wx_op(int64_t i) const {
+    return {wx_slot(i), d.chunk, wxt ? wxt + d.x_slot(i) * d.chunk * ldwxt : nullptr, ldwxt};
+  }
+  NtOperand<T> wh_op(int64_t i) const {
+    return {wh_slot(i), d.width, wht ? wht + d.h_slot(i) * d.width * ldwht : nullptr, ldwht};
+  }
+  NtOperand<T> wo_op() const { return {wo, d.hidden(), wot, ldwot}; }
 };
+
+template <typename T>
+Problem<T> make_problem(const SpinalDims& d, c10::IntArrayRef starts, const at::Tensor& x, const at::Tensor& wx,
+                        const at::Tensor& wh, const std::optional<at::Tensor>& b,
+                        const std::optional<at::Tensor>& wo, const std::optional<at::Tensor>& bo) {
+  return Problem<T>{d,
+                    starts.data(),
+                    x.const_data_ptr<T>(),
+                    wx.const_data_ptr<T>(),
+                    wh.const_data_ptr<T>(),
+                    b ? b->const_data_ptr<T>() : nullptr,
+                    wo ? wo->const_data_ptr<T>() : nullptr,
+                    bo ? bo->const_data_ptr<T>() : nullptr};
+}
+
+// Packs W^T of the forward's NT products that run on it (packs_transposed: a short k and tiles of >= 2 rows) into
+// `buffer` and points p at it. The weights are small then (k < 64 terms per output): one pass per call.
+template <typename T>
+void pack_short_products(Problem<T>& p, int64_t tile_rows, bool with_head, std::vector<T>& buffer) {
+  const SpinalDims& d = p.d;
+  const bool px = packs_transposed(tile_rows, d.chunk);
+  const bool ph = d.h_slots > 0 && packs_transposed(tile_rows, d.width);
+  const bool po = with_head && d.has_head && packs_transposed(tile_rows, d.hidden());
+  const int64_t ldw = packed_ld<T>(d.width), ldo = po ? packed_ld<T>(d.out) : 0;
+  const int64_t xsize = px ? d.x_slots * d.chunk * ldw : 0, hsize = ph ? d.h_slots * d.width * ldw : 0;
+  buffer.resize(static_cast<size_t>(xsize + hsize + (po ? d.hidden() * ldo : 0)));
+  T* out = buffer.data();
+  if (px) {
+    for (int64_t s = 0; s < d.x_slots; ++s)
+      pack_transposed(d.width, d.chunk, p.wx + s * d.width * d.chunk, d.chunk, out + s * d.chunk * ldw, ldw);
+    p.wxt = out, p.ldwxt = ldw;
+  }
+  if (ph) {
+    for (int64_t s = 0; s < d.h_slots; ++s)
+      pack_transposed(d.width, d.width, p.wh + s * d.width * d.width, d.width, out + xsize + s * d.width * ldw, ldw);
+    p.wht = out + xsize, p.ldwht = ldw;
+  }
+  if (po) {
+    pack_transposed(d.out, d.hidden(), p.wo, d.hidden(), out + xsize + hsize, ldo);
+    p.wot = out + xsize + hsize, p.ldwot = ldo;
+  }
+}
 
 // Columns [n0, n1) of Z_i (rows [r0, r0+m), sub-layer i) into z (ldz; z points at column n0), from x and
 // H_{i-1}; the bias is NOT added. Output column n of Z_i reads row n of Wx_i and of Wh_i.
@@ -81,14 +141,11 @@ void input_and_recurrent_product(const Problem<T>& p, int64_t i, int64_t r0, int
   const int64_t c2 = d.chunk - c1;
   const int64_t lw = d.hidden();
   const int64_t n = n1 - n0;
-  const T* wxi = p.wx_slot(i) + n0 * d.chunk;
-  gemm<T>(false, true, m, n, c1, T(1), p.x + r0 * d.in_features + s, d.in_features, wxi, d.chunk, T(0), z, ldz);
-  if (c2 > 0) {
-    gemm<T>(false, true, m, n, c2, T(1), p.x + r0 * d.in_features, d.in_features, wxi + c1, d.chunk, T(1), z, ldz);
-  }
+  const NtOperand<T> wxi = p.wx_op(i).shifted(n0, 0);
+  nt_gemm<T>(m, n, c1, p.x + r0 * d.in_features + s, d.in_features, wxi, false, z, ldz);
+  if (c2 > 0) nt_gemm<T>(m, n, c2, p.x + r0 * d.in_features, d.in_features, wxi.shifted(0, c1), true, z, ldz);
   if (i > 0) {
-    gemm<T>(false, true, m, n, d.width, T(1), h_all + r0 * lw + (i - 1) * d.width, lw, p.wh_slot(i) + n0 * d.width,
-            d.width, T(1), z, ldz);
+    nt_gemm<T>(m, n, d.width, h_all + r0 * lw + (i - 1) * d.width, lw, p.wh_op(i).shifted(n0, 0), true, z, ldz);
   }
 }
 
@@ -129,26 +186,12 @@ void forward_tile(const Problem<T>& p, int64_t r0, int64_t m, T* h_all, T* y, co
   }
   if (d.has_head) {
     T* yt = y + r0 * d.out;
-    gemm<T>(false, true, m, d.out, lw, T(1), h_all + r0 * lw, lw, p.wo, lw, T(0), yt, d.out);
+    nt_gemm<T>(m, d.out, lw, h_all + r0 * lw, lw, p.wo_op(), false, yt, d.out);
     if (p.bo) {
       for (int64_t r = 0; r < m; ++r)
         for (int64_t j = 0; j < d.out; ++j) yt[r * d.out + j] += p.bo[j];
     }
   }
-}
-
-template <typename T>
-Problem<T> make_problem(const SpinalDims& d, c10::IntArrayRef starts, const at::Tensor& x, const at::Tensor& wx,
-                        const at::Tensor& wh, const std::optional<at::Tensor>& b,
-                        const std::optional<at::Tensor>& wo, const std::optional<at::Tensor>& bo) {
-  return Problem<T>{d,
-                    starts.data(),
-                    x.const_data_ptr<T>(),
-                    wx.const_data_ptr<T>(),
-                    wh.const_data_ptr<T>(),
-                    b ? b->const_data_ptr<T>() : nullptr,
-                    wo ? wo->const_data_ptr<T>() : nullptr,
-                    bo ? bo->const_data_ptr<T>() : nullptr};
 }
 
 bool is_reduced(const at::Tensor& t) {
@@ -192,12 +235,15 @@ std::tuple<at::Tensor, at::Tensor> spinal_forward_cpu(const at::Tensor& x, const
   at::Tensor h_all = at::empty({d.rows, d.hidden()}, x.options());
   at::Tensor y = at::empty({d.rows, d.out}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "spinal_forward_cpu", [&] {
-    const auto p = make_problem<scalar_t>(d, starts, x, weight_x, weight_h, bias, head_weight, head_bias);
+    auto p = make_problem<scalar_t>(d, starts, x, weight_x, weight_h, bias, head_weight, head_bias);
+    const RowTiles tiles = RowTiles::make(d, sizeof(scalar_t));
+    std::vector<scalar_t> packed;
+    pack_short_products(p, std::min(tiles.size, d.rows), /*with_head=*/true, packed);
     scalar_t* hp = h_all.mutable_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     const std::vector<scalar_t> zero_bias(static_cast<size_t>(d.width), scalar_t(0));
     with_activation(d.activation, [&](auto act) {
-      for_each_tile(d, [&](int64_t r0, int64_t m, bool one_tile) {
+      for_each_tile(tiles, d.rows * row_work(d), [&](int64_t r0, int64_t m, bool one_tile) {
         forward_tile<decltype(act)::value>(p, r0, m, hp, yp, zero_bias.data(), one_tile);
       });
     });
@@ -205,71 +251,70 @@ std::tuple<at::Tensor, at::Tensor> spinal_forward_cpu(const at::Tensor& x, const
   return {h_all, y};
 }
 
-// Phase 1 of the backward for one row tile: dz (B, L*w) holds dH on entry and dZ on exit; dx rows written.
-// Per sub-layer two rounds of jobs (one job each unless the batch is one tile, see ColumnSplit): dZ_i by column
-// blocks of w (with Z_i recomputed for those columns when act' needs it), then carry = dZ_i @ Wh_i by column
-// blocks of w together with dx[:, chunk_i] += dZ_i @ Wx_i by blocks of the chunk's c columns (disjoint dx columns
-// within one sub-layer, since c <= D; sub-layers add into dx in order, so the sum order is fixed).
+// The chain of the backward for sub-layer i of one row tile: dz (B, L*w) holds dH_i on entry, dZ_i on exit. Columns
+// [n0, n0+n) of the sub-layer (with Z_i recomputed for those columns when act' needs it; zbuf holds m x w).
 template <Activation A, typename T>
-void backward_chain_tile(const Problem<T>& p, int64_t r0, int64_t m, const T* h_all, T* dz, T* dx,
-                         std::vector<T>& carry, std::vector<T>& zbuf, const T* zero_bias, bool one_tile) {
+void chain_columns(const Problem<T>& p, int64_t i, int64_t r0, int64_t m, int64_t n0, int64_t n, const T* h_all,
+                   T* dz, const T* carry, T* zbuf, const T* zero_bias) {
   const SpinalDims& d = p.d;
-  const int64_t lw = d.hidden();
-  const int64_t w = d.width;
+  const int64_t lw = d.hidden(), w = d.width;
   const T slope = static_cast<T>(d.negative_slope);
-  const bool from_input = needs_preactivation(d.activation, d.negative_slope);
-  carry.assign(static_cast<size_t>(m * w), T(0));
-  if (from_input) zbuf.resize(static_cast<size_t>(m * w));
-  const int64_t z_work = from_input ? m * w * (d.chunk + w) : m * w;
-  const ColumnSplit zsplit = ColumnSplit::make(w, z_work, one_tile);
-  const ColumnSplit hsplit = ColumnSplit::make(w, m * w * w, one_tile);
-  const ColumnSplit xsplit = ColumnSplit::make(d.chunk, m * w * d.chunk, one_tile);
-  for (int64_t i = d.layers - 1; i >= 0; --i) {
-    T* dzi = dz + r0 * lw + i * w;
+  T* dzi = dz + r0 * lw + i * w;
+  if constexpr (kDerivativeFromZ<A>) {
+    if (needs_preactivation(d.activation, d.negative_slope)) {
+      const T* bi = p.b ? p.b_slot(i) : zero_bias;
+      input_and_recurrent_product(p, i, r0, m, n0, n0 + n, h_all, zbuf + n0, w);
+      for (int64_t r = 0; r < m; ++r)
+        chain_rule<A, true>(dzi + r * lw + n0, carry + r * w + n0, zbuf + r * w + n0, bi + n0, n, slope);
+      return;
+    }
+  }
+  if constexpr (kDerivativeFromH<A>) {
     const T* hi = h_all + r0 * lw + i * w;
-    const T* bi = p.b ? p.b_slot(i) : zero_bias;
-    run_jobs(zsplit.blocks, z_work, [&](int64_t blk) {
-      const int64_t n0 = zsplit.begin(blk), n = zsplit.end(blk) - n0;
-      if constexpr (kDerivativeFromZ<A>) {
-        if (from_input) {
-          input_and_recurrent_product(p, i, r0, m, n0, n0 + n, h_all, zbuf.data() + n0, w);
-          for (int64_t r = 0; r < m; ++r)
-            chain_rule<A, true>(dzi + r * lw + n0, carry.data() + r * w + n0, zbuf.data() + r * w + n0, bi + n0, n,
-                                slope);
-          return;
-        }
-      }
-      if constexpr (kDerivativeFromH<A>) {
-        for (int64_t r = 0; r < m; ++r)
-          chain_rule<A, false>(dzi + r * lw + n0, carry.data() + r * w + n0, hi + r * lw + n0, zero_bias, n, slope);
-      }
-    });
-    const int64_t hjobs = i > 0 ? hsplit.blocks : 0;
-    const int64_t xjobs = dx ? xsplit.blocks : 0;
-    run_jobs(hjobs + xjobs, m * w * ((i > 0 ? w : 0) + (dx ? d.chunk : 0)), [&](int64_t job) {
-      if (job < hjobs) {  // carry[:, n0:n1] = dZ_i @ Wh_i[:, n0:n1]
-        const int64_t n0 = hsplit.begin(job), n1 = hsplit.end(job);
-        gemm<T>(false, false, m, n1 - n0, w, T(1), dzi, lw, p.wh_slot(i) + n0, w, T(0), carry.data() + n0, w);
-        return;
-      }
-      // dx[:, (s + j) mod D] += dZ_i @ Wx_i[:, j] for the chunk columns j in [j0, j1), split where the chunk wraps
-      const int64_t blk = job - hjobs;
-      const int64_t j0 = xsplit.begin(blk), j1 = xsplit.end(blk);
-      const int64_t s = p.starts[i];
-      const int64_t c1 = std::min(d.chunk, d.in_features - s);  // chunk columns before the wrap
-      const T* wxi = p.wx_slot(i);
-      T* dxt = dx + r0 * d.in_features;
-      if (j0 < c1) {
-        const int64_t e = std::min(j1, c1);
-        gemm<T>(false, false, m, e - j0, w, T(1), dzi, lw, wxi + j0, d.chunk, T(1), dxt + s + j0, d.in_features);
-      }
-      if (j1 > c1) {
-        const int64_t b0 = std::max(j0, c1);
-        gemm<T>(false, false, m, j1 - b0, w, T(1), dzi, lw, wxi + b0, d.chunk, T(1), dxt + (b0 - c1), d.in_features);
-      }
-    });
+    for (int64_t r = 0; r < m; ++r)
+      chain_rule<A, false>(dzi + r * lw + n0, carry + r * w + n0, hi + r * lw + n0, zero_bias, n, slope);
   }
 }
+
+// dx[:, (s_i + j) mod D] += dZ_i @ Wx_i[:, j] for the chunk columns j in [j0, j1), rows [r0, r0+m), split where
+// the chunk wraps.
+template <typename T>
+void input_gradient(const Problem<T>& p, int64_t i, int64_t r0, int64_t m, int64_t j0, int64_t j1, const T* dz,
+                    T* dx) {
+  const SpinalDims& d = p.d;
+  const int64_t lw = d.hidden(), w = d.width;
+  const int64_t s = p.starts[i];
+  const int64_t c1 = std::min(d.chunk, d.in_features - s);  // chunk columns before the wrap
+  const T* dzi = dz + r0 * lw + i * w;
+  const T* wxi = p.wx_slot(i);
+  T* dxt = dx + r0 * d.in_features;
+  if (j0 < c1) {
+    const int64_t e = std::min(j1, c1);
+    nn_gemm<T>(false, m, e - j0, w, dzi, lw, wxi + j0, d.chunk, true, dxt + s + j0, d.in_features);
+  }
+  if (j1 > c1) {
+    const int64_t b0 = std::max(j0, c1);
+    nn_gemm<T>(false, m, j1 - b0, w, dzi, lw, wxi + b0, d.chunk, true, dxt + (b0 - c1), d.in_features);
+  }
+}
+
+// The weight-gradient jobs: a product over all rows for output rows [j0, j1) of one sub-layer's dWx_i or dWh_i, or
+// of the head's block of dWo that H_i feeds (kHead: rows of out).
+enum class WeightKind : int { kInput, kRecurrent, kHead };
+
+struct WeightJob {
+  WeightKind kind;
+  int64_t layer, j0, j1;
+};
+
+// Whether a weight gradient of `elements` per slot is written with streaming stores (kernels::Out::kStream): when
+// it is larger than a core's L2 cache, so that it would be written back to memory anyway. Measured on an AMD EPYC
+// (Zen 5, 2 threads): the backward of wide-resnet-head at B = 1 ... (see README).
+inline constexpr int64_t kStreamBytes = int64_t(1) << 20;
+
+// Output rows per weight-gradient job: enough jobs to spread one wide sub-layer's gradient over the threads, each
+// still a product of >= 64 rows of the gradient.
+inline constexpr int64_t kWeightRows = 64;
 
 // Column sums of a (rows x n, ld) block, accumulated into out (n), rows in order.
 template <typename T>
@@ -277,6 +322,154 @@ void add_column_sums(const T* a, int64_t rows, int64_t n, int64_t ld, T* out) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t j = 0; j < n; ++j) out[j] += a[r * ld + j];
 }
+
+template <Activation A, typename T>
+struct Backward {
+  const Problem<T>& p;
+  const T* h_all;        // (B, L*w)
+  const T* gy;           // (B, out) (null when B = 0)
+  bool has_gy;           // grad_y given (hidden mode: never)
+  T* dz;                 // (B, L*w) scratch: dH, then dZ
+  T* dx;                 // (B, D) or nullptr
+  T* dwx;                // (Lx, w, c) or nullptr
+  T* dwh;                // (Lh, w, w) or nullptr
+  T* dwo;                // (out, L*w) or nullptr (also without grad_y)
+  std::vector<T>& xpart;  // per sub-layer partials of tied slots
+  std::vector<T>& hpart;
+  const std::vector<char>& tied;
+  const T* zero_bias;
+
+  const SpinalDims& d() const { return p.d; }
+  static bool streams(int64_t elements) { return elements * static_cast<int64_t>(sizeof(T)) > kStreamBytes; }
+
+  // dH of rows [r0, r0+m) into dz: G @ Wo (+ grad_H), or grad_H alone (no head gradient), or zeros.
+  void head_gradient(int64_t r0, int64_t m, const T* gh) const {
+    const int64_t lw = d().hidden();
+    T* dzt = dz + r0 * lw;
+    if (has_gy) {
+      nn_gemm<T>(false, m, lw, d().out, gy + r0 * d().out, d().out, p.wo, lw, false, dzt, lw);
+    } else {
+      std::fill(dzt, dzt + m * lw, T(0));
+    }
+    if (gh) {
+      const T* ght = gh + r0 * lw;
+      for (int64_t k = 0; k < m * lw; ++k) dzt[k] += ght[k];
+    }
+  }
+
+  // The weight-gradient jobs of sub-layer i: dWx_i and dWh_i (layer), the block of dWo that H_i feeds (head).
+  void add_jobs(int64_t i, bool layer, bool head, std::vector<WeightJob>& jobs, int64_t& work) const {
+    const int64_t w = d().width, rows = d().rows;
+    auto add = [&](WeightKind kind, int64_t n_out, int64_t per_row) {
+      for (int64_t j0 = 0; j0 < n_out; j0 += kWeightRows) {
+        const int64_t j1 = std::min(n_out, j0 + kWeightRows);
+        jobs.push_back({kind, i, j0, j1});
+        work += (j1 - j0) * per_row * rows;
+      }
+    };
+    if (layer && dwx) add(WeightKind::kInput, w, d().chunk);
+    if (layer && dwh && i > 0) add(WeightKind::kRecurrent, w, w);
+    if (head && dwo && has_gy) add(WeightKind::kHead, d().out, w);
+  }
+
+  void run(const WeightJob& job) const {
+    const SpinalDims& dd = d();
+    const int64_t lw = dd.hidden(), w = dd.width, rows = dd.rows, i = job.layer;
+    const int64_t mj = job.j1 - job.j0;
+    switch (job.kind) {
+      case WeightKind::kInput: {  // dWx_i[j0:j1] = dZ_i[:, j0:j1].T @ x_chunk
+        const int64_t s = p.starts[i];
+        const int64_t c1 = std::min(dd.chunk, dd.in_features - s), c2 = dd.chunk - c1;
+        const int64_t xsize = w * dd.chunk;
+        T* g = (tied[i] ? xpart.data() + i * xsize : dwx + dd.x_slot(i) * xsize) + job.j0 * dd.chunk;
+        const bool stream = !tied[i] && streams(xsize);
+        const T* dzi = dz + i * w + job.j0;
+        nn_gemm<T>(true, mj, c1, rows, dzi, lw, p.x + s, dd.in_features, false, g, dd.chunk, stream);
+        if (c2 > 0) nn_gemm<T>(true, mj, c2, rows, dzi, lw, p.x, dd.in_features, false, g + c1, dd.chunk, stream);
+        break;
+      }
+      case WeightKind::kRecurrent: {  // dWh_i[j0:j1] = dZ_i[:, j0:j1].T @ H_{i-1}
+        const int64_t hsize = w * w;
+        T* g = (tied[i] ? hpart.data() + i * hsize : dwh + dd.h_slot(i) * hsize) + job.j0 * w;
+        nn_gemm<T>(true, mj, w, rows, dz + i * w + job.j0, lw, h_all + (i - 1) * w, lw, false, g, w,
+                   !tied[i] && streams(hsize));
+        break;
+      }
+      case WeightKind::kHead:  // dWo[j0:j1, block i] = G[:, j0:j1].T @ H_i
+        nn_gemm<T>(true, mj, w, rows, gy + job.j0, dd.out, h_all + i * w, lw, false, dwo + job.j0 * lw + i * w, lw);
+        break;
+    }
+  }
+
+  // The chain of rows [r0, r0+m), one job (several tiles): every sub-layer, no column split.
+  void chain_tile(int64_t r0, int64_t m, const T* gh) const {
+    const int64_t w = d().width;
+    std::vector<T> carry(static_cast<size_t>(m * w), T(0));
+    std::vector<T> zbuf(needs_preactivation(d().activation, d().negative_slope) ? static_cast<size_t>(m * w) : 0);
+    head_gradient(r0, m, gh);
+    for (int64_t i = d().layers - 1; i >= 0; --i) {
+      chain_columns<A>(p, i, r0, m, 0, w, h_all, dz, carry.data(), zbuf.data(), zero_bias);
+      if (i > 0) {
+        nn_gemm<T>(false, m, w, w, dz + r0 * d().hidden() + i * w, d().hidden(), p.wh_slot(i), w, false,
+                   carry.data(), w);
+      }
+      if (dx) input_gradient(p, i, r0, m, 0, d().chunk, dz, dx);
+    }
+  }
+
+  // Several tiles (or no chain): every tile's chain, then every weight gradient.
+  void tiles_then_weights(const RowTiles& tiles, const T* gh, bool need_chain) const {
+    if (need_chain) {
+      for_each_tile(tiles, d().rows * row_work(d()), [&](int64_t r0, int64_t m, bool) { chain_tile(r0, m, gh); });
+    }
+    std::vector<WeightJob> jobs;
+    int64_t work = 0;
+    for (int64_t i = 0; i < d().layers; ++i) add_jobs(i, /*layer=*/true, /*head=*/true, jobs, work);
+    run_jobs(static_cast<int64_t>(jobs.size()), work, [&](int64_t j) { run(jobs[j]); });
+  }
+
+  // One tile (all B rows): per sub-layer, dZ_i in column blocks, then carry, dx and the weight gradients of
+  // sub-layer i (and, in the first round, the head's) as one round of jobs.
+  void by_sub_layer(const T* gh) const {
+    const SpinalDims& dd = d();
+    const int64_t m = dd.rows, w = dd.width, lw = dd.hidden();
+    std::vector<T> carry(static_cast<size_t>(m * w), T(0));
+    const bool from_input = needs_preactivation(dd.activation, dd.negative_slope);
+    std::vector<T> zbuf(from_input ? static_cast<size_t>(m * w) : 0);
+    head_gradient(0, m, gh);
+    const int64_t z_work = from_input ? m * w * (dd.chunk + w) : m * w;
+    const ColumnSplit zsplit = ColumnSplit::make(w, z_work, true);
+    const ColumnSplit hsplit = ColumnSplit::make(w, m * w * w, true);
+    const ColumnSplit xsplit = ColumnSplit::make(dd.chunk, m * w * dd.chunk, true);
+    std::vector<WeightJob> jobs;
+    for (int64_t i = dd.layers - 1; i >= 0; --i) {
+      run_jobs(zsplit.blocks, z_work, [&](int64_t blk) {
+        chain_columns<A>(p, i, 0, m, zsplit.begin(blk), zsplit.end(blk) - zsplit.begin(blk), h_all, dz,
+                         carry.data(), zbuf.data(), zero_bias);
+      });
+      jobs.clear();
+      int64_t work = m * w * ((i > 0 ? w : 0) + (dx ? dd.chunk : 0));
+      add_jobs(i, /*layer=*/true, /*head=*/false, jobs, work);
+      if (i == dd.layers - 1) {
+        for (int64_t l = 0; l < dd.layers; ++l) add_jobs(l, /*layer=*/false, /*head=*/true, jobs, work);
+      }
+      const int64_t hjobs = i > 0 ? hsplit.blocks : 0;
+      const int64_t xjobs = dx ? xsplit.blocks : 0;
+      const T* dzi = dz + i * w;
+      run_jobs(hjobs + xjobs + static_cast<int64_t>(jobs.size()), work, [&](int64_t job) {
+        if (job < hjobs) {  // carry[:, n0:n1] = dZ_i @ Wh_i[:, n0:n1]
+          const int64_t n0 = hsplit.begin(job), n1 = hsplit.end(job);
+          nn_gemm<T>(false, m, n1 - n0, w, dzi, lw, p.wh_slot(i) + n0, w, false, carry.data() + n0, w);
+        } else if (job < hjobs + xjobs) {
+          const int64_t blk = job - hjobs;
+          input_gradient(p, i, 0, m, xsplit.begin(blk), xsplit.end(blk), dz, dx);
+        } else {
+          run(jobs[job - hjobs - xjobs]);
+        }
+      });
+    }
+  }
+};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> spinal_backward_cpu(
     const std::optional<at::Tensor>& grad_y, const std::optional<at::Tensor>& grad_h, const at::Tensor& x,
@@ -288,9 +481,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const std::array<bool, 6> mask = check_backward_args("cpu", d, x, grad_y, grad_h, h_all, output_mask);
   check_cpu_args(d, x);
   if (is_reduced(x)) {
-    auto grads = spinal_backward_cpu(widen(grad_y), widen(grad_h), widen(x), widen(h_all), widen(weight_x),
-                                     widen(weight_h), widen(bias), widen(head_weight), starts, slots, activation,
-                                     negative_slope, mask);
+    // act' of gelu, silu and leaky_relu with a negative slope comes from Z, recomputed from H_{i-1}: from the
+    // float32 H the forward kernel computed (run again on the widened inputs, bit for bit), not from the rounded
+    // H it returned, whose rounding can move Z across a kink of leaky_relu and so change act'.
+    const at::Tensor wx32 = widen(weight_x), wh32 = widen(weight_h), x32 = widen(x);
+    const std::optional<at::Tensor> b32 = widen(bias);
+    const at::Tensor h32 = needs_preactivation(d.activation, d.negative_slope) && needs_chain(mask)
+                               ? std::get<0>(spinal_forward_cpu(x32, wx32, wh32, b32, std::nullopt, std::nullopt,
+                                                                starts, slots, activation, negative_slope))
+                               : widen(h_all);
+    auto grads = spinal_backward_cpu(widen(grad_y), widen(grad_h), x32, h32, wx32, wh32, b32, widen(head_weight),
+                                     starts, slots, activation, negative_slope, mask);
     auto narrow = [&](const at::Tensor& g) { return g.to(x.scalar_type()); };
     return {narrow(std::get<0>(grads)), narrow(std::get<1>(grads)), narrow(std::get<2>(grads)),
             narrow(std::get<3>(grads)), narrow(std::get<4>(grads)), narrow(std::get<5>(grads))};
@@ -311,8 +512,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   std::vector<char> tied(static_cast<size_t>(d.layers));
   bool any_tied = false;
   for (int64_t i = 0; i < d.layers; ++i) any_tied |= (tied[i] = d.slot_uses(d.x_slot(i)) > 1);
-  // Weight gradients that one job writes whole (beta = 0) need no zero fill: tied slots (sums of partials), a
-  // head without grad_y and the accumulated dx and bias gradients do.
+  // Weight gradients that jobs write whole (beta = 0) need no zero fill: tied slots (sums of partials), a head
+  // without grad_y and the accumulated dx and bias gradients do.
   auto grad_like = [&](const at::Tensor& t, bool written_whole) {
     return written_whole ? at::empty_like(t) : at::zeros_like(t);
   };
@@ -326,69 +527,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "spinal_backward_cpu", [&] {
     using T = scalar_t;
-    const auto p = make_problem<T>(d, starts, x, weight_x, weight_h, bias, head_weight, std::nullopt);
-    const T* hp = h_all.const_data_ptr<T>();
+    auto p = make_problem<T>(d, starts, x, weight_x, weight_h, bias, head_weight, std::nullopt);
+    const RowTiles tiles = RowTiles::make(d, sizeof(T));
+    std::vector<T> packed;  // Z is recomputed for act' of some activations: the forward's products
+    if (need_chain && needs_preactivation(d.activation, d.negative_slope)) {
+      pack_short_products(p, std::min(tiles.size, d.rows), /*with_head=*/false, packed);
+    }
     const T* gy = has_gy ? grad_y->const_data_ptr<T>() : nullptr;
     const T* gh = grad_h ? grad_h->const_data_ptr<T>() : nullptr;
-    T* dz = nullptr;
-    at::Tensor dz_t;
-    if (need_chain) {
-      dz_t = at::empty({d.rows, lw}, x.options());
-      dz = dz_t.mutable_data_ptr<T>();
-      const std::vector<T> zero_bias(static_cast<size_t>(d.width), T(0));
-      T* dxp = want_dx ? dx.mutable_data_ptr<T>() : nullptr;
-      for_each_tile(d, [&](int64_t r0, int64_t m, bool one_tile) {
-        T* dzt = dz + r0 * lw;
-        if (has_gy) {
-          gemm<T>(false, false, m, lw, d.out, T(1), gy + r0 * d.out, d.out, p.wo, lw, T(0), dzt, lw);
-        } else {
-          std::fill(dzt, dzt + m * lw, T(0));
-        }
-        if (gh) {
-          const T* ght = gh + r0 * lw;
-          for (int64_t k = 0; k < m * lw; ++k) dzt[k] += ght[k];
-        }
-        std::vector<T> carry, zbuf;
-        with_activation(d.activation, [&](auto act) {
-          backward_chain_tile<decltype(act)::value>(p, r0, m, hp, dz, dxp, carry, zbuf, zero_bias.data(), one_tile);
-        });
-      });
-    }
-
-    // Phase 2: weight gradients. Jobs [0, L): dWx_i; [L, 2L): dWh_i; [2L, 3L): dWo block i; 3L: biases.
-    // A tied slot receives per-sub-layer partials, summed below.
+    at::Tensor dz_t = need_chain ? at::empty({d.rows, lw}, x.options()) : at::Tensor();
     const int64_t xsize = d.width * d.chunk, hsize = d.width * d.width;
     std::vector<T> xpart(any_tied && want_wx ? static_cast<size_t>(d.layers * xsize) : 0);
     std::vector<T> hpart(any_tied && want_wh ? static_cast<size_t>(d.layers * hsize) : 0);
-    const bool bias_job = want_b || (has_gy && want_bo);
-    const int64_t weight_work = d.rows * (d.layers * d.width * (d.chunk + d.width) + d.hidden() * d.out);
-    run_jobs(3 * d.layers + 1, weight_work, [&](int64_t job) {
-      const int64_t i = job % d.layers;
-      const T* dzi = dz ? dz + i * d.width : nullptr;
-      if (job < d.layers) {
-        if (!want_wx) return;
-        const int64_t s = starts[i];
-        const int64_t c1 = std::min(d.chunk, d.in_features - s);
-        const int64_t c2 = d.chunk - c1;
-        T* g = tied[i] ? xpart.data() + i * xsize : dwx.mutable_data_ptr<T>() + d.x_slot(i) * xsize;
-        gemm<T>(true, false, d.width, c1, d.rows, T(1), dzi, lw, p.x + s, d.in_features, T(0), g, d.chunk);
-        if (c2 > 0) gemm<T>(true, false, d.width, c2, d.rows, T(1), dzi, lw, p.x, d.in_features, T(0), g + c1, d.chunk);
-      } else if (job < 2 * d.layers) {
-        if (!want_wh || i == 0) return;
-        T* g = tied[i] ? hpart.data() + i * hsize : dwh.mutable_data_ptr<T>() + d.h_slot(i) * hsize;
-        gemm<T>(true, false, d.width, d.width, d.rows, T(1), dzi, lw, hp + (i - 1) * d.width, lw, T(0), g, d.width);
-      } else if (job < 3 * d.layers) {
-        if (!(has_gy && want_wo)) return;
-        gemm<T>(true, false, d.out, d.width, d.rows, T(1), gy, d.out, hp + i * d.width, lw, T(0),
-                dwo.mutable_data_ptr<T>() + i * d.width, lw);
-      } else if (bias_job) {
-        if (want_b) {
-          for (int64_t l = 0; l < d.layers; ++l)
-            add_column_sums(dz + l * d.width, d.rows, d.width, lw, db.mutable_data_ptr<T>() + d.x_slot(l) * d.width);
-        }
-        if (has_gy && want_bo) add_column_sums(gy, d.rows, d.out, d.out, dbo.mutable_data_ptr<T>());
+    const std::vector<T> zero_bias(static_cast<size_t>(d.width), T(0));
+    with_activation(d.activation, [&](auto act) {
+      const Backward<decltype(act)::value, T> bw{p,
+                                                 h_all.const_data_ptr<T>(),
+                                                 gy,
+                                                 has_gy,
+                                                 need_chain ? dz_t.mutable_data_ptr<T>() : nullptr,
+                                                 want_dx ? dx.mutable_data_ptr<T>() : nullptr,
+                                                 want_wx ? dwx.mutable_data_ptr<T>() : nullptr,
+                                                 want_wh ? dwh.mutable_data_ptr<T>() : nullptr,
+                                                 want_wo ? dwo.mutable_data_ptr<T>() : nullptr,
+                                                 xpart,
+                                                 hpart,
+                                                 tied,
+                                                 zero_bias.data()};
+      if (tiles.count == 1 && need_chain) {
+        bw.by_sub_layer(gh);
+      } else {
+        bw.tiles_then_weights(tiles, gh, need_chain);
       }
     });
+    if (want_b) {  // bias gradients: column sums of dZ, sub-layers and rows in order
+      const T* dz = dz_t.const_data_ptr<T>();
+      for (int64_t l = 0; l < d.layers; ++l)
+        add_column_sums(dz + l * d.width, d.rows, d.width, lw, db.mutable_data_ptr<T>() + d.x_slot(l) * d.width);
+    }
+    if (has_gy && want_bo) add_column_sums(gy, d.rows, d.out, d.out, dbo.mutable_data_ptr<T>());
     for (int64_t i = 1; i < d.layers; ++i) {  // partials of the tied slots, added in sub-layer order
       if (!tied[i]) continue;
       if (want_wx) {

@@ -13,15 +13,9 @@
 #include <cstdint>
 
 #include "../spinal_args.h"
-#include "spinal_blas.h"
+#include "spinal_gemm.h"
 
 namespace spinal_ops::cpu {
-
-// Rows per tile (fixed, independent of the thread count, which keeps results bitwise reproducible). Chosen by
-// `python -m spinal_ops bench` over {64, 128, 256, 512} on the configurations of spinal_ops/configs.py: 256
-// amortises the per-GEMM call overhead that dominates narrow layers (w = 20..50: one tile is 3L+1 BLAS calls)
-// while a tile of H (256 * L*w values, <= 5 MB for L*w = 5120) still streams through L2 for the wide ones.
-inline constexpr int64_t kRowTile = 256;
 
 // Below this many multiply-adds in all, jobs run on the calling thread: waking the thread pool costs more
 // than it saves (measured: a B = 32 backward took 0.67 ms on one thread and up to 20 ms through the pool on a
@@ -46,28 +40,64 @@ void run_jobs(int64_t jobs, int64_t work, const F& fn) {
   at::internal::lazy_init_num_threads();
   (void)at::get_num_threads();
   if (jobs <= 1 || work < kParallelWork) {
-    SequentialBlas sequential;
+    SequentialBlas sequential(blas_may_run());
     for (int64_t j = 0; j < jobs; ++j) fn(j);
     return;
   }
   std::atomic<int64_t> next{0};
   const int64_t workers = std::min<int64_t>(jobs, at::get_num_threads());
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    SequentialBlas sequential;
+    SequentialBlas sequential(blas_may_run());
     for (int64_t j = next.fetch_add(1); j < jobs; j = next.fetch_add(1)) fn(j);
   });
 }
 
-// Runs fn(r0, m, one_tile) for every tile of kRowTile rows, as parallel jobs; one_tile: the batch is one tile.
+// The row tiles of a call: the batch in tiles of `size` rows, each one job (rows are independent in the forward
+// and the backward's chain). The size depends only on the problem sizes, never on the thread count, which keeps
+// results bitwise reproducible; every kernel sums each element in the same order whatever its tile.
+//
+// Layers whose weights fit in the L2 cache (at most kTileWeightBytes) split the batch into about kRowJobs tiles of
+// a multiple of 16 rows, between kMinRowTile and kMaxRowTile: every tile reads the weights from the cache, and a
+// small batch still makes several jobs (resnet-head at B = 64: 4 tiles of 16). Wider layers keep tiles of
+// kMaxRowTile rows (the weights stream from memory once per tile), and a batch that is one tile splits each
+// sub-layer's products into column blocks instead (ColumnSplit). kMaxRowTile: chosen by `python -m spinal_ops
+// bench` over {64, 128, 256, 512} (AMD EPYC, AVX2): 256 amortises the per-product overhead of the narrow layers while
+// a tile of H (256 * L*w values, <= 5 MB for L*w = 5120) still streams through L2 for the wide ones.
+inline constexpr int64_t kMaxRowTile = 256;
+inline constexpr int64_t kMinRowTile = 16;
+inline constexpr int64_t kRowJobs = 8;
+inline constexpr int64_t kTileWeightBytes = int64_t(1) << 20;
+
+struct RowTiles {
+  int64_t rows = 0;
+  int64_t size = 1;   // rows per tile (the last may be shorter)
+  int64_t count = 0;  // number of tiles
+
+  static RowTiles make(const SpinalDims& d, int64_t element_size) {
+    const int64_t weights = d.layers * d.width * d.chunk + (d.layers - 1) * d.width * d.width + d.hidden() * d.out;
+    RowTiles t;
+    t.rows = d.rows;
+    t.size = kMaxRowTile;
+    if (weights * element_size <= kTileWeightBytes) {
+      const int64_t per_job = (d.rows + kRowJobs - 1) / kRowJobs;
+      t.size = std::clamp((per_job + 15) / 16 * 16, kMinRowTile, kMaxRowTile);
+    }
+    t.count = (d.rows + t.size - 1) / t.size;
+    return t;
+  }
+  int64_t begin(int64_t t) const { return t * size; }
+  int64_t length(int64_t t) const { return std::min(size, rows - t * size); }
+};
+
+// Multiply-adds of one row through the layer (the forward; the backward's phases are of the same order).
+inline int64_t row_work(const SpinalDims& d) {
+  return d.layers * d.width * (d.chunk + d.width) + d.hidden() * d.out;
+}
+
+// Runs fn(r0, m, one_tile) for every row tile (as parallel jobs); one_tile: the batch is one tile.
 template <typename F>
-void for_each_tile(const SpinalDims& d, const F& fn) {
-  const int64_t rows = d.rows;
-  const int64_t work = rows * (d.layers * d.width * (d.chunk + d.width) + d.hidden() * d.out);
-  const int64_t tiles = (rows + kRowTile - 1) / kRowTile;
-  run_jobs(tiles, work, [&](int64_t t) {
-    const int64_t r0 = t * kRowTile;
-    fn(r0, std::min(kRowTile, rows - r0), tiles == 1);
-  });
+void for_each_tile(const RowTiles& tiles, int64_t work, const F& fn) {
+  run_jobs(tiles.count, work, [&](int64_t t) { fn(tiles.begin(t), tiles.length(t), tiles.count == 1); });
 }
 
 // Rows of one tile are one job. When the whole batch fits in one tile (B <= kRowTile) that single job would leave

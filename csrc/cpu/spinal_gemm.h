@@ -1,0 +1,568 @@
+// The products of the CPU kernels (csrc/cpu/spinal_cpu.cpp): one row-major GEMM entry, `gemm`, which runs the
+// small and narrow products on the hand-written kernels below and the large ones on the BLAS
+// (csrc/cpu/spinal_blas.h).
+//
+// Why hand-written kernels: the layers' products are narrow (w = 20..128 columns, out = 1..10, chunks of c = 4..256)
+// and the batches small (B = 1..256 rows per tile). There the BLAS pays a per-call cost and takes its generic code
+// path on CPUs it does not recognise (MKL on AMD: `mkl_blas_def_*`, no AVX-512), while these kernels keep a whole
+// MR x (NV vectors) block of the output in registers for the full k loop. Which product goes where is `use_blas`,
+// set by measurement (its comment).
+//
+// Instruction sets: every kernel is compiled three times, for AVX-512 (64-byte vectors), AVX2 + FMA (32 bytes) and
+// the baseline (16 bytes: SSE2 on x86-64, NEON on aarch64), and the widest the CPU supports runs (`cpu_isa`, chosen
+// once per process; SPINAL_OPS_CPU_ISA=avx2 / baseline caps it, for tests). The extension itself is built for the
+// baseline, so it loads on any x86-64 CPU.
+//
+// Kernels, for C (m x n) = A (m x k) @ B (k x n), row-major (every product of the layer has one of these forms):
+// - axpy tile (m >= 2): an MR x NV-vector block of C in registers; for each q, NV vectors of row q of B are loaded
+//   and every A(r, q) is broadcast against them. A is read through strides (ars, aqs), so the same kernel serves
+//   A (NN: dH = G Wo, carry = dZ Wh, dx += dZ Wx) and A^T (TN: the weight gradients dZ^T x, dZ^T H, G^T H); and
+//   the NT products with a short k on a packed W^T (`packs_transposed`).
+// - dot tile (NT: the forward's x Wx^T, h Wh^T, H Wo^T): DOT_MR rows x NR outputs of vector accumulators along k,
+//   then the lanes summed; W is read as stored (no transpose per call), in L2-sized blocks (`dot_gemm`).
+// - one row, NN (m = 1): a weighted sum of B's rows, 4 rows per pass over C.
+//
+// Determinism: every element of C is a sum over q = 0 .. k-1 in that order (the axpy tile and the NN row), or a
+// fixed lane-wise order (the NT row), whatever the tile, the job split or the thread count; so results depend only
+// on the sizes, the instruction set and, for the BLAS products, the BLAS.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string_view>
+#include <vector>
+
+#include "spinal_blas.h"
+
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define SPINAL_X86_DISPATCH 1
+#include <immintrin.h>  // _mm_sfence
+#define SPINAL_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,bmi2")))
+#define SPINAL_TARGET_AVX2 __attribute__((target("avx2,fma,bmi2")))
+#else
+#define SPINAL_X86_DISPATCH 0
+#endif
+
+namespace spinal_ops::cpu {
+
+// The instruction sets the kernels are compiled for, widest last.
+enum class Isa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+
+inline constexpr std::string_view kIsaNames[] = {"baseline", "avx2", "avx512"};
+
+// What the CPU supports (x86-64: checked with cpuid and the OS's saved register state, by the compiler's runtime).
+inline Isa supported_isa() {
+#if SPINAL_X86_DISPATCH
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("bmi2"))
+    return Isa::kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2"))
+    return Isa::kAvx2;
+#endif
+  return Isa::kBaseline;
+}
+
+// The instruction set the kernels run: the widest supported, capped by SPINAL_OPS_CPU_ISA (read once; an unknown
+// value is ignored).
+inline Isa cpu_isa() {
+  static const Isa isa = [] {
+    Isa best = supported_isa();
+    if (const char* cap = std::getenv("SPINAL_OPS_CPU_ISA")) {
+      for (int i = 0; i < 3; ++i) {
+        if (kIsaNames[i] == cap) best = std::min(best, static_cast<Isa>(i));
+      }
+    }
+    return best;
+  }();
+  return isa;
+}
+
+namespace kernels {
+
+// A vector of VB bytes of T (GCC/Clang vector extensions: lowered to the instruction set of the function they are
+// inlined into).
+template <typename T, int VB>
+struct VecOf {
+  typedef T type __attribute__((vector_size(VB)));
+};
+template <typename T, int VB>
+using Vec = typename VecOf<T, VB>::type;
+
+template <typename V, typename T>
+[[gnu::always_inline]] inline V load(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename V, typename T>
+[[gnu::always_inline]] inline void store(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+// Block shapes per vector width (32 registers with AVX-512, 16 with AVX2 and SSE2). NN/TN (axpy) blocks: MR rows x up
+// to NV vectors of C, plus the NV vectors of B they load.
+template <int VB>
+struct Shape;
+// NT (dot) blocks: DOT_MR rows x NR outputs of vector accumulators, plus the DOT_MR + 1 vectors they load.
+template <>
+struct Shape<64> {
+  static constexpr int MR = 6, NV = 4, DOT_MR = 4, NR = 4;
+};
+template <>
+struct Shape<32> {
+  static constexpr int MR = 4, NV = 3, DOT_MR = 2, NR = 4;
+};
+template <>
+struct Shape<16> {
+  static constexpr int MR = 4, NV = 3, DOT_MR = 2, NR = 4;
+};
+
+// How a kernel writes C: overwrite, add to it, or overwrite with non-temporal (streaming) stores, which skip
+// reading the destination's cache lines before writing them and keep the result out of the caches: for large
+// outputs that this call does not read again (the weight gradients of a wide layer). Streamed rows that are not
+// aligned to the vector width, and partial vectors, are stored normally.
+enum class Out : int { kWrite, kAdd, kStream };
+
+template <typename T, int VB>
+[[gnu::always_inline]] inline void stream_store(T* p, const Vec<T, VB>& v) {
+#if SPINAL_X86_DISPATCH
+  if (reinterpret_cast<uintptr_t>(p) % VB == 0) {
+#if defined(__clang__)
+    return __builtin_nontemporal_store(v, reinterpret_cast<Vec<T, VB>*>(p));
+#else  // GCC: the builtins behind _mm*_stream_p*, checked against the target of the kernel they are inlined into
+    if constexpr (VB == 64 && sizeof(T) == 4) return __builtin_ia32_movntps512(p, v);
+    if constexpr (VB == 64 && sizeof(T) == 8) return __builtin_ia32_movntpd512(p, v);
+    if constexpr (VB == 32 && sizeof(T) == 4) return __builtin_ia32_movntps256(p, v);
+    if constexpr (VB == 32 && sizeof(T) == 8) return __builtin_ia32_movntpd256(p, v);
+    if constexpr (VB == 16 && sizeof(T) == 4) return __builtin_ia32_movntps(p, v);
+    if constexpr (VB == 16 && sizeof(T) == 8) return __builtin_ia32_movntpd(p, v);
+#endif
+  }
+#endif
+  store(p, v);
+}
+
+// Orders the streaming stores before the stores that follow (the end of a job, which other threads then read).
+[[gnu::always_inline]] inline void stream_fence() {
+#if SPINAL_X86_DISPATCH
+  _mm_sfence();
+#endif
+}
+
+// C[r, :] (=|+=, by `out`) sum_q A(r, q) B[q, :] for r < MR and NV vectors of columns; A(r, q) = a[r * ars + q * aqs]. The
+// last vector of the block may be partial: its loads come from `tail` (ld `ldt`, zero-padded to whole vectors) and
+// only `tail_cols` of its columns are stored (kTail).
+template <typename T, int VB, int MR, int NV, bool kTail>
+[[gnu::always_inline]] inline void axpy_tile(int64_t k, const T* a, int64_t ars, int64_t aqs, const T* b, int64_t ldb,
+                                             const T* tail, int64_t ldt, int tail_cols, T* c, int64_t ldc,
+                                             Out out) {
+  using V = Vec<T, VB>;
+  constexpr int kLanes = VB / sizeof(T);
+  V acc[MR][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[r][v] = V{};
+  }
+  for (int64_t q = 0; q < k; ++q) {
+    V bv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      bv[v] = (kTail && v == NV - 1) ? load<V>(tail + q * ldt) : load<V>(b + q * ldb + v * kLanes);
+    }
+    const T* aq = a + q * aqs;
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const T av = aq[r * ars];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    T* cr = c + r * ldc;
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      T* p = cr + v * kLanes;
+      if (kTail && v == NV - 1) {
+        for (int l = 0; l < tail_cols; ++l) p[l] = out == Out::kAdd ? p[l] + acc[r][v][l] : acc[r][v][l];
+      } else if (out == Out::kAdd) {
+        store(p, load<V>(p) + acc[r][v]);
+      } else if (out == Out::kStream) {
+        stream_store<T, VB>(p, acc[r][v]);
+      } else {
+        store(p, acc[r][v]);
+      }
+    }
+  }
+}
+
+// Rows [0, m) of one block of NV vectors, MR rows at a time, the last rows with a narrower tile.
+template <typename T, int VB, int NV, bool kTail>
+[[gnu::always_inline]] inline void axpy_rows(int64_t m, int64_t k, const T* a, int64_t ars, int64_t aqs, const T* b,
+                                             int64_t ldb, const T* tail, int64_t ldt, int tail_cols, T* c,
+                                             int64_t ldc, Out out) {
+  constexpr int MR = Shape<VB>::MR;
+  int64_t r = 0;
+  for (; r + MR <= m; r += MR) {
+    axpy_tile<T, VB, MR, NV, kTail>(k, a + r * ars, ars, aqs, b, ldb, tail, ldt, tail_cols, c + r * ldc, ldc,
+                                    out);
+  }
+  const T* ar = a + r * ars;
+  T* cr = c + r * ldc;
+  switch (m - r) {  // MR <= 6
+    case 5: axpy_tile<T, VB, 5, NV, kTail>(k, ar, ars, aqs, b, ldb, tail, ldt, tail_cols, cr, ldc, out); break;
+    case 4: axpy_tile<T, VB, 4, NV, kTail>(k, ar, ars, aqs, b, ldb, tail, ldt, tail_cols, cr, ldc, out); break;
+    case 3: axpy_tile<T, VB, 3, NV, kTail>(k, ar, ars, aqs, b, ldb, tail, ldt, tail_cols, cr, ldc, out); break;
+    case 2: axpy_tile<T, VB, 2, NV, kTail>(k, ar, ars, aqs, b, ldb, tail, ldt, tail_cols, cr, ldc, out); break;
+    case 1: axpy_tile<T, VB, 1, NV, kTail>(k, ar, ars, aqs, b, ldb, tail, ldt, tail_cols, cr, ldc, out); break;
+    default: break;
+  }
+}
+
+template <typename T, int VB, bool kTail>
+[[gnu::always_inline]] inline void axpy_block(int nv, int64_t m, int64_t k, const T* a, int64_t ars, int64_t aqs,
+                                              const T* b, int64_t ldb, const T* tail, int64_t ldt, int tail_cols, T* c,
+                                              int64_t ldc, Out out) {
+  static_assert(Shape<VB>::NV <= 4, "blocks of at most four vectors");
+  switch (nv) {
+    case 4:
+      if constexpr (Shape<VB>::NV >= 4) axpy_rows<T, VB, 4, kTail>(m, k, a, ars, aqs, b, ldb, tail, ldt, tail_cols, c, ldc, out);
+      break;
+    case 3: axpy_rows<T, VB, 3, kTail>(m, k, a, ars, aqs, b, ldb, tail, ldt, tail_cols, c, ldc, out); break;
+    case 2: axpy_rows<T, VB, 2, kTail>(m, k, a, ars, aqs, b, ldb, tail, ldt, tail_cols, c, ldc, out); break;
+    case 1: axpy_rows<T, VB, 1, kTail>(m, k, a, ars, aqs, b, ldb, tail, ldt, tail_cols, c, ldc, out); break;
+    default: break;
+  }
+}
+
+inline constexpr int64_t kShortK = 16;
+
+// C (m x n) (=|+=) A (m x k, strides ars / aqs) @ B (k x n, ldb). `padded`: B's rows are readable up to a whole
+// number of vectors past n (a packed B^T), else the partial last vector is copied into a zero-padded buffer first.
+template <typename T, int VB>
+[[gnu::always_inline]] inline void axpy_gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t ars, int64_t aqs,
+                                             const T* b, int64_t ldb, bool padded, T* c, int64_t ldc,
+                                             Out out) {
+  constexpr int kLanes = VB / sizeof(T);
+  constexpr int NV = Shape<VB>::NV;
+  const int64_t full = n / kLanes;  // whole vectors
+  const int tail_cols = static_cast<int>(n - full * kLanes);
+  std::vector<T> tail_buffer;
+  const T* tail = nullptr;
+  int64_t ldt = 0;
+  if (tail_cols > 0) {
+    if (padded) {
+      tail = b + full * kLanes;
+      ldt = ldb;
+    } else {
+      tail_buffer.assign(static_cast<size_t>(k * kLanes), T(0));
+      for (int64_t q = 0; q < k; ++q) std::copy_n(b + q * ldb + full * kLanes, tail_cols, &tail_buffer[q * kLanes]);
+      tail = tail_buffer.data();
+      ldt = kLanes;
+    }
+  }
+  // Vectors in blocks of NV; the partial vector joins the last block when it has room, else it is a block alone.
+  // Column blocks outside and rows inside, so that a block of B (k x NV vectors) is reused by every row; but for a
+  // short k (the weight gradients of a small batch: outer products) rows outside, so that C is written row after
+  // row instead of in strips (measured: a 512 x 1024 outer product, AMD EPYC Zen 5, took ~3x longer in strips).
+  const int64_t vectors = full + (tail_cols > 0);
+  const int64_t row_step = k <= kShortK ? Shape<VB>::MR : m;
+  for (int64_t r0 = 0; r0 < m; r0 += row_step) {
+    const int64_t mr = std::min(row_step, m - r0);
+    const T* ar = a + r0 * ars;
+    T* cr = c + r0 * ldc;
+    for (int64_t v0 = 0; v0 < vectors; v0 += NV) {
+      const int nv = static_cast<int>(std::min<int64_t>(NV, vectors - v0));
+      const bool last = v0 + nv == vectors;
+      const T* bv = b + v0 * kLanes;
+      T* cv = cr + v0 * kLanes;
+      if (last && tail_cols > 0) {
+        axpy_block<T, VB, true>(nv, mr, k, ar, ars, aqs, bv, ldb, tail, ldt, tail_cols, cv, ldc, out);
+      } else {
+        axpy_block<T, VB, false>(nv, mr, k, ar, ars, aqs, bv, ldb, nullptr, 0, 0, cv, ldc, out);
+      }
+    }
+  }
+  if (out == Out::kStream) stream_fence();
+}
+
+// Sum of the lanes of v, in a fixed order: halves added until one 16-byte vector is left, then its lanes in order.
+template <typename T, int VB>
+[[gnu::always_inline]] inline T lane_sum(const Vec<T, VB>& v) {
+  if constexpr (VB > 16) {
+    Vec<T, VB / 2> lo, hi;
+    std::memcpy(&lo, &v, VB / 2);
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + VB / 2, VB / 2);
+    return lane_sum<T, VB / 2>(lo + hi);
+  } else {
+    T s = v[0];
+#pragma GCC unroll 4
+    for (int l = 1; l < VB / static_cast<int>(sizeof(T)); ++l) s += v[l];
+    return s;
+  }
+}
+
+// NT block: C[r, j] (=|+=) sum_q A[r, q] W[j, q] for r < MR, j < NR (A: lda, W: ldw, both k-contiguous): MR x NR
+// vector accumulators along k, then the lanes of each summed (lane_sum) and the k % lanes last terms added in order.
+template <typename T, int VB, int MR, int NR>
+[[gnu::always_inline]] inline void dot_tile(int64_t k, const T* a, int64_t lda, const T* w, int64_t ldw, T* c,
+                                            int64_t ldc, bool accumulate) {
+  using V = Vec<T, VB>;
+  constexpr int kLanes = VB / sizeof(T);
+  const int64_t kv = k / kLanes * kLanes;
+  V acc[MR][NR];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) acc[r][j] = V{};
+  }
+  for (int64_t q = 0; q < kv; q += kLanes) {
+    V av[MR];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) av[r] = load<V>(a + r * lda + q);
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) {
+      const V wv = load<V>(w + j * ldw + q);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) acc[r][j] += av[r] * wv;
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) {
+      T s = lane_sum<T, VB>(acc[r][j]);
+      for (int64_t q = kv; q < k; ++q) s += a[r * lda + q] * w[j * ldw + q];
+      T& out = c[r * ldc + j];
+      out = accumulate ? out + s : s;
+    }
+  }
+}
+
+template <typename T, int VB, int MR>
+[[gnu::always_inline]] inline void dot_rows(int64_t n, int64_t k, const T* a, int64_t lda, const T* w, int64_t ldw,
+                                            T* c, int64_t ldc, bool accumulate) {
+  constexpr int NR = Shape<VB>::NR;
+  int64_t j = 0;
+  for (; j + NR <= n; j += NR) dot_tile<T, VB, MR, NR>(k, a, lda, w + j * ldw, ldw, c + j, ldc, accumulate);
+  for (; j < n; ++j) dot_tile<T, VB, MR, 1>(k, a, lda, w + j * ldw, ldw, c + j, ldc, accumulate);
+}
+
+// C (m x n) (=|+=) A (m x k, lda) @ W^T (W: n x k, ldw), in blocks of kDotK terms of k and kDotN outputs, so that
+// a block of W (kDotN x kDotK) and of A (m x kDotK) stay in the L2 cache while every row block reads them; the sums
+// of the k blocks are added into C in order.
+inline constexpr int64_t kDotK = 256, kDotN = 64;
+
+template <typename T, int VB>
+[[gnu::always_inline]] inline void dot_gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* w,
+                                            int64_t ldw, T* c, int64_t ldc, bool accumulate) {
+  constexpr int MR = Shape<VB>::DOT_MR;
+  for (int64_t k0 = 0; k0 < k; k0 += kDotK) {
+    const int64_t kb = std::min(kDotK, k - k0);
+    const bool acc = accumulate || k0 > 0;
+    for (int64_t j0 = 0; j0 < n; j0 += kDotN) {
+      const int64_t nb = std::min(kDotN, n - j0);
+      const T* wb = w + j0 * ldw + k0;
+      int64_t r = 0;
+      for (; r + MR <= m; r += MR) dot_rows<T, VB, MR>(nb, kb, a + r * lda + k0, lda, wb, ldw, c + r * ldc + j0, ldc, acc);
+      for (; r < m; ++r) dot_rows<T, VB, 1>(nb, kb, a + r * lda + k0, lda, wb, ldw, c + r * ldc + j0, ldc, acc);
+    }
+  }
+}
+
+// One row, NN: c (=|+=) sum_q a[q] B[q, :] (n columns, ldb), four rows of B per pass over c.
+template <typename T, int VB>
+[[gnu::always_inline]] inline void axpy_row(int64_t n, int64_t k, const T* a, const T* b, int64_t ldb, T* c,
+                                            bool accumulate) {
+  if (!accumulate) std::fill(c, c + n, T(0));
+  int64_t q = 0;
+  for (; q + 4 <= k; q += 4) {
+    const T a0 = a[q], a1 = a[q + 1], a2 = a[q + 2], a3 = a[q + 3];
+    const T* __restrict b0 = b + q * ldb;
+    const T* __restrict b1 = b0 + ldb;
+    const T* __restrict b2 = b1 + ldb;
+    const T* __restrict b3 = b2 + ldb;
+    T* __restrict cc = c;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) cc[j] = (((cc[j] + a0 * b0[j]) + a1 * b1[j]) + a2 * b2[j]) + a3 * b3[j];
+  }
+  for (; q < k; ++q) {
+    const T aq = a[q];
+    const T* __restrict bq = b + q * ldb;
+    T* __restrict cc = c;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) cc[j] += aq * bq[j];
+  }
+}
+
+// The kernels of one instruction set: one non-inline function per form, compiled for that set.
+#define SPINAL_KERNEL_SET(ATTR, SUFFIX, VB)                                                                          \
+  template <typename T>                                                                                             \
+  ATTR void axpy_##SUFFIX(int64_t m, int64_t n, int64_t k, const T* a, int64_t ars, int64_t aqs, const T* b,        \
+                          int64_t ldb, bool padded, T* c, int64_t ldc, Out out) {                                   \
+    axpy_gemm<T, VB>(m, n, k, a, ars, aqs, b, ldb, padded, c, ldc, out);                                           \
+  }                                                                                                                 \
+  template <typename T>                                                                                             \
+  ATTR void dot_##SUFFIX(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* w, int64_t ldw, T* c,    \
+                         int64_t ldc, bool acc) {                                                                   \
+    dot_gemm<T, VB>(m, n, k, a, lda, w, ldw, c, ldc, acc);                                                          \
+  }                                                                                                                 \
+  template <typename T>                                                                                             \
+  ATTR void axpy_row_##SUFFIX(int64_t n, int64_t k, const T* a, const T* b, int64_t ldb, T* c, bool acc) {           \
+    axpy_row<T, VB>(n, k, a, b, ldb, c, acc);                                                                       \
+  }
+
+#define SPINAL_NO_ATTR
+SPINAL_KERNEL_SET(SPINAL_NO_ATTR, baseline, 16)
+#if SPINAL_X86_DISPATCH
+SPINAL_KERNEL_SET(SPINAL_TARGET_AVX2, avx2, 32)
+SPINAL_KERNEL_SET(SPINAL_TARGET_AVX512, avx512, 64)
+#endif
+#undef SPINAL_KERNEL_SET
+#undef SPINAL_NO_ATTR
+
+}  // namespace kernels
+
+// The vector width, in elements of T, of the instruction set the kernels run (the padding of packed B^T).
+template <typename T>
+int64_t vector_lanes() {
+  switch (cpu_isa()) {
+    case Isa::kAvx512: return 64 / sizeof(T);
+    case Isa::kAvx2: return 32 / sizeof(T);
+    default: return 16 / sizeof(T);
+  }
+}
+
+// C (m x n) (=|+=, by `out`) A (m x k; element (r, q) at a[r * ars + q * aqs]) @ B (k x n, ldb) on the hand-written
+// kernels.
+template <typename T>
+void axpy_product(int64_t m, int64_t n, int64_t k, const T* a, int64_t ars, int64_t aqs, const T* b, int64_t ldb,
+                  bool padded, T* c, int64_t ldc, kernels::Out out) {
+  switch (cpu_isa()) {
+#if SPINAL_X86_DISPATCH
+    case Isa::kAvx512: return kernels::axpy_avx512<T>(m, n, k, a, ars, aqs, b, ldb, padded, c, ldc, out);
+    case Isa::kAvx2: return kernels::axpy_avx2<T>(m, n, k, a, ars, aqs, b, ldb, padded, c, ldc, out);
+#endif
+    default: return kernels::axpy_baseline<T>(m, n, k, a, ars, aqs, b, ldb, padded, c, ldc, out);
+  }
+}
+
+template <typename T>
+void dot_product(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* w, int64_t ldw, T* c, int64_t ldc,
+                 bool accumulate) {
+  switch (cpu_isa()) {
+#if SPINAL_X86_DISPATCH
+    case Isa::kAvx512: return kernels::dot_avx512<T>(m, n, k, a, lda, w, ldw, c, ldc, accumulate);
+    case Isa::kAvx2: return kernels::dot_avx2<T>(m, n, k, a, lda, w, ldw, c, ldc, accumulate);
+#endif
+    default: return kernels::dot_baseline<T>(m, n, k, a, lda, w, ldw, c, ldc, accumulate);
+  }
+}
+
+template <typename T>
+void axpy_row_product(int64_t n, int64_t k, const T* a, const T* b, int64_t ldb, T* c, bool accumulate) {
+  switch (cpu_isa()) {
+#if SPINAL_X86_DISPATCH
+    case Isa::kAvx512: return kernels::axpy_row_avx512<T>(n, k, a, b, ldb, c, accumulate);
+    case Isa::kAvx2: return kernels::axpy_row_avx2<T>(n, k, a, b, ldb, c, accumulate);
+#endif
+    default: return kernels::axpy_row_baseline<T>(n, k, a, b, ldb, c, accumulate);
+  }
+}
+
+// The leading dimension of a packed W^T with n columns: n rounded up to whole vectors.
+template <typename T>
+int64_t packed_ld(int64_t n) {
+  const int64_t lanes = vector_lanes<T>();
+  return (n + lanes - 1) / lanes * lanes;
+}
+
+// W^T of a row-major W (n x k, ldw) into out (k x ldo, ldo = packed_ld(n)), the padding columns zero.
+template <typename T>
+void pack_transposed(int64_t n, int64_t k, const T* w, int64_t ldw, T* out, int64_t ldo) {
+  for (int64_t q = 0; q < k; ++q) {
+    T* row = out + q * ldo;
+    for (int64_t j = 0; j < n; ++j) row[j] = w[j * ldw + q];
+    std::fill(row + n, row + ldo, T(0));
+  }
+}
+
+// Whether the BLAS runs a product of m x n x k (the rest runs on the kernels above). Measured with
+// `python -m spinal_ops bench` on an AMD EPYC (Zen 5, 2 threads), every configuration of spinal_ops/configs.py at
+// B = 64 and 1024, hand-written kernels against MKL (which takes its generic path there): with AVX-512 the kernels
+// were faster in every row (0.52-0.9x the time; wide-resnet-head B = 1024 forward 16.2 vs 27.7 ms); capped to AVX2
+// they were faster only where the products are narrow (resnet-head: 0.68x; vgg-head fwd+bwd 1.07x, wide-resnet-head
+// 1.27x and 1.54x), and to the baseline (SSE2) slower from vgg-head on (2.2-2.8x). So: AVX-512 never, else the
+// products with at least 16 rows and 32 columns on both sides.
+inline bool use_blas(int64_t m, int64_t n, int64_t k) {
+  return cpu_isa() != Isa::kAvx512 && m >= 16 && n >= 32 && k >= 32;
+}
+
+// Whether any product may run on the BLAS (then the jobs keep its threading off: SequentialBlas).
+inline bool blas_may_run() { return cpu_isa() != Isa::kAvx512; }
+
+// The right operand of an NT product C = A @ W^T: W (n x k, ldw), and W^T packed (k x npad, ldwt; see
+// pack_transposed) when the caller made it (see packs_transposed), else null.
+template <typename T>
+struct NtOperand {
+  const T* w = nullptr;
+  int64_t ldw = 0;
+  const T* wt = nullptr;
+  int64_t ldwt = 0;
+
+  // Outputs from n0 on and terms from k0 on.
+  NtOperand shifted(int64_t n0, int64_t k0) const {
+    return {w + n0 * ldw + k0, ldw, wt ? wt + k0 * ldwt + n0 : nullptr, ldwt};
+  }
+};
+
+// Whether an NT product with k terms runs on a packed W^T: short sums, where the dot kernels spend their time on
+// the k % lanes last terms and the lane sums (the recurrences of w = 20..50, the chunks of c = 4). Below 64 the
+// axpy kernel on W^T was faster for every such product of spinal_ops/configs.py (same machine as use_blas).
+inline constexpr int64_t kPackedMaxK = 64;
+inline bool packs_transposed(int64_t rows, int64_t k) { return rows >= 2 && k < kPackedMaxK; }
+
+// C (m x n) (=|+= when accumulate) A (m x k, lda) @ W^T.
+template <typename T>
+void nt_gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const NtOperand<T>& w, bool accumulate, T* c,
+             int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    if (!accumulate) {
+      for (int64_t r = 0; r < m; ++r) std::fill(c + r * ldc, c + r * ldc + n, T(0));
+    }
+    return;
+  }
+  if (use_blas(m, n, k)) return blas_gemm<T>(false, true, m, n, k, a, lda, w.w, w.ldw, accumulate, c, ldc);
+  if (w.wt != nullptr && m >= 2) {
+    return axpy_product<T>(m, n, k, a, lda, 1, w.wt, w.ldwt, true, c, ldc,
+                           accumulate ? kernels::Out::kAdd : kernels::Out::kWrite);
+  }
+  dot_product<T>(m, n, k, a, lda, w.w, w.ldw, c, ldc, accumulate);
+}
+
+// C (m x n) (=|+= when accumulate) op(A) (m x k) @ B (k x n, ldb): A (m x k, lda), or its transpose stored (k x m,
+// lda) when trans_a. `stream`: C is large and not read again by this call (kernels::Out::kStream; no effect with
+// accumulate or on the BLAS).
+template <typename T>
+void nn_gemm(bool trans_a, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
+             bool accumulate, T* c, int64_t ldc, bool stream = false) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    if (!accumulate) {
+      for (int64_t r = 0; r < m; ++r) std::fill(c + r * ldc, c + r * ldc + n, T(0));
+    }
+    return;
+  }
+  if (use_blas(m, n, k)) return blas_gemm<T>(trans_a, false, m, n, k, a, lda, b, ldb, accumulate, c, ldc);
+  if (m == 1 && !trans_a) return axpy_row_product<T>(n, k, a, b, ldb, c, accumulate);
+  const kernels::Out out = accumulate ? kernels::Out::kAdd : stream ? kernels::Out::kStream : kernels::Out::kWrite;
+  axpy_product<T>(m, n, k, a, trans_a ? 1 : lda, trans_a ? lda : 1, b, ldb, false, c, ldc, out);
+}
+
+}  // namespace spinal_ops::cpu
