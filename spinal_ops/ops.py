@@ -368,9 +368,9 @@ def run(input: Tensor, params: tuple, spec: LayerSpec, where: str) -> Tensor:
     :func:`check_input` checks it, against ``spec.in_features``). Under ``torch.autocast`` the tensors are cast
     here, once (:func:`autocast_args`). The weights are checked against what only the hyper-parameters decide (the
     chunk size, from ``num_splits``, and the slot count, from ``num_layers`` and the tying); everything else about
-    the tensors (dtypes, devices, the other sizes, layout) the backend's forward op checks, with the shared checks of ``csrc/spinal_args.cpp``.
-    The backend comes from :func:`spinal_ops.backends.select_backend`. This is on the per-call path of every
-    layer: it does no more than it must.
+    the tensors (dtypes, devices, the other sizes, layout) the backend's forward op checks, with the shared checks
+    of ``csrc/spinal_args.cpp``. The backend comes from :func:`spinal_ops.backends.select_backend`. This is on the
+    per-call path of every layer: it does no more than it must.
     """
     # (Written for the interpreter: each tensor attribute read costs ~50-250 ns, and this runs on every call.)
     shape = input.shape if isinstance(input, Tensor) else None
