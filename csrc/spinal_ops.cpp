@@ -20,6 +20,7 @@
 
 #include <torch/library.h>
 
+#include "cpu/spinal_gemm.h"
 #include "spinal_args.h"
 
 // Importing spinal_ops._C loads this library, whose static initialisers register the ops. No Python
@@ -50,6 +51,10 @@ TORCH_LIBRARY(spinal_ops, m) {
       "_spinal_forward_cuda_options(Tensor x, Tensor weight_x, Tensor weight_h, Tensor? bias, Tensor? head_weight, "
       "Tensor? head_bias, int[] starts, int[] slots, str activation, float negative_slope, int width_path, "
       "bool allow_tf32) -> (Tensor, Tensor)");
+  // The instruction set the cpu kernels run ("avx512", "avx2" or "baseline": csrc/cpu/spinal_gemm.h, cpu_isa), for
+  // the benchmark's records, `python -m spinal_ops check` and the tests.
+  m.def("_cpu_isa() -> str",
+        [] { return std::string(spinal_ops::cpu::kIsaNames[static_cast<int>(spinal_ops::cpu::cpu_isa())]); });
   // The shared argument checks as an op, for the backends written in Python (Triton): raises or returns nothing.
   m.def(
       "_check_args(str backend, Tensor x, Tensor weight_x, Tensor weight_h, Tensor? bias, Tensor? head_weight, "

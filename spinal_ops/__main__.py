@@ -95,7 +95,8 @@ def _check(args) -> int:
         print("  built with: " + ", ".join(f"{k}={v}" for k, v in CONFIG.items()))
     except ImportError:
         pass
-    print(f"  C++ CPU kernels: {'yes' if backends._native_kernel('CPU') else 'no'}; "
+    isa = backends.cpu_kernel_isa()
+    print(f"  C++ CPU kernels: {f'yes ({isa} kernels)' if isa else 'no'}; "
           f"CUDA kernels compiled in: {'yes' if backends._native_kernel('CUDA') else 'no'}")
     print(f"TRITON_INTERPRET=1: {backends.triton_interpreted()}; GPU present: {torch.cuda.is_available()}")
     usable = spinal_ops.available_backends()

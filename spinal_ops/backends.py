@@ -56,6 +56,12 @@ def _native_loaded() -> bool:
     return bool(_native_keys)
 
 
+def cpu_kernel_isa() -> str | None:
+    """The instruction set the ``cpu`` backend's kernels run here (``"avx512"``, ``"avx2"`` or ``"baseline"``: the
+    widest this CPU supports, capped by ``SPINAL_OPS_CPU_ISA``), or None without the native library."""
+    return torch.ops.spinal_ops._cpu_isa() if _native_kernel("CPU") else None
+
+
 def triton_importable() -> bool:
     """Triton is installed (checked without importing it)."""
     return _TRITON_INSTALLED

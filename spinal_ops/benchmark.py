@@ -583,6 +583,7 @@ def environment(dtype, device="cpu", cpu: dict | None = None) -> dict:
         "vector_isa": cpu["vector_isa"],
         "isa": cpu["isa"],
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_kernels": backends.cpu_kernel_isa(),
         "mkl": torch.backends.mkl.is_available(),
         "threads": torch.get_num_threads(),
         "dtype": str(dtype).replace("torch.", ""),
@@ -770,7 +771,7 @@ def describe_machine(report: dict) -> list[str]:
     where = env.get("gpu") or env["cpu"]
     cpu = (f"{env['cpu']} (vendor {env.get('cpu_vendor') or '?'}, family {env.get('cpu_family') or '?'}, model "
            f"{env.get('cpu_model_number') or '?'}; {env.get('vector_isa', '?')}, torch capability "
-           f"{env.get('cpu_capability')})")
+           f"{env.get('cpu_capability')}, spinal_ops cpu kernels {env.get('cpu_kernels') or 'none'})")
     lines = [f"{env['date']}, {where}, {_threads(env)}, {env['dtype']}, torch {env['torch']}"
              f"{' with MKL' if env.get('mkl') else ''}, spinal_ops {env.get('spinal_ops')}, backends "
              f"{', '.join(env['backends'])}",

@@ -4,6 +4,11 @@ in tests/test_conformance.py, its opcheck in tests/test_opcheck.py."""
 
 from __future__ import annotations
 
+import os
+import pathlib
+import subprocess
+import sys
+
 import pytest
 import torch
 from helpers import CASES, Case, assert_close, functional_kwargs, make_inputs, require_backend
@@ -181,3 +186,50 @@ def test_op_argument_errors(mutate, match):
     mutate(args)
     with pytest.raises(RuntimeError, match=match):
         torch.ops.spinal_ops.spinal_forward(*args)
+
+
+# --- the kernels of each instruction set (csrc/cpu/spinal_gemm.h) ---------------------------------------------
+
+ISAS = ("baseline", "avx2", "avx512")
+
+# Run in a subprocess with SPINAL_OPS_CPU_ISA capping the kernels: every case against the reference in float32 and
+# float64 (the tolerance rule), and bitwise equal on 1 and 2 threads. Cases: awkward small shapes, one-tile batches
+# split into column blocks, several row tiles; with avx2 / baseline the products of >= 16 rows and >= 32 columns
+# run on the BLAS (use_blas), the others on that set's kernels.
+_ISA_SCRIPT = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from helpers import CASES, COLUMN_SPLIT_CASES, Case, check_against_reference, run_case
+print(torch.ops.spinal_ops._cpu_isa(), flush=True)
+cases = [*CASES.values(), *COLUMN_SPLIT_CASES.values(), Case(257, 13, 2, 5, 4), Case(300, 200, 2, 64, 4, out=10),
+         Case(70, 30, 3, 50, 6, activation="leaky_relu", negative_slope=-0.2, tie=(0, 1, 2, 3, 2, 3))]
+for case in cases:
+    for dtype in (torch.float32, torch.float64):
+        check_against_reference("cpu", case, dtype)
+    torch.set_num_threads(2)
+    two = run_case("cpu", case, torch.float32, seed=3)
+    torch.set_num_threads(1)
+    one = run_case("cpu", case, torch.float32, seed=3)
+    for name, t in two.items():
+        assert (t is None and one[name] is None) or torch.equal(t, one[name]), f"{case.id}: {name} 1 vs 2 threads"
+"""
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_kernels_of_each_instruction_set_match_reference(isa):
+    supported = torch.ops.spinal_ops._cpu_isa()  # this process: the widest the CPU supports (no cap set)
+    if ISAS.index(isa) > ISAS.index(supported):
+        pytest.skip(f"this CPU runs {supported} at most")
+    env = {**os.environ, "SPINAL_OPS_CPU_ISA": isa}
+    done = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(pathlib.Path(__file__).parent)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"kernels capped to {isa}:\n{done.stdout}\n{done.stderr[-4000:]}"
+    assert done.stdout.split()[0] == isa, f"SPINAL_OPS_CPU_ISA={isa} ran {done.stdout.split()[0]}"
+
+
+def test_unknown_instruction_set_cap_is_ignored():
+    env = {**os.environ, "SPINAL_OPS_CPU_ISA": "sse9000"}
+    code = "import torch, spinal_ops; print(torch.ops.spinal_ops._cpu_isa())"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == torch.ops.spinal_ops._cpu_isa()

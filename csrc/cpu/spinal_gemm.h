@@ -347,7 +347,7 @@ template <typename T, int VB, int MR, int NR>
 template <typename T, int VB, int MR>
 [[gnu::always_inline]] inline void dot_rows(int64_t n, int64_t k, const T* a, int64_t lda, const T* w, int64_t ldw,
                                             T* c, int64_t ldc, bool accumulate) {
-  constexpr int NR = Shape<VB>::NR;
+  constexpr int NR = MR == 1 ? 2 * Shape<VB>::NR : Shape<VB>::NR;  // one row: more chains of FMAs in flight
   int64_t j = 0;
   for (; j + NR <= n; j += NR) dot_tile<T, VB, MR, NR>(k, a, lda, w + j * ldw, ldw, c + j, ldc, accumulate);
   for (; j < n; ++j) dot_tile<T, VB, MR, 1>(k, a, lda, w + j * ldw, ldw, c + j, ldc, accumulate);
@@ -375,28 +375,51 @@ template <typename T, int VB>
   }
 }
 
-// One row, NN: c (=|+=) sum_q a[q] B[q, :] (n columns, ldb), four rows of B per pass over c.
+// One row, NN: c[v-block] (=|+=) sum_q a[q] B[q, v-block] for NV whole vectors, kept in registers over all of k
+// (NV independent chains of FMAs; c is read and written once).
+template <typename T, int VB, int NV>
+[[gnu::always_inline]] inline void axpy_row_block(int64_t k, const T* a, const T* b, int64_t ldb, T* c,
+                                                  bool accumulate) {
+  using V = Vec<T, VB>;
+  constexpr int kLanes = VB / sizeof(T);
+  V acc[NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) acc[v] = V{};
+  for (int64_t q = 0; q < k; ++q) {
+    const T av = a[q];
+    const T* bq = b + q * ldb;
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[v] += av * load<V>(bq + v * kLanes);
+  }
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) store(c + v * kLanes, accumulate ? load<V>(c + v * kLanes) + acc[v] : acc[v]);
+}
+
+// One row, NN: c (=|+=) sum_q a[q] B[q, :] (n columns, ldb): blocks of up to 8 whole vectors, then the last
+// n % lanes columns one at a time (each a sum over q in the same order).
 template <typename T, int VB>
 [[gnu::always_inline]] inline void axpy_row(int64_t n, int64_t k, const T* a, const T* b, int64_t ldb, T* c,
                                             bool accumulate) {
-  if (!accumulate) std::fill(c, c + n, T(0));
-  int64_t q = 0;
-  for (; q + 4 <= k; q += 4) {
-    const T a0 = a[q], a1 = a[q + 1], a2 = a[q + 2], a3 = a[q + 3];
-    const T* __restrict b0 = b + q * ldb;
-    const T* __restrict b1 = b0 + ldb;
-    const T* __restrict b2 = b1 + ldb;
-    const T* __restrict b3 = b2 + ldb;
-    T* __restrict cc = c;
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) cc[j] = (((cc[j] + a0 * b0[j]) + a1 * b1[j]) + a2 * b2[j]) + a3 * b3[j];
+  constexpr int kLanes = VB / sizeof(T);
+  const int64_t full = n / kLanes;
+  int64_t v0 = 0;
+  for (; v0 + 8 <= full; v0 += 8) axpy_row_block<T, VB, 8>(k, a, b + v0 * kLanes, ldb, c + v0 * kLanes, accumulate);
+  const T* bv = b + v0 * kLanes;
+  T* cv = c + v0 * kLanes;
+  switch (full - v0) {
+    case 7: axpy_row_block<T, VB, 7>(k, a, bv, ldb, cv, accumulate); break;
+    case 6: axpy_row_block<T, VB, 6>(k, a, bv, ldb, cv, accumulate); break;
+    case 5: axpy_row_block<T, VB, 5>(k, a, bv, ldb, cv, accumulate); break;
+    case 4: axpy_row_block<T, VB, 4>(k, a, bv, ldb, cv, accumulate); break;
+    case 3: axpy_row_block<T, VB, 3>(k, a, bv, ldb, cv, accumulate); break;
+    case 2: axpy_row_block<T, VB, 2>(k, a, bv, ldb, cv, accumulate); break;
+    case 1: axpy_row_block<T, VB, 1>(k, a, bv, ldb, cv, accumulate); break;
+    default: break;
   }
-  for (; q < k; ++q) {
-    const T aq = a[q];
-    const T* __restrict bq = b + q * ldb;
-    T* __restrict cc = c;
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) cc[j] += aq * bq[j];
+  for (int64_t j = full * kLanes; j < n; ++j) {
+    T sum = 0;
+    for (int64_t q = 0; q < k; ++q) sum += a[q] * b[q * ldb + j];
+    c[j] = accumulate ? c[j] + sum : sum;
   }
 }
 
