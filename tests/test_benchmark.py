@@ -128,6 +128,22 @@ def test_providers_compute_the_same_function():
     assert benchmark.parameter_count(TINY) == sum(p.numel() for p in fused.module.parameters())
 
 
+@pytest.mark.parametrize("mode", ["fwd+bwd", "backward"])
+def test_backward_steps_write_each_gradient_once(mode):
+    """Like a training loop with optimizer.zero_grad(): after three steps every gradient is one step's, not the sum
+    of three (which would time PyTorch's accumulation in every cell)."""
+    providers = benchmark.make_providers(TINY, torch.float64, "cpu", compile_eager=False)
+    x = torch.randn(7, TINY.in_features, dtype=torch.float64)
+    for name, provider in providers.items():
+        step = benchmark.make_step(provider.module, provider.backend, x, mode)
+        step()
+        once = [p.grad.clone() for p in provider.module.parameters()]
+        step()
+        step()
+        for p, g in zip(provider.module.parameters(), once, strict=True):
+            torch.testing.assert_close(p.grad, g, rtol=0, atol=1e-12, msg=lambda m, n=name: f"{n} {mode}: {m}")
+
+
 def test_tiny_report_has_every_provider_ratio_spread_and_floor(fast_machine):
     report = benchmark.run([TINY], [1, 5], modes=benchmark.MODES, dtype=torch.float64, compile_eager=False, **FAST)
     providers = {r["provider"] for r in report["records"]}
@@ -290,7 +306,8 @@ def test_cpu_model_family_and_vector_isa_are_recorded():
     assert avx2["vector_isa"] == "AVX2"
     assert "unsupported" in benchmark.native_dtype_support("bfloat16", torch.device("cpu"), avx2)
     env = benchmark.environment(torch.float32)
-    assert {"cpu", "cpu_family", "cpu_model_number", "vector_isa", "isa", "cpu_capability"} <= set(env)
+    assert {"cpu", "cpu_family", "cpu_model_number", "vector_isa", "isa", "cpu_capability", "cpu_kernels"} <= set(env)
+    assert env["cpu_kernels"] == backends.cpu_kernel_isa()
     if os.path.exists("/proc/cpuinfo"):
         assert env["vector_isa"] != "unknown" and env["cpu_family"], env
 
