@@ -55,6 +55,10 @@ TORCH_LIBRARY(spinal_ops, m) {
   // the benchmark's records, `python -m spinal_ops check` and the tests.
   m.def("_cpu_isa() -> str",
         [] { return std::string(spinal_ops::cpu::kIsaNames[static_cast<int>(spinal_ops::cpu::cpu_isa())]); });
+  // op(a) @ op(b) on the cpu kernels' products (csrc/cpu/spinal_gemm.h; op = transpose when trans_*), float32 or
+  // float64, in row blocks run as parallel jobs: how the tests check the products on awkward shapes and the
+  // benchmark measures their rate.
+  m.def("_cpu_gemm(Tensor a, Tensor b, bool trans_a, bool trans_b) -> Tensor");
   // The shared argument checks as an op, for the backends written in Python (Triton): raises or returns nothing.
   m.def(
       "_check_args(str backend, Tensor x, Tensor weight_x, Tensor weight_h, Tensor? bias, Tensor? head_weight, "

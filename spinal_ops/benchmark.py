@@ -26,9 +26,10 @@ range over the median, and a row (configuration, batch size, mode) whose cells s
 :data:`NOISY_SPREAD` is flagged noisy. Every provider runs on the thread count the report sets and records; a
 provider that changes it is reported as failed.
 
-Floor: the report measures, in the same run, the GEMM rate of this machine (square ``torch.mm``), the copy
-bandwidth at each configuration's weight size and the time of one tiny ``nn.Linear`` step per mode; a row's
-floor is ``max(FLOPs / rate, bytes / bandwidth) + one tiny step of the same mode`` (:func:`floor`).
+Floor: the report measures, in the same run, the GEMM rate of this machine (a square ``torch.mm``, and on CPU the
+``cpu`` backend's own product kernels on the same square; the faster of the two is the rate), the copy bandwidth at
+each configuration's weight size and the time of one tiny ``nn.Linear`` step per mode; a row's floor is
+``max(FLOPs / rate, bytes / bandwidth) + one tiny step of the same mode`` (:func:`floor`).
 
 Nothing here asserts speed.
 """
@@ -452,14 +453,19 @@ def native_dtype_support(dtype_name: str, device: torch.device, cpu: dict) -> st
     return f"unsupported: no {' / '.join(wanted[:2])} in the CPU flags"
 
 
-def gemm_rate(dtype: torch.dtype, device: torch.device, min_run_time: float, threads: int) -> dict:
-    """FLOP/s of an ``n x n x n`` ``torch.mm`` in ``dtype`` on ``device`` (n from :data:`GEMM_SIZE`)."""
+def gemm_rate(dtype: torch.dtype, device: torch.device, min_run_time: float, threads: int,
+              kernels: str = "torch") -> dict:
+    """FLOP/s of an ``n x n x n`` product in ``dtype`` on ``device`` (n from :data:`GEMM_SIZE`): ``torch.mm``, or the
+    ``cpu`` backend's own product kernels (``kernels="spinal_ops"``: ``torch.ops.spinal_ops._cpu_gemm``)."""
     n = GEMM_SIZE[device.type]
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     out = torch.empty(n, n, dtype=dtype, device=device)
 
     def step():
-        torch.mm(a, b, out=out)
+        if kernels == "torch":
+            torch.mm(a, b, out=out)
+        else:
+            torch.ops.spinal_ops._cpu_gemm(a, b, False, False)
 
     step()
     torch.set_num_threads(threads)
@@ -555,15 +561,26 @@ def measure_machine(configs, dtype, device: torch.device, modes, min_run_time: f
             gemm[other] = gemm_rate(getattr(torch, other), device, min_run_time, threads)
         else:
             gemm[other] = {"unsupported": reason}
-    if "flops_per_s" in gemm[name]:
-        floor_rate = {"dtype": name, "flops_per_s": gemm[name]["flops_per_s"]}
-    else:  # computed in float32 units anyway
-        floor_rate = {"dtype": "float32", "flops_per_s": gemm["float32"]["flops_per_s"],
-                      "note": f"{name} is not native here: the float32 rate"}
+    # The cpu backend's own products may run faster than torch.mm (its BLAS may take a generic path on this CPU):
+    # the floor takes the faster of the two, so that no kernel of this project beats its own floor by construction.
+    spinal: dict[str, dict] = {}
+    if device.type == "cpu" and backends._native_kernel("CPU"):
+        for other in dict.fromkeys(("float32", name)):
+            if other in ("float32", "float64"):
+                spinal[other] = gemm_rate(getattr(torch, other), device, min_run_time, threads, kernels="spinal_ops")
+    rate_dtype = name if "flops_per_s" in gemm[name] else "float32"  # else computed in float32 units anyway
+    candidates = [("torch.mm", gemm[rate_dtype]["flops_per_s"])]
+    if rate_dtype in spinal:
+        candidates.append(("spinal_ops kernels", spinal[rate_dtype]["flops_per_s"]))
+    source, rate = max(candidates, key=lambda c: c[1])
+    floor_rate = {"dtype": rate_dtype, "flops_per_s": rate, "source": source}
+    if rate_dtype != name:
+        floor_rate["note"] = f"{name} is not native here: the float32 rate"
     esize = torch.empty((), dtype=dtype).element_size()
     bandwidth = {c.name: copy_bandwidth(parameter_count(c) * esize, dtype, device, min_run_time, threads)
                  for c in configs}
-    return {"gemm": gemm, "floor_rate": floor_rate, "element_size": esize, "bandwidth": bandwidth,
+    return {"gemm": gemm, "gemm_spinal_ops": spinal, "floor_rate": floor_rate, "element_size": esize,
+            "bandwidth": bandwidth,
             "call": call_times(dtype, device, modes, min_run_time, threads)}
 
 
@@ -781,11 +798,15 @@ def describe_machine(report: dict) -> list[str]:
     if machine:
         rates = []
         for name, g in machine["gemm"].items():
-            rates.append(f"{name} {g['flops_per_s'] / 1e9:.1f} GFLOP/s (n={g['n']})" if "flops_per_s" in g
-                         else f"{name} {g['unsupported']}")
+            own = machine.get("gemm_spinal_ops", {}).get(name)
+            rates.append((f"{name} {g['flops_per_s'] / 1e9:.1f} GFLOP/s torch.mm" if "flops_per_s" in g
+                          else f"{name} {g['unsupported']}")
+                         + (f", {own['flops_per_s'] / 1e9:.1f} GFLOP/s spinal_ops kernels" if own else "")
+                         + (f" (n={g['n']})" if "n" in g else ""))
         bw = [b["bytes_per_s"] for b in machine["bandwidth"].values() if b["bytes_per_s"]] or [math.nan]
         calls = ", ".join(f"{m} {c['seconds'] * 1e6:.1f}" for m, c in machine["call"].items())
-        lines.append(f"GEMM rate: {'; '.join(rates)}; floor uses {machine['floor_rate']['dtype']}"
+        lines.append(f"GEMM rate: {'; '.join(rates)}; floor uses {machine['floor_rate']['dtype']}, "
+                     f"{machine['floor_rate'].get('source', 'torch.mm')}"
                      + (f" ({machine['floor_rate']['note']})" if "note" in machine["floor_rate"] else ""))
         lines.append(f"copy bandwidth at the weights' size: {min(bw) / 1e9:.1f} to {max(bw) / 1e9:.1f} GB/s; "
                      f"one tiny op step (us): {calls}")

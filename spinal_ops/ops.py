@@ -184,8 +184,13 @@ def register_op_pair(forward_name: str, backward_name: str, backward_op=None) ->
         torch.library.register_autograd(backward_name, _backward_of_backward, setup_context=_setup_backward_context)
 
 
+def _fake_cpu_gemm(a, b, trans_a, trans_b):
+    return a.new_empty(a.shape[1] if trans_a else a.shape[0], b.shape[0] if trans_b else b.shape[1])
+
+
 if NATIVE_IMPORT_ERROR is None:
     backends.record_native_kernels()
+    torch.library.register_fake("spinal_ops::_cpu_gemm")(_fake_cpu_gemm)
     # The native ops carry their autograd in C++ (csrc/spinal_autograd.cpp): same formula, no Python per call. Their
     # backward's derivative recomputes the reference backward through this op (CompositeImplicitAutograd).
     register_op_pair("spinal_ops::spinal_forward", "spinal_ops::_spinal_backward")

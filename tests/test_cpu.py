@@ -188,7 +188,38 @@ def test_op_argument_errors(mutate, match):
         torch.ops.spinal_ops.spinal_forward(*args)
 
 
-# --- the kernels of each instruction set (csrc/cpu/spinal_gemm.h) ---------------------------------------------
+# --- the products (csrc/cpu/spinal_gemm.h) and the kernels of each instruction set -------------------------------
+
+# (m, n, k): one row, a few rows (every row tail of the 6- and 4-row blocks), column tails (n % 16, n % 8), short k
+# (outer products, the packed and the dot routes' boundary at 64), k over the dot route's 256-term blocks, widths
+# over its 64-output blocks
+GEMM_SHAPES = [(1, 1, 1), (1, 20, 256), (1, 37, 5), (1, 513, 130), (2, 3, 4), (5, 17, 63), (7, 16, 64),
+               (13, 50, 50), (6, 128, 1), (23, 70, 300), (64, 129, 257), (300, 20, 1024), (257, 512, 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True)], ids=["nn", "tn", "nt"])
+@pytest.mark.parametrize("shape", GEMM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_products_match_matmul(shape, trans_a, trans_b, dtype):
+    """Every route of the cpu kernels' products against torch.matmul in float64, under the tolerance rule."""
+    m, n, k = shape
+    g = torch.Generator().manual_seed(m * 1000 + n * 10 + k)
+    a = torch.randn(k, m, generator=g, dtype=torch.float64) if trans_a else torch.randn(m, k, generator=g,
+                                                                                     dtype=torch.float64)
+    b = torch.randn(n, k, generator=g, dtype=torch.float64) if trans_b else torch.randn(k, n, generator=g,
+                                                                                     dtype=torch.float64)
+    expected = (a.t() if trans_a else a) @ (b.t() if trans_b else b)
+    same = (a.to(dtype).t() if trans_a else a.to(dtype)) @ (b.to(dtype).t() if trans_b else b.to(dtype))
+    got = torch.ops.spinal_ops._cpu_gemm(a.to(dtype), b.to(dtype), trans_a, trans_b)
+    assert_close(got, expected, same, what=f"_cpu_gemm {m}x{n}x{k} trans_a={trans_a} trans_b={trans_b} {dtype}")
+
+
+def test_product_argument_errors():
+    with pytest.raises(RuntimeError, match=r"op\(a\) is 3 x 4 but op\(b\) is 5 x 2"):
+        torch.ops.spinal_ops._cpu_gemm(torch.randn(3, 4), torch.randn(5, 2), False, False)
+    with pytest.raises(RuntimeError, match="float32 or float64 CPU tensors of one dtype"):
+        torch.ops.spinal_ops._cpu_gemm(torch.randn(3, 4), torch.randn(4, 2, dtype=torch.float64), False, False)
+
 
 ISAS = ("baseline", "avx2", "avx512")
 
@@ -201,6 +232,12 @@ import sys, torch
 sys.path.insert(0, sys.argv[1])
 from helpers import CASES, COLUMN_SPLIT_CASES, Case, check_against_reference, run_case
 print(torch.ops.spinal_ops._cpu_isa(), flush=True)
+for m, n, k in [(1, 37, 5), (5, 17, 63), (23, 70, 300), (64, 129, 257), (257, 512, 1)]:
+    for tb in (False, True):
+        a, b = torch.randn(m, k, dtype=torch.float64), torch.randn(n, k) if tb else torch.randn(k, n)
+        b = b.double()
+        got = torch.ops.spinal_ops._cpu_gemm(a, b, False, tb)
+        assert (got - a @ (b.t() if tb else b)).abs().max() <= 1e-12 * k, (m, n, k, tb)
 cases = [*CASES.values(), *COLUMN_SPLIT_CASES.values(), Case(257, 13, 2, 5, 4), Case(300, 200, 2, 64, 4, out=10),
          Case(70, 30, 3, 50, 6, activation="leaky_relu", negative_slope=-0.2, tie=(0, 1, 2, 3, 2, 3))]
 for case in cases:

@@ -1,7 +1,8 @@
 """``torch.library.opcheck`` for every op, from one list of samples: the native forward and backward
 (``spinal_forward``, ``_spinal_backward``) on CPU and CUDA tensors, the Triton forward and backward
-(``spinal_forward_triton``, ``_spinal_backward_triton``). opcheck tests the schema (no undeclared mutation or
-aliasing), the autograd registration, the fake (meta) kernels and AOT dispatch with dynamic shapes.
+(``spinal_forward_triton``, ``_spinal_backward_triton``), and the cpu kernels' product op (``_cpu_gemm``).
+opcheck tests the schema (no undeclared mutation or aliasing), the autograd registration, the fake (meta)
+kernels and AOT dispatch with dynamic shapes.
 
 A backward sample is built from the reference forward (so every backward op sees the same H), once with plain
 inputs for each output mask and once with inputs that require grad (the backward's own derivative, used by double
@@ -137,3 +138,15 @@ def _check_masked_gradients(backend, op, sample, overload, args):
                 assert g.numel() == 0, f"{what}: d{name} not asked for, got shape {tuple(g.shape)}"
             elif t is not None:
                 assert g.shape == t.shape, f"{what}: d{name} has shape {tuple(g.shape)}, expected {tuple(t.shape)}"
+
+
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True)], ids=["nn", "tn", "nt"])
+def test_opcheck_cpu_gemm(trans_a, trans_b):
+    require_backend("cpu")
+    a = torch.randn(9, 7, dtype=torch.float64)
+    b = torch.randn(7 if not trans_b else 5, 5 if not trans_b else 7, dtype=torch.float64)
+    if trans_a:
+        a = a.t().contiguous()
+    torch.library.opcheck(torch.ops.spinal_ops._cpu_gemm.default, (a, b, trans_a, trans_b),
+                          test_utils=["test_schema", "test_autograd_registration", "test_faketensor",
+                                      "test_aot_dispatch_dynamic"])

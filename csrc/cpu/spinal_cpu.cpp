@@ -50,6 +50,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -583,10 +584,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {dx, dwx, dwh, db, dwo, dbo};
 }
 
+// The _cpu_gemm op: op(a) @ op(b) through gemm's routes (nt_gemm for trans_b, else nn_gemm), in row blocks of
+// kMaxRowTile as parallel jobs.
+at::Tensor cpu_gemm(const at::Tensor& a, const at::Tensor& b, bool trans_a, bool trans_b) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2, "spinal_ops cpu backend: _cpu_gemm takes 2-D a and b, got shapes ",
+              a.sizes(), " and ", b.sizes());
+  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu() && a.scalar_type() == b.scalar_type() &&
+                  (a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble),
+              "spinal_ops cpu backend: _cpu_gemm takes float32 or float64 CPU tensors of one dtype, got ",
+              a.scalar_type(), " on ", a.device(), " and ", b.scalar_type(), " on ", b.device());
+  const at::Tensor ac = a.contiguous(), bc = b.contiguous();
+  const int64_t m = trans_a ? a.size(1) : a.size(0), k = trans_a ? a.size(0) : a.size(1);
+  const int64_t n = trans_b ? b.size(0) : b.size(1), kb = trans_b ? b.size(1) : b.size(0);
+  TORCH_CHECK(k == kb, "spinal_ops cpu backend: _cpu_gemm: op(a) is ", m, " x ", k, " but op(b) is ", kb, " x ", n);
+  TORCH_CHECK(std::max({m, n, k}) <= std::numeric_limits<int>::max(), "spinal_ops cpu backend: _cpu_gemm sizes ",
+              "must be at most 2^31 - 1 (the BLAS interface)");
+  at::Tensor c = at::empty({m, n}, a.options());
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "_cpu_gemm", [&] {
+    using T = scalar_t;
+    const T* ap = ac.const_data_ptr<T>();
+    const T* bp = bc.const_data_ptr<T>();
+    T* cp = c.mutable_data_ptr<T>();
+    const int64_t lda = ac.size(1), ldb = bc.size(1);
+    const int64_t blocks = (m + kMaxRowTile - 1) / kMaxRowTile;
+    run_jobs(blocks, m * n * k, [&](int64_t blk) {
+      const int64_t r0 = blk * kMaxRowTile, rows = std::min(kMaxRowTile, m - r0);
+      const T* a0 = trans_a ? ap + r0 : ap + r0 * lda;
+      if (trans_b) {
+        nt_gemm<T>(rows, n, k, a0, lda, NtOperand<T>{bp, ldb, nullptr, 0}, false, cp + r0 * n, n);
+      } else {
+        nn_gemm<T>(trans_a, rows, n, k, a0, lda, bp, ldb, false, cp + r0 * n, n);
+      }
+    });
+  });
+  return c;
+}
+
 }  // namespace
 }  // namespace spinal_ops::cpu
 
 TORCH_LIBRARY_IMPL(spinal_ops, CPU, m) {
   m.impl("spinal_forward", &spinal_ops::cpu::spinal_forward_cpu);
   m.impl("_spinal_backward", &spinal_ops::cpu::spinal_backward_cpu);
+  m.impl("_cpu_gemm", &spinal_ops::cpu::cpu_gemm);
 }
