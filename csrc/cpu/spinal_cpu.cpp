@@ -61,7 +61,7 @@
 namespace spinal_ops::cpu {
 namespace {
 
-// Raw pointers and sizes of one call, and the packed W^T of the short NT products (packs_transposed).
+// Raw pointers and sizes of one call, and the packed W^T of the NT products that run on it (packs_transposed).
 template <typename T>
 struct Problem {
   SpinalDims d;
@@ -103,32 +103,34 @@ Problem<T> make_problem(const SpinalDims& d, c10::IntArrayRef starts, const at::
                     bo ? bo->const_data_ptr<T>() : nullptr};
 }
 
-// Packs W^T of the forward's NT products that run on it (packs_transposed: a short k and tiles of >= 2 rows) into
-// `buffer` and points p at it. The weights are small then (k < 64 terms per output): one pass per call.
+// Packs W^T of the forward's NT products that run on it (packs_transposed) into `buffer`, one job per weight slot,
+// and points p at it.
 template <typename T>
-void pack_short_products(Problem<T>& p, int64_t tile_rows, bool with_head, std::vector<T>& buffer) {
+void pack_weights(Problem<T>& p, int64_t tile_rows, bool with_head, at::Tensor& buffer) {
   const SpinalDims& d = p.d;
-  const bool px = packs_transposed(tile_rows, d.chunk);
-  const bool ph = d.h_slots > 0 && packs_transposed(tile_rows, d.width);
-  const bool po = with_head && d.has_head && packs_transposed(tile_rows, d.hidden());
-  const int64_t ldw = packed_ld<T>(d.width), ldo = po ? packed_ld<T>(d.out) : 0;
-  const int64_t xsize = px ? d.x_slots * d.chunk * ldw : 0, hsize = ph ? d.h_slots * d.width * ldw : 0;
-  buffer.resize(static_cast<size_t>(xsize + hsize + (po ? d.hidden() * ldo : 0)));
-  T* out = buffer.data();
-  if (px) {
-    for (int64_t s = 0; s < d.x_slots; ++s)
-      pack_transposed(d.width, d.chunk, p.wx + s * d.width * d.chunk, d.chunk, out + s * d.chunk * ldw, ldw);
-    p.wxt = out, p.ldwxt = ldw;
-  }
-  if (ph) {
-    for (int64_t s = 0; s < d.h_slots; ++s)
-      pack_transposed(d.width, d.width, p.wh + s * d.width * d.width, d.width, out + xsize + s * d.width * ldw, ldw);
-    p.wht = out + xsize, p.ldwht = ldw;
-  }
-  if (po) {
-    pack_transposed(d.out, d.hidden(), p.wo, d.hidden(), out + xsize + hsize, ldo);
-    p.wot = out + xsize + hsize, p.ldwot = ldo;
-  }
+  const int64_t rows = d.rows, w = d.width, c = d.chunk, lw = d.hidden();
+  const bool px = packs_transposed(rows, tile_rows, w, c);
+  const bool ph = d.h_slots > 0 && packs_transposed(rows, tile_rows, w, w);
+  const bool po = with_head && d.has_head && packs_transposed(rows, tile_rows, d.out, lw);
+  if (!(px || ph || po)) return;
+  const int64_t ldw = packed_ld<T>(w), ldo = po ? packed_ld<T>(d.out) : 0;
+  const int64_t xsize = px ? d.x_slots * c * ldw : 0, hsize = ph ? d.h_slots * w * ldw : 0;
+  buffer = at::empty({xsize + hsize + (po ? lw * ldo : 0)}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>()));
+  T* out = buffer.mutable_data_ptr<T>();
+  const int64_t xjobs = px ? d.x_slots : 0, hjobs = ph ? d.h_slots : 0;
+  run_jobs(xjobs + hjobs + (po ? 1 : 0), xsize + hsize + (po ? lw * ldo : 0), [&](int64_t job) {
+    if (job < xjobs) {
+      pack_transposed(w, c, p.wx + job * w * c, c, out + job * c * ldw, ldw);
+    } else if (job < xjobs + hjobs) {
+      const int64_t s = job - xjobs;
+      pack_transposed(w, w, p.wh + s * w * w, w, out + xsize + s * w * ldw, ldw);
+    } else {
+      pack_transposed(d.out, lw, p.wo, lw, out + xsize + hsize, ldo);
+    }
+  });
+  if (px) p.wxt = out, p.ldwxt = ldw;
+  if (ph) p.wht = out + xsize, p.ldwht = ldw;
+  if (po) p.wot = out + xsize + hsize, p.ldwot = ldo;
 }
 
 // Columns [n0, n1) of Z_i (rows [r0, r0+m), sub-layer i) into z (ldz; z points at column n0), from x and
@@ -152,7 +154,7 @@ void input_and_recurrent_product(const Problem<T>& p, int64_t i, int64_t r0, int
 
 // row = act(row + bias), one row of one sub-layer (locals and __restrict let the loop vectorize).
 template <Activation A, typename T>
-void bias_activation(T* __restrict row, const T* __restrict bias, int64_t n, T slope) {
+SPINAL_CLONES void bias_activation(T* __restrict row, const T* __restrict bias, int64_t n, T slope) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) row[j] = activation_forward<A>(row[j] + bias[j], slope);
 }
@@ -160,7 +162,7 @@ void bias_activation(T* __restrict row, const T* __restrict bias, int64_t n, T s
 // dz = (dz + carry) * act'(.), one row of one sub-layer: act' from z + bias (kFromZ, hz holds Z without the
 // bias) or from h (hz holds H; bias unused).
 template <Activation A, bool kFromZ, typename T>
-void chain_rule(T* __restrict dz, const T* __restrict carry, const T* __restrict hz, const T* __restrict bias,
+SPINAL_CLONES void chain_rule(T* __restrict dz, const T* __restrict carry, const T* __restrict hz, const T* __restrict bias,
                 int64_t n, T slope) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
@@ -238,8 +240,8 @@ std::tuple<at::Tensor, at::Tensor> spinal_forward_cpu(const at::Tensor& x, const
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "spinal_forward_cpu", [&] {
     auto p = make_problem<scalar_t>(d, starts, x, weight_x, weight_h, bias, head_weight, head_bias);
     const RowTiles tiles = RowTiles::make(d, sizeof(scalar_t));
-    std::vector<scalar_t> packed;
-    pack_short_products(p, std::min(tiles.size, d.rows), /*with_head=*/true, packed);
+    at::Tensor packed;
+    pack_weights(p, std::min(tiles.size, d.rows), /*with_head=*/true, packed);
     scalar_t* hp = h_all.mutable_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     const std::vector<scalar_t> zero_bias(static_cast<size_t>(d.width), scalar_t(0));
@@ -319,7 +321,7 @@ inline constexpr int64_t kWeightRows = 64;
 
 // Column sums of a (rows x n, ld) block, accumulated into out (n), rows in order.
 template <typename T>
-void add_column_sums(const T* a, int64_t rows, int64_t n, int64_t ld, T* out) {
+SPINAL_CLONES void add_column_sums(const T* a, int64_t rows, int64_t n, int64_t ld, T* out) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t j = 0; j < n; ++j) out[j] += a[r * ld + j];
 }
@@ -530,9 +532,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     using T = scalar_t;
     auto p = make_problem<T>(d, starts, x, weight_x, weight_h, bias, head_weight, std::nullopt);
     const RowTiles tiles = RowTiles::make(d, sizeof(T));
-    std::vector<T> packed;  // Z is recomputed for act' of some activations: the forward's products
+    at::Tensor packed;  // Z is recomputed for act' of some activations: the forward's products
     if (need_chain && needs_preactivation(d.activation, d.negative_slope)) {
-      pack_short_products(p, std::min(tiles.size, d.rows), /*with_head=*/false, packed);
+      pack_weights(p, std::min(tiles.size, d.rows), /*with_head=*/false, packed);
     }
     const T* gy = has_gy ? grad_y->const_data_ptr<T>() : nullptr;
     const T* gh = grad_h ? grad_h->const_data_ptr<T>() : nullptr;

@@ -17,7 +17,7 @@
 // - axpy tile (m >= 2): an MR x NV-vector block of C in registers; for each q, NV vectors of row q of B are loaded
 //   and every A(r, q) is broadcast against them. A is read through strides (ars, aqs), so the same kernel serves
 //   A (NN: dH = G Wo, carry = dZ Wh, dx += dZ Wx) and A^T (TN: the weight gradients dZ^T x, dZ^T H, G^T H); and
-//   the NT products with a short k on a packed W^T (`packs_transposed`).
+//   the NT products on a packed W^T where that is faster (`packs_transposed`).
 // - dot tile (NT: the forward's x Wx^T, h Wh^T, H Wo^T): DOT_MR rows x NR outputs of vector accumulators along k,
 //   then the lanes summed; W is read as stored (no transpose per call), in L2-sized blocks (`dot_gemm`).
 // - one row, NN (m = 1): a weighted sum of B's rows, 4 rows per pass over C.
@@ -41,8 +41,13 @@
 #include <immintrin.h>  // _mm_sfence
 #define SPINAL_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,bmi2")))
 #define SPINAL_TARGET_AVX2 __attribute__((target("avx2,fma,bmi2")))
+// The element-wise loops of the kernels (bias and activation, chain rule, column sums): compiled for the same three
+// instruction sets by the compiler (function multi-versioning), the widest the CPU supports chosen at load time
+// (SPINAL_OPS_CPU_ISA does not cap these; their results do not depend on the set).
+#define SPINAL_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define SPINAL_X86_DISPATCH 0
+#define SPINAL_CLONES
 #endif
 
 namespace spinal_ops::cpu {
@@ -82,6 +87,13 @@ inline Isa cpu_isa() {
 }
 
 namespace kernels {
+
+// The vector helpers below pass vectors wider than the baseline's registers by value; they are always inlined into
+// a kernel compiled for that width, so the ABI GCC warns about (-Wpsabi) is never used.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 
 // A vector of VB bytes of T (GCC/Clang vector extensions: lowered to the instruction set of the function they are
 // inlined into).
@@ -449,6 +461,10 @@ SPINAL_KERNEL_SET(SPINAL_TARGET_AVX512, avx512, 64)
 #undef SPINAL_KERNEL_SET
 #undef SPINAL_NO_ATTR
 
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
 }  // namespace kernels
 
 // The vector width, in elements of T, of the instruction set the kernels run (the padding of packed B^T).
@@ -544,11 +560,19 @@ struct NtOperand {
   }
 };
 
-// Whether an NT product with k terms runs on a packed W^T: short sums, where the dot kernels spend their time on
-// the k % lanes last terms and the lane sums (the recurrences of w = 20..50, the chunks of c = 4). Below 64 the
-// axpy kernel on W^T was faster for every such product of spinal_ops/configs.py (same machine as use_blas).
+// Whether the NT products of a call, n outputs of k terms each over `rows` rows (in tiles of `tile_rows`), run on a
+// packed W^T (the axpy kernel) rather than on W (the dot kernel). Measured with the _cpu_gemm op on an AMD EPYC (Zen
+// 5, one thread, float32, AVX-512): the dot kernel ran 64 x 512 x 1024 at 163 GFLOP/s and the axpy kernel at 254,
+// but 256 x 20 x 256 at 164 against 139 (20 of the 32 lanes of two vectors used), and below k = 64 the dot kernel
+// spends its time on the k % lanes last terms and the lane sums. So W^T is packed for a short k (the recurrences of
+// w = 20..50, the chunks of c = 4: small matrices), and for n >= 64 outputs once the batch has kPackRows rows, where
+// one transpose of W per call costs little against B products with it (a 512 x 1024 weight: ~0.15 ms).
 inline constexpr int64_t kPackedMaxK = 64;
-inline bool packs_transposed(int64_t rows, int64_t k) { return rows >= 2 && k < kPackedMaxK; }
+inline constexpr int64_t kPackMinN = 64;
+inline constexpr int64_t kPackRows = 128;
+inline bool packs_transposed(int64_t rows, int64_t tile_rows, int64_t n, int64_t k) {
+  return tile_rows >= 2 && (k < kPackedMaxK || (n >= kPackMinN && rows >= kPackRows));
+}
 
 // C (m x n) (=|+= when accumulate) A (m x k, lda) @ W^T.
 template <typename T>
