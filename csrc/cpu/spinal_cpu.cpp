@@ -312,7 +312,8 @@ struct WeightJob {
 
 // Whether a weight gradient of `elements` per slot is written with streaming stores (kernels::Out::kStream): when
 // it is larger than a core's L2 cache, so that it would be written back to memory anyway. Measured on an AMD EPYC
-// (Zen 5, 2 threads): the backward of wide-resnet-head at B = 1 ... (see README).
+// (Zen 5, 2 threads), wide-resnet-head at B = 1 (2 MB per weight_x slot), training steps of forward + backward,
+// three runs each: backward 251 / 271 / 287 us with streaming stores, 404 / 309 / 399 us without.
 inline constexpr int64_t kStreamBytes = int64_t(1) << 20;
 
 // Output rows per weight-gradient job: enough jobs to spread one wide sub-layer's gradient over the threads, each
