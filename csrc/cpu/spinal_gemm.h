@@ -32,6 +32,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "spinal_blas.h"
@@ -319,6 +320,69 @@ template <typename T, int VB>
   }
 }
 
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define SPINAL_HAS_SHUFFLEVECTOR 1
+#endif
+#endif
+
+#ifdef SPINAL_HAS_SHUFFLEVECTOR
+// The four sums of the lanes of a0 .. a3 at once (for the dot kernel's blocks of four outputs), in a fixed order:
+// pairs of vectors folded into one (halves added), then pairs of those into quarters, then the groups halved until
+// one lane each is left: L / 4 + log2(L / 4) vector operations instead of four lane_sums.
+template <int L>
+struct Fold {
+  // Lane i of the first fold of (a, b): a's halves for i < L / 2, b's after (indices into the pair a|b).
+  static constexpr int pair(int i, bool hi) {
+    const int half = L / 2, base = i < half ? 0 : L, lane = i % half;
+    return base + lane + (hi ? half : 0);
+  }
+  // Lane i of the second fold of (u, v), each holding two groups of L / 2: four groups of L / 4.
+  static constexpr int quarter(int i, bool hi) {
+    const int q = i / (L / 4), lane = i % (L / 4);
+    return (q < 2 ? 0 : L) + (q % 2) * (L / 2) + lane + (hi ? L / 4 : 0);
+  }
+  // Lane i of a vector of four groups of g lanes halved to four groups of g / 2 (indices into the vector itself).
+  static constexpr int halve(int i, int g, bool hi) {
+    const int q = i / (g / 2), lane = i % (g / 2);
+    return q * g + lane + (hi ? g / 2 : 0);
+  }
+};
+
+template <typename V, int L, std::size_t... I>
+[[gnu::always_inline]] inline auto fold_pair(const V& a, const V& b, std::index_sequence<I...>) {
+  return __builtin_shufflevector(a, b, Fold<L>::pair(I, false)...) +
+         __builtin_shufflevector(a, b, Fold<L>::pair(I, true)...);
+}
+template <typename V, int L, std::size_t... I>
+[[gnu::always_inline]] inline auto fold_quarter(const V& u, const V& v, std::index_sequence<I...>) {
+  return __builtin_shufflevector(u, v, Fold<L>::quarter(I, false)...) +
+         __builtin_shufflevector(u, v, Fold<L>::quarter(I, true)...);
+}
+template <int L, int G, typename V, std::size_t... I>
+[[gnu::always_inline]] inline auto fold_halve(const V& w, std::index_sequence<I...>) {
+  return __builtin_shufflevector(w, w, Fold<L>::halve(I, G, false)...) +
+         __builtin_shufflevector(w, w, Fold<L>::halve(I, G, true)...);
+}
+// w: four groups of G lanes -> four sums.
+template <typename T, int L, int G, typename V>
+[[gnu::always_inline]] inline void finish_groups(const V& w, T* out) {
+  if constexpr (G == 1) {
+    for (int t = 0; t < 4; ++t) out[t] = w[t];
+  } else {
+    finish_groups<T, L, G / 2>(fold_halve<L, G>(w, std::make_index_sequence<2 * G>{}), out);
+  }
+}
+template <typename T, int VB>
+[[gnu::always_inline]] inline void lane_sums4(const Vec<T, VB>* a, T* out) {
+  constexpr int L = VB / sizeof(T);
+  using V = Vec<T, VB>;
+  const V u = fold_pair<V, L>(a[0], a[1], std::make_index_sequence<L>{});
+  const V v = fold_pair<V, L>(a[2], a[3], std::make_index_sequence<L>{});
+  finish_groups<T, L, L / 4>(fold_quarter<V, L>(u, v, std::make_index_sequence<L>{}), out);
+}
+#endif
+
 // NT block: C[r, j] (=|+=) sum_q A[r, q] W[j, q] for r < MR, j < NR (A: lda, W: ldw, both k-contiguous): MR x NR
 // vector accumulators along k, then the lanes of each summed (lane_sum) and the k % lanes last terms added in order.
 template <typename T, int VB, int MR, int NR>
@@ -346,9 +410,20 @@ template <typename T, int VB, int MR, int NR>
   }
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
+    T sums[NR];
+#ifdef SPINAL_HAS_SHUFFLEVECTOR
+    if constexpr (NR % 4 == 0 && VB / sizeof(T) >= 4) {
+#pragma GCC unroll 4
+      for (int j = 0; j < NR; j += 4) lane_sums4<T, VB>(&acc[r][j], &sums[j]);
+    } else
+#endif
+    {
+#pragma GCC unroll 8
+      for (int j = 0; j < NR; ++j) sums[j] = lane_sum<T, VB>(acc[r][j]);
+    }
 #pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) {
-      T s = lane_sum<T, VB>(acc[r][j]);
+      T s = sums[j];
       for (int64_t q = kv; q < k; ++q) s += a[r * lda + q] * w[j * ldw + q];
       T& out = c[r * ldc + j];
       out = accumulate ? out + s : s;
