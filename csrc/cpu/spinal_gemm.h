@@ -637,8 +637,8 @@ struct NtOperand {
 
 // Whether the NT products of a call, n outputs of k terms each over `rows` rows (in tiles of `tile_rows`), run on a
 // packed W^T (the axpy kernel) rather than on W (the dot kernel). Measured with the _cpu_gemm op on an AMD EPYC (Zen
-// 5, one thread, float32, AVX-512): the dot kernel ran 64 x 512 x 1024 at 163 GFLOP/s and the axpy kernel at 254,
-// but 256 x 20 x 256 at 164 against 139 (20 of the 32 lanes of two vectors used), and below k = 64 the dot kernel
+// 5, one thread, float32, AVX-512): the dot kernel ran 64 x 512 x 1024 at 192 GFLOP/s and the axpy kernel at 253,
+// but 256 x 20 x 256 at 178 against 136 (20 of the 32 lanes of two vectors used), and below k = 64 the dot kernel
 // spends its time on the k % lanes last terms and the lane sums. So W^T is packed for a short k (the recurrences of
 // w = 20..50, the chunks of c = 4: small matrices), and for n >= 64 outputs once the batch has kPackRows rows, where
 // one transpose of W per call costs little against B products with it (a 512 x 1024 weight: ~0.15 ms).
