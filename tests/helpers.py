@@ -93,7 +93,9 @@ CASES = {
 }
 
 # One-tile batches wide enough that the cpu kernel splits each sub-layer's products into column blocks
-# (csrc/cpu/spinal_parallel.h, ColumnSplit: B <= 256 rows, a product of >= 2^18 multiply-adds, >= 128 columns):
+# (csrc/cpu/spinal_parallel.h, ColumnSplit: the batch is one row tile, which is B <= 16 rows, or B <= 256 rows of a
+# layer whose weights exceed 1 MB (RowTiles); a product of >= 2^18 multiply-adds; >= 128 columns; so the B = 64 case
+# splits in float64 and runs as row tiles in float32):
 # w = 200 -> 3 blocks (80, 80, 40); c = round(150.5) = 150 -> 2 blocks (80, 70), the first straddling the wrap of
 # the chunk starting at column 300 of 301; w = 131 -> 2 blocks (80, 51), c = 128 -> 2 blocks (64, 64).
 COLUMN_SPLIT_CASES = {

@@ -14,7 +14,7 @@ from helpers import COLUMN_SPLIT_CASES, Case, backends, require_backend, run_cas
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Several row tiles of the cpu kernel (256 rows each) and the weight-gradient GEMMs over all rows, where a
+# Several row tiles of the cpu kernel (RowTiles) and the weight-gradient GEMMs over all rows, where a
 # threaded BLAS would split the reduction by thread count; wrap-around chunks, shared slots (partials added
 # afterwards), hidden mode, act' from a recomputed Z; one-tile batches whose products are split into column blocks.
 CPU_CASES = [*COLUMN_SPLIT_CASES.values(),

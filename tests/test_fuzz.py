@@ -127,7 +127,7 @@ def fuzz_check(backend: str, case: Case, lead: tuple, layout: str, dtype: torch.
 # ------------------------------------------------------------------------------------------------- backends
 
 
-CPU_TILE_ROWS = (255, 256, 257, 513)  # around the cpu kernel's 256-row tile (several tiles: parallel jobs)
+CPU_TILE_ROWS = (255, 256, 257, 513)  # several row tiles of the cpu kernel (RowTiles: parallel jobs, a short last one)
 
 
 @_budget(200)

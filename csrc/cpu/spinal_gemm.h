@@ -552,42 +552,38 @@ int64_t vector_lanes() {
   }
 }
 
+// Calls kernels::NAME_<set><T>(args...) for the instruction set the kernels run (cpu_isa).
+#if SPINAL_X86_DISPATCH
+#define SPINAL_ISA_CALL(NAME, ...)                                                           \
+  switch (cpu_isa()) {                                                                      \
+    case Isa::kAvx512: return kernels::NAME##_avx512<T>(__VA_ARGS__);                       \
+    case Isa::kAvx2: return kernels::NAME##_avx2<T>(__VA_ARGS__);                           \
+    default: return kernels::NAME##_baseline<T>(__VA_ARGS__);                               \
+  }
+#else
+#define SPINAL_ISA_CALL(NAME, ...) return kernels::NAME##_baseline<T>(__VA_ARGS__);
+#endif
+
 // C (m x n) (=|+=, by `out`) A (m x k; element (r, q) at a[r * ars + q * aqs]) @ B (k x n, ldb) on the hand-written
 // kernels.
 template <typename T>
 void axpy_product(int64_t m, int64_t n, int64_t k, const T* a, int64_t ars, int64_t aqs, const T* b, int64_t ldb,
                   bool padded, T* c, int64_t ldc, kernels::Out out) {
-  switch (cpu_isa()) {
-#if SPINAL_X86_DISPATCH
-    case Isa::kAvx512: return kernels::axpy_avx512<T>(m, n, k, a, ars, aqs, b, ldb, padded, c, ldc, out);
-    case Isa::kAvx2: return kernels::axpy_avx2<T>(m, n, k, a, ars, aqs, b, ldb, padded, c, ldc, out);
-#endif
-    default: return kernels::axpy_baseline<T>(m, n, k, a, ars, aqs, b, ldb, padded, c, ldc, out);
-  }
+  SPINAL_ISA_CALL(axpy, m, n, k, a, ars, aqs, b, ldb, padded, c, ldc, out)
 }
 
 template <typename T>
 void dot_product(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* w, int64_t ldw, T* c, int64_t ldc,
                  bool accumulate) {
-  switch (cpu_isa()) {
-#if SPINAL_X86_DISPATCH
-    case Isa::kAvx512: return kernels::dot_avx512<T>(m, n, k, a, lda, w, ldw, c, ldc, accumulate);
-    case Isa::kAvx2: return kernels::dot_avx2<T>(m, n, k, a, lda, w, ldw, c, ldc, accumulate);
-#endif
-    default: return kernels::dot_baseline<T>(m, n, k, a, lda, w, ldw, c, ldc, accumulate);
-  }
+  SPINAL_ISA_CALL(dot, m, n, k, a, lda, w, ldw, c, ldc, accumulate)
 }
 
 template <typename T>
 void axpy_row_product(int64_t n, int64_t k, const T* a, const T* b, int64_t ldb, T* c, bool accumulate) {
-  switch (cpu_isa()) {
-#if SPINAL_X86_DISPATCH
-    case Isa::kAvx512: return kernels::axpy_row_avx512<T>(n, k, a, b, ldb, c, accumulate);
-    case Isa::kAvx2: return kernels::axpy_row_avx2<T>(n, k, a, b, ldb, c, accumulate);
-#endif
-    default: return kernels::axpy_row_baseline<T>(n, k, a, b, ldb, c, accumulate);
-  }
+  SPINAL_ISA_CALL(axpy_row, n, k, a, b, ldb, c, accumulate)
 }
+
+#undef SPINAL_ISA_CALL
 
 // The leading dimension of a packed W^T with n columns: n rounded up to whole vectors.
 template <typename T>
@@ -649,17 +645,23 @@ inline bool packs_transposed(int64_t rows, int64_t tile_rows, int64_t n, int64_t
   return tile_rows >= 2 && (k < kPackedMaxK || (n >= kPackMinN && rows >= kPackRows));
 }
 
+// A product with nothing to sum (m, n or k zero): C is left as it is, or zeroed when it is not accumulated into.
+// Returns whether the product was empty.
+template <typename T>
+bool empty_product(int64_t m, int64_t n, int64_t k, bool accumulate, T* c, int64_t ldc) {
+  if (m == 0 || n == 0) return true;
+  if (k > 0) return false;
+  if (!accumulate) {
+    for (int64_t r = 0; r < m; ++r) std::fill(c + r * ldc, c + r * ldc + n, T(0));
+  }
+  return true;
+}
+
 // C (m x n) (=|+= when accumulate) A (m x k, lda) @ W^T.
 template <typename T>
 void nt_gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const NtOperand<T>& w, bool accumulate, T* c,
              int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  if (k == 0) {
-    if (!accumulate) {
-      for (int64_t r = 0; r < m; ++r) std::fill(c + r * ldc, c + r * ldc + n, T(0));
-    }
-    return;
-  }
+  if (empty_product(m, n, k, accumulate, c, ldc)) return;
   if (use_blas(m, n, k)) return blas_gemm<T>(false, true, m, n, k, a, lda, w.w, w.ldw, accumulate, c, ldc);
   if (w.wt != nullptr && m >= 2) {
     return axpy_product<T>(m, n, k, a, lda, 1, w.wt, w.ldwt, true, c, ldc,
@@ -674,13 +676,7 @@ void nt_gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const NtO
 template <typename T>
 void nn_gemm(bool trans_a, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
              bool accumulate, T* c, int64_t ldc, bool stream = false) {
-  if (m == 0 || n == 0) return;
-  if (k == 0) {
-    if (!accumulate) {
-      for (int64_t r = 0; r < m; ++r) std::fill(c + r * ldc, c + r * ldc + n, T(0));
-    }
-    return;
-  }
+  if (empty_product(m, n, k, accumulate, c, ldc)) return;
   if (use_blas(m, n, k)) return blas_gemm<T>(trans_a, false, m, n, k, a, lda, b, ldb, accumulate, c, ldc);
   if (m == 1 && !trans_a) return axpy_row_product<T>(n, k, a, b, ldb, c, accumulate);
   const kernels::Out out = accumulate ? kernels::Out::kAdd : stream ? kernels::Out::kStream : kernels::Out::kWrite;

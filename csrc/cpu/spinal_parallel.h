@@ -100,7 +100,8 @@ void for_each_tile(const RowTiles& tiles, int64_t work, const F& fn) {
   run_jobs(tiles.count, work, [&](int64_t t) { fn(tiles.begin(t), tiles.length(t), tiles.count == 1); });
 }
 
-// Rows of one tile are one job. When the whole batch fits in one tile (B <= kRowTile) that single job would leave
+// Rows of one tile are one job. When the whole batch is one tile (RowTiles: B <= 16, or a layer too wide for the L2
+// cache with B <= kMaxRowTile) that single job would leave
 // every other thread idle while it runs the chain, so each sub-layer's products are split instead into fixed
 // column blocks of the output (the width w for Z and the carry, the chunk c for dx), one job each, with a join per
 // sub-layer. The split depends only on the sizes, never on the thread count (results stay bitwise reproducible),
