@@ -11,7 +11,8 @@ import sys
 
 import pytest
 import torch
-from helpers import CASES, Case, assert_close, functional_kwargs, make_inputs, require_backend
+from helpers import (CASES, Case, assert_close, check_against_reference, functional_kwargs, make_inputs,
+                     require_backend)
 
 import spinal_ops
 from spinal_ops import SpinalLinear, reference
@@ -156,6 +157,23 @@ def test_reduced_precision_runs_on_the_cpu_kernels_with_float32_arithmetic(dtype
     _, y32 = torch.ops.spinal_ops.spinal_forward(x.detach().float(), *params32, list(m._spec.starts),
                                                  list(m._spec.slot_list), "relu", 0.01)
     assert torch.equal(y.detach(), y32.to(dtype))
+
+
+def test_reduced_precision_backward_takes_z_from_the_float32_chain():
+    """leaky_relu with a negative slope takes act' from Z, recomputed in the backward. From the bfloat16 H the forward
+    returned, its rounding moved Z across the kink in this example (found by test_fuzz: dx error 0.22, tolerance
+    0.16); the backward recomputes the float32 H the forward kernel computed."""
+    case = Case(255, 1, 1, 11, 2, out=1, activation="leaky_relu", negative_slope=-0.3)
+    check_against_reference("cpu", case, inputs=make_inputs(case, torch.bfloat16, seed=2))
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_weight_gradients_larger_than_the_l2_cache(rows):
+    """weight_x slots of 512 x 600 float32 (1.2 MB) are written with streaming stores (csrc/cpu/spinal_cpu.cpp,
+    kStreamBytes), whose rows of 2400 bytes alternate between 64-byte aligned and not; B = 1 is one tile (the
+    gradients in the rounds of the chain), B = 3 too, with products of three rows."""
+    case = Case(rows, 1201, 2, 512, 2, out=4)
+    check_against_reference("cpu", case, torch.float32)
 
 
 def test_dtypes_without_a_cpu_kernel_raise_when_forced():
