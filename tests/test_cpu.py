@@ -11,8 +11,7 @@ import sys
 
 import pytest
 import torch
-from helpers import (CASES, Case, assert_close, check_against_reference, functional_kwargs, make_inputs,
-                     require_backend)
+from helpers import CASES, Case, assert_close, check_against_reference, functional_kwargs, make_inputs, require_backend
 
 import spinal_ops
 from spinal_ops import SpinalLinear, reference
