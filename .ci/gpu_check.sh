@@ -114,6 +114,10 @@ sanitize() {
   run_step "sanitize-$1" 90 compute-sanitizer --tool "$1" --error-exitcode 9 "$PYTHON" .ci/gpu_driver.py
 }
 
+# The GPU cost model's rows for the benchmark subset below, beside the measurement (the model needs no GPU).
+run_step gpu-model 60 bash -c "'$PYTHON' -m spinal_ops gpu-model --configs resnet-head wide-resnet-head vit-custom \
+  --batch-sizes 1 1024 65536 > '$DEST/gpu-model.txt'"
+
 if ((GPU)); then
   # Most valuable first: what the budget cuts is what matters least. Triton tiles fixed (no autotuning): one
   # compile per kernel variant.

@@ -1,4 +1,4 @@
-"""Command line of spinal_ops: python -m spinal_ops {bench,check,demo}.
+"""Command line of spinal_ops: python -m spinal_ops {bench,check,demo,gpu-model}.
 
 Building the parser and printing help import nothing heavy (no torch): every subcommand imports what it needs
 when it runs.
@@ -15,13 +15,20 @@ import sys
 PROG = "python -m spinal_ops"
 DESCRIPTION = ("Fused SpinalNet layers for PyTorch. Subcommands: bench (the benchmark report), check (backends and "
                "build flags, each backend verified against the reference), demo (a small classifier trained with "
-               "three heads).")
+               "three heads), gpu-model (the GPU cost model's table: no GPU needed, no GPU measured).")
 # The report's defaults, as the help shows them (spinal_ops.configs and spinal_ops.benchmark hold the values;
 # the tests check that these texts agree with them).
 BENCH_DEFAULTS_TEXT = {"configs": "all", "batch_sizes": "1 64 1024", "modes": "forward backward fwd+bwd"}
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 MODES = ("forward", "backward", "fwd+bwd")
+# The GPU cost model's choices (spinal_ops.gpu_model holds the values; the tests check that these agree with them).
+GPU_MODEL_DEVICES = ("h100-sxm", "h200", "a100-sxm")
+GPU_MODEL_DEFAULT_DEVICES = ("h100-sxm", "h200")
+GPU_MODEL_MATHS = ("bf16", "fp32", "tf32")
+GPU_MODEL_DEFAULT_MATHS = ("bf16", "fp32")
+GPU_MODEL_MODES = ("forward", "fwd+bwd")
+GPU_MODEL_BATCH_SIZES_TEXT = "1 64 1024 65536"
 
 
 def _number(convert, accept, what: str):
@@ -184,6 +191,20 @@ def _bench(args) -> int:
     return 0
 
 
+def _gpu_model(args) -> int:
+    from spinal_ops import gpu_model
+    from spinal_ops.configs import CONFIG_BY_NAME, CONFIGS, ROOFLINE_BATCH_SIZES
+
+    configs = CONFIGS if not args.configs else [CONFIG_BY_NAME[n] for n in args.configs]
+    rows = gpu_model.model_rows(devices=args.devices or GPU_MODEL_DEFAULT_DEVICES, configs=configs,
+                                batch_sizes=args.batch_sizes or ROOFLINE_BATCH_SIZES,
+                                modes=args.modes or GPU_MODEL_MODES, maths=args.math or GPU_MODEL_DEFAULT_MATHS)
+    print(gpu_model.format_markdown(rows) if args.markdown else gpu_model.format_table(rows))
+    print()
+    print(gpu_model.summary(rows))
+    return 0
+
+
 def _demo(args) -> int:
     if (missing := _missing_extra("demo")) is not None:
         return _error(missing, "demo")
@@ -196,7 +217,7 @@ def _demo(args) -> int:
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser and each subcommand's parser (by name)."""
     parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, formatter_class=HelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,check,demo}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,check,demo,gpu-model}")
 
     def command(name, func, summary, description):
         p = sub.add_parser(name, formatter_class=HelpFormatter, help=summary, description=description)
@@ -249,7 +270,28 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     demo.add_argument("--threads", type=non_negative_int, default=1, help="torch.set_num_threads (0: torch's "
                                                                           "choice)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return parser, {"bench": bench, "check": check, "demo": demo}
+    model = command(
+        "gpu-model", _gpu_model,
+        "print the GPU cost model: the plan chosen per configuration, batch and precision (a model, no GPU)",
+        "Print the GPU cost model of spinal_ops.gpu_model for each device, precision, mode, configuration and "
+        "batch size: the backend the automatic choice picks, the modelled time of each fused backend, of the "
+        "eager chain and of the dense layer, the floor, and the targets the row misses. A model, not a "
+        "measurement: it needs no GPU and times nothing.")
+    model.add_argument("--devices", nargs="+", choices=GPU_MODEL_DEVICES, metavar="DEVICE",
+                       help=f"devices of the model's table, from {', '.join(GPU_MODEL_DEVICES)} "
+                            f"(default: {' '.join(GPU_MODEL_DEFAULT_DEVICES)})")
+    model.add_argument("--math", nargs="+", choices=GPU_MODEL_MATHS,
+                       help=f"precisions (default: {' '.join(GPU_MODEL_DEFAULT_MATHS)})")
+    model.add_argument("--modes", nargs="+", choices=GPU_MODEL_MODES,
+                       help=f"what is modelled (default: {' '.join(GPU_MODEL_MODES)})")
+    model.add_argument("--configs", nargs="+", type=config_name, metavar="NAME",
+                       help=f"configurations of spinal_ops/configs.py (default: {BENCH_DEFAULTS_TEXT['configs']})")
+    model.add_argument("--batch-sizes", nargs="+", type=positive_int, metavar="B",
+                       help=f"batch sizes (default: {GPU_MODEL_BATCH_SIZES_TEXT})")
+    model.add_argument("--markdown", action="store_true",
+                       help="README's Markdown table: per device, configuration and B, the chosen plan, its time and "
+                            "its ratios to min(eager, dense) and to the floor")
+    return parser, {"bench": bench, "check": check, "demo": demo, "gpu-model": model}
 
 
 def main(argv=None) -> int:

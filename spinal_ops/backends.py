@@ -9,8 +9,11 @@ Backends:
   Triton was imported). Its ops check their arguments with the native library's shared checks, so it needs
   ``spinal_ops._C`` too (any build of it: the CPU-only one will do).
 
-Automatic choice: the fastest available for the tensor's device and dtype (CUDA tensors: ``cuda``, then
-``triton``, then ``reference``; CPU tensors: ``cpu``, which runs float32, float64, bfloat16 and float16).
+Automatic choice: the fastest available for the tensor's device and dtype. CPU tensors: ``cpu``, which runs
+float32, float64, bfloat16 and float16. CUDA tensors: given the call's problem (layer sizes, rows, forward or
+training), the fastest of ``cuda``, ``triton`` and ``reference`` by the GPU cost model
+(:func:`spinal_ops.gpu_model.choose_backend`, one decision per device, precision and problem, cached); without it
+(and under ``torch.compile``, which traces the choice as a constant) ``cuda``, then ``triton``, then ``reference``.
 ``SPINAL_OPS_BACKEND`` (read once, at import) and :func:`use_backend` (a context manager, which wins over the
 variable) force one.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib.util
 import os
 
@@ -130,16 +134,41 @@ def use_backend(name: str):
         _forced.reset(token)
 
 
-def select_backend(device: torch.device | str, dtype: torch.dtype | None = None) -> str:
+def select_backend(device: torch.device | str, dtype: torch.dtype | None = None, problem=None) -> str:
     """The backend that runs a spinal op on tensors of ``device`` (a device or its type, ``"cpu"``, ``"cuda"``) and
     ``dtype``: forced, or the fastest available.
 
     The ``cpu`` backend runs float32, float64, bfloat16 and float16 (the last two with float32 arithmetic); other
-    dtypes on CPU go to ``reference`` automatically. Under
-    ``torch.compile`` the choice is made once, when the graph is traced (change :func:`use_backend` before
-    compiling, not inside a compiled region).
+    dtypes on CPU go to ``reference`` automatically. ``problem``: ``(config, rows, mode)`` of the call (a
+    :class:`spinal_ops.configs.SpinalConfig` of the layer, the batch rows, ``"forward"`` or ``"fwd+bwd"``); on a
+    CUDA ``device`` (a ``torch.device``) the automatic choice is then the GPU cost model's for that problem. Under
+    ``torch.compile`` the choice is made once, when the graph is traced, without the problem (change
+    :func:`use_backend` before compiling, not inside a compiled region).
     """
-    return _select(device if isinstance(device, str) else device.type, dtype)
+    device_type = device if isinstance(device, str) else device.type
+    name = _select(device_type, dtype)
+    if problem is None or device_type != "cuda" or isinstance(device, str) or _forced.get() or _ENV_BACKEND \
+            or torch.compiler.is_compiling():
+        return name
+    return _gpu_choice(device, dtype, *problem)
+
+
+def _gpu_choice(device: torch.device, dtype: torch.dtype | None, config, rows: int, mode: str) -> str:
+    """The GPU cost model's backend for one call on CUDA ``device`` among the backends available for ``dtype``."""
+    from . import gpu_model
+
+    available = tuple(name for name in gpu_model.PLANS if _serves(name, "cuda", dtype))
+    return gpu_model.choose_backend(config, rows, _device_key(device.index), gpu_model.math_of(dtype or
+                                    torch.get_default_dtype()), mode, available)
+
+
+@functools.cache
+def _device_key(index: int | None) -> str:
+    """The GPU cost model's entry for CUDA device ``index`` (None: the current device), once per device."""
+    from . import gpu_model
+
+    return gpu_model.device_key(torch.cuda.get_device_properties(index if index is not None else
+                                                                 torch.cuda.current_device()))
 
 
 # A constant for torch.compile: dynamo calls it while tracing instead of tracing into it (dynamo before torch 2.14

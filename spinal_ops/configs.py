@@ -1,7 +1,7 @@
 """The benchmark configurations: the SpinalNet heads of the original repository and two custom layers.
 
 One table, imported by the report command (``python -m spinal_ops bench``), the pytest-benchmark suite in
-``bench/`` and the roofline model.
+``bench/`` and the GPU cost model (``spinal_ops/gpu_model.py``).
 """
 
 from __future__ import annotations
@@ -42,6 +42,6 @@ CONFIGS: list[SpinalConfig] = [
 
 CONFIG_BY_NAME = {c.name: c for c in CONFIGS}
 
-# Batch sizes of the CPU report, and of the GPU roofline model (which adds 65536).
+# Batch sizes of the CPU report, and of the GPU cost model (which adds 65536).
 BENCH_BATCH_SIZES: tuple[int, ...] = (1, 64, 1024)
 ROOFLINE_BATCH_SIZES: tuple[int, ...] = (1, 64, 1024, 65536)

@@ -392,14 +392,28 @@ def run(input: Tensor, params: tuple, spec: LayerSpec, where: str) -> Tensor:
         if t is not None and not t.is_contiguous():
             params = tuple(t.contiguous() if t is not None else None for t in params)
             break
-    backend = select_backend("cpu" if input.is_cpu else input.device, input.dtype)
     two_d = len(shape) == 2
     x2d = input if two_d else input.reshape(-1, shape[-1])
+    if input.is_cpu:
+        backend = select_backend("cpu", input.dtype)
+    else:  # the GPU cost model chooses per problem
+        backend = select_backend(input.device, input.dtype, _problem(x2d, params, spec))
     if not x2d.is_contiguous():
         x2d = x2d.contiguous()
     h_all, y = forward_op(backend)(x2d, *params, spec.starts, spec.slot_list, spec.activation, spec.negative_slope)
     out = h_all if head_weight is None else y
     return out if two_d else out.reshape(*shape[:-1], out.shape[-1])
+
+
+def _problem(x2d: Tensor, params: tuple, spec: LayerSpec) -> tuple:
+    """``(config, rows, mode)`` of a call, for the GPU cost model's backend choice."""
+    from .configs import SpinalConfig  # not at import: spinal_ops.configs imports this package
+
+    weight_x, _, _, head_weight, _ = params
+    config = SpinalConfig("layer", spec.in_features, spec.num_splits, weight_x.shape[1], spec.num_layers,
+                          head_weight.shape[0] if head_weight is not None else 0, spec.activation)
+    tracked = torch.is_grad_enabled() and (x2d.requires_grad or any(t is not None and t.requires_grad for t in params))
+    return config, x2d.shape[0], "fwd+bwd" if tracked else "forward"
 
 
 def _reference_forward(*args):

@@ -127,6 +127,15 @@ def chunk_columns(in_features: int, start: int, chunk: int, device=None) -> torc
     return (start + torch.arange(chunk, device=device)) % in_features
 
 
+def chunk_of(x: torch.Tensor, start: int, chunk: int) -> torch.Tensor:
+    """Columns ``(start + j) mod D`` of 2-D ``x``, ``j = 0 .. chunk - 1`` (``chunk <= D``): a view of ``x`` when
+    they do not wrap, else the two pieces concatenated."""
+    d = x.shape[1]
+    if start + chunk <= d:
+        return x.narrow(1, start, chunk)
+    return torch.cat([x.narrow(1, start, d - start), x.narrow(1, 0, start + chunk - d)], dim=1)
+
+
 def spinal_forward(
     x: torch.Tensor,
     weight_x: torch.Tensor,
@@ -145,12 +154,11 @@ def spinal_forward(
     output, or an empty ``(B, 0)`` tensor in hidden mode (``head_weight is None``).
     """
     num_layers = len(starts)
-    d = x.shape[1]
     c = weight_x.shape[2]
     outs = []
     h = None
     for i, s in enumerate(starts):
-        xi = x.index_select(1, chunk_columns(d, s, c, x.device))
+        xi = chunk_of(x, s, c)  # a view unless the chunk wraps: no gather kernel on a GPU
         z = xi @ weight_x[slots[i]].T
         if i > 0:
             z = z + h @ weight_h[slots[i] - 1].T

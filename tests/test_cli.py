@@ -16,7 +16,7 @@ from spinal_ops import benchmark, demo
 from spinal_ops.configs import BENCH_BATCH_SIZES, CONFIG_BY_NAME
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SUBCOMMANDS = ("bench", "check", "demo")
+SUBCOMMANDS = ("bench", "check", "demo", "gpu-model")
 
 
 def run_python(code: str, *args: str) -> subprocess.CompletedProcess:
@@ -44,7 +44,7 @@ def test_help_of_every_command_imports_no_torch():
         spec = importlib.util.spec_from_file_location("cli_alone", {os.path.join(ROOT, "spinal_ops", "__main__.py")!r})
         cli = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(cli)
-        for argv in (["--help"], ["bench", "--help"], ["check", "--help"], ["demo", "--help"]):
+        for argv in (["--help"], ["bench", "--help"], ["check", "--help"], ["demo", "--help"], ["gpu-model", "--help"]):
             try:
                 cli.main(argv)
             except SystemExit as e:
@@ -86,6 +86,22 @@ def test_bench_help_states_the_defaults_the_report_uses():
     assert cli.MODES == benchmark.MODES and cli.DEVICES == benchmark.DEVICES
     assert all(isinstance(getattr(torch, name), torch.dtype) for name in cli.DTYPES)
     assert cli.config_names() == sorted(CONFIG_BY_NAME)
+
+
+def test_gpu_model_help_states_the_model_s_choices_and_the_command_prints_the_table(capsys):
+    from spinal_ops import gpu_model
+    from spinal_ops.configs import ROOFLINE_BATCH_SIZES
+
+    assert set(cli.GPU_MODEL_DEVICES) <= set(gpu_model.DEVICES)
+    assert cli.GPU_MODEL_DEFAULT_DEVICES == gpu_model.REPORT_DEVICES and cli.GPU_MODEL_MATHS == gpu_model.MATHS
+    assert cli.GPU_MODEL_MODES == gpu_model.MODES
+    assert cli.GPU_MODEL_BATCH_SIZES_TEXT == " ".join(map(str, ROOFLINE_BATCH_SIZES))
+    assert cli.main(["gpu-model", "--devices", "h200", "--math", "bf16", "--configs", "vgg-head", "--batch-sizes",
+                     "1", "4096"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("MODEL, not a measurement")
+    assert len([line for line in out.splitlines() if line.split()[:2] == ["h200", "bf16"]]) == 4  # 2 modes x 2 B
+    assert "4 rows. Automatic <= min(eager, dense):" in out
 
 
 @pytest.mark.parametrize(("argv", "message"), [

@@ -480,7 +480,11 @@ class Launch:
     autotune: bool
 
 
-def launch_settings(kernel: str, dims: Dims, dtype: torch.dtype, device: torch.device | None) -> Launch:
+LAUNCH_TARGETS = ("interpreter", "gpu")
+
+
+def launch_settings(kernel: str, dims: Dims, dtype: torch.dtype, device: torch.device | None,
+                    target: str | None = None) -> Launch:
     """The launch of ``kernel`` ("forward", "chain" or "weights") for the problem ``dims`` in storage dtype
     ``dtype`` on ``device``: the one place that chooses grid, path, tiles, warps and stages.
 
@@ -488,19 +492,28 @@ def launch_settings(kernel: str, dims: Dims, dtype: torch.dtype, device: torch.d
     a monkeypatched plan applies) and, unless autotuned, the row tile and warps of the register model (fast path)
     or of the ptxas reports (wide path). The weights kernel takes WEIGHT_TILE output tiles and its task counts
     (:func:`weight_tasks`, from ``dims.mask``); it does not depend on ``device``.
+
+    ``target``: None for the launch this process makes (interpreter or GPU, autotuned or not); ``"gpu"`` for the
+    launch a GPU makes without autotuning, and ``"interpreter"`` for the interpreter's, whatever this process is
+    (the GPU cost model, :mod:`spinal_ops.gpu_model`, describes GPU launches from here on any machine).
     """
     if kernel not in KERNELS:
         raise ValueError(f"spinal_ops triton backend: unknown kernel {kernel!r}; one of {KERNELS}")
+    if target is not None and target not in LAUNCH_TARGETS:
+        raise ValueError(f"spinal_ops triton backend: target must be None or one of {LAUNCH_TARGETS}, got {target!r}")
     types = dtype_plan(dtype).meta()
-    interpreter = interpreted()
+    interpreter = interpreted() if target is None else target == "interpreter"
     if kernel == "weights":
         tiles = _weight_tiles(dims.rows, dims.chunk, dims.width, dims.out, dtype, interpreter)
         tasks = weight_tasks(dims, tiles["BLOCK_M"], tiles["BLOCK_N"], tiles["BLOCK_O"])
         return Launch((tasks.programs,), tasks.args(), {**types, **tiles}, None, False)
-    path = path_plan(dims.width, dims.out, dtype, device)
+    if target is None:
+        path = path_plan(dims.width, dims.out, dtype, device)
+    else:
+        path = _path_plan(dims.width, dims.out, dtype, device, interpreter)
     rows = dims.rows
     args = (batch_bucket(rows),)
-    if autotune_enabled():
+    if target is None and autotune_enabled():
         return Launch(lambda meta: (triton.cdiv(rows, meta["BLOCK_B"]),), args, {**types, **path.meta()}, path, True)
     tiles = _row_tiles(kernel, rows, dims.chunk, path, dtype, interpreter)
     return Launch((triton.cdiv(rows, tiles["BLOCK_B"]),), args, {**types, **path.meta(), **tiles}, path, False)

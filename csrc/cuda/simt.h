@@ -243,10 +243,19 @@ struct Run {
   std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
 };
 
+// One launch as the kernel saw it: grid and block sizes, dynamic shared memory in bytes.
+struct LaunchRecord {
+  unsigned grid[3];
+  unsigned block[3];
+  size_t smem;
+};
+
 struct Global {
+  static constexpr size_t kLogSize = 64;  // the most recent launches are kept
   Schedule schedule = Schedule::kForward;
   uint64_t seed = 0;
   std::atomic<uint64_t> launches{0};
+  std::vector<LaunchRecord> log;  // guarded by `mutex`
   std::vector<unsigned char> dynamic_smem;  // 128-byte aligned view inside
   unsigned char* smem_base = nullptr;
   Run* run = nullptr;
@@ -506,6 +515,8 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem, std::function<void()> b
                                                  ~uintptr_t(127));
   g.run = &r;
   g.launches.fetch_add(1);
+  if (g.log.size() == Global::kLogSize) g.log.erase(g.log.begin());
+  g.log.push_back(LaunchRecord{{grid.x, grid.y, grid.z}, {block.x, block.y, block.z}, smem});
   struct Reset {
     ~Reset() { global().run = nullptr; }
   } reset;
@@ -556,6 +567,15 @@ inline void set_schedule(Schedule s, uint64_t seed = 0) {
   host::global().seed = seed;
 }
 inline uint64_t launch_count() { return host::global().launches.load(); }
+// The most recent launches (at most Global::kLogSize), oldest first; clear_launch_log empties it.
+inline std::vector<host::LaunchRecord> launch_log() {
+  std::lock_guard<std::mutex> lock(host::global().mutex);
+  return host::global().log;
+}
+inline void clear_launch_log() {
+  std::lock_guard<std::mutex> lock(host::global().mutex);
+  host::global().log.clear();
+}
 
 template <typename T>
 inline T* dynamic_shared() {

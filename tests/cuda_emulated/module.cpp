@@ -31,6 +31,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &e::backward);
   m.def("set_schedule", &e::set_schedule);
   m.def("launch_count", &e::launch_count);
+  m.def("launch_log", &e::launch_log);
+  m.def("clear_launch_log", &e::clear_launch_log);
   m.def("layer_table_uploads", &e::layer_table_uploads);
   m.def("planted_block_sum", &planted_block_sum);
   m.def("planted_early_return", &planted_early_return);

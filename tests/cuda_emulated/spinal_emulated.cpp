@@ -36,6 +36,16 @@ void set_schedule(int schedule, uint64_t seed) { simt::set_schedule(static_cast<
 
 uint64_t launch_count() { return simt::launch_count(); }
 
+std::vector<std::array<int64_t, 7>> launch_log() {
+  std::vector<std::array<int64_t, 7>> out;
+  for (const auto& r : simt::launch_log()) {
+    out.push_back({r.grid[0], r.grid[1], r.grid[2], r.block[0], r.block[1], r.block[2], static_cast<int64_t>(r.smem)});
+  }
+  return out;
+}
+
+void clear_launch_log() { simt::clear_launch_log(); }
+
 uint64_t layer_table_uploads() { return cuda::layer_table_uploads(); }
 
 }  // namespace spinal_ops::emulated

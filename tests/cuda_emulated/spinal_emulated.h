@@ -30,6 +30,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // Emulator schedule (0 forward, 1 reverse, 2 random with `seed`) and the number of launches so far.
 void set_schedule(int schedule, uint64_t seed);
 uint64_t launch_count();
+// The most recent launches, oldest first, as (grid x, grid y, grid z, block x, block y, block z, shared memory
+// bytes); clear_launch_log() empties the log.
+std::vector<std::array<int64_t, 7>> launch_log();
+void clear_launch_log();
 // Layer tables (starts, slots) copied to the device so far: one per distinct table, none per call.
 uint64_t layer_table_uploads();
 
