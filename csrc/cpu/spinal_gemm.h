@@ -592,13 +592,23 @@ int64_t packed_ld(int64_t n) {
   return (n + lanes - 1) / lanes * lanes;
 }
 
-// W^T of a row-major W (n x k, ldw) into out (k x ldo, ldo = packed_ld(n)), the padding columns zero.
+// W^T of a row-major W (n x k, ldw) into out (k x ldo, ldo = packed_ld(n)), the padding columns zero. In blocks of
+// kTransposeBlock x kTransposeBlock, so that both the rows read and the rows written stay in L1 (a column walk
+// over W touches one cache line per element).
+inline constexpr int64_t kTransposeBlock = 16;
 template <typename T>
 void pack_transposed(int64_t n, int64_t k, const T* w, int64_t ldw, T* out, int64_t ldo) {
-  for (int64_t q = 0; q < k; ++q) {
-    T* row = out + q * ldo;
-    for (int64_t j = 0; j < n; ++j) row[j] = w[j * ldw + q];
-    std::fill(row + n, row + ldo, T(0));
+  constexpr int64_t kB = kTransposeBlock;
+  for (int64_t q0 = 0; q0 < k; q0 += kB) {
+    const int64_t q1 = std::min(k, q0 + kB);
+    for (int64_t j0 = 0; j0 < n; j0 += kB) {
+      const int64_t j1 = std::min(n, j0 + kB);
+      for (int64_t q = q0; q < q1; ++q) {
+        T* row = out + q * ldo;
+        for (int64_t j = j0; j < j1; ++j) row[j] = w[j * ldw + q];
+      }
+    }
+    for (int64_t q = q0; q < q1; ++q) std::fill(out + q * ldo + n, out + (q + 1) * ldo, T(0));
   }
 }
 
@@ -637,10 +647,14 @@ struct NtOperand {
 // but 256 x 20 x 256 at 178 against 136 (20 of the 32 lanes of two vectors used), and below k = 64 the dot kernel
 // spends its time on the k % lanes last terms and the lane sums. So W^T is packed for a short k (the recurrences of
 // w = 20..50, the chunks of c = 4: small matrices), and for n >= 64 outputs once the batch has kPackRows rows, where
-// one transpose of W per call costs little against B products with it (a 512 x 1024 weight: ~0.15 ms).
+// the transpose of every weight per call (memory-bound: 31 MB read and written for wide-resnet-custom) costs less
+// than the dot kernel's slower products. kPackRows from forwards of SpinalLinear (same machine, 2 threads, float32,
+// median of 7, microseconds; packing at >= 128 rows / never for n >= 64): vgg-head B = 128 176 / 157, 256 277 / 294,
+// 512 458 / 604; wide-resnet-head 128 3014 / 2566, 256 4716 / 4627, 512 8049 / 11949; wide-resnet-custom 128 8686 /
+// 7405, 256 12890 / 15895, 512 21528 / 25065.
 inline constexpr int64_t kPackedMaxK = 64;
 inline constexpr int64_t kPackMinN = 64;
-inline constexpr int64_t kPackRows = 128;
+inline constexpr int64_t kPackRows = 256;
 inline bool packs_transposed(int64_t rows, int64_t tile_rows, int64_t n, int64_t k) {
   return tile_rows >= 2 && (k < kPackedMaxK || (n >= kPackMinN && rows >= kPackRows));
 }
