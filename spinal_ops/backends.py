@@ -16,6 +16,12 @@ training), the fastest of ``cuda``, ``triton`` and ``reference`` by the GPU cost
 (and under ``torch.compile``, which traces the choice as a constant) ``cuda``, then ``triton``, then ``reference``.
 ``SPINAL_OPS_BACKEND`` (read once, at import) and :func:`use_backend` (a context manager, which wins over the
 variable) force one.
+
+``SPINAL_OPS_AUTOTUNE=1`` (read once, at import; like ``torch.backends.cudnn.benchmark``) replaces the automatic
+choice by a measurement: the first call of each problem (device, dtype, layer sizes, rows, forward or training,
+threads) times every backend that can run it (:func:`tuning_candidates`) on the call's own tensors and keeps the
+fastest for the rest of the process (:func:`spinal_ops.ops.run`). Not under ``torch.compile`` or CUDA graph capture
+(the choice above applies there), and never over a forced backend.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ import torch
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 
 _ENV_BACKEND = os.environ.get("SPINAL_OPS_BACKEND") or None
+_AUTOTUNE = os.environ.get("SPINAL_OPS_AUTOTUNE", "0") == "1"
+_tuned: dict[tuple, str] = {}  # problem -> the backend measured fastest (SPINAL_OPS_AUTOTUNE=1)
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("spinal_ops_backend", default=None)
 
 
@@ -132,6 +140,23 @@ def use_backend(name: str):
         yield name
     finally:
         _forced.reset(token)
+
+
+def autotune_enabled() -> bool:
+    """``SPINAL_OPS_AUTOTUNE=1`` was set at import: the automatic choice is measured per problem."""
+    return _AUTOTUNE
+
+
+def forced_backend() -> str | None:
+    """The backend :func:`use_backend` or ``SPINAL_OPS_BACKEND`` forces here, or None."""
+    return _forced.get() or _ENV_BACKEND
+
+
+def tuning_candidates(device_type: str, dtype: torch.dtype) -> tuple[str, ...]:
+    """The backends autotuning times for ``device_type`` tensors of ``dtype``: those that run them here (Triton
+    only on a GPU: its interpreter is a correctness tool)."""
+    order = ("cuda", "triton", "reference") if device_type == "cuda" else ("cpu", "reference")
+    return tuple(name for name in order if _serves(name, device_type, dtype))
 
 
 def select_backend(device: torch.device | str, dtype: torch.dtype | None = None, problem=None) -> str:

@@ -394,12 +394,14 @@ def run(input: Tensor, params: tuple, spec: LayerSpec, where: str) -> Tensor:
             break
     two_d = len(shape) == 2
     x2d = input if two_d else input.reshape(-1, shape[-1])
-    if input.is_cpu:
+    if not x2d.is_contiguous():
+        x2d = x2d.contiguous()
+    if backends._AUTOTUNE and backends.forced_backend() is None and not torch.compiler.is_compiling():
+        backend = _tuned_backend(x2d, params, spec)
+    elif input.is_cpu:
         backend = select_backend("cpu", input.dtype)
     else:  # the GPU cost model chooses per problem
         backend = select_backend(input.device, input.dtype, _problem(x2d, params, spec))
-    if not x2d.is_contiguous():
-        x2d = x2d.contiguous()
     h_all, y = forward_op(backend)(x2d, *params, spec.starts, spec.slot_list, spec.activation, spec.negative_slope)
     out = h_all if head_weight is None else y
     return out if two_d else out.reshape(*shape[:-1], out.shape[-1])
@@ -414,6 +416,70 @@ def _problem(x2d: Tensor, params: tuple, spec: LayerSpec) -> tuple:
                           head_weight.shape[0] if head_weight is not None else 0, spec.activation)
     tracked = torch.is_grad_enabled() and (x2d.requires_grad or any(t is not None and t.requires_grad for t in params))
     return config, x2d.shape[0], "fwd+bwd" if tracked else "forward"
+
+
+# Timed runs per candidate after one warm-up run: at least TUNING_REPEATS, and until TUNING_SECONDS have passed (a
+# small problem gets many runs); their median counts. Not the fastest run: a backend whose runs vary widely would win
+# on its luckiest one (measured on a 2-core VM: the cpu backend's bfloat16 fwd+bwd of wide-resnet-head at B = 1 took
+# 1.8-14 ms over 20 runs, median 2.3 ms; the reference's 2.4-8.5 ms, median 2.6 ms).
+TUNING_REPEATS = 3
+TUNING_SECONDS = 0.05
+
+
+def _tuned_backend(x2d: Tensor, params: tuple, spec: LayerSpec) -> str:
+    """``SPINAL_OPS_AUTOTUNE=1``: the backend measured fastest for this call's problem, timed on first sight.
+
+    Each candidate (:func:`spinal_ops.backends.tuning_candidates`) runs the call's forward (and, when autograd
+    records the call, its backward, through ``torch.autograd.grad`` on detached copies of the inputs: nothing of
+    the caller's graph or ``.grad`` is touched) once to warm up, then at least TUNING_REPEATS times and for
+    TUNING_SECONDS, timed; the lowest median wins. Under CUDA graph capture the cost-model choice applies
+    instead (timing would synchronise the stream)."""
+    device = x2d.device
+    problem = _problem(x2d, params, spec)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return select_backend(device, x2d.dtype, problem)
+    key = (device.type, device.index, x2d.dtype, problem, torch.get_num_threads(),
+           torch.get_float32_matmul_precision())
+    choice = backends._tuned.get(key)
+    if choice is None:
+        candidates = backends.tuning_candidates(device.type, x2d.dtype)
+        times = {name: _time_backend(name, x2d, params, spec, problem[2]) for name in candidates}
+        choice = backends._tuned[key] = min(candidates, key=times.__getitem__)
+    return choice
+
+
+def _time_backend(backend: str, x2d: Tensor, params: tuple, spec: LayerSpec, mode: str) -> float:
+    """Median seconds of the timed runs of the call on ``backend`` (forward, or forward and backward)."""
+    import statistics
+    import time
+
+    op = forward_op(backend)
+    args = (spec.starts, spec.slot_list, spec.activation, spec.negative_slope)
+    xs = x2d.detach().requires_grad_(x2d.requires_grad)
+    ps = tuple(t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in params)
+    leaves = [t for t in (xs, *ps) if t is not None and t.requires_grad]
+    head = params[3] is not None
+
+    def step():
+        if mode == "forward":
+            with torch.no_grad():
+                op(xs, *ps, *args)
+            return
+        with torch.enable_grad():
+            h_all, y = op(xs, *ps, *args)
+            out = y if head else h_all
+            torch.autograd.grad(out, leaves, torch.ones_like(out))
+
+    sync = (lambda: torch.cuda.synchronize(x2d.device)) if x2d.is_cuda else (lambda: None)
+    step()
+    sync()
+    runs, began = [], time.perf_counter()
+    while len(runs) < TUNING_REPEATS or time.perf_counter() - began < TUNING_SECONDS:
+        start = time.perf_counter()
+        step()
+        sync()
+        runs.append(time.perf_counter() - start)
+    return statistics.median(runs)
 
 
 def _reference_forward(*args):
