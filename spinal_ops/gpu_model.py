@@ -154,7 +154,8 @@ def _storage(math_mode: str) -> torch.dtype:
 @dataclasses.dataclass(frozen=True)
 class Problem:
     """One call: ``rows`` x ``in_features`` input, ``num_layers`` sub-layers of ``width`` on chunks of ``chunk``
-    columns, ``out`` head outputs (0: hidden layer), ``lx`` / ``lh`` weight slots."""
+    columns, ``out`` head outputs (0: hidden layer), ``lx`` / ``lh`` weight slots. (The Triton launch settings'
+    ``Dims`` is this with the backward's output mask.)"""
 
     rows: int
     in_features: int
@@ -313,8 +314,7 @@ def cuda_launches(p: Problem, math_mode: str, mode: str) -> list[KernelLaunch]:
 def _triton_dims(p: Problem, mask):
     from .triton_kernels import settings
 
-    return settings, settings.Dims(p.rows, p.in_features, p.chunk, p.width, p.num_layers, p.out, p.lx, p.lh,
-                                   tuple(mask))
+    return settings, settings.Dims(*dataclasses.astuple(p), tuple(mask))
 
 
 def triton_launches(p: Problem, math_mode: str, mode: str, target: str = "gpu") -> list[KernelLaunch]:

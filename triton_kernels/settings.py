@@ -53,6 +53,8 @@ import torch
 import triton
 import triton.language as tl
 
+from spinal_ops.gpu_model import Problem
+
 KERNELS = ("forward", "chain", "weights")
 
 
@@ -438,19 +440,12 @@ def _warps_for(live_values: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class Dims:
-    """The problem of one call: ``x (rows, in_features)``, ``weight_x (lx, width, chunk)``, ``weight_h (lh, width,
-    width)``, ``num_layers`` sub-layers, ``out`` head outputs (0 without a head) and, for the weights kernel, the
-    backward's output mask (which of dx, dweight_x, dweight_h, dbias, dhead_weight, dhead_bias are computed)."""
+class Dims(Problem):
+    """The problem of one call (:class:`spinal_ops.gpu_model.Problem`: ``x (rows, in_features)``, ``weight_x (lx,
+    width, chunk)``, ``weight_h (lh, width, width)``, ``num_layers`` sub-layers, ``out`` head outputs, 0 without a
+    head) and, for the weights kernel, the backward's output mask (which of dx, dweight_x, dweight_h, dbias,
+    dhead_weight, dhead_bias are computed)."""
 
-    rows: int
-    in_features: int
-    chunk: int
-    width: int
-    num_layers: int
-    out: int
-    lx: int
-    lh: int
     mask: tuple[bool, ...] = (False,) * 6
 
     def check(self) -> None:
