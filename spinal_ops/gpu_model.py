@@ -66,7 +66,6 @@ class GpuSpec:
     l2_bytes: int
     smem_per_sm: int  # shared memory per SM usable by blocks
     smem_per_block: int  # opt-in maximum per block
-    regs_per_sm: int = 65536
 
     def rate(self, math_mode: str, tensor_cores: bool) -> float:
         """Attainable FLOP/s of the whole GPU for ``math_mode`` on tensor cores or on FMA units."""
@@ -131,7 +130,8 @@ CUDA_BM, CUDA_BN, CUDA_BK = 16, 64, 32  # row tile, column tile, K slice
 CUDA_LDS, CUDA_LDC = CUDA_BK + 8, CUDA_BN + 4  # staged row strides
 CUDA_YACC_LIMIT = 16 * 1024  # FwdSmem::kYaccLimit: the head accumulator stays on chip up to this size
 CUDA_MIN_BLOCKS_PER_SM = 2  # __launch_bounds__' second argument: registers capped for 2 resident blocks
-TRITON_REGS_PER_THREAD = 255  # ptxas reports: the fast-path kernels use all 255 registers (GPU review table)
+TRITON_REGS_PER_THREAD = 255  # ptxas reports of the Triton kernels compiled for sm_90a: the fast path uses all 255
+REGISTERS_PER_SM = 65536  # 32-bit registers per SM on every GPU of the table
 
 
 def _align128(n: int) -> int:
@@ -206,7 +206,7 @@ class KernelLaunch:
     grid: int
     block: int
     smem: int
-    ctas_per_sm: int  # resident CTAs per SM (registers and shared memory)
+    ctas_by_registers: int  # resident CTAs per SM the registers allow (shared memory: per device, resident_ctas)
     steps: int  # dependent steps of a CTA, each waiting for its data (sub-layers, or row slices)
     flops_per_cta: float
     tensor_cores: bool
@@ -216,8 +216,10 @@ class KernelLaunch:
     meta: dict = dataclasses.field(default_factory=dict, compare=False)  # Triton: the launch's constexprs
 
 
-def _resident(smem_per_sm: int, smem: int, by_registers: int) -> int:
-    return max(1, min(by_registers, smem_per_sm // max(smem + 1024, 1)))  # 1 KB per block reserved by the driver
+def resident_ctas(k: KernelLaunch, dev: GpuSpec) -> int:
+    """CTAs of launch ``k`` resident on one SM of ``dev``: what registers and shared memory allow (the driver
+    reserves 1 KB of shared memory per block)."""
+    return max(1, min(k.ctas_by_registers, dev.smem_per_sm // (k.smem + 1024)))
 
 
 def cuda_forward_smem(math_mode: str, width: int, out: int, head: bool, element: int) -> int:
@@ -289,23 +291,22 @@ def cuda_launches(p: Problem, math_mode: str, mode: str) -> list[KernelLaunch]:
     smem = cuda_forward_smem(math_mode, p.width, p.out, p.out > 0, element)
     launches.append(KernelLaunch(
         "cuda", "spinal_fwd_kernel", tiles, CUDA_THREADS, smem,
-        _resident(DEVICES["h100-sxm"].smem_per_sm, smem, CUDA_MIN_BLOCKS_PER_SM), p.num_layers,
+        CUDA_MIN_BLOCKS_PER_SM, p.num_layers,
         _chain_flops(p, CUDA_BM, wpad, opad, cpad, "forward"), tensor,
         _chain_bytes(p, CUDA_BM, element, _cdiv(p.width, CUDA_BN)), stage_bytes, _unique_bytes(p, element, "forward")))
     if mode == "forward":
         return launches
     mask = (True, True, p.lh > 0, True, p.out > 0, p.out > 0)
     bsmem = cuda_backward_smem(element)
-    resident = _resident(DEVICES["h100-sxm"].smem_per_sm, bsmem, CUDA_MIN_BLOCKS_PER_SM)
     acc_stage = (CUDA_BM + CUDA_BN) * CUDA_BK * 4
     launches.append(KernelLaunch(
-        "cuda", "spinal_bwd_chain_kernel", tiles, CUDA_THREADS, bsmem, resident, p.num_layers,
+        "cuda", "spinal_bwd_chain_kernel", tiles, CUDA_THREADS, bsmem, CUDA_MIN_BLOCKS_PER_SM, p.num_layers,
         _chain_flops(p, CUDA_BM, wpad, opad, cpad, "chain"), False,
         _chain_bytes(p, CUDA_BM, element, _cdiv(p.width, CUDA_BN)), acc_stage, _unique_bytes(p, element, "chain")))
     jobs = cuda_weight_jobs(p, mask)
     rounds = _cdiv(p.rows, CUDA_BK)
     launches.append(KernelLaunch(
-        "cuda", "spinal_bwd_weights_kernel", jobs, CUDA_THREADS, bsmem, resident, rounds,
+        "cuda", "spinal_bwd_weights_kernel", jobs, CUDA_THREADS, bsmem, CUDA_MIN_BLOCKS_PER_SM, rounds,
         2.0 * p.rows * CUDA_BM * CUDA_BN, False, p.rows * (CUDA_BM + CUDA_BN) * 4.0, acc_stage,
         _unique_bytes(p, element, "weights")))
     return launches
@@ -334,12 +335,12 @@ def triton_launches(p: Problem, math_mode: str, mode: str, target: str = "gpu") 
         meta = launch.meta
         grid = int(launch.grid[0])
         warps, stages = meta["num_warps"], meta["num_stages"]
-        by_regs = max(1, DEVICES["h100-sxm"].regs_per_sm // (warps * 32 * TRITON_REGS_PER_THREAD))
+        by_regs = max(1, REGISTERS_PER_SM // (warps * 32 * TRITON_REGS_PER_THREAD))
         if kernel == "weights":
             bm, bn, br = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_R"]
             smem = stages * br * (bm + bn) * element
             launches.append(KernelLaunch(
-                "triton", "weights", grid, warps * 32, smem, _resident(DEVICES["h100-sxm"].smem_per_sm, smem, by_regs),
+                "triton", "weights", grid, warps * 32, smem, by_regs,
                 _cdiv(p.rows, br), 2.0 * p.rows * bm * bn, tensor, p.rows * (bm + bn) * float(element), smem,
                 _unique_bytes(p, element, "weights"), dict(meta)))
             continue
@@ -354,7 +355,7 @@ def triton_launches(p: Problem, math_mode: str, mode: str, target: str = "gpu") 
             wpad, opad, passes = path.block_w, (path.block_o if p.out else 0), 1
         cpad = _cdiv(p.chunk, bc) * bc
         launches.append(KernelLaunch(
-            "triton", kernel, grid, warps * 32, smem, _resident(DEVICES["h100-sxm"].smem_per_sm, smem, by_regs),
+            "triton", kernel, grid, warps * 32, smem, by_regs,
             p.num_layers, _chain_flops(p, bb, wpad, opad, cpad, kernel), tensor,
             _chain_bytes(p, bb, element, passes), smem, _unique_bytes(p, element, kernel), dict(meta)))
     return launches
@@ -369,9 +370,10 @@ def kernel_seconds(k: KernelLaunch, dev: GpuSpec, math_mode: str) -> float:
     and all CTAs' streamed bytes at L2 bandwidth."""
     if k.grid == 0:
         return 0.0
-    slots = dev.sms * k.ctas_per_sm
+    resident = resident_ctas(k, dev)
+    slots = dev.sms * resident
     waves = _cdiv(k.grid, slots)
-    share = min(k.ctas_per_sm, _cdiv(k.grid, dev.sms))  # CTAs that share one busy SM
+    share = min(resident, _cdiv(k.grid, dev.sms))  # CTAs that share one busy SM
     efficiency = (MMA_EFFICIENCY if k.tensor_cores else FMA_EFFICIENCY)[k.backend]
     sm_rate = dev.rate(math_mode, k.tensor_cores) * efficiency / dev.sms
     compute = share * k.flops_per_cta / sm_rate
