@@ -85,6 +85,9 @@ def triton_interpreted() -> bool:
 
 
 _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# The candidates for a device type, fastest first by default: the static automatic choice takes the first that runs
+# the tensors; autotuning and the GPU cost model pick among them.
+CANDIDATES = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 
 
 def _serves(name: str, device_type: str, dtype: torch.dtype | None = None) -> bool:
@@ -155,8 +158,8 @@ def forced_backend() -> str | None:
 def tuning_candidates(device_type: str, dtype: torch.dtype) -> tuple[str, ...]:
     """The backends autotuning times for ``device_type`` tensors of ``dtype``: those that run them here (Triton
     only on a GPU: its interpreter is a correctness tool)."""
-    order = ("cuda", "triton", "reference") if device_type == "cuda" else ("cpu", "reference")
-    return tuple(name for name in order if _serves(name, device_type, dtype))
+    return tuple(name for name in CANDIDATES["cuda" if device_type == "cuda" else "cpu"]
+                 if _serves(name, device_type, dtype))
 
 
 def select_backend(device: torch.device | str, dtype: torch.dtype | None = None, problem=None) -> str:
@@ -205,7 +208,7 @@ def _select(device_type: str, dtype: torch.dtype | None) -> str:
         key = (device_type, dtype)
         choice = _automatic.get(key)
         if choice is None:
-            order = ("cuda", "triton", "reference") if device_type == "cuda" else ("cpu", "reference")
+            order = CANDIDATES["cuda" if device_type == "cuda" else "cpu"]
             choice = _automatic[key] = next(name for name in order if _serves(name, device_type, dtype))
         return choice
     if forced not in BACKENDS:

@@ -52,6 +52,7 @@ from torch import nn
 
 from . import backends, reference
 from .configs import SpinalConfig
+from .gpu_model import Problem
 from .module import SpinalLinear
 
 MODES = ("forward", "backward", "fwd+bwd")
@@ -60,19 +61,10 @@ NOISY_SPREAD = 0.10  # a row whose interquartile range exceeds this fraction of 
 MIN_BLOCKS = 5  # blocks per cell, at least
 BLOCKS_PER_RUN = 20  # a block lasts about min_run_time / BLOCKS_PER_RUN
 GEMM_SIZE = {"cpu": 1024, "cuda": 4096}  # n of the n x n x n GEMM that measures the machine's rate
-BWD_FLOPS = 2  # backward FLOPs per forward FLOP: the input gradient and the weight gradient of every product
 
 
 class BenchmarkError(RuntimeError):
     """A cell that cannot be timed honestly (failed compilation, a fallback, a changed thread count)."""
-
-
-def _script_chunk(x, s, chunk):
-    """Columns ``[s, s + chunk)`` of ``x``, wrapping, as the original scripts slice them."""
-    end = s + chunk
-    if end <= x.shape[1]:
-        return x[:, s:end]
-    return torch.cat([x[:, s:], x[:, : end - x.shape[1]]], dim=1)
 
 
 class _ScriptChain(nn.Module):
@@ -92,7 +84,7 @@ class _ScriptChain(nn.Module):
         outs = []
         h = None
         for i, s in enumerate(self.starts):
-            xi = _script_chunk(x, s, self.chunk)
+            xi = reference.chunk_of(x, s, self.chunk)  # as the original scripts slice it
             h = self.sub_layer(i, xi if h is None else torch.cat([xi, h], dim=1))
             outs.append(h)
         hcat = torch.cat(outs, dim=1)
@@ -500,37 +492,24 @@ def call_times(dtype, device: torch.device, modes, min_run_time: float, threads:
 
 
 def parameter_count(cfg: SpinalConfig) -> int:
-    """Parameters of the spinal layer of ``cfg`` (packed weights, biases and head)."""
-    c, w, num_layers = cfg.chunk, cfg.width, cfg.num_layers
-    return num_layers * w * c + (num_layers - 1) * w * w + num_layers * w + cfg.out * num_layers * w + cfg.out
+    """Parameters of the spinal layer of ``cfg`` (:attr:`spinal_ops.gpu_model.Problem.parameters`)."""
+    return Problem.of(cfg, 0).parameters
 
 
 def x_columns(cfg: SpinalConfig) -> int:
     """Columns of ``x`` some chunk reads."""
-    return min(cfg.in_features, cfg.num_layers * cfg.chunk)
+    return Problem.of(cfg, 0).x_columns
 
 
 def mode_flops(cfg: SpinalConfig, rows: int, mode: str) -> int:
-    """FLOPs of one ``mode`` step of the spinal layer on ``rows`` rows.
-
-    Forward: ``rows * reference.flops_per_row``. Backward: :data:`BWD_FLOPS` times that (every product of the
-    forward has an input-gradient and a weight-gradient product of the same size; element-wise work ignored).
-    ``fwd+bwd``: the sum.
-    """
-    forward = rows * cfg.flops_per_row()
-    return {"forward": forward, "backward": BWD_FLOPS * forward, "fwd+bwd": (1 + BWD_FLOPS) * forward}[mode]
+    """FLOPs of one ``mode`` step of the spinal layer on ``rows`` rows (:meth:`spinal_ops.gpu_model.Problem.flops`:
+    the backward does twice the forward's)."""
+    return Problem.of(cfg, rows).flops(mode)
 
 
 def min_elements(cfg: SpinalConfig, rows: int, mode: str) -> int:
-    """Elements one ``mode`` step must move at least once.
-
-    Forward: the ``x`` columns read, the parameters, the output ``y``. Backward: ``x``, the parameters and the
-    output gradient read, the input gradient and the parameter gradients written. ``fwd+bwd``: the backward's
-    and the output ``y``. Intermediates (``H``) are not counted: a kernel could keep or recompute them.
-    """
-    x, p, y = rows * x_columns(cfg), parameter_count(cfg), rows * cfg.out
-    backward = x + p + y + rows * cfg.in_features + p
-    return {"forward": x + p + y, "backward": backward, "fwd+bwd": backward + y}[mode]
+    """Elements one ``mode`` step must move at least once (:meth:`spinal_ops.gpu_model.Problem.min_elements`)."""
+    return Problem.of(cfg, rows).min_elements(mode)
 
 
 def floor(cfg: SpinalConfig, rows: int, mode: str, machine: dict) -> dict:

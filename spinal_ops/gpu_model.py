@@ -38,12 +38,13 @@ import functools
 
 import torch
 
-from . import reference
+from . import backends, reference
 from .configs import CONFIGS, ROOFLINE_BATCH_SIZES, SpinalConfig
 
 MATHS = ("bf16", "fp32", "tf32")
+BWD_FLOPS = 2  # backward FLOPs per forward FLOP: the input gradient and the weight gradient of every product
 MODES = ("forward", "fwd+bwd")
-PLANS = ("cuda", "triton", "reference")  # what the automatic choice picks from (each runs the spinal layer)
+PLANS = backends.CANDIDATES["cuda"]  # what the automatic choice picks from (each runs the spinal layer)
 
 # -------------------------------------------------------------------------------------------------- devices
 
@@ -173,24 +174,35 @@ class Problem:
 
     @property
     def parameters(self) -> int:
+        """Parameters of the layer (packed weights, biases and head)."""
         c, w, out = self.chunk, self.width, self.out
         return self.lx * w * (c + 1) + self.lh * w * w + out * self.num_layers * w + out
 
     @property
     def x_columns(self) -> int:
+        """Columns of ``x`` some chunk reads."""
         return min(self.in_features, self.num_layers * self.chunk)
 
     def flops(self, mode: str) -> int:
-        """Forward FLOPs times 1 (forward) or 3 (fwd+bwd: an input and a weight gradient product per product)."""
-        forward = self.rows * reference.flops_per_row(self.chunk, self.width, self.num_layers, self.out)
-        return forward * (3 if mode == "fwd+bwd" else 1)
+        """FLOPs of one ``mode`` step ("forward", "backward" or "fwd+bwd").
 
-    def min_bytes(self, mode: str, element: int) -> int:
-        """Bytes a call must move at least once (as :func:`spinal_ops.benchmark.min_elements` counts them)."""
+        Forward: ``rows * reference.flops_per_row``. Backward: BWD_FLOPS times that (every product of the forward
+        has an input-gradient and a weight-gradient product of the same size; element-wise work ignored).
+        ``fwd+bwd``: the sum.
+        """
+        forward = self.rows * reference.flops_per_row(self.chunk, self.width, self.num_layers, self.out)
+        return {"forward": forward, "backward": BWD_FLOPS * forward, "fwd+bwd": (1 + BWD_FLOPS) * forward}[mode]
+
+    def min_elements(self, mode: str) -> int:
+        """Elements one ``mode`` step must move at least once.
+
+        Forward: the ``x`` columns read, the parameters, the output ``y``. Backward: ``x``, the parameters and the
+        output gradient read, the input gradient and the parameter gradients written. ``fwd+bwd``: the backward's
+        and the output ``y``. Intermediates (``H``) are not counted: a kernel could keep or recompute them.
+        """
         x, p, y = self.rows * self.x_columns, self.parameters, self.rows * self.out
-        if mode == "forward":
-            return (x + p + y) * element
-        return (x + p + y + self.rows * self.in_features + p + y) * element
+        backward = x + p + y + self.rows * self.in_features + p
+        return {"forward": x + p + y, "backward": backward, "fwd+bwd": backward + y}[mode]
 
 
 # ---------------------------------------------------------------------------------------- launch descriptions
@@ -553,7 +565,7 @@ def floor_seconds(p: Problem, dev: GpuSpec, math_mode: str, mode: str) -> float:
     rate (bf16, tf32) or, for fp32, the FMA rate."""
     element = _storage(math_mode).itemsize
     compute = p.flops(mode) / dev.rate(math_mode, math_mode != "fp32")
-    return max(compute, p.min_bytes(mode, element) / dev.hbm_attainable, call_seconds(mode))
+    return max(compute, p.min_elements(mode) * element / dev.hbm_attainable, call_seconds(mode))
 
 
 # --------------------------------------------------------------------------------------------- the choice
@@ -615,16 +627,29 @@ class ModelRow:
     def baseline_s(self) -> float:
         return min(self.times["eager"].seconds, self.times["dense"].seconds)
 
+    @property
+    def floor_target(self) -> float | None:
+        """The largest time / floor the targets allow at this batch: 1.5 from B = 1024, 2 up to B = 64."""
+        return 1.5 if self.rows >= 1024 else (2.0 if self.rows <= 64 else None)
+
+    @property
+    def beats_baseline(self) -> bool:
+        return self.chosen_s <= self.baseline_s * (1 + 1e-9)
+
+    @property
+    def meets_floor(self) -> bool | None:
+        """Whether the chosen plan is within the floor target (None: no target at this batch)."""
+        target = self.floor_target
+        return None if target is None else self.chosen_s <= target * self.floor_s
+
     def misses(self) -> list[str]:
-        """The issue's targets this row misses, each as a short text."""
+        """The targets this row misses, each as a short text."""
         out = []
-        if self.chosen_s > self.baseline_s * (1 + 1e-9):
+        if not self.beats_baseline:
             which = "dense" if self.times["dense"].seconds < self.times["eager"].seconds else "eager"
             out.append(f"slower than {which} ({self.chosen_s / self.baseline_s:.2f}x)")
-        if self.rows >= 1024 and self.chosen_s > 1.5 * self.floor_s:
-            out.append(f"{self.chosen_s / self.floor_s:.1f}x floor (target 1.5x)")
-        if self.rows <= 64 and self.chosen_s > 2 * self.floor_s:
-            out.append(f"{self.chosen_s / self.floor_s:.1f}x floor (target 2x)")
+        if self.meets_floor is False:
+            out.append(f"{self.chosen_s / self.floor_s:.1f}x floor (target {self.floor_target:g}x)")
         return out
 
 
@@ -688,11 +713,11 @@ def format_markdown(rows: list[ModelRow]) -> str:
 def summary(rows: list[ModelRow]) -> str:
     """Counts of the rows that meet each target, and the misses grouped by cause."""
     total = len(rows)
-    slower = [r for r in rows if r.chosen_s > r.baseline_s * (1 + 1e-9)]
+    slower = [r for r in rows if not r.beats_baseline]
     large = [r for r in rows if r.rows >= 1024]
-    large_ok = [r for r in large if r.chosen_s <= 1.5 * r.floor_s]
+    large_ok = [r for r in large if r.meets_floor]
     small = [r for r in rows if r.rows <= 64]
-    small_ok = [r for r in small if r.chosen_s <= 2 * r.floor_s]
+    small_ok = [r for r in small if r.meets_floor]
     chosen = {}
     for r in rows:
         chosen[r.chosen] = chosen.get(r.chosen, 0) + 1

@@ -343,7 +343,6 @@ def spinal_forward_blocks(
     and update their own running statistics). Plain differentiable PyTorch: this is the path that runs when
     dropout or batch norm cannot be fused (train mode).
     """
-    d = x.shape[1]
     c = weight_x.shape[2]
     # Per-slot views by unbind: its backward writes each slot's gradient once (indexing weight_x[slot] per
     # sub-layer would zero-fill a whole weight_x-sized gradient per sub-layer). A slot's Linear weight
@@ -355,10 +354,8 @@ def spinal_forward_blocks(
     h = None
     for i, s in enumerate(starts):
         slot = slots[i]
-        if s + c <= d:  # a view, as the original blocks slice x (BLAS may round a strided operand differently)
-            inp = x[:, s : s + c]
-        else:
-            inp = x.index_select(1, chunk_columns(d, s, c, x.device))
+        inp = chunk_of(x, s, c)  # a view where it does not wrap, as the original blocks slice x (BLAS may round a
+        # strided operand differently)
         if i > 0:
             inp = torch.cat([inp, h], dim=1)
         weight = linear_weights.get(slot)
