@@ -11,7 +11,16 @@ import sys
 
 import pytest
 import torch
-from helpers import CASES, Case, assert_close, check_against_reference, functional_kwargs, make_inputs, require_backend
+from helpers import (
+    CASES,
+    Case,
+    assert_close,
+    check_against_reference,
+    functional_kwargs,
+    make_inputs,
+    require_backend,
+    run_case,
+)
 
 import spinal_ops
 from spinal_ops import SpinalLinear, reference
@@ -143,7 +152,7 @@ def test_leading_dims_like_linear(shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_reduced_precision_runs_on_the_cpu_kernels_with_float32_arithmetic(dtype):
+def test_reduced_precision_runs_on_the_cpu_kernels(dtype):
     m = SpinalLinear(10, 3, layer_width=4, dtype=dtype)
     x = torch.randn(5, 10, dtype=dtype, requires_grad=True)
     assert spinal_ops.backends.select_backend(x.device, x.dtype) == "cpu"
@@ -151,11 +160,130 @@ def test_reduced_precision_runs_on_the_cpu_kernels_with_float32_arithmetic(dtype
     assert y.dtype == dtype
     y.sum().backward()
     assert x.grad.dtype == dtype and m.weight_x.grad.dtype == dtype
-    # float32 arithmetic, one rounding on exit: the same as the float32 kernel's result, rounded
-    params32 = [p.detach().float() for p in (m.weight_x, m.weight_h, m.bias, m.head_weight, m.head_bias)]
-    _, y32 = torch.ops.spinal_ops.spinal_forward(x.detach().float(), *params32, list(m._spec.starts),
-                                                 list(m._spec.slot_list), "relu", 0.01)
-    assert torch.equal(y.detach(), y32.to(dtype))
+
+
+# Reduced-precision cases for the bitwise check below: the dot kernel on weights as stored (B < 16), a wrapping
+# chunk, short k on a W^T packed (widened) from them (w < 64, B >= 2), one row (axpy_row), partial vectors, tied
+# slots, hidden mode, and act' from the recomputed Z (leaky_relu, negative slope). Fewer than 16 rows: no product
+# goes to the BLAS (use_blas), which only the float32 kernels may call, on any instruction set.
+REDUCED_CASES = [
+    Case(1, 300, 2, 70, 3),
+    Case(5, 37, 3, 21, 4, activation="leaky_relu", negative_slope=-0.2),
+    Case(15, 203, 2, 40, 6, out=10, tie=(0, 1, 2, 3, 2, 3)),
+    Case(3, 130, 2, 33, 3, head=False, split_mode="alternate"),
+]
+
+
+def bf16_pairs() -> bool:
+    """Whether the cpu kernels run bfloat16 input products on AVX512_BF16 pairs here (kernels::pair_gemm)."""
+    return torch.ops.spinal_ops._cpu_isa() == "avx512_bf16"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", REDUCED_CASES, ids=[c.id for c in REDUCED_CASES])
+def test_reduced_precision_is_the_float32_kernels_rounded_once(case, dtype):
+    """bfloat16 / float16 on the cpu backend: float32 arithmetic on the values as given, one rounding on exit. The
+    weights are read as stored and widened in the kernels' registers (kernels::load_wide): H, y and every gradient
+    equal the float32 kernels run on the widened tensors, rounded, bit for bit. (With AVX512_BF16 the bfloat16
+    input products sum in pairs instead: test_bfloat16_pairs; the subprocess of
+    test_kernels_of_each_instruction_set_match_reference checks this one capped to avx512.)"""
+    if dtype == torch.bfloat16 and bf16_pairs():
+        pytest.skip("bfloat16 input products on AVX512_BF16 pairs")
+    assert_rounded_once(case, dtype)
+
+
+def assert_rounded_once(case, dtype):
+    x, params = make_inputs(case, dtype, seed=4)
+    starts, slots = case.layer_args()
+    weights = [params[k] for k in ("weight_x", "weight_h", "bias", "head_weight", "head_bias")]
+    wide = [None if t is None else t.detach().float() for t in weights]
+    args = (starts, slots, case.activation, case.negative_slope)
+    h, y = torch.ops.spinal_ops.spinal_forward(x.detach(), *[None if t is None else t.detach() for t in weights],
+                                               *args)
+    h32, y32 = torch.ops.spinal_ops.spinal_forward(x.detach().float(), *wide, *args)
+    assert torch.equal(h, h32.to(dtype)) and torch.equal(y, y32.to(dtype))
+    g = torch.Generator().manual_seed(5)
+    gy = torch.randn(y.shape, generator=g).to(dtype) if case.head else None
+    gh = torch.randn(h.shape, generator=g).to(dtype)
+    # act' from Z (leaky_relu, negative slope): the backward recomputes the float32 H; else it reads H as given
+    h_in = h32 if case.negative_slope < 0 else h.float()
+    mask = [True] * 4 + [case.head] * 2
+    got = torch.ops.spinal_ops._spinal_backward(gy, gh, x.detach(), h, *[None if t is None else t.detach()
+                                                                         for t in weights[:4]], *args, mask)
+    want = torch.ops.spinal_ops._spinal_backward(None if gy is None else gy.float(), gh.float(), x.detach().float(),
+                                                 h_in, *wide[:4], *args, mask)
+    names = ("x", "weight_x", "weight_h", "bias", "head_weight", "head_bias")
+    for name, a, b in zip(names, got, want, strict=True):
+        assert a.dtype == dtype and torch.equal(a, b.to(dtype)), f"{case.id} {dtype}: grad of {name}"
+
+
+def pair_sums(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A (m x k) @ W^T (W: n x k), bfloat16, as AVX512_BF16's vdpbf16ps sums it: float32, pair by pair, the odd term
+    of each pair added before the even one, each addition rounded (the products of two bfloat16 are exact)."""
+    a, w = a.float(), w.float()
+    acc = torch.zeros(a.shape[0], w.shape[0])
+    for q in range(0, a.shape[1], 2):
+        if q + 1 < a.shape[1]:
+            acc = acc + a[:, q + 1, None] * w[None, :, q + 1]
+        acc = acc + a[:, q, None] * w[None, :, q]
+    return acc
+
+
+# bfloat16 cases whose input products run on pairs where the CPU has AVX512_BF16 (packs_transposed: a short chunk,
+# or >= 64 outputs and >= 256 rows): an odd chunk (the last pair's second term), wrapping chunks (gathered), partial
+# vectors of outputs, rows not a multiple of the 6-row tile, act' from the recomputed Z, tied slots.
+PAIR_CASES = [
+    Case(7, 26, 2, 21, 1, head=False),
+    Case(259, 301, 3, 70, 4, activation="leaky_relu", negative_slope=-0.2),
+    Case(300, 65, 2, 96, 6, out=5, tie=(0, 1, 2, 3, 2, 3)),
+]
+
+
+def check_pairs(case):
+    """The pair products: the first sub-layer's H equal to pair_sums after the rounding to bfloat16, everything
+    against the reference (tolerance rule), and bitwise equal on 1 and 2 threads."""
+    x, params = make_inputs(case, torch.bfloat16, seed=6)
+    starts, slots = case.layer_args()
+    wx, b = params["weight_x"].detach(), params["bias"].detach()
+    h, _ = torch.ops.spinal_ops.spinal_forward(x.detach(), wx, params["weight_h"].detach(), b, None, None, starts,
+                                               slots, case.activation, case.negative_slope)
+    z = pair_sums(x.detach()[:, starts[0]:starts[0] + wx.shape[2]], wx[slots[0]]) + b[slots[0]].float()
+    h0 = reference.activate(z, case.activation, case.negative_slope).to(torch.bfloat16)
+    assert torch.equal(h[:, :case.width], h0), f"{case.id}: sub-layer 0 is not the pair sums"
+    check_against_reference("cpu", case, inputs=make_inputs(case, torch.bfloat16, seed=6))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = run_case("cpu", case, torch.bfloat16, seed=3)
+        torch.set_num_threads(1)
+        one = run_case("cpu", case, torch.bfloat16, seed=3)
+    finally:
+        torch.set_num_threads(threads)
+    for name, t in two.items():
+        assert (t is None and one[name] is None) or torch.equal(t, one[name]), f"{case.id}: {name} 1 vs 2 threads"
+
+
+@pytest.mark.parametrize("case", PAIR_CASES, ids=[c.id for c in PAIR_CASES])
+def test_bfloat16_pairs(case):
+    if not bf16_pairs():
+        pytest.skip("this CPU has no AVX512_BF16")
+    check_pairs(case)
+
+
+def test_bfloat16_pairs_sum_in_the_order_of_the_instruction():
+    """Products 2^24, 0, -2^24, 1: in pairs, odd term first, each addition rounded, the sum is 0 (2^24 + 1 rounds to
+    2^24 before -2^24 is added); summed in order (the float32 kernels, the reference) it is 1. The bfloat16 rounding
+    of H keeps the difference, which the random cases of test_bfloat16_pairs mostly round away."""
+    x = torch.tensor([[2.0**12, 0, -(2.0**12), 1]] * 3, dtype=torch.bfloat16)
+    wx = torch.tensor([[2.0**12, 0, 2.0**12, 1]] * 17, dtype=torch.bfloat16)[None]
+    args = (torch.zeros(0, 17, 17, dtype=torch.bfloat16), torch.zeros(1, 17, dtype=torch.bfloat16), None, None, [0],
+            [0], "relu", 0.01)
+    assert pair_sums(x, wx[0]).eq(0).all() and (x.float() @ wx[0].float().t()).eq(1).all()
+    h, _ = torch.ops.spinal_ops.spinal_forward(x, wx, *args)
+    h32, _ = torch.ops.spinal_ops.spinal_forward(x.float(), wx.float(), *[t.float() if isinstance(t, torch.Tensor)
+                                                                         else t for t in args])
+    assert h32.eq(1).all()
+    assert h.eq(0 if bf16_pairs() else 1).all(), torch.ops.spinal_ops._cpu_isa()
 
 
 def test_reduced_precision_backward_takes_z_from_the_float32_chain():
@@ -238,10 +366,12 @@ def test_product_argument_errors():
         torch.ops.spinal_ops._cpu_gemm(torch.randn(3, 4), torch.randn(4, 2, dtype=torch.float64), False, False)
 
 
-ISAS = ("baseline", "avx2", "avx512")
+ISAS = ("baseline", "avx2", "avx512", "avx512_bf16")
 
 # Run in a subprocess with SPINAL_OPS_CPU_ISA capping the kernels: every case against the reference in float32 and
-# float64 (the tolerance rule), and bitwise equal on 1 and 2 threads. Cases: awkward small shapes, one-tile batches
+# float64 (the tolerance rule), and bitwise equal on 1 and 2 threads; bfloat16 / float16 weights widened in that
+# set's registers (test_reduced_precision_is_the_float32_kernels_rounded_once), and with avx512_bf16 the pair
+# products (test_bfloat16_pairs). Cases: awkward small shapes, one-tile batches
 # split into column blocks, several row tiles; with avx2 / baseline the products of >= 16 rows and >= 32 columns
 # run on the BLAS (use_blas), the others on that set's kernels.
 _ISA_SCRIPT = r"""
@@ -266,6 +396,13 @@ for case in cases:
     one = run_case("cpu", case, torch.float32, seed=3)
     for name, t in two.items():
         assert (t is None and one[name] is None) or torch.equal(t, one[name]), f"{case.id}: {name} 1 vs 2 threads"
+from test_cpu import REDUCED_CASES, PAIR_CASES, assert_rounded_once, bf16_pairs, check_pairs
+for case in REDUCED_CASES:
+    for dtype in (torch.float16,) if bf16_pairs() else (torch.bfloat16, torch.float16):
+        assert_rounded_once(case, dtype)
+if bf16_pairs():
+    for case in PAIR_CASES:
+        check_pairs(case)
 """
 
 

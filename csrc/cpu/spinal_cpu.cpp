@@ -28,12 +28,15 @@
 // The products go through csrc/cpu/spinal_gemm.h, the jobs through csrc/cpu/spinal_parallel.h, the activations
 // through csrc/spinal_activation.h (shared with the CUDA kernels).
 //
-// Reduced precision: bfloat16 and float16 tensors are widened to float32 on entry (x, parameters, incoming
-// gradients), the float32 kernels run, and the results (H, y, the gradients) are rounded back to the input dtype
-// once, on exit. (The backward of an activation whose act' needs Z recomputes the float32 H rather than widen the
-// rounded one.) Every product and sum is float32 and the chain keeps float32 between sub-layers, so the error
-// is that of one rounding of each result (the reference rounds after every op). This is the fast way on CPUs
-// without bfloat16/float16 GEMMs (AVX2: torch's bfloat16 GEMM runs ~15x slower than its float32 one).
+// Reduced precision: bfloat16 and float16 calls run the float32 kernels on the weights as they are stored: each
+// weight element is widened to float32 in the registers as the kernels load it (kernels::load_wide; a W^T packed
+// for the axpy kernel is widened as it is packed), so a call makes no float32 copy of the weights. x, the biases
+// and the incoming gradients (activation-sized) are widened on entry; the results (H, y, the gradients) are
+// rounded back to the input dtype once, on exit. (The backward of an activation whose act' needs Z recomputes the
+// float32 H rather than widen the rounded one.) Every product and sum is float32 and the chain keeps float32
+// between sub-layers, so the error is that of one rounding of each result (the reference rounds after every op),
+// and the results are those of the float32 kernels on the widened tensors, rounded, bit for bit (tested), except
+// that products on reduced weights never go to the BLAS (use_blas; AVX2 and baseline CPUs).
 //
 // Determinism: every element of every product is summed in an order fixed by the problem sizes
 // (csrc/cpu/spinal_gemm.h; products on the BLAS run it single-threaded) and the split into jobs depends only on the
@@ -61,55 +64,75 @@
 namespace spinal_ops::cpu {
 namespace {
 
-// Raw pointers and sizes of one call, and the packed W^T of the NT products that run on it (packs_transposed).
-template <typename T>
+// Raw pointers and sizes of one call, and the packed W^T of the NT products that run on it (packs_transposed). The
+// weights are stored as S: T, or bfloat16 / float16 read as stored and widened to T = float32 in the kernels.
+template <typename T, typename S = T>
 struct Problem {
   SpinalDims d;
   const int64_t* starts;
   const T* x;    // (B, D)
-  const T* wx;   // (Lx, w, c)
-  const T* wh;   // (Lh, w, w)
+  const S* wx;   // (Lx, w, c)
+  const S* wh;   // (Lh, w, w)
   const T* b;    // (Lx, w) or nullptr
-  const T* wo;   // (out, L*w) or nullptr
+  const S* wo;   // (out, L*w) or nullptr
   const T* bo;   // (out) or nullptr
   const T* wxt = nullptr;  // per slot (c, ldwxt): Wx_s^T, or nullptr
   const T* wht = nullptr;  // per slot (w, ldwht): Wh_s^T, or nullptr
   const T* wot = nullptr;  // (L*w, ldwot): Wo^T, or nullptr
   int64_t ldwxt = 0, ldwht = 0, ldwot = 0;
+  // bfloat16 calls where the input products run on bfloat16 pairs (pack_weights): x as stored, and per slot
+  // Wx_s packed in pairs (ceil(c / 2), ldwxp; pack_pairs)
+  const S* xs = nullptr;
+  const uint32_t* wxp = nullptr;
+  int64_t ldwxp = 0;
 
-  const T* wx_slot(int64_t i) const { return wx + d.x_slot(i) * d.width * d.chunk; }
-  const T* wh_slot(int64_t i) const { return wh + d.h_slot(i) * d.width * d.width; }
+  const S* wx_slot(int64_t i) const { return wx + d.x_slot(i) * d.width * d.chunk; }
+  const S* wh_slot(int64_t i) const { return wh + d.h_slot(i) * d.width * d.width; }
   const T* b_slot(int64_t i) const { return b ? b + d.x_slot(i) * d.width : nullptr; }
-  NtOperand<T> wx_op(int64_t i) const {
+  NtOperand<T, S> wx_op(int64_t i) const {
     return {wx_slot(i), d.chunk, wxt ? wxt + d.x_slot(i) * d.chunk * ldwxt : nullptr, ldwxt};
   }
-  NtOperand<T> wh_op(int64_t i) const {
+  NtOperand<T, S> wh_op(int64_t i) const {
     return {wh_slot(i), d.width, wht ? wht + d.h_slot(i) * d.width * ldwht : nullptr, ldwht};
   }
-  NtOperand<T> wo_op() const { return {wo, d.hidden(), wot, ldwot}; }
+  NtOperand<T, S> wo_op() const { return {wo, d.hidden(), wot, ldwot}; }
+  const uint32_t* wxp_slot(int64_t i) const { return wxp + d.x_slot(i) * ((d.chunk + 1) / 2) * ldwxp; }
 };
 
-template <typename T>
-Problem<T> make_problem(const SpinalDims& d, c10::IntArrayRef starts, const at::Tensor& x, const at::Tensor& wx,
-                        const at::Tensor& wh, const std::optional<at::Tensor>& b,
-                        const std::optional<at::Tensor>& wo, const std::optional<at::Tensor>& bo) {
-  return Problem<T>{d,
-                    starts.data(),
-                    x.const_data_ptr<T>(),
-                    wx.const_data_ptr<T>(),
-                    wh.const_data_ptr<T>(),
-                    b ? b->const_data_ptr<T>() : nullptr,
-                    wo ? wo->const_data_ptr<T>() : nullptr,
-                    bo ? bo->const_data_ptr<T>() : nullptr};
+// x and the biases are T tensors, the weights S tensors.
+template <typename T, typename S>
+Problem<T, S> make_problem(const SpinalDims& d, c10::IntArrayRef starts, const at::Tensor& x, const at::Tensor& wx,
+                           const at::Tensor& wh, const std::optional<at::Tensor>& b,
+                           const std::optional<at::Tensor>& wo, const std::optional<at::Tensor>& bo) {
+  return Problem<T, S>{d,
+                       starts.data(),
+                       x.const_data_ptr<T>(),
+                       wx.const_data_ptr<S>(),
+                       wh.const_data_ptr<S>(),
+                       b ? b->const_data_ptr<T>() : nullptr,
+                       wo ? wo->const_data_ptr<S>() : nullptr,
+                       bo ? bo->const_data_ptr<T>() : nullptr};
 }
 
-// Packs W^T of the forward's NT products that run on it (packs_transposed) into `buffer`, one job per weight slot,
-// and points p at it.
-template <typename T>
-void pack_weights(Problem<T>& p, int64_t tile_rows, bool with_head, at::Tensor& buffer) {
+// Packs W^T of the forward's NT products that run on it (packs_transposed) into `buffer` (T: reduced weights are
+// widened as they are packed), one job per weight slot, and points p at it. The input products of a bfloat16 call
+// with p.xs set run on bfloat16 pairs instead where the CPU has them (bf16_pairs): Wx packed in pairs into `pairs`.
+template <typename T, typename S>
+void pack_weights(Problem<T, S>& p, int64_t tile_rows, bool with_head, at::Tensor& buffer, at::Tensor& pairs) {
   const SpinalDims& d = p.d;
   const int64_t rows = d.rows, w = d.width, c = d.chunk, lw = d.hidden();
-  const bool px = packs_transposed(rows, tile_rows, w, c);
+  bool px = packs_transposed(rows, tile_rows, w, c);
+  if constexpr (std::is_same_v<S, c10::BFloat16>) {
+    if (px && p.xs != nullptr && bf16_pairs()) {
+      px = false;
+      const int64_t ldp = pair_ld(w), slot = (c + 1) / 2 * ldp;
+      pairs = at::empty({d.x_slots * slot}, at::TensorOptions().dtype(at::kInt));
+      uint32_t* out = reinterpret_cast<uint32_t*>(pairs.mutable_data_ptr<int32_t>());
+      run_jobs(d.x_slots, d.x_slots * slot,
+               [&](int64_t s) { pack_pairs(w, c, p.wx + s * w * c, c, out + s * slot, ldp); });
+      p.wxp = out, p.ldwxp = ldp;
+    }
+  }
   const bool ph = d.h_slots > 0 && packs_transposed(rows, tile_rows, w, w);
   const bool po = with_head && d.has_head && packs_transposed(rows, tile_rows, d.out, lw);
   if (!(px || ph || po)) return;
@@ -135,8 +158,8 @@ void pack_weights(Problem<T>& p, int64_t tile_rows, bool with_head, at::Tensor& 
 
 // Columns [n0, n1) of Z_i (rows [r0, r0+m), sub-layer i) into z (ldz; z points at column n0), from x and
 // H_{i-1}; the bias is NOT added. Output column n of Z_i reads row n of Wx_i and of Wh_i.
-template <typename T>
-void input_and_recurrent_product(const Problem<T>& p, int64_t i, int64_t r0, int64_t m, int64_t n0, int64_t n1,
+template <typename T, typename S>
+void input_and_recurrent_product(const Problem<T, S>& p, int64_t i, int64_t r0, int64_t m, int64_t n0, int64_t n1,
                                  const T* h_all, T* z, int64_t ldz) {
   const SpinalDims& d = p.d;
   const int64_t s = p.starts[i];
@@ -144,11 +167,32 @@ void input_and_recurrent_product(const Problem<T>& p, int64_t i, int64_t r0, int
   const int64_t c2 = d.chunk - c1;
   const int64_t lw = d.hidden();
   const int64_t n = n1 - n0;
-  const NtOperand<T> wxi = p.wx_op(i).shifted(n0, 0);
-  nt_gemm<T>(m, n, c1, p.x + r0 * d.in_features + s, d.in_features, wxi, false, z, ldz);
-  if (c2 > 0) nt_gemm<T>(m, n, c2, p.x + r0 * d.in_features, d.in_features, wxi.shifted(0, c1), true, z, ldz);
+  bool done = false;
+  if constexpr (std::is_same_v<S, c10::BFloat16>) {
+    if (p.wxp != nullptr) {  // on bfloat16 pairs: x as stored, a wrapping chunk gathered into one row first
+      const S* a = p.xs + r0 * d.in_features + s;
+      int64_t lda = d.in_features;
+      std::vector<S> gathered;
+      if (c2 > 0) {
+        gathered.resize(static_cast<size_t>(m * d.chunk));
+        for (int64_t r = 0; r < m; ++r) {
+          const S* row = p.xs + (r0 + r) * d.in_features;
+          std::copy_n(row + s, c1, &gathered[r * d.chunk]);
+          std::copy_n(row, c2, &gathered[r * d.chunk + c1]);
+        }
+        a = gathered.data(), lda = d.chunk;
+      }
+      pair_product(m, n, d.chunk, a, lda, p.wxp_slot(i) + n0, p.ldwxp, z, ldz, false);
+      done = true;
+    }
+  }
+  if (!done) {
+    const NtOperand<T, S> wxi = p.wx_op(i).shifted(n0, 0);
+    nt_gemm(m, n, c1, p.x + r0 * d.in_features + s, d.in_features, wxi, false, z, ldz);
+    if (c2 > 0) nt_gemm(m, n, c2, p.x + r0 * d.in_features, d.in_features, wxi.shifted(0, c1), true, z, ldz);
+  }
   if (i > 0) {
-    nt_gemm<T>(m, n, d.width, h_all + r0 * lw + (i - 1) * d.width, lw, p.wh_op(i).shifted(n0, 0), true, z, ldz);
+    nt_gemm(m, n, d.width, h_all + r0 * lw + (i - 1) * d.width, lw, p.wh_op(i).shifted(n0, 0), true, z, ldz);
   }
 }
 
@@ -171,8 +215,8 @@ SPINAL_CLONES void chain_rule(T* __restrict dz, const T* __restrict carry, const
   }
 }
 
-template <Activation A, typename T>
-void forward_tile(const Problem<T>& p, int64_t r0, int64_t m, T* h_all, T* y, const T* zero_bias, bool one_tile) {
+template <Activation A, typename T, typename S>
+void forward_tile(const Problem<T, S>& p, int64_t r0, int64_t m, T* h_all, T* y, const T* zero_bias, bool one_tile) {
   const SpinalDims& d = p.d;
   const int64_t lw = d.hidden();
   const T slope = static_cast<T>(d.negative_slope);
@@ -189,7 +233,7 @@ void forward_tile(const Problem<T>& p, int64_t r0, int64_t m, T* h_all, T* y, co
   }
   if (d.has_head) {
     T* yt = y + r0 * d.out;
-    nt_gemm<T>(m, d.out, lw, h_all + r0 * lw, lw, p.wo_op(), false, yt, d.out);
+    nt_gemm(m, d.out, lw, h_all + r0 * lw, lw, p.wo_op(), false, yt, d.out);
     if (p.bo) {
       for (int64_t r = 0; r < m; ++r)
         for (int64_t j = 0; j < d.out; ++j) yt[r * d.out + j] += p.bo[j];
@@ -220,6 +264,44 @@ void check_cpu_args(const SpinalDims& d, const at::Tensor& x) {
                       "split the batch, or use the reference backend (spinal_ops.use_backend('reference'))"});
 }
 
+// H (and y) of one call into h_all and y (T tensors): x and the biases are T, the weights S (see Problem).
+// x_stored: x as given (reduced calls; see Problem::xs), or null.
+template <typename T, typename S>
+void forward_kernel(const SpinalDims& d, c10::IntArrayRef starts, const at::Tensor& x, const at::Tensor& weight_x,
+                    const at::Tensor& weight_h, const std::optional<at::Tensor>& bias,
+                    const std::optional<at::Tensor>& head_weight, const std::optional<at::Tensor>& head_bias,
+                    const at::Tensor* x_stored, at::Tensor& h_all, at::Tensor& y) {
+  auto p = make_problem<T, S>(d, starts, x, weight_x, weight_h, bias, head_weight, head_bias);
+  if (x_stored) p.xs = x_stored->const_data_ptr<S>();
+  const RowTiles tiles = RowTiles::make(d, sizeof(T));
+  at::Tensor packed, pairs;
+  pack_weights(p, std::min(tiles.size, d.rows), /*with_head=*/true, packed, pairs);
+  T* hp = h_all.mutable_data_ptr<T>();
+  T* yp = y.mutable_data_ptr<T>();
+  const std::vector<T> zero_bias(static_cast<size_t>(d.width), T(0));
+  with_activation(d.activation, [&](auto act) {
+    for_each_tile(tiles, d.rows * row_work(d), [&](int64_t r0, int64_t m, bool one_tile) {
+      forward_tile<decltype(act)::value>(p, r0, m, hp, yp, zero_bias.data(), one_tile);
+    });
+  });
+}
+
+// The float32 H and y of a bfloat16 / float16 call: x and the biases widened, the weights read as stored.
+std::tuple<at::Tensor, at::Tensor> reduced_forward(const SpinalDims& d, c10::IntArrayRef starts, const at::Tensor& x,
+                                                   const at::Tensor& weight_x, const at::Tensor& weight_h,
+                                                   const std::optional<at::Tensor>& bias,
+                                                   const std::optional<at::Tensor>& head_weight,
+                                                   const std::optional<at::Tensor>& head_bias) {
+  const at::Tensor x32 = widen(x);
+  at::Tensor h_all = at::empty({d.rows, d.hidden()}, x32.options());
+  at::Tensor y = at::empty({d.rows, d.out}, x32.options());
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "spinal_forward_cpu", [&] {
+    forward_kernel<float, scalar_t>(d, starts, x32, weight_x, weight_h, widen(bias), head_weight, widen(head_bias),
+                                    &x, h_all, y);
+  });
+  return {h_all, y};
+}
+
 std::tuple<at::Tensor, at::Tensor> spinal_forward_cpu(const at::Tensor& x, const at::Tensor& weight_x,
                                                       const at::Tensor& weight_h,
                                                       const std::optional<at::Tensor>& bias,
@@ -231,33 +313,22 @@ std::tuple<at::Tensor, at::Tensor> spinal_forward_cpu(const at::Tensor& x, const
                                           activation, negative_slope);
   check_cpu_args(d, x);
   if (is_reduced(x)) {
-    auto [h32, y32] = spinal_forward_cpu(widen(x), widen(weight_x), widen(weight_h), widen(bias), widen(head_weight),
-                                         widen(head_bias), starts, slots, activation, negative_slope);
+    auto [h32, y32] = reduced_forward(d, starts, x, weight_x, weight_h, bias, head_weight, head_bias);
     return {h32.to(x.scalar_type()), y32.to(x.scalar_type())};
   }
   at::Tensor h_all = at::empty({d.rows, d.hidden()}, x.options());
   at::Tensor y = at::empty({d.rows, d.out}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "spinal_forward_cpu", [&] {
-    auto p = make_problem<scalar_t>(d, starts, x, weight_x, weight_h, bias, head_weight, head_bias);
-    const RowTiles tiles = RowTiles::make(d, sizeof(scalar_t));
-    at::Tensor packed;
-    pack_weights(p, std::min(tiles.size, d.rows), /*with_head=*/true, packed);
-    scalar_t* hp = h_all.mutable_data_ptr<scalar_t>();
-    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    const std::vector<scalar_t> zero_bias(static_cast<size_t>(d.width), scalar_t(0));
-    with_activation(d.activation, [&](auto act) {
-      for_each_tile(tiles, d.rows * row_work(d), [&](int64_t r0, int64_t m, bool one_tile) {
-        forward_tile<decltype(act)::value>(p, r0, m, hp, yp, zero_bias.data(), one_tile);
-      });
-    });
+    forward_kernel<scalar_t, scalar_t>(d, starts, x, weight_x, weight_h, bias, head_weight, head_bias, nullptr, h_all,
+                                       y);
   });
   return {h_all, y};
 }
 
 // The chain of the backward for sub-layer i of one row tile: dz (B, L*w) holds dH_i on entry, dZ_i on exit. Columns
 // [n0, n0+n) of the sub-layer (with Z_i recomputed for those columns when act' needs it; zbuf holds m x w).
-template <Activation A, typename T>
-void chain_columns(const Problem<T>& p, int64_t i, int64_t r0, int64_t m, int64_t n0, int64_t n, const T* h_all,
+template <Activation A, typename T, typename S>
+void chain_columns(const Problem<T, S>& p, int64_t i, int64_t r0, int64_t m, int64_t n0, int64_t n, const T* h_all,
                    T* dz, const T* carry, T* zbuf, const T* zero_bias) {
   const SpinalDims& d = p.d;
   const int64_t lw = d.hidden(), w = d.width;
@@ -281,15 +352,15 @@ void chain_columns(const Problem<T>& p, int64_t i, int64_t r0, int64_t m, int64_
 
 // dx[:, (s_i + j) mod D] += dZ_i @ Wx_i[:, j] for the chunk columns j in [j0, j1), rows [r0, r0+m), split where
 // the chunk wraps.
-template <typename T>
-void input_gradient(const Problem<T>& p, int64_t i, int64_t r0, int64_t m, int64_t j0, int64_t j1, const T* dz,
+template <typename T, typename S>
+void input_gradient(const Problem<T, S>& p, int64_t i, int64_t r0, int64_t m, int64_t j0, int64_t j1, const T* dz,
                     T* dx) {
   const SpinalDims& d = p.d;
   const int64_t lw = d.hidden(), w = d.width;
   const int64_t s = p.starts[i];
   const int64_t c1 = std::min(d.chunk, d.in_features - s);  // chunk columns before the wrap
   const T* dzi = dz + r0 * lw + i * w;
-  const T* wxi = p.wx_slot(i);
+  const S* wxi = p.wx_slot(i);
   T* dxt = dx + r0 * d.in_features;
   if (j0 < c1) {
     const int64_t e = std::min(j1, c1);
@@ -327,9 +398,9 @@ SPINAL_CLONES void add_column_sums(const T* a, int64_t rows, int64_t n, int64_t 
     for (int64_t j = 0; j < n; ++j) out[j] += a[r * ld + j];
 }
 
-template <Activation A, typename T>
+template <Activation A, typename T, typename S>
 struct Backward {
-  const Problem<T>& p;
+  const Problem<T, S>& p;
   const T* h_all;        // (B, L*w)
   const T* gy;           // (B, out) (null when B = 0)
   bool has_gy;           // grad_y given (hidden mode: never)
@@ -475,31 +546,15 @@ struct Backward {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> spinal_backward_cpu(
-    const std::optional<at::Tensor>& grad_y, const std::optional<at::Tensor>& grad_h, const at::Tensor& x,
-    const at::Tensor& h_all, const at::Tensor& weight_x, const at::Tensor& weight_h,
-    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& head_weight, c10::IntArrayRef starts,
-    c10::IntArrayRef slots, c10::string_view activation, double negative_slope, std::array<bool, 6> output_mask) {
-  const SpinalDims d = check_forward_args("cpu", x, weight_x, weight_h, bias, head_weight, std::nullopt, starts,
-                                          slots, activation, negative_slope);
-  const std::array<bool, 6> mask = check_backward_args("cpu", d, x, grad_y, grad_h, h_all, output_mask);
-  check_cpu_args(d, x);
-  if (is_reduced(x)) {
-    // act' of gelu, silu and leaky_relu with a negative slope comes from Z, recomputed from H_{i-1}: from the
-    // float32 H the forward kernel computed (run again on the widened inputs, bit for bit), not from the rounded
-    // H it returned, whose rounding can move Z across a kink of leaky_relu and so change act'.
-    const at::Tensor wx32 = widen(weight_x), wh32 = widen(weight_h), x32 = widen(x);
-    const std::optional<at::Tensor> b32 = widen(bias);
-    const at::Tensor h32 = needs_preactivation(d.activation, d.negative_slope) && needs_chain(mask)
-                               ? std::get<0>(spinal_forward_cpu(x32, wx32, wh32, b32, std::nullopt, std::nullopt,
-                                                                starts, slots, activation, negative_slope))
-                               : widen(h_all);
-    auto grads = spinal_backward_cpu(widen(grad_y), widen(grad_h), x32, h32, wx32, wh32, b32, widen(head_weight),
-                                     starts, slots, activation, negative_slope, mask);
-    auto narrow = [&](const at::Tensor& g) { return g.to(x.scalar_type()); };
-    return {narrow(std::get<0>(grads)), narrow(std::get<1>(grads)), narrow(std::get<2>(grads)),
-            narrow(std::get<3>(grads)), narrow(std::get<4>(grads)), narrow(std::get<5>(grads))};
-  }
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The gradients of one call, as T tensors: grad_y, grad_h, x, h_all and the bias are T, the weights S (see Problem).
+template <typename T, typename S>
+Grads backward_kernel(const SpinalDims& d, c10::IntArrayRef starts, const std::array<bool, 6>& mask,
+                      const std::optional<at::Tensor>& grad_y, const std::optional<at::Tensor>& grad_h,
+                      const at::Tensor& x, const at::Tensor& h_all, const at::Tensor& weight_x,
+                      const at::Tensor& weight_h, const std::optional<at::Tensor>& bias,
+                      const std::optional<at::Tensor>& head_weight, const at::Tensor* x_stored) {
   const bool want_dx = mask[kGradX];
   const bool want_wx = mask[kGradWeightX];
   const bool want_wh = mask[kGradWeightH];
@@ -519,7 +574,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // Weight gradients that jobs write whole (beta = 0) need no zero fill: tied slots (sums of partials), a head
   // without grad_y and the accumulated dx and bias gradients do.
   auto grad_like = [&](const at::Tensor& t, bool written_whole) {
-    return written_whole ? at::empty_like(t) : at::zeros_like(t);
+    return written_whole ? at::empty(t.sizes(), x.options()) : at::zeros(t.sizes(), x.options());
   };
   at::Tensor dx = want_dx ? at::zeros_like(x) : empty();
   at::Tensor dwx = want_wx ? grad_like(weight_x, !any_tied) : empty();
@@ -529,13 +584,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor dbo = want_bo ? at::zeros({d.out}, x.options()) : empty();
   const int64_t lw = d.hidden();
 
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "spinal_backward_cpu", [&] {
-    using T = scalar_t;
-    auto p = make_problem<T>(d, starts, x, weight_x, weight_h, bias, head_weight, std::nullopt);
+  {
+    auto p = make_problem<T, S>(d, starts, x, weight_x, weight_h, bias, head_weight, std::nullopt);
+    if (x_stored) p.xs = x_stored->const_data_ptr<S>();
     const RowTiles tiles = RowTiles::make(d, sizeof(T));
-    at::Tensor packed;  // Z is recomputed for act' of some activations: the forward's products
+    at::Tensor packed, pairs;  // Z is recomputed for act' of some activations: the forward's products
     if (need_chain && needs_preactivation(d.activation, d.negative_slope)) {
-      pack_weights(p, std::min(tiles.size, d.rows), /*with_head=*/false, packed);
+      pack_weights(p, std::min(tiles.size, d.rows), /*with_head=*/false, packed, pairs);
     }
     const T* gy = has_gy ? grad_y->const_data_ptr<T>() : nullptr;
     const T* gh = grad_h ? grad_h->const_data_ptr<T>() : nullptr;
@@ -545,7 +600,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     std::vector<T> hpart(any_tied && want_wh ? static_cast<size_t>(d.layers * hsize) : 0);
     const std::vector<T> zero_bias(static_cast<size_t>(d.width), T(0));
     with_activation(d.activation, [&](auto act) {
-      const Backward<decltype(act)::value, T> bw{p,
+      const Backward<decltype(act)::value, T, S> bw{p,
                                                  h_all.const_data_ptr<T>(),
                                                  gy,
                                                  has_gy,
@@ -583,8 +638,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         for (int64_t k = 0; k < hsize; ++k) g[k] += part[k];
       }
     }
-  });
+  }
   return {dx, dwx, dwh, db, dwo, dbo};
+}
+
+Grads spinal_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::optional<at::Tensor>& grad_h,
+                          const at::Tensor& x, const at::Tensor& h_all, const at::Tensor& weight_x,
+                          const at::Tensor& weight_h, const std::optional<at::Tensor>& bias,
+                          const std::optional<at::Tensor>& head_weight, c10::IntArrayRef starts,
+                          c10::IntArrayRef slots, c10::string_view activation, double negative_slope,
+                          std::array<bool, 6> output_mask) {
+  const SpinalDims d = check_forward_args("cpu", x, weight_x, weight_h, bias, head_weight, std::nullopt, starts,
+                                          slots, activation, negative_slope);
+  const std::array<bool, 6> mask = check_backward_args("cpu", d, x, grad_y, grad_h, h_all, output_mask);
+  check_cpu_args(d, x);
+  if (is_reduced(x)) {
+    // act' of gelu, silu and leaky_relu with a negative slope comes from Z, recomputed from H_{i-1}: from the
+    // float32 H the forward kernel computed (run again, bit for bit), not from the rounded H it returned, whose
+    // rounding can move Z across a kink of leaky_relu and so change act'.
+    SpinalDims chain = d;  // H only: the recomputation runs without the head
+    chain.out = 0;
+    chain.has_head = chain.has_head_bias = false;
+    const at::Tensor h32 = needs_preactivation(d.activation, d.negative_slope) && needs_chain(mask)
+                               ? std::get<0>(reduced_forward(chain, starts, x, weight_x, weight_h, bias, std::nullopt,
+                                                             std::nullopt))
+                               : widen(h_all);
+    Grads grads;
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "spinal_backward_cpu", [&] {
+      grads = backward_kernel<float, scalar_t>(d, starts, mask, widen(grad_y), widen(grad_h), widen(x), h32,
+                                               weight_x, weight_h, widen(bias), head_weight, &x);
+    });
+    auto narrow = [&](const at::Tensor& g) { return g.to(x.scalar_type()); };
+    return {narrow(std::get<0>(grads)), narrow(std::get<1>(grads)), narrow(std::get<2>(grads)),
+            narrow(std::get<3>(grads)), narrow(std::get<4>(grads)), narrow(std::get<5>(grads))};
+  }
+  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "spinal_backward_cpu", [&] {
+    return backward_kernel<scalar_t, scalar_t>(d, starts, mask, grad_y, grad_h, x, h_all, weight_x, weight_h, bias,
+                                               head_weight, nullptr);
+  });
 }
 
 // The _cpu_gemm op: op(a) @ op(b) through gemm's routes (nt_gemm for trans_b, else nn_gemm), in row blocks of

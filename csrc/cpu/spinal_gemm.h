@@ -28,20 +28,25 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <string_view>
+#include <type_traits>
 #include <utility>
 #include <vector>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include "spinal_blas.h"
 
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
 #define SPINAL_X86_DISPATCH 1
 #include <immintrin.h>  // _mm_sfence
-#define SPINAL_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,bmi2")))
-#define SPINAL_TARGET_AVX2 __attribute__((target("avx2,fma,bmi2")))
+#define SPINAL_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c,bmi2")))
+#define SPINAL_TARGET_AVX2 __attribute__((target("avx2,fma,f16c,bmi2")))
 // The element-wise loops of the kernels (bias and activation, chain rule, column sums): compiled for the same three
 // instruction sets by the compiler (function multi-versioning), the widest the CPU supports chosen at load time
 // (SPINAL_OPS_CPU_ISA does not cap these; their results do not depend on the set).
@@ -53,10 +58,11 @@
 
 namespace spinal_ops::cpu {
 
-// The instruction sets the kernels are compiled for, widest last.
-enum class Isa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+// The instruction sets the kernels are compiled for, widest last. kAvx512Bf16: the AVX-512 kernels, plus the
+// AVX512_BF16 dot products of bfloat16 pairs (kernels::pair_gemm) for the bfloat16 products that can use them.
+enum class Isa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 
-inline constexpr std::string_view kIsaNames[] = {"baseline", "avx2", "avx512"};
+inline constexpr std::string_view kIsaNames[] = {"baseline", "avx2", "avx512", "avx512_bf16"};
 
 // What the CPU supports (x86-64: checked with cpuid and the OS's saved register state, by the compiler's runtime).
 inline Isa supported_isa() {
@@ -64,9 +70,10 @@ inline Isa supported_isa() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2"))
+    return __builtin_cpu_supports("avx512bf16") ? Isa::kAvx512Bf16 : Isa::kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
       __builtin_cpu_supports("bmi2"))
-    return Isa::kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2"))
     return Isa::kAvx2;
 #endif
   return Isa::kBaseline;
@@ -78,7 +85,7 @@ inline Isa cpu_isa() {
   static const Isa isa = [] {
     Isa best = supported_isa();
     if (const char* cap = std::getenv("SPINAL_OPS_CPU_ISA")) {
-      for (int i = 0; i < 3; ++i) {
+      for (int i = 0; i < 4; ++i) {
         if (kIsaNames[i] == cap) best = std::min(best, static_cast<Isa>(i));
       }
     }
@@ -87,12 +94,18 @@ inline Isa cpu_isa() {
   return isa;
 }
 
+// The vector kernels' set (the AVX-512 kernels also run under kAvx512Bf16).
+inline Isa vector_isa() { return std::min(cpu_isa(), Isa::kAvx512); }
+
+// Whether the bfloat16 pair products (kernels::pair_gemm) run.
+inline bool bf16_pairs() { return cpu_isa() == Isa::kAvx512Bf16; }
+
 namespace kernels {
 
 // The vector helpers below pass vectors wider than the baseline's registers by value; they are always inlined into
-// a kernel compiled for that width, so the ABI GCC warns about (-Wpsabi) is never used.
+// a kernel compiled for that width, so the ABI GCC warns about (-Wpsabi) is never used. (Not popped: GCC reports
+// the warning where the templates are instantiated, at the end of the including file.)
 #if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 
@@ -114,6 +127,78 @@ template <typename V, typename T>
 template <typename V, typename T>
 [[gnu::always_inline]] inline void store(T* p, const V& v) {
   std::memcpy(p, &v, sizeof(V));
+}
+
+// c + a * b in the scalar loops of the kernels of width VB: one fused multiply-add where the set has one (not the
+// x86-64 baseline, SSE2), written out so that every scalar loop rounds the same way whatever GCC contracts on its
+// own (it fused some iterations of a float32 loop and all of the same loop on float16 weights).
+template <typename T, int VB>
+[[gnu::always_inline]] inline T mul_add(T a, T b, T c) {
+  if constexpr (SPINAL_X86_DISPATCH && VB == 16) {
+    return c + a * b;  // no FMA instruction to contract into
+  } else {
+    return std::fma(a, b, c);
+  }
+}
+
+// One element of T from one stored as S (see load_wide). float16 through _Float16, not c10::Half's conversion,
+// whose float arithmetic keeps GCC from contracting the product it feeds into an FMA as it does for float32.
+template <typename T, typename S>
+[[gnu::always_inline]] inline T widen_one(const S& v) {
+  if constexpr (std::is_same_v<S, c10::Half>) {
+    _Float16 h;
+    std::memcpy(&h, &v, sizeof(h));
+    return static_cast<T>(h);
+  } else {
+    return static_cast<T>(v);
+  }
+}
+
+// One vector of T (VB bytes) from elements stored as S: T itself, or bfloat16 / float16 widened to float32 in the
+// registers (exact, as at::Tensor::to does it), so that weights kept in a reduced dtype are read as they are stored.
+template <typename T, int VB, typename S>
+[[gnu::always_inline]] inline Vec<T, VB> load_wide(const S* p) {
+  if constexpr (std::is_same_v<S, T>) {
+    return load<Vec<T, VB>>(p);
+  } else {
+    static_assert(std::is_same_v<T, float> && (std::is_same_v<S, c10::BFloat16> || std::is_same_v<S, c10::Half>),
+                  "bfloat16 and float16 widen to float32");
+    constexpr bool kBf16 = std::is_same_v<S, c10::BFloat16>;
+    using Half = Vec<short, VB / 2>;  // the stored 16-bit elements
+    using Bits = Vec<int, VB>;
+    const Half h = load<Half>(p);
+    Vec<float, VB> v;
+#if SPINAL_X86_DISPATCH && !defined(__clang__)
+    // GCC splits a widening __builtin_convertvector of a 32-byte vector in two (three shuffles more per load) and
+    // converts _Float16 vectors element by element: the builtins behind _mm512_cvtepu16_epi32 /
+    // _mm256_cvtepu16_epi32 and _mm512_cvtph_ps / _mm256_cvtph_ps, checked against the target of the kernel they
+    // are inlined into (as stream_store's).
+    if constexpr (VB == 64 || VB == 32) {
+      if constexpr (kBf16) {
+        Bits bits;
+        if constexpr (VB == 64) {
+          bits = __builtin_ia32_pmovzxwd512_mask(h, Bits{}, static_cast<unsigned short>(-1));
+        } else {
+          bits = __builtin_ia32_pmovzxwd256(h);
+        }
+        bits <<= 16;
+        std::memcpy(&v, &bits, VB);
+      } else if constexpr (VB == 64) {
+        v = __builtin_ia32_vcvtph2ps512_mask(h, Vec<float, VB>{}, static_cast<unsigned short>(-1), 4);
+      } else {
+        v = __builtin_ia32_vcvtph2ps256(h);
+      }
+      return v;
+    }
+#endif
+    if constexpr (kBf16) {
+      const Bits bits = __builtin_convertvector(load<Vec<unsigned short, VB / 2>>(p), Bits) << 16;
+      std::memcpy(&v, &bits, VB);
+    } else {
+      v = __builtin_convertvector(load<Vec<_Float16, VB / 2>>(p), Vec<float, VB>);
+    }
+    return v;
+  }
 }
 
 // Block shapes per vector width (32 registers with AVX-512, 16 with AVX2 and SSE2). NN/TN (axpy) blocks: MR rows x up
@@ -169,8 +254,8 @@ template <typename T, int VB>
 // C[r, :] (=|+=, by `out`) sum_q A(r, q) B[q, :] for r < MR and NV vectors of columns; A(r, q) = a[r * ars + q * aqs]. The
 // last vector of the block may be partial: its loads come from `tail` (ld `ldt`, zero-padded to whole vectors) and
 // only `tail_cols` of its columns are stored (kTail).
-template <typename T, int VB, int MR, int NV, bool kTail>
-[[gnu::always_inline]] inline void axpy_tile(int64_t k, const T* a, int64_t ars, int64_t aqs, const T* b, int64_t ldb,
+template <typename T, int VB, int MR, int NV, bool kTail, typename S>
+[[gnu::always_inline]] inline void axpy_tile(int64_t k, const T* a, int64_t ars, int64_t aqs, const S* b, int64_t ldb,
                                              const T* tail, int64_t ldt, int tail_cols, T* c, int64_t ldc,
                                              Out out) {
   using V = Vec<T, VB>;
@@ -185,7 +270,7 @@ template <typename T, int VB, int MR, int NV, bool kTail>
     V bv[NV];
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
-      bv[v] = (kTail && v == NV - 1) ? load<V>(tail + q * ldt) : load<V>(b + q * ldb + v * kLanes);
+      bv[v] = (kTail && v == NV - 1) ? load<V>(tail + q * ldt) : load_wide<T, VB>(b + q * ldb + v * kLanes);
     }
     const T* aq = a + q * aqs;
 #pragma GCC unroll 16
@@ -215,8 +300,8 @@ template <typename T, int VB, int MR, int NV, bool kTail>
 }
 
 // Rows [0, m) of one block of NV vectors, MR rows at a time, the last rows with a narrower tile.
-template <typename T, int VB, int NV, bool kTail>
-[[gnu::always_inline]] inline void axpy_rows(int64_t m, int64_t k, const T* a, int64_t ars, int64_t aqs, const T* b,
+template <typename T, int VB, int NV, bool kTail, typename S>
+[[gnu::always_inline]] inline void axpy_rows(int64_t m, int64_t k, const T* a, int64_t ars, int64_t aqs, const S* b,
                                              int64_t ldb, const T* tail, int64_t ldt, int tail_cols, T* c,
                                              int64_t ldc, Out out) {
   constexpr int MR = Shape<VB>::MR;
@@ -237,9 +322,9 @@ template <typename T, int VB, int NV, bool kTail>
   }
 }
 
-template <typename T, int VB, bool kTail>
+template <typename T, int VB, bool kTail, typename S>
 [[gnu::always_inline]] inline void axpy_block(int nv, int64_t m, int64_t k, const T* a, int64_t ars, int64_t aqs,
-                                              const T* b, int64_t ldb, const T* tail, int64_t ldt, int tail_cols, T* c,
+                                              const S* b, int64_t ldb, const T* tail, int64_t ldt, int tail_cols, T* c,
                                               int64_t ldc, Out out) {
   static_assert(Shape<VB>::NV <= 4, "blocks of at most four vectors");
   switch (nv) {
@@ -255,11 +340,12 @@ template <typename T, int VB, bool kTail>
 
 inline constexpr int64_t kShortK = 16;
 
-// C (m x n) (=|+=) A (m x k, strides ars / aqs) @ B (k x n, ldb). `padded`: B's rows are readable up to a whole
-// number of vectors past n (a packed B^T), else the partial last vector is copied into a zero-padded buffer first.
-template <typename T, int VB>
+// C (m x n) (=|+=) A (m x k, strides ars / aqs) @ B (k x n, ldb; stored as S, read widened to T). `padded`: B's
+// rows are readable up to a whole number of vectors past n (a packed B^T, S = T), else the partial last vector is
+// copied (widened) into a zero-padded buffer first.
+template <typename T, int VB, typename S>
 [[gnu::always_inline]] inline void axpy_gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t ars, int64_t aqs,
-                                             const T* b, int64_t ldb, bool padded, T* c, int64_t ldc,
+                                             const S* b, int64_t ldb, bool padded, T* c, int64_t ldc,
                                              Out out) {
   constexpr int kLanes = VB / sizeof(T);
   constexpr int NV = Shape<VB>::NV;
@@ -269,12 +355,17 @@ template <typename T, int VB>
   const T* tail = nullptr;
   int64_t ldt = 0;
   if (tail_cols > 0) {
-    if (padded) {
-      tail = b + full * kLanes;
-      ldt = ldb;
-    } else {
+    if constexpr (std::is_same_v<S, T>) {
+      if (padded) {
+        tail = b + full * kLanes;
+        ldt = ldb;
+      }
+    }
+    if (tail == nullptr) {
       tail_buffer.assign(static_cast<size_t>(k * kLanes), T(0));
-      for (int64_t q = 0; q < k; ++q) std::copy_n(b + q * ldb + full * kLanes, tail_cols, &tail_buffer[q * kLanes]);
+      for (int64_t q = 0; q < k; ++q) {
+        for (int l = 0; l < tail_cols; ++l) tail_buffer[q * kLanes + l] = widen_one<T>(b[q * ldb + full * kLanes + l]);
+      }
       tail = tail_buffer.data();
       ldt = kLanes;
     }
@@ -292,7 +383,7 @@ template <typename T, int VB>
     for (int64_t v0 = 0; v0 < vectors; v0 += NV) {
       const int nv = static_cast<int>(std::min<int64_t>(NV, vectors - v0));
       const bool last = v0 + nv == vectors;
-      const T* bv = b + v0 * kLanes;
+      const S* bv = b + v0 * kLanes;
       T* cv = cr + v0 * kLanes;
       if (last && tail_cols > 0) {
         axpy_block<T, VB, true>(nv, mr, k, ar, ars, aqs, bv, ldb, tail, ldt, tail_cols, cv, ldc, out);
@@ -383,10 +474,11 @@ template <typename T, int VB>
 }
 #endif
 
-// NT block: C[r, j] (=|+=) sum_q A[r, q] W[j, q] for r < MR, j < NR (A: lda, W: ldw, both k-contiguous): MR x NR
-// vector accumulators along k, then the lanes of each summed (lane_sum) and the k % lanes last terms added in order.
-template <typename T, int VB, int MR, int NR>
-[[gnu::always_inline]] inline void dot_tile(int64_t k, const T* a, int64_t lda, const T* w, int64_t ldw, T* c,
+// NT block: C[r, j] (=|+=) sum_q A[r, q] W[j, q] for r < MR, j < NR (A: lda, W: ldw, both k-contiguous; W stored as
+// S, read widened to T): MR x NR vector accumulators along k, then the lanes of each summed (lane_sum) and the
+// k % lanes last terms added in order.
+template <typename T, int VB, int MR, int NR, typename S>
+[[gnu::always_inline]] inline void dot_tile(int64_t k, const T* a, int64_t lda, const S* w, int64_t ldw, T* c,
                                             int64_t ldc, bool accumulate) {
   using V = Vec<T, VB>;
   constexpr int kLanes = VB / sizeof(T);
@@ -403,7 +495,7 @@ template <typename T, int VB, int MR, int NR>
     for (int r = 0; r < MR; ++r) av[r] = load<V>(a + r * lda + q);
 #pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) {
-      const V wv = load<V>(w + j * ldw + q);
+      const V wv = load_wide<T, VB>(w + j * ldw + q);
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) acc[r][j] += av[r] * wv;
     }
@@ -424,15 +516,15 @@ template <typename T, int VB, int MR, int NR>
 #pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) {
       T s = sums[j];
-      for (int64_t q = kv; q < k; ++q) s += a[r * lda + q] * w[j * ldw + q];
+      for (int64_t q = kv; q < k; ++q) s = mul_add<T, VB>(a[r * lda + q], widen_one<T>(w[j * ldw + q]), s);
       T& out = c[r * ldc + j];
       out = accumulate ? out + s : s;
     }
   }
 }
 
-template <typename T, int VB, int MR>
-[[gnu::always_inline]] inline void dot_rows(int64_t n, int64_t k, const T* a, int64_t lda, const T* w, int64_t ldw,
+template <typename T, int VB, int MR, typename S>
+[[gnu::always_inline]] inline void dot_rows(int64_t n, int64_t k, const T* a, int64_t lda, const S* w, int64_t ldw,
                                             T* c, int64_t ldc, bool accumulate) {
   constexpr int NR = MR == 1 ? 2 * Shape<VB>::NR : Shape<VB>::NR;  // one row: more chains of FMAs in flight
   int64_t j = 0;
@@ -445,8 +537,8 @@ template <typename T, int VB, int MR>
 // of the k blocks are added into C in order.
 inline constexpr int64_t kDotK = 256, kDotN = 64;
 
-template <typename T, int VB>
-[[gnu::always_inline]] inline void dot_gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* w,
+template <typename T, int VB, typename S>
+[[gnu::always_inline]] inline void dot_gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const S* w,
                                             int64_t ldw, T* c, int64_t ldc, bool accumulate) {
   constexpr int MR = Shape<VB>::DOT_MR;
   for (int64_t k0 = 0; k0 < k; k0 += kDotK) {
@@ -454,7 +546,7 @@ template <typename T, int VB>
     const bool acc = accumulate || k0 > 0;
     for (int64_t j0 = 0; j0 < n; j0 += kDotN) {
       const int64_t nb = std::min(kDotN, n - j0);
-      const T* wb = w + j0 * ldw + k0;
+      const S* wb = w + j0 * ldw + k0;
       int64_t r = 0;
       for (; r + MR <= m; r += MR) dot_rows<T, VB, MR>(nb, kb, a + r * lda + k0, lda, wb, ldw, c + r * ldc + j0, ldc, acc);
       for (; r < m; ++r) dot_rows<T, VB, 1>(nb, kb, a + r * lda + k0, lda, wb, ldw, c + r * ldc + j0, ldc, acc);
@@ -464,8 +556,8 @@ template <typename T, int VB>
 
 // One row, NN: c[v-block] (=|+=) sum_q a[q] B[q, v-block] for NV whole vectors, kept in registers over all of k
 // (NV independent chains of FMAs; c is read and written once).
-template <typename T, int VB, int NV>
-[[gnu::always_inline]] inline void axpy_row_block(int64_t k, const T* a, const T* b, int64_t ldb, T* c,
+template <typename T, int VB, int NV, typename S>
+[[gnu::always_inline]] inline void axpy_row_block(int64_t k, const T* a, const S* b, int64_t ldb, T* c,
                                                   bool accumulate) {
   using V = Vec<T, VB>;
   constexpr int kLanes = VB / sizeof(T);
@@ -474,9 +566,9 @@ template <typename T, int VB, int NV>
   for (int v = 0; v < NV; ++v) acc[v] = V{};
   for (int64_t q = 0; q < k; ++q) {
     const T av = a[q];
-    const T* bq = b + q * ldb;
+    const S* bq = b + q * ldb;
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[v] += av * load<V>(bq + v * kLanes);
+    for (int v = 0; v < NV; ++v) acc[v] += av * load_wide<T, VB>(bq + v * kLanes);
   }
 #pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) store(c + v * kLanes, accumulate ? load<V>(c + v * kLanes) + acc[v] : acc[v]);
@@ -484,14 +576,14 @@ template <typename T, int VB, int NV>
 
 // One row, NN: c (=|+=) sum_q a[q] B[q, :] (n columns, ldb): blocks of up to 8 whole vectors, then the last
 // n % lanes columns one at a time (each a sum over q in the same order).
-template <typename T, int VB>
-[[gnu::always_inline]] inline void axpy_row(int64_t n, int64_t k, const T* a, const T* b, int64_t ldb, T* c,
+template <typename T, int VB, typename S>
+[[gnu::always_inline]] inline void axpy_row(int64_t n, int64_t k, const T* a, const S* b, int64_t ldb, T* c,
                                             bool accumulate) {
   constexpr int kLanes = VB / sizeof(T);
   const int64_t full = n / kLanes;
   int64_t v0 = 0;
   for (; v0 + 8 <= full; v0 += 8) axpy_row_block<T, VB, 8>(k, a, b + v0 * kLanes, ldb, c + v0 * kLanes, accumulate);
-  const T* bv = b + v0 * kLanes;
+  const S* bv = b + v0 * kLanes;
   T* cv = c + v0 * kLanes;
   switch (full - v0) {
     case 7: axpy_row_block<T, VB, 7>(k, a, bv, ldb, cv, accumulate); break;
@@ -505,26 +597,26 @@ template <typename T, int VB>
   }
   for (int64_t j = full * kLanes; j < n; ++j) {
     T sum = 0;
-    for (int64_t q = 0; q < k; ++q) sum += a[q] * b[q * ldb + j];
+    for (int64_t q = 0; q < k; ++q) sum = mul_add<T, VB>(a[q], widen_one<T>(b[q * ldb + j]), sum);
     c[j] = accumulate ? c[j] + sum : sum;
   }
 }
 
 // The kernels of one instruction set: one non-inline function per form, compiled for that set.
-#define SPINAL_KERNEL_SET(ATTR, SUFFIX, VB)                                                                          \
-  template <typename T>                                                                                             \
-  ATTR void axpy_##SUFFIX(int64_t m, int64_t n, int64_t k, const T* a, int64_t ars, int64_t aqs, const T* b,        \
-                          int64_t ldb, bool padded, T* c, int64_t ldc, Out out) {                                   \
-    axpy_gemm<T, VB>(m, n, k, a, ars, aqs, b, ldb, padded, c, ldc, out);                                           \
-  }                                                                                                                 \
-  template <typename T>                                                                                             \
-  ATTR void dot_##SUFFIX(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* w, int64_t ldw, T* c,    \
-                         int64_t ldc, bool acc) {                                                                   \
-    dot_gemm<T, VB>(m, n, k, a, lda, w, ldw, c, ldc, acc);                                                          \
-  }                                                                                                                 \
-  template <typename T>                                                                                             \
-  ATTR void axpy_row_##SUFFIX(int64_t n, int64_t k, const T* a, const T* b, int64_t ldb, T* c, bool acc) {           \
-    axpy_row<T, VB>(n, k, a, b, ldb, c, acc);                                                                       \
+#define SPINAL_KERNEL_SET(ATTR, SUFFIX, VB)                                                                           \
+  template <typename T, typename S>                                                                                   \
+  ATTR void axpy_##SUFFIX(int64_t m, int64_t n, int64_t k, const T* a, int64_t ars, int64_t aqs, const S* b,          \
+                          int64_t ldb, bool padded, T* c, int64_t ldc, Out out) {                                     \
+    axpy_gemm<T, VB>(m, n, k, a, ars, aqs, b, ldb, padded, c, ldc, out);                                              \
+  }                                                                                                                   \
+  template <typename T, typename S>                                                                                   \
+  ATTR void dot_##SUFFIX(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const S* w, int64_t ldw, T* c,     \
+                         int64_t ldc, bool acc) {                                                                     \
+    dot_gemm<T, VB>(m, n, k, a, lda, w, ldw, c, ldc, acc);                                                            \
+  }                                                                                                                   \
+  template <typename T, typename S>                                                                                   \
+  ATTR void axpy_row_##SUFFIX(int64_t n, int64_t k, const T* a, const S* b, int64_t ldb, T* c, bool acc) {            \
+    axpy_row<T, VB>(n, k, a, b, ldb, c, acc);                                                                         \
   }
 
 #define SPINAL_NO_ATTR
@@ -536,16 +628,12 @@ SPINAL_KERNEL_SET(SPINAL_TARGET_AVX512, avx512, 64)
 #undef SPINAL_KERNEL_SET
 #undef SPINAL_NO_ATTR
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
-
 }  // namespace kernels
 
 // The vector width, in elements of T, of the instruction set the kernels run (the padding of packed B^T).
 template <typename T>
 int64_t vector_lanes() {
-  switch (cpu_isa()) {
+  switch (vector_isa()) {
     case Isa::kAvx512: return 64 / sizeof(T);
     case Isa::kAvx2: return 32 / sizeof(T);
     default: return 16 / sizeof(T);
@@ -555,31 +643,31 @@ int64_t vector_lanes() {
 // Calls kernels::NAME_<set><T>(args...) for the instruction set the kernels run (cpu_isa).
 #if SPINAL_X86_DISPATCH
 #define SPINAL_ISA_CALL(NAME, ...)                                                           \
-  switch (cpu_isa()) {                                                                      \
-    case Isa::kAvx512: return kernels::NAME##_avx512<T>(__VA_ARGS__);                       \
-    case Isa::kAvx2: return kernels::NAME##_avx2<T>(__VA_ARGS__);                           \
-    default: return kernels::NAME##_baseline<T>(__VA_ARGS__);                               \
+  switch (vector_isa()) {                                                                   \
+    case Isa::kAvx512: return kernels::NAME##_avx512<T, S>(__VA_ARGS__);                    \
+    case Isa::kAvx2: return kernels::NAME##_avx2<T, S>(__VA_ARGS__);                        \
+    default: return kernels::NAME##_baseline<T, S>(__VA_ARGS__);                            \
   }
 #else
-#define SPINAL_ISA_CALL(NAME, ...) return kernels::NAME##_baseline<T>(__VA_ARGS__);
+#define SPINAL_ISA_CALL(NAME, ...) return kernels::NAME##_baseline<T, S>(__VA_ARGS__);
 #endif
 
 // C (m x n) (=|+=, by `out`) A (m x k; element (r, q) at a[r * ars + q * aqs]) @ B (k x n, ldb) on the hand-written
-// kernels.
-template <typename T>
-void axpy_product(int64_t m, int64_t n, int64_t k, const T* a, int64_t ars, int64_t aqs, const T* b, int64_t ldb,
+// kernels (B stored as S; see kernels::load_wide).
+template <typename T, typename S>
+void axpy_product(int64_t m, int64_t n, int64_t k, const T* a, int64_t ars, int64_t aqs, const S* b, int64_t ldb,
                   bool padded, T* c, int64_t ldc, kernels::Out out) {
   SPINAL_ISA_CALL(axpy, m, n, k, a, ars, aqs, b, ldb, padded, c, ldc, out)
 }
 
-template <typename T>
-void dot_product(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* w, int64_t ldw, T* c, int64_t ldc,
+template <typename T, typename S>
+void dot_product(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const S* w, int64_t ldw, T* c, int64_t ldc,
                  bool accumulate) {
   SPINAL_ISA_CALL(dot, m, n, k, a, lda, w, ldw, c, ldc, accumulate)
 }
 
-template <typename T>
-void axpy_row_product(int64_t n, int64_t k, const T* a, const T* b, int64_t ldb, T* c, bool accumulate) {
+template <typename T, typename S>
+void axpy_row_product(int64_t n, int64_t k, const T* a, const S* b, int64_t ldb, T* c, bool accumulate) {
   SPINAL_ISA_CALL(axpy_row, n, k, a, b, ldb, c, accumulate)
 }
 
@@ -592,12 +680,13 @@ int64_t packed_ld(int64_t n) {
   return (n + lanes - 1) / lanes * lanes;
 }
 
-// W^T of a row-major W (n x k, ldw) into out (k x ldo, ldo = packed_ld(n)), the padding columns zero. In blocks of
+// W^T of a row-major W (n x k, ldw; stored as S, widened to T) into out (k x ldo, ldo = packed_ld(n)), the padding
+// columns zero. In blocks of
 // kTransposeBlock x kTransposeBlock, so that both the rows read and the rows written stay in L1 (a column walk
 // over W touches one cache line per element).
 inline constexpr int64_t kTransposeBlock = 16;
-template <typename T>
-void pack_transposed(int64_t n, int64_t k, const T* w, int64_t ldw, T* out, int64_t ldo) {
+template <typename T, typename S>
+void pack_transposed(int64_t n, int64_t k, const S* w, int64_t ldw, T* out, int64_t ldo) {
   constexpr int64_t kB = kTransposeBlock;
   for (int64_t q0 = 0; q0 < k; q0 += kB) {
     const int64_t q1 = std::min(k, q0 + kB);
@@ -605,7 +694,7 @@ void pack_transposed(int64_t n, int64_t k, const T* w, int64_t ldw, T* out, int6
       const int64_t j1 = std::min(n, j0 + kB);
       for (int64_t q = q0; q < q1; ++q) {
         T* row = out + q * ldo;
-        for (int64_t j = j0; j < j1; ++j) row[j] = w[j * ldw + q];
+        for (int64_t j = j0; j < j1; ++j) row[j] = kernels::widen_one<T>(w[j * ldw + q]);
       }
     }
     for (int64_t q = q0; q < q1; ++q) std::fill(out + q * ldo + n, out + (q + 1) * ldo, T(0));
@@ -620,17 +709,17 @@ void pack_transposed(int64_t n, int64_t k, const T* w, int64_t ldw, T* out, int6
 // 1.27x and 1.54x), and to the baseline (SSE2) slower from vgg-head on (2.2-2.8x). So: AVX-512 never, else the
 // products with at least 16 rows and 32 columns on both sides.
 inline bool use_blas(int64_t m, int64_t n, int64_t k) {
-  return cpu_isa() != Isa::kAvx512 && m >= 16 && n >= 32 && k >= 32;
+  return vector_isa() != Isa::kAvx512 && m >= 16 && n >= 32 && k >= 32;
 }
 
 // Whether any product may run on the BLAS (then the jobs keep its threading off: SequentialBlas).
-inline bool blas_may_run() { return cpu_isa() != Isa::kAvx512; }
+inline bool blas_may_run() { return vector_isa() != Isa::kAvx512; }
 
-// The right operand of an NT product C = A @ W^T: W (n x k, ldw), and W^T packed (k x npad, ldwt; see
-// pack_transposed) when the caller made it (see packs_transposed), else null.
-template <typename T>
+// The right operand of an NT product C = A @ W^T: W (n x k, ldw; stored as S), and W^T packed (k x npad, ldwt; T;
+// see pack_transposed) when the caller made it (see packs_transposed), else null.
+template <typename T, typename S = T>
 struct NtOperand {
-  const T* w = nullptr;
+  const S* w = nullptr;
   int64_t ldw = 0;
   const T* wt = nullptr;
   int64_t ldwt = 0;
@@ -671,30 +760,182 @@ bool empty_product(int64_t m, int64_t n, int64_t k, bool accumulate, T* c, int64
   return true;
 }
 
-// C (m x n) (=|+= when accumulate) A (m x k, lda) @ W^T.
-template <typename T>
-void nt_gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const NtOperand<T>& w, bool accumulate, T* c,
+// C (m x n) (=|+= when accumulate) A (m x k, lda) @ W^T. W stored as a reduced S never goes to the BLAS (it would
+// need W widened in memory).
+template <typename T, typename S>
+void nt_gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const NtOperand<T, S>& w, bool accumulate, T* c,
              int64_t ldc) {
   if (empty_product(m, n, k, accumulate, c, ldc)) return;
-  if (use_blas(m, n, k)) return blas_gemm<T>(false, true, m, n, k, a, lda, w.w, w.ldw, accumulate, c, ldc);
-  if (w.wt != nullptr && m >= 2) {
-    return axpy_product<T>(m, n, k, a, lda, 1, w.wt, w.ldwt, true, c, ldc,
-                           accumulate ? kernels::Out::kAdd : kernels::Out::kWrite);
+  if constexpr (std::is_same_v<S, T>) {
+    if (use_blas(m, n, k)) return blas_gemm<T>(false, true, m, n, k, a, lda, w.w, w.ldw, accumulate, c, ldc);
   }
-  dot_product<T>(m, n, k, a, lda, w.w, w.ldw, c, ldc, accumulate);
+  if (w.wt != nullptr && m >= 2) {
+    return axpy_product<T, T>(m, n, k, a, lda, 1, w.wt, w.ldwt, true, c, ldc,
+                              accumulate ? kernels::Out::kAdd : kernels::Out::kWrite);
+  }
+  dot_product<T, S>(m, n, k, a, lda, w.w, w.ldw, c, ldc, accumulate);
 }
 
-// C (m x n) (=|+= when accumulate) op(A) (m x k) @ B (k x n, ldb): A (m x k, lda), or its transpose stored (k x m,
-// lda) when trans_a. `stream`: C is large and not read again by this call (kernels::Out::kStream; no effect with
-// accumulate or on the BLAS).
-template <typename T>
-void nn_gemm(bool trans_a, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
+// C (m x n) (=|+= when accumulate) op(A) (m x k) @ B (k x n, ldb; stored as S, and then never on the BLAS, like
+// nt_gemm): A (m x k, lda), or its transpose stored (k x m, lda) when trans_a. `stream`: C is large and not read
+// again by this call (kernels::Out::kStream; no effect with accumulate or on the BLAS).
+template <typename T, typename S>
+void nn_gemm(bool trans_a, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const S* b, int64_t ldb,
              bool accumulate, T* c, int64_t ldc, bool stream = false) {
   if (empty_product(m, n, k, accumulate, c, ldc)) return;
-  if (use_blas(m, n, k)) return blas_gemm<T>(trans_a, false, m, n, k, a, lda, b, ldb, accumulate, c, ldc);
-  if (m == 1 && !trans_a) return axpy_row_product<T>(n, k, a, b, ldb, c, accumulate);
+  if constexpr (std::is_same_v<S, T>) {
+    if (use_blas(m, n, k)) return blas_gemm<T>(trans_a, false, m, n, k, a, lda, b, ldb, accumulate, c, ldc);
+  }
+  if (m == 1 && !trans_a) return axpy_row_product<T, S>(n, k, a, b, ldb, c, accumulate);
   const kernels::Out out = accumulate ? kernels::Out::kAdd : stream ? kernels::Out::kStream : kernels::Out::kWrite;
-  axpy_product<T>(m, n, k, a, trans_a ? 1 : lda, trans_a ? lda : 1, b, ldb, false, c, ldc, out);
+  axpy_product<T, S>(m, n, k, a, trans_a ? 1 : lda, trans_a ? lda : 1, b, ldb, false, c, ldc, out);
+}
+
+
+// bfloat16 pair products (AVX512_BF16). C (m x n, float32) (=|+=) A (m x k, bfloat16) @ W^T for W (n x k, bfloat16),
+// on W packed in pairs (pack_pairs): P (ceil(k / 2) x ldp 32-bit words), P[q, j] = W[j, 2q] | W[j, 2q + 1] << 16
+// (zero past k and past n; ldp = n rounded up to 16). One vdpbf16ps adds A[r, 2q] W[j, 2q] + A[r, 2q + 1] W[j, 2q + 1]
+// to 16 float32 sums, twice the products per instruction of a float32 FMA: an MR x NV-vector block of C in
+// registers, the pair A[r, 2q .. 2q + 1] broadcast against NV vectors of P's row q. Sums in pair order, each pair's
+// two products added into the running sum one after the other (the instruction's definition: round to nearest
+// even, bfloat16 and float32 denormals read and written as zero), whatever the tile, the job split or the thread
+// count. Only on x86-64 with GCC or Clang (bf16_pairs() is false elsewhere).
+inline int64_t pair_ld(int64_t n) { return (n + 15) / 16 * 16; }
+
+// W (n x k, ldw) into P (see above), in blocks of 16 output columns x 16 pairs.
+inline void pack_pairs(int64_t n, int64_t k, const c10::BFloat16* w, int64_t ldw, uint32_t* out, int64_t ldp) {
+  const int64_t pairs = (k + 1) / 2;
+  for (int64_t q0 = 0; q0 < pairs; q0 += 16) {
+    const int64_t q1 = std::min(pairs, q0 + 16);
+    for (int64_t j0 = 0; j0 < ldp; j0 += 16) {
+      for (int64_t q = q0; q < q1; ++q) {
+        uint32_t* row = out + q * ldp;
+        for (int64_t j = j0; j < j0 + 16; ++j) {
+          uint32_t word = 0;
+          if (j < n) {
+            word = w[j * ldw + 2 * q].x;
+            if (2 * q + 1 < k) word |= static_cast<uint32_t>(w[j * ldw + 2 * q + 1].x) << 16;
+          }
+          row[j] = word;
+        }
+      }
+    }
+  }
+}
+
+#if SPINAL_X86_DISPATCH
+#define SPINAL_TARGET_AVX512BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma,f16c,bmi2")))
+
+namespace kernels {
+
+// One pair step of pair_tile: row q of P against the pairs A[r, 2q .. 2q + 1] (kOdd: the last, odd term alone).
+template <int MR, int NV, bool kOdd>
+SPINAL_TARGET_AVX512BF16 [[gnu::always_inline]] inline void pair_step(int64_t q, const uint16_t* a, int64_t lda,
+                                                                      const uint32_t* p, int64_t ldp, __mmask16 last,
+                                                                      __m512 (&acc)[MR][NV]) {
+  __m512bh pv[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    const uint32_t* src = p + q * ldp + v * 16;
+    pv[v] = (__m512bh)(v == NV - 1 ? _mm512_maskz_loadu_epi32(last, src) : _mm512_loadu_si512(src));
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    const uint16_t* e = a + r * lda + 2 * q;
+    uint32_t word = *e;  // kOdd: the pair's second term is zero (and not read: it may lie past the row)
+    if constexpr (!kOdd) std::memcpy(&word, e, sizeof(word));
+    const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(word));
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, pv[v]);
+  }
+}
+
+// Rows [0, MR) x NV vectors of C from `pairs` pairs (and one odd last term when `odd`); the last vector holds
+// `last_cols` columns (its loads and stores masked).
+template <int MR, int NV>
+SPINAL_TARGET_AVX512BF16 [[gnu::always_inline]] inline void pair_tile(int64_t pairs, bool odd, const uint16_t* a,
+                                                                      int64_t lda, const uint32_t* p, int64_t ldp,
+                                                                      int last_cols, float* c, int64_t ldc,
+                                                                      bool accumulate) {
+  const __mmask16 last = static_cast<__mmask16>(last_cols == 16 ? 0xFFFF : (1u << last_cols) - 1);
+  __m512 acc[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  }
+  for (int64_t q = 0; q < pairs; ++q) pair_step<MR, NV, false>(q, a, lda, p, ldp, last, acc);
+  if (odd) pair_step<MR, NV, true>(pairs, a, lda, p, ldp, last, acc);
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      float* dst = c + r * ldc + v * 16;
+      const __mmask16 mask = v == NV - 1 ? last : static_cast<__mmask16>(0xFFFF);
+      __m512 out = acc[r][v];
+      if (accumulate) out = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, dst), out);
+      _mm512_mask_storeu_ps(dst, mask, out);
+    }
+  }
+}
+
+template <int NV>
+SPINAL_TARGET_AVX512BF16 [[gnu::always_inline]] inline void pair_rows(int64_t m, int64_t pairs, bool odd,
+                                                                      const uint16_t* a, int64_t lda,
+                                                                      const uint32_t* p, int64_t ldp, int last_cols,
+                                                                      float* c, int64_t ldc, bool accumulate) {
+  constexpr int MR = 6;  // 6 x 4 accumulators, 4 vectors of P and one broadcast: 29 of the 32 registers
+  int64_t r = 0;
+  for (; r + MR <= m; r += MR)
+    pair_tile<MR, NV>(pairs, odd, a + r * lda, lda, p, ldp, last_cols, c + r * ldc, ldc, accumulate);
+  const uint16_t* ar = a + r * lda;
+  float* cr = c + r * ldc;
+  switch (m - r) {
+    case 5: pair_tile<5, NV>(pairs, odd, ar, lda, p, ldp, last_cols, cr, ldc, accumulate); break;
+    case 4: pair_tile<4, NV>(pairs, odd, ar, lda, p, ldp, last_cols, cr, ldc, accumulate); break;
+    case 3: pair_tile<3, NV>(pairs, odd, ar, lda, p, ldp, last_cols, cr, ldc, accumulate); break;
+    case 2: pair_tile<2, NV>(pairs, odd, ar, lda, p, ldp, last_cols, cr, ldc, accumulate); break;
+    case 1: pair_tile<1, NV>(pairs, odd, ar, lda, p, ldp, last_cols, cr, ldc, accumulate); break;
+    default: break;
+  }
+}
+
+// C (m x n) (=|+= when accumulate) A (m x k, lda) @ W^T on P (ldp); column blocks of 4 vectors outside, rows inside
+// (a block of P is reused by every row).
+SPINAL_TARGET_AVX512BF16 inline void pair_gemm(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a, int64_t lda,
+                                               const uint32_t* p, int64_t ldp, float* c, int64_t ldc,
+                                               bool accumulate) {
+  const uint16_t* a16 = reinterpret_cast<const uint16_t*>(a);
+  const int64_t pairs = k / 2, vectors = (n + 15) / 16;
+  const bool odd = k % 2 != 0;
+  for (int64_t v0 = 0; v0 < vectors; v0 += 4) {
+    const int nv = static_cast<int>(std::min<int64_t>(4, vectors - v0));
+    const int last_cols = static_cast<int>(std::min<int64_t>(16, n - (v0 + nv - 1) * 16));
+    const uint32_t* pv = p + v0 * 16;
+    float* cv = c + v0 * 16;
+    switch (nv) {
+      case 4: pair_rows<4>(m, pairs, odd, a16, lda, pv, ldp, last_cols, cv, ldc, accumulate); break;
+      case 3: pair_rows<3>(m, pairs, odd, a16, lda, pv, ldp, last_cols, cv, ldc, accumulate); break;
+      case 2: pair_rows<2>(m, pairs, odd, a16, lda, pv, ldp, last_cols, cv, ldc, accumulate); break;
+      default: pair_rows<1>(m, pairs, odd, a16, lda, pv, ldp, last_cols, cv, ldc, accumulate); break;
+    }
+  }
+}
+
+}  // namespace kernels
+#endif
+
+// C (m x n) (=|+= when accumulate) A (m x k, lda; bfloat16) @ W^T on W packed in pairs (pack_pairs; the columns from
+// the pointer on, ldp). Only where bf16_pairs().
+inline void pair_product(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a, int64_t lda, const uint32_t* p,
+                         int64_t ldp, float* c, int64_t ldc, bool accumulate) {
+  if (empty_product(m, n, k, accumulate, c, ldc)) return;
+#if SPINAL_X86_DISPATCH
+  kernels::pair_gemm(m, n, k, a, lda, p, ldp, c, ldc, accumulate);
+#else
+  (void)a, (void)lda, (void)p, (void)ldp;
+#endif
 }
 
 }  // namespace spinal_ops::cpu
