@@ -99,14 +99,14 @@ struct Problem {
   const uint32_t* wxp_slot(int64_t i) const { return wxp + d.x_slot(i) * ((d.chunk + 1) / 2) * ldwxp; }
 };
 
-// x and the biases are T tensors, the weights S tensors.
+// x and the biases are T tensors (x undefined where the input products run on bfloat16 pairs), the weights S tensors.
 template <typename T, typename S>
 Problem<T, S> make_problem(const SpinalDims& d, c10::IntArrayRef starts, const at::Tensor& x, const at::Tensor& wx,
                            const at::Tensor& wh, const std::optional<at::Tensor>& b,
                            const std::optional<at::Tensor>& wo, const std::optional<at::Tensor>& bo) {
   return Problem<T, S>{d,
                        starts.data(),
-                       x.const_data_ptr<T>(),
+                       x.defined() ? x.const_data_ptr<T>() : nullptr,
                        wx.const_data_ptr<S>(),
                        wh.const_data_ptr<S>(),
                        b ? b->const_data_ptr<T>() : nullptr,
@@ -123,7 +123,7 @@ void pack_weights(Problem<T, S>& p, int64_t tile_rows, bool with_head, at::Tenso
   const int64_t rows = d.rows, w = d.width, c = d.chunk, lw = d.hidden();
   bool px = packs_transposed(rows, tile_rows, w, c);
   if constexpr (std::is_same_v<S, c10::BFloat16>) {
-    if (px && p.xs != nullptr && bf16_pairs()) {
+    if (p.xs != nullptr && packs_pairs(rows, tile_rows, w, c)) {
       px = false;
       const int64_t ldp = pair_ld(w), slot = (c + 1) / 2 * ldp;
       pairs = at::empty({d.x_slots * slot}, at::TensorOptions().dtype(at::kInt));
@@ -286,15 +286,19 @@ void forward_kernel(const SpinalDims& d, c10::IntArrayRef starts, const at::Tens
   });
 }
 
-// The float32 H and y of a bfloat16 / float16 call: x and the biases widened, the weights read as stored.
+// The float32 H and y of a bfloat16 / float16 call: x and the biases widened, the weights read as stored (x is not
+// widened where the input products run on bfloat16 pairs, which read it as stored).
 std::tuple<at::Tensor, at::Tensor> reduced_forward(const SpinalDims& d, c10::IntArrayRef starts, const at::Tensor& x,
                                                    const at::Tensor& weight_x, const at::Tensor& weight_h,
                                                    const std::optional<at::Tensor>& bias,
                                                    const std::optional<at::Tensor>& head_weight,
                                                    const std::optional<at::Tensor>& head_bias) {
-  const at::Tensor x32 = widen(x);
-  at::Tensor h_all = at::empty({d.rows, d.hidden()}, x32.options());
-  at::Tensor y = at::empty({d.rows, d.out}, x32.options());
+  const int64_t tile_rows = std::min(RowTiles::make(d, sizeof(float)).size, d.rows);  // as forward_kernel's
+  const bool pairs = x.scalar_type() == at::kBFloat16 && packs_pairs(d.rows, tile_rows, d.width, d.chunk);
+  const at::Tensor x32 = pairs ? at::Tensor() : widen(x);
+  const auto options = x.options().dtype(at::kFloat);
+  at::Tensor h_all = at::empty({d.rows, d.hidden()}, options);
+  at::Tensor y = at::empty({d.rows, d.out}, options);
   AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "spinal_forward_cpu", [&] {
     forward_kernel<float, scalar_t>(d, starts, x32, weight_x, weight_h, widen(bias), head_weight, widen(head_bias),
                                     &x, h_all, y);

@@ -748,6 +748,18 @@ inline bool packs_transposed(int64_t rows, int64_t tile_rows, int64_t n, int64_t
   return tile_rows >= 2 && (k < kPackedMaxK || (n >= kPackMinN && rows >= kPackRows));
 }
 
+// Whether the bfloat16 NT products of a call (x Wx^T) run on bfloat16 pairs (pair_product, W packed by pack_pairs)
+// rather than on the float32 kernels: where the CPU has them (bf16_pairs), for a short k, and for n >= 64 outputs
+// from kPairRows rows (the pairs' packing costs half the bytes of a float32 W^T and their products half the
+// instructions). kPairRows from bfloat16 forwards of SpinalLinear (AMD EPYC Zen 5, 2 threads, median of 30 calls,
+// microseconds; pairs from 1 row / from 256 rows): vgg-head B = 32 74 / 97, 64 100 / 102, 128 149 / 167;
+// wide-resnet-head 32 851 / 582, 64 921 / 1108, 128 1555 / 2221; wide-resnet-custom 32 3067 / 1825, 64 4141 /
+// 3569, 128 5136 / 6050.
+inline constexpr int64_t kPairRows = 128;
+inline bool packs_pairs(int64_t rows, int64_t tile_rows, int64_t n, int64_t k) {
+  return bf16_pairs() && tile_rows >= 2 && (k < kPackedMaxK || (n >= kPackMinN && rows >= kPairRows));
+}
+
 // A product with nothing to sum (m, n or k zero): C is left as it is, or zeroed when it is not accumulated into.
 // Returns whether the product was empty.
 template <typename T>
