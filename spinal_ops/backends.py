@@ -69,8 +69,9 @@ def _native_loaded() -> bool:
 
 
 def cpu_kernel_isa() -> str | None:
-    """The instruction set the ``cpu`` backend's kernels run here (``"avx512"``, ``"avx2"`` or ``"baseline"``: the
-    widest this CPU supports, capped by ``SPINAL_OPS_CPU_ISA``), or None without the native library."""
+    """The instruction set the ``cpu`` backend's kernels run here (``"avx512_bf16"``: the AVX-512 kernels and the
+    bfloat16 pair products; ``"avx512"``, ``"avx2"`` or ``"baseline"``: the widest this CPU supports, capped by
+    ``SPINAL_OPS_CPU_ISA``), or None without the native library."""
     return torch.ops.spinal_ops._cpu_isa() if _native_kernel("CPU") else None
 
 

@@ -229,27 +229,24 @@ def pair_sums(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return acc
 
 
-# bfloat16 cases whose input products run on pairs where the CPU has AVX512_BF16 (packs_transposed: a short chunk,
-# or >= 64 outputs and >= 256 rows): an odd chunk (the last pair's second term), wrapping chunks (gathered), partial
-# vectors of outputs, rows not a multiple of the 6-row tile, act' from the recomputed Z, tied slots.
+# bfloat16 cases for the pairs, where the CPU has AVX512_BF16. On Wx packed in pairs (packs_pairs: a short chunk, or
+# >= 64 outputs and >= 256 rows): an odd chunk (the last pair's second term), wrapping chunks (gathered), partial
+# vectors of outputs, rows not a multiple of the 6-row tile, act' from the recomputed Z, tied slots. On Wx as
+# stored (the dot form): one row, wrapping chunks of odd length (the
+# products before and after the wrap), a chunk of more than 512 terms (two blocks of k).
 PAIR_CASES = [
     Case(7, 26, 2, 21, 1, head=False),
     Case(259, 301, 3, 70, 4, activation="leaky_relu", negative_slope=-0.2),
     Case(300, 65, 2, 96, 6, out=5, tie=(0, 1, 2, 3, 2, 3)),
+    Case(1, 300, 2, 70, 3),
+    Case(9, 301, 3, 70, 4, activation="leaky_relu", negative_slope=-0.2),
+    Case(5, 1300, 2, 37, 2, head=False),
 ]
 
 
 def check_pairs(case):
-    """The pair products: the first sub-layer's H equal to pair_sums after the rounding to bfloat16, everything
-    against the reference (tolerance rule), and bitwise equal on 1 and 2 threads."""
-    x, params = make_inputs(case, torch.bfloat16, seed=6)
-    starts, slots = case.layer_args()
-    wx, b = params["weight_x"].detach(), params["bias"].detach()
-    h, _ = torch.ops.spinal_ops.spinal_forward(x.detach(), wx, params["weight_h"].detach(), b, None, None, starts,
-                                               slots, case.activation, case.negative_slope)
-    z = pair_sums(x.detach()[:, starts[0]:starts[0] + wx.shape[2]], wx[slots[0]]) + b[slots[0]].float()
-    h0 = reference.activate(z, case.activation, case.negative_slope).to(torch.bfloat16)
-    assert torch.equal(h[:, :case.width], h0), f"{case.id}: sub-layer 0 is not the pair sums"
+    """The pair products against the reference (tolerance rule), and bitwise equal on 1 and 2 threads. (Their order
+    of summation: the two tests below, with sums that show it.)"""
     check_against_reference("cpu", case, inputs=make_inputs(case, torch.bfloat16, seed=6))
     threads = torch.get_num_threads()
     try:
@@ -284,6 +281,20 @@ def test_bfloat16_pairs_sum_in_the_order_of_the_instruction():
                                                                          else t for t in args])
     assert h32.eq(1).all()
     assert h.eq(0 if bf16_pairs() else 1).all(), torch.ops.spinal_ops._cpu_isa()
+
+
+def test_bfloat16_pairs_on_weights_as_stored_sum_by_lanes():
+    """One row (Wx not packed: the dot form): lane 0 sums the pair (2^24, 1) to 2^24, lane 1 the pair (1, -2^24) to
+    1 - 2^24, and the lanes sum to 1; in order (the float32 kernels) 2^24 + 1 rounds to 2^24 and the sum is 0."""
+    x = torch.tensor([[2.0**12, 1, 1, -(2.0**12)]], dtype=torch.bfloat16)
+    wx = torch.tensor([[2.0**12, 1, 1, 2.0**12]] * 17, dtype=torch.bfloat16)[None]
+    args = (torch.zeros(0, 17, 17, dtype=torch.bfloat16), torch.zeros(1, 17, dtype=torch.bfloat16), None, None, [0],
+            [0], "relu", 0.01)
+    h, _ = torch.ops.spinal_ops.spinal_forward(x, wx, *args)
+    h32, _ = torch.ops.spinal_ops.spinal_forward(x.float(), wx.float(), *[t.float() if isinstance(t, torch.Tensor)
+                                                                         else t for t in args])
+    assert h32.eq(0).all()
+    assert h.eq(1 if bf16_pairs() else 0).all(), torch.ops.spinal_ops._cpu_isa()
 
 
 def test_reduced_precision_backward_takes_z_from_the_float32_chain():

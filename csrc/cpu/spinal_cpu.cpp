@@ -36,7 +36,10 @@
 // float32 H rather than widen the rounded one.) Every product and sum is float32 and the chain keeps float32
 // between sub-layers, so the error is that of one rounding of each result (the reference rounds after every op),
 // and the results are those of the float32 kernels on the widened tensors, rounded, bit for bit (tested), except
-// that products on reduced weights never go to the BLAS (use_blas; AVX2 and baseline CPUs).
+// that products on reduced weights never go to the BLAS (use_blas; AVX2 and baseline CPUs), and that on a CPU with
+// AVX512_BF16 the input products x Wx^T of bfloat16 calls run on bfloat16 pairs (x and Wx as stored, Wx packed in
+// pairs where packs_pairs; kernels::pair_gemm and pair_dot_gemm), at twice the float32 rate. The recurrence and the
+// head keep float32 operands (H is not rounded between sub-layers), and so does the backward.
 //
 // Determinism: every element of every product is summed in an order fixed by the problem sizes
 // (csrc/cpu/spinal_gemm.h; products on the BLAS run it single-threaded) and the split into jobs depends only on the
@@ -184,6 +187,12 @@ void input_and_recurrent_product(const Problem<T, S>& p, int64_t i, int64_t r0, 
       }
       pair_product(m, n, d.chunk, a, lda, p.wxp_slot(i) + n0, p.ldwxp, z, ldz, false);
       done = true;
+    } else if (p.xs != nullptr && bf16_pairs()) {  // on pairs of Wx as stored: the dot form
+      const S* xr = p.xs + r0 * d.in_features;
+      const S* wxi = p.wx_slot(i) + n0 * d.chunk;
+      pair_dot_product(m, n, c1, xr + s, d.in_features, wxi, d.chunk, z, ldz, false);
+      if (c2 > 0) pair_dot_product(m, n, c2, xr, d.in_features, wxi + c1, d.chunk, z, ldz, true);
+      done = true;
     }
   }
   if (!done) {
@@ -287,14 +296,14 @@ void forward_kernel(const SpinalDims& d, c10::IntArrayRef starts, const at::Tens
 }
 
 // The float32 H and y of a bfloat16 / float16 call: x and the biases widened, the weights read as stored (x is not
-// widened where the input products run on bfloat16 pairs, which read it as stored).
+// widened where the input products run on bfloat16 pairs, which read it as stored: every bfloat16 call with
+// bf16_pairs()).
 std::tuple<at::Tensor, at::Tensor> reduced_forward(const SpinalDims& d, c10::IntArrayRef starts, const at::Tensor& x,
                                                    const at::Tensor& weight_x, const at::Tensor& weight_h,
                                                    const std::optional<at::Tensor>& bias,
                                                    const std::optional<at::Tensor>& head_weight,
                                                    const std::optional<at::Tensor>& head_bias) {
-  const int64_t tile_rows = std::min(RowTiles::make(d, sizeof(float)).size, d.rows);  // as forward_kernel's
-  const bool pairs = x.scalar_type() == at::kBFloat16 && packs_pairs(d.rows, tile_rows, d.width, d.chunk);
+  const bool pairs = x.scalar_type() == at::kBFloat16 && bf16_pairs();
   const at::Tensor x32 = pairs ? at::Tensor() : widen(x);
   const auto options = x.options().dtype(at::kFloat);
   at::Tensor h_all = at::empty({d.rows, d.hidden()}, options);

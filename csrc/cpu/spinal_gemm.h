@@ -10,8 +10,11 @@
 //
 // Instruction sets: every kernel is compiled three times, for AVX-512 (64-byte vectors), AVX2 + FMA (32 bytes) and
 // the baseline (16 bytes: SSE2 on x86-64, NEON on aarch64), and the widest the CPU supports runs (`cpu_isa`, chosen
-// once per process; SPINAL_OPS_CPU_ISA=avx2 / baseline caps it, for tests). The extension itself is built for the
-// baseline, so it loads on any x86-64 CPU.
+// once per process; SPINAL_OPS_CPU_ISA=avx512 / avx2 / baseline caps it, for tests). The extension itself is built
+// for the baseline, so it loads on any x86-64 CPU.
+//
+// Stored types: the float32 kernels also read B (and W) stored as bfloat16 or float16, widened in the registers as
+// they are loaded (`load_wide`), so that the cpu backend runs reduced-precision weights without a float32 copy.
 //
 // Kernels, for C (m x n) = A (m x k) @ B (k x n), row-major (every product of the layer has one of these forms):
 // - axpy tile (m >= 2): an MR x NV-vector block of C in registers; for each q, NV vectors of row q of B are loaded
@@ -21,10 +24,13 @@
 // - dot tile (NT: the forward's x Wx^T, h Wh^T, H Wo^T): DOT_MR rows x NR outputs of vector accumulators along k,
 //   then the lanes summed; W is read as stored (no transpose per call), in L2-sized blocks (`dot_gemm`).
 // - one row, NN (m = 1): a weighted sum of B's rows, 4 rows per pass over C.
+// - bfloat16 pairs (NT, AVX512_BF16, set avx512_bf16): x Wx^T of bfloat16 calls, one vdpbf16ps per 32 products
+//   (twice a float32 FMA's): on W packed in pairs where the float32 products would pack W^T (`pair_gemm`), else
+//   in the dot form on W as stored (`pair_dot_gemm`).
 //
-// Determinism: every element of C is a sum over q = 0 .. k-1 in that order (the axpy tile and the NN row), or a
-// fixed lane-wise order (the NT row), whatever the tile, the job split or the thread count; so results depend only
-// on the sizes, the instruction set and, for the BLAS products, the BLAS.
+// Determinism: every element of C is a sum over q = 0 .. k-1 in that order (the axpy tile and the NN row), a fixed
+// lane-wise order (the NT row), or pair by pair (the bfloat16 pairs), whatever the tile, the job split or the thread
+// count; so results depend only on the sizes, the instruction set and, for the BLAS products, the BLAS.
 #pragma once
 
 #include <algorithm>
@@ -748,16 +754,14 @@ inline bool packs_transposed(int64_t rows, int64_t tile_rows, int64_t n, int64_t
   return tile_rows >= 2 && (k < kPackedMaxK || (n >= kPackMinN && rows >= kPackRows));
 }
 
-// Whether the bfloat16 NT products of a call (x Wx^T) run on bfloat16 pairs (pair_product, W packed by pack_pairs)
-// rather than on the float32 kernels: where the CPU has them (bf16_pairs), for a short k, and for n >= 64 outputs
-// from kPairRows rows (the pairs' packing costs half the bytes of a float32 W^T and their products half the
-// instructions). kPairRows from bfloat16 forwards of SpinalLinear (AMD EPYC Zen 5, 2 threads, median of 30 calls,
-// microseconds; pairs from 1 row / from 256 rows): vgg-head B = 32 74 / 97, 64 100 / 102, 128 149 / 167;
-// wide-resnet-head 32 851 / 582, 64 921 / 1108, 128 1555 / 2221; wide-resnet-custom 32 3067 / 1825, 64 4141 /
-// 3569, 128 5136 / 6050.
-inline constexpr int64_t kPairRows = 128;
+// Whether the bfloat16 NT products of a call (x Wx^T; where the CPU has the pairs, bf16_pairs) run on W packed in
+// pairs (pair_product, W packed by pack_pairs) rather than on W as stored (pair_dot_product): where the float32
+// products would pack W^T (packs_transposed). Measured with bfloat16 forwards of SpinalLinear (AMD EPYC Zen 5, 2
+// threads, median of 20 calls, microseconds; packed / as stored): vgg-head B = 64 90 / 78, 128 150 / 153, 256
+// 234 / 300, 1024 717 / 1065; wide-resnet-head 64 1652 / 818, 128 1656 / 1546, 256 3284 / 4022, 512 5153 / 6614,
+// 1024 9562 / 12650; wide-resnet-custom 64 4013 / 2355, 128 4933 / 4708, 256 9681 / 11022, 1024 28816 / 36614.
 inline bool packs_pairs(int64_t rows, int64_t tile_rows, int64_t n, int64_t k) {
-  return bf16_pairs() && tile_rows >= 2 && (k < kPackedMaxK || (n >= kPackMinN && rows >= kPairRows));
+  return bf16_pairs() && packs_transposed(rows, tile_rows, n, k);
 }
 
 // A product with nothing to sum (m, n or k zero): C is left as it is, or zeroed when it is not accumulated into.
@@ -935,8 +939,87 @@ SPINAL_TARGET_AVX512BF16 inline void pair_gemm(int64_t m, int64_t n, int64_t k, 
   }
 }
 
+// NT block on W as stored (where W is not packed: see packs_pairs): C[r, j] (=|+=) sum_q A[r, q] W[j, q] for
+// r < MR, j < NR; one vdpbf16ps per 32 terms of each (r, j), lane l holding the pairs (32t + 2l, 32t + 2l + 1), the
+// last 32 or fewer terms loaded masked (zeros add nothing), then the lanes summed (lane_sum).
+template <int MR, int NR>
+SPINAL_TARGET_AVX512BF16 [[gnu::always_inline]] inline void pair_dot_tile(int64_t k, const uint16_t* a, int64_t lda,
+                                                                          const uint16_t* w, int64_t ldw, float* c,
+                                                                          int64_t ldc, bool accumulate) {
+  __m512 acc[MR][NR];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_setzero_ps();
+  }
+  for (int64_t q = 0; q < k; q += 32) {
+    const __mmask32 mask = k - q >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((uint64_t{1} << (k - q)) - 1);
+    __m512bh av[MR];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) av[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, a + r * lda + q);
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) {
+      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + j * ldw + q);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], av[r], wv);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) {
+      const float sum = lane_sum<float, 64>(acc[r][j]);
+      float& out = c[r * ldc + j];
+      out = accumulate ? out + sum : sum;
+    }
+  }
+}
+
+template <int MR>
+SPINAL_TARGET_AVX512BF16 [[gnu::always_inline]] inline void pair_dot_rows(int64_t n, int64_t k, const uint16_t* a,
+                                                                          int64_t lda, const uint16_t* w, int64_t ldw,
+                                                                          float* c, int64_t ldc, bool accumulate) {
+  constexpr int NR = MR == 1 ? 8 : 4;  // one row: more chains of dot products in flight
+  int64_t j = 0;
+  for (; j + NR <= n; j += NR) pair_dot_tile<MR, NR>(k, a, lda, w + j * ldw, ldw, c + j, ldc, accumulate);
+  for (; j < n; ++j) pair_dot_tile<MR, 1>(k, a, lda, w + j * ldw, ldw, c + j, ldc, accumulate);
+}
+
+// C (m x n) (=|+= when accumulate) A (m x k, lda) @ W^T (W: n x k, ldw), both bfloat16 as stored, in blocks of
+// 2 kDotK terms and kDotN outputs (as dot_gemm, whose float32 blocks hold as many bytes).
+SPINAL_TARGET_AVX512BF16 inline void pair_dot_gemm(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a,
+                                                   int64_t lda, const c10::BFloat16* w, int64_t ldw, float* c,
+                                                   int64_t ldc, bool accumulate) {
+  const uint16_t* a16 = reinterpret_cast<const uint16_t*>(a);
+  const uint16_t* w16 = reinterpret_cast<const uint16_t*>(w);
+  constexpr int64_t kBlockK = 2 * kDotK;
+  for (int64_t k0 = 0; k0 < k; k0 += kBlockK) {
+    const int64_t kb = std::min(kBlockK, k - k0);
+    const bool acc = accumulate || k0 > 0;
+    for (int64_t j0 = 0; j0 < n; j0 += kDotN) {
+      const int64_t nb = std::min(kDotN, n - j0);
+      const uint16_t* wb = w16 + j0 * ldw + k0;
+      int64_t r = 0;
+      for (; r + 4 <= m; r += 4) pair_dot_rows<4>(nb, kb, a16 + r * lda + k0, lda, wb, ldw, c + r * ldc + j0, ldc, acc);
+      for (; r < m; ++r) pair_dot_rows<1>(nb, kb, a16 + r * lda + k0, lda, wb, ldw, c + r * ldc + j0, ldc, acc);
+    }
+  }
+}
+
 }  // namespace kernels
 #endif
+
+// C (m x n) (=|+= when accumulate) A (m x k, lda) @ W^T (W: n x k, ldw), both bfloat16 as stored, on the pairs'
+// dot form (kernels::pair_dot_gemm). Only where bf16_pairs().
+inline void pair_dot_product(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a, int64_t lda,
+                             const c10::BFloat16* w, int64_t ldw, float* c, int64_t ldc, bool accumulate) {
+  if (empty_product(m, n, k, accumulate, c, ldc)) return;
+#if SPINAL_X86_DISPATCH
+  kernels::pair_dot_gemm(m, n, k, a, lda, w, ldw, c, ldc, accumulate);
+#else
+  (void)a, (void)lda, (void)w, (void)ldw;
+#endif
+}
 
 // C (m x n) (=|+= when accumulate) A (m x k, lda; bfloat16) @ W^T on W packed in pairs (pack_pairs; the columns from
 // the pointer on, ldp). Only where bf16_pairs().
