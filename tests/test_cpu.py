@@ -217,18 +217,6 @@ def assert_rounded_once(case, dtype):
         assert a.dtype == dtype and torch.equal(a, b.to(dtype)), f"{case.id} {dtype}: grad of {name}"
 
 
-def pair_sums(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """A (m x k) @ W^T (W: n x k), bfloat16, as AVX512_BF16's vdpbf16ps sums it: float32, pair by pair, the odd term
-    of each pair added before the even one, each addition rounded (the products of two bfloat16 are exact)."""
-    a, w = a.float(), w.float()
-    acc = torch.zeros(a.shape[0], w.shape[0])
-    for q in range(0, a.shape[1], 2):
-        if q + 1 < a.shape[1]:
-            acc = acc + a[:, q + 1, None] * w[None, :, q + 1]
-        acc = acc + a[:, q, None] * w[None, :, q]
-    return acc
-
-
 # bfloat16 cases for the pairs, where the CPU has AVX512_BF16. On Wx packed in pairs (packs_pairs: a short chunk, or
 # >= 64 outputs and >= 256 rows): an odd chunk (the last pair's second term), wrapping chunks (gathered), partial
 # vectors of outputs, rows not a multiple of the 6-row tile, act' from the recomputed Z, tied slots. On Wx as
@@ -267,34 +255,29 @@ def test_bfloat16_pairs(case):
     check_pairs(case)
 
 
-def test_bfloat16_pairs_sum_in_the_order_of_the_instruction():
-    """Products 2^24, 0, -2^24, 1: in pairs, odd term first, each addition rounded, the sum is 0 (2^24 + 1 rounds to
-    2^24 before -2^24 is added); summed in order (the float32 kernels, the reference) it is 1. The bfloat16 rounding
-    of H keeps the difference, which the random cases of test_bfloat16_pairs mostly round away."""
-    x = torch.tensor([[2.0**12, 0, -(2.0**12), 1]] * 3, dtype=torch.bfloat16)
-    wx = torch.tensor([[2.0**12, 0, 2.0**12, 1]] * 17, dtype=torch.bfloat16)[None]
-    args = (torch.zeros(0, 17, 17, dtype=torch.bfloat16), torch.zeros(1, 17, dtype=torch.bfloat16), None, None, [0],
-            [0], "relu", 0.01)
-    assert pair_sums(x, wx[0]).eq(0).all() and (x.float() @ wx[0].float().t()).eq(1).all()
-    h, _ = torch.ops.spinal_ops.spinal_forward(x, wx, *args)
-    h32, _ = torch.ops.spinal_ops.spinal_forward(x.float(), wx.float(), *[t.float() if isinstance(t, torch.Tensor)
-                                                                         else t for t in args])
-    assert h32.eq(1).all()
-    assert h.eq(0 if bf16_pairs() else 1).all(), torch.ops.spinal_ops._cpu_isa()
+# Sums whose rounding shows the order of summation (x row, Wx row, rows, H on the pairs, H summed in order: the
+# float32 kernels). Products 2^24, 0, -2^24, 1 on three rows, Wx packed in pairs: pair by pair, the odd term first,
+# each addition rounded, 2^24 + 1 rounds to 2^24 before -2^24 is added: 0; in order 1. Products 2^24, 1, 1, -2^24 on
+# one row, Wx as stored (the dot form): lane 0 sums the pair (2^24, 1) to 2^24, lane 1 the pair (1, -2^24) to
+# 1 - 2^24, the lanes sum to 1; in order 2^24 + 1 rounds to 2^24: 0. (The bfloat16 rounding of H keeps these
+# differences; the random cases of test_bfloat16_pairs mostly round them away.)
+ORDER_CASES = [
+    ((2.0**12, 0, -(2.0**12), 1), (2.0**12, 0, 2.0**12, 1), 3, 0, 1),
+    ((2.0**12, 1, 1, -(2.0**12)), (2.0**12, 1, 1, 2.0**12), 1, 1, 0),
+]
 
 
-def test_bfloat16_pairs_on_weights_as_stored_sum_by_lanes():
-    """One row (Wx not packed: the dot form): lane 0 sums the pair (2^24, 1) to 2^24, lane 1 the pair (1, -2^24) to
-    1 - 2^24, and the lanes sum to 1; in order (the float32 kernels) 2^24 + 1 rounds to 2^24 and the sum is 0."""
-    x = torch.tensor([[2.0**12, 1, 1, -(2.0**12)]], dtype=torch.bfloat16)
-    wx = torch.tensor([[2.0**12, 1, 1, 2.0**12]] * 17, dtype=torch.bfloat16)[None]
+@pytest.mark.parametrize(("x_row", "w_row", "rows", "paired", "ordered"), ORDER_CASES, ids=["packed", "as-stored"])
+def test_bfloat16_pairs_sum_in_the_order_of_the_instruction(x_row, w_row, rows, paired, ordered):
+    x = torch.tensor([x_row] * rows, dtype=torch.bfloat16)
+    wx = torch.tensor([w_row] * 17, dtype=torch.bfloat16)[None]
     args = (torch.zeros(0, 17, 17, dtype=torch.bfloat16), torch.zeros(1, 17, dtype=torch.bfloat16), None, None, [0],
             [0], "relu", 0.01)
     h, _ = torch.ops.spinal_ops.spinal_forward(x, wx, *args)
     h32, _ = torch.ops.spinal_ops.spinal_forward(x.float(), wx.float(), *[t.float() if isinstance(t, torch.Tensor)
                                                                          else t for t in args])
-    assert h32.eq(0).all()
-    assert h.eq(1 if bf16_pairs() else 0).all(), torch.ops.spinal_ops._cpu_isa()
+    assert h32.eq(ordered).all()
+    assert h.eq(paired if bf16_pairs() else ordered).all(), torch.ops.spinal_ops._cpu_isa()
 
 
 def test_reduced_precision_backward_takes_z_from_the_float32_chain():
