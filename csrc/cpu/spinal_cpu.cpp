@@ -39,7 +39,8 @@
 // that products on reduced weights never go to the BLAS (use_blas; AVX2 and baseline CPUs), and that on a CPU with
 // AVX512_BF16 the input products x Wx^T of bfloat16 calls run on bfloat16 pairs (x and Wx as stored, Wx packed in
 // pairs where packs_pairs; kernels::pair_gemm and pair_dot_gemm), at twice the float32 rate. The recurrence and the
-// head keep float32 operands (H is not rounded between sub-layers), and so does the backward.
+// head keep float32 operands (H is not rounded between sub-layers), and so does the backward. The weight gradients
+// of a bfloat16 call without tied slots are written in bfloat16 by the kernels (the same rounding, one pass fewer).
 //
 // Determinism: every element of every product is summed in an order fixed by the problem sizes
 // (csrc/cpu/spinal_gemm.h; products on the BLAS run it single-threaded) and the split into jobs depends only on the
@@ -411,7 +412,9 @@ SPINAL_CLONES void add_column_sums(const T* a, int64_t rows, int64_t n, int64_t 
     for (int64_t j = 0; j < n; ++j) out[j] += a[r * ld + j];
 }
 
-template <Activation A, typename T, typename S>
+// G: the type the untied weight gradients are written in (T, or bfloat16 for a bfloat16 call without tied slots:
+// rounded once from the float32 sums, as the narrowing on exit would).
+template <Activation A, typename T, typename S, typename G>
 struct Backward {
   const Problem<T, S>& p;
   const T* h_all;        // (B, L*w)
@@ -419,9 +422,9 @@ struct Backward {
   bool has_gy;           // grad_y given (hidden mode: never)
   T* dz;                 // (B, L*w) scratch: dH, then dZ
   T* dx;                 // (B, D) or nullptr
-  T* dwx;                // (Lx, w, c) or nullptr
-  T* dwh;                // (Lh, w, w) or nullptr
-  T* dwo;                // (out, L*w) or nullptr (also without grad_y)
+  G* dwx;                // (Lx, w, c) or nullptr
+  G* dwh;                // (Lh, w, w) or nullptr
+  G* dwo;                // (out, L*w) or nullptr (also without grad_y)
   std::vector<T>& xpart;  // per sub-layer partials of tied slots
   std::vector<T>& hpart;
   const std::vector<char>& tied;
@@ -469,18 +472,28 @@ struct Backward {
         const int64_t s = p.starts[i];
         const int64_t c1 = std::min(dd.chunk, dd.in_features - s), c2 = dd.chunk - c1;
         const int64_t xsize = w * dd.chunk;
-        T* g = (tied[i] ? xpart.data() + i * xsize : dwx + dd.x_slot(i) * xsize) + job.j0 * dd.chunk;
-        const bool stream = !tied[i] && streams(xsize);
         const T* dzi = dz + i * w + job.j0;
-        nn_gemm<T>(true, mj, c1, rows, dzi, lw, p.x + s, dd.in_features, false, g, dd.chunk, stream);
-        if (c2 > 0) nn_gemm<T>(true, mj, c2, rows, dzi, lw, p.x, dd.in_features, false, g + c1, dd.chunk, stream);
+        auto product = [&](auto* g, bool stream) {
+          nn_gemm<T>(true, mj, c1, rows, dzi, lw, p.x + s, dd.in_features, false, g, dd.chunk, stream);
+          if (c2 > 0) nn_gemm<T>(true, mj, c2, rows, dzi, lw, p.x, dd.in_features, false, g + c1, dd.chunk, stream);
+        };
+        if (tied[i]) {
+          product(xpart.data() + i * xsize + job.j0 * dd.chunk, false);
+        } else {
+          product(dwx + dd.x_slot(i) * xsize + job.j0 * dd.chunk, streams(xsize));
+        }
         break;
       }
       case WeightKind::kRecurrent: {  // dWh_i[j0:j1] = dZ_i[:, j0:j1].T @ H_{i-1}
         const int64_t hsize = w * w;
-        T* g = (tied[i] ? hpart.data() + i * hsize : dwh + dd.h_slot(i) * hsize) + job.j0 * w;
-        nn_gemm<T>(true, mj, w, rows, dz + i * w + job.j0, lw, h_all + (i - 1) * w, lw, false, g, w,
-                   !tied[i] && streams(hsize));
+        auto product = [&](auto* g, bool stream) {
+          nn_gemm<T>(true, mj, w, rows, dz + i * w + job.j0, lw, h_all + (i - 1) * w, lw, false, g, w, stream);
+        };
+        if (tied[i]) {
+          product(hpart.data() + i * hsize + job.j0 * w, false);
+        } else {
+          product(dwh + dd.h_slot(i) * hsize + job.j0 * w, streams(hsize));
+        }
         break;
       }
       case WeightKind::kHead:  // dWo[j0:j1, block i] = G[:, j0:j1].T @ H_i
@@ -561,9 +574,10 @@ struct Backward {
 
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// The gradients of one call, as T tensors: grad_y, grad_h, x, h_all and the bias are T, the weights S (see Problem).
-template <typename T, typename S>
-Grads backward_kernel(const SpinalDims& d, c10::IntArrayRef starts, const std::array<bool, 6>& mask,
+// The gradients of one call, as T tensors (the weight gradients as G tensors: see Backward): grad_y, grad_h, x,
+// h_all and the bias are T, the weights S (see Problem).
+template <typename T, typename S, typename G>
+Grads backward_grads(const SpinalDims& d, c10::IntArrayRef starts, const std::array<bool, 6>& mask,
                       const std::optional<at::Tensor>& grad_y, const std::optional<at::Tensor>& grad_h,
                       const at::Tensor& x, const at::Tensor& h_all, const at::Tensor& weight_x,
                       const at::Tensor& weight_h, const std::optional<at::Tensor>& bias,
@@ -586,8 +600,9 @@ Grads backward_kernel(const SpinalDims& d, c10::IntArrayRef starts, const std::a
   for (int64_t i = 0; i < d.layers; ++i) any_tied |= (tied[i] = d.slot_uses(d.x_slot(i)) > 1);
   // Weight gradients that jobs write whole (beta = 0) need no zero fill: tied slots (sums of partials), a head
   // without grad_y and the accumulated dx and bias gradients do.
+  const auto g_options = x.options().dtype(c10::CppTypeToScalarType<G>());
   auto grad_like = [&](const at::Tensor& t, bool written_whole) {
-    return written_whole ? at::empty(t.sizes(), x.options()) : at::zeros(t.sizes(), x.options());
+    return written_whole ? at::empty(t.sizes(), g_options) : at::zeros(t.sizes(), g_options);
   };
   at::Tensor dx = want_dx ? at::zeros_like(x) : empty();
   at::Tensor dwx = want_wx ? grad_like(weight_x, !any_tied) : empty();
@@ -613,15 +628,15 @@ Grads backward_kernel(const SpinalDims& d, c10::IntArrayRef starts, const std::a
     std::vector<T> hpart(any_tied && want_wh ? static_cast<size_t>(d.layers * hsize) : 0);
     const std::vector<T> zero_bias(static_cast<size_t>(d.width), T(0));
     with_activation(d.activation, [&](auto act) {
-      const Backward<decltype(act)::value, T, S> bw{p,
+      const Backward<decltype(act)::value, T, S, G> bw{p,
                                                  h_all.const_data_ptr<T>(),
                                                  gy,
                                                  has_gy,
                                                  need_chain ? dz_t.mutable_data_ptr<T>() : nullptr,
                                                  want_dx ? dx.mutable_data_ptr<T>() : nullptr,
-                                                 want_wx ? dwx.mutable_data_ptr<T>() : nullptr,
-                                                 want_wh ? dwh.mutable_data_ptr<T>() : nullptr,
-                                                 want_wo ? dwo.mutable_data_ptr<T>() : nullptr,
+                                                 want_wx ? dwx.mutable_data_ptr<G>() : nullptr,
+                                                 want_wh ? dwh.mutable_data_ptr<G>() : nullptr,
+                                                 want_wo ? dwo.mutable_data_ptr<G>() : nullptr,
                                                  xpart,
                                                  hpart,
                                                  tied,
@@ -653,6 +668,26 @@ Grads backward_kernel(const SpinalDims& d, c10::IntArrayRef starts, const std::a
     }
   }
   return {dx, dwx, dwh, db, dwo, dbo};
+}
+
+// backward_grads, with the weight gradients of a bfloat16 call without tied slots written in bfloat16 directly (no
+// float32 gradient to narrow on exit; a tied slot's gradient is a float32 sum of partials).
+template <typename T, typename S>
+Grads backward_kernel(const SpinalDims& d, c10::IntArrayRef starts, const std::array<bool, 6>& mask,
+                      const std::optional<at::Tensor>& grad_y, const std::optional<at::Tensor>& grad_h,
+                      const at::Tensor& x, const at::Tensor& h_all, const at::Tensor& weight_x,
+                      const at::Tensor& weight_h, const std::optional<at::Tensor>& bias,
+                      const std::optional<at::Tensor>& head_weight, const at::Tensor* x_stored) {
+  if constexpr (std::is_same_v<S, c10::BFloat16> && std::is_same_v<T, float>) {
+    bool any_tied = false;
+    for (int64_t i = 0; i < d.layers; ++i) any_tied |= d.slot_uses(d.x_slot(i)) > 1;
+    if (!any_tied) {
+      return backward_grads<T, S, S>(d, starts, mask, grad_y, grad_h, x, h_all, weight_x, weight_h, bias, head_weight,
+                                     x_stored);
+    }
+  }
+  return backward_grads<T, S, T>(d, starts, mask, grad_y, grad_h, x, h_all, weight_x, weight_h, bias, head_weight,
+                                 x_stored);
 }
 
 Grads spinal_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::optional<at::Tensor>& grad_h,

@@ -257,12 +257,25 @@ template <typename T, int VB>
 #endif
 }
 
+// A float32 vector stored as bfloat16: rounded to nearest even, NaN to the quiet NaN 0x7FC0 (c10::BFloat16's
+// rounding, the one at::Tensor::to uses, up to NaN payloads), for kernels that write bfloat16 results directly.
+template <int VB>
+[[gnu::always_inline]] inline void store_bf16(c10::BFloat16* p, const Vec<float, VB>& v) {
+  using U = Vec<uint32_t, VB>;
+  U bits;
+  std::memcpy(&bits, &v, VB);
+  const U nan = (U)(v != v);
+  U r = (bits + (((bits >> 16) & 1u) + 0x7FFFu)) >> 16;
+  r = (r & ~nan) | (0x7FC0u & nan);
+  store(p, __builtin_convertvector(r, Vec<uint16_t, VB / 2>));
+}
+
 // C[r, :] (=|+=, by `out`) sum_q A(r, q) B[q, :] for r < MR and NV vectors of columns; A(r, q) = a[r * ars + q * aqs]. The
 // last vector of the block may be partial: its loads come from `tail` (ld `ldt`, zero-padded to whole vectors) and
-// only `tail_cols` of its columns are stored (kTail).
-template <typename T, int VB, int MR, int NV, bool kTail, typename S>
+// only `tail_cols` of its columns are stored (kTail). C is T, or bfloat16 (CT; written, rounded once: store_bf16).
+template <typename T, int VB, int MR, int NV, bool kTail, typename S, typename CT>
 [[gnu::always_inline]] inline void axpy_tile(int64_t k, const T* a, int64_t ars, int64_t aqs, const S* b, int64_t ldb,
-                                             const T* tail, int64_t ldt, int tail_cols, T* c, int64_t ldc,
+                                             const T* tail, int64_t ldt, int tail_cols, CT* c, int64_t ldc,
                                              Out out) {
   using V = Vec<T, VB>;
   constexpr int kLanes = VB / sizeof(T);
@@ -288,11 +301,18 @@ template <typename T, int VB, int MR, int NV, bool kTail, typename S>
   }
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) {
-    T* cr = c + r * ldc;
+    CT* cr = c + r * ldc;
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
-      T* p = cr + v * kLanes;
-      if (kTail && v == NV - 1) {
+      CT* p = cr + v * kLanes;
+      if constexpr (!std::is_same_v<CT, T>) {
+        static_assert(std::is_same_v<CT, c10::BFloat16> && std::is_same_v<T, float>, "float32 to bfloat16 only");
+        if (kTail && v == NV - 1) {
+          for (int l = 0; l < tail_cols; ++l) p[l] = c10::BFloat16(acc[r][v][l]);
+        } else {
+          store_bf16<VB>(p, acc[r][v]);
+        }
+      } else if (kTail && v == NV - 1) {
         for (int l = 0; l < tail_cols; ++l) p[l] = out == Out::kAdd ? p[l] + acc[r][v][l] : acc[r][v][l];
       } else if (out == Out::kAdd) {
         store(p, load<V>(p) + acc[r][v]);
@@ -306,9 +326,9 @@ template <typename T, int VB, int MR, int NV, bool kTail, typename S>
 }
 
 // Rows [0, m) of one block of NV vectors, MR rows at a time, the last rows with a narrower tile.
-template <typename T, int VB, int NV, bool kTail, typename S>
+template <typename T, int VB, int NV, bool kTail, typename S, typename CT>
 [[gnu::always_inline]] inline void axpy_rows(int64_t m, int64_t k, const T* a, int64_t ars, int64_t aqs, const S* b,
-                                             int64_t ldb, const T* tail, int64_t ldt, int tail_cols, T* c,
+                                             int64_t ldb, const T* tail, int64_t ldt, int tail_cols, CT* c,
                                              int64_t ldc, Out out) {
   constexpr int MR = Shape<VB>::MR;
   int64_t r = 0;
@@ -317,7 +337,7 @@ template <typename T, int VB, int NV, bool kTail, typename S>
                                     out);
   }
   const T* ar = a + r * ars;
-  T* cr = c + r * ldc;
+  CT* cr = c + r * ldc;
   switch (m - r) {  // MR <= 6
     case 5: axpy_tile<T, VB, 5, NV, kTail>(k, ar, ars, aqs, b, ldb, tail, ldt, tail_cols, cr, ldc, out); break;
     case 4: axpy_tile<T, VB, 4, NV, kTail>(k, ar, ars, aqs, b, ldb, tail, ldt, tail_cols, cr, ldc, out); break;
@@ -328,9 +348,9 @@ template <typename T, int VB, int NV, bool kTail, typename S>
   }
 }
 
-template <typename T, int VB, bool kTail, typename S>
+template <typename T, int VB, bool kTail, typename S, typename CT>
 [[gnu::always_inline]] inline void axpy_block(int nv, int64_t m, int64_t k, const T* a, int64_t ars, int64_t aqs,
-                                              const S* b, int64_t ldb, const T* tail, int64_t ldt, int tail_cols, T* c,
+                                              const S* b, int64_t ldb, const T* tail, int64_t ldt, int tail_cols, CT* c,
                                               int64_t ldc, Out out) {
   static_assert(Shape<VB>::NV <= 4, "blocks of at most four vectors");
   switch (nv) {
@@ -348,10 +368,10 @@ inline constexpr int64_t kShortK = 16;
 
 // C (m x n) (=|+=) A (m x k, strides ars / aqs) @ B (k x n, ldb; stored as S, read widened to T). `padded`: B's
 // rows are readable up to a whole number of vectors past n (a packed B^T, S = T), else the partial last vector is
-// copied (widened) into a zero-padded buffer first.
-template <typename T, int VB, typename S>
+// copied (widened) into a zero-padded buffer first. C is T, or bfloat16 (CT, written: see axpy_tile).
+template <typename T, int VB, typename S, typename CT>
 [[gnu::always_inline]] inline void axpy_gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t ars, int64_t aqs,
-                                             const S* b, int64_t ldb, bool padded, T* c, int64_t ldc,
+                                             const S* b, int64_t ldb, bool padded, CT* c, int64_t ldc,
                                              Out out) {
   constexpr int kLanes = VB / sizeof(T);
   constexpr int NV = Shape<VB>::NV;
@@ -385,12 +405,12 @@ template <typename T, int VB, typename S>
   for (int64_t r0 = 0; r0 < m; r0 += row_step) {
     const int64_t mr = std::min(row_step, m - r0);
     const T* ar = a + r0 * ars;
-    T* cr = c + r0 * ldc;
+    CT* cr = c + r0 * ldc;
     for (int64_t v0 = 0; v0 < vectors; v0 += NV) {
       const int nv = static_cast<int>(std::min<int64_t>(NV, vectors - v0));
       const bool last = v0 + nv == vectors;
       const S* bv = b + v0 * kLanes;
-      T* cv = cr + v0 * kLanes;
+      CT* cv = cr + v0 * kLanes;
       if (last && tail_cols > 0) {
         axpy_block<T, VB, true>(nv, mr, k, ar, ars, aqs, bv, ldb, tail, ldt, tail_cols, cv, ldc, out);
       } else {
@@ -610,9 +630,9 @@ template <typename T, int VB, typename S>
 
 // The kernels of one instruction set: one non-inline function per form, compiled for that set.
 #define SPINAL_KERNEL_SET(ATTR, SUFFIX, VB)                                                                           \
-  template <typename T, typename S>                                                                                   \
+  template <typename T, typename S, typename CT>                                                                      \
   ATTR void axpy_##SUFFIX(int64_t m, int64_t n, int64_t k, const T* a, int64_t ars, int64_t aqs, const S* b,          \
-                          int64_t ldb, bool padded, T* c, int64_t ldc, Out out) {                                     \
+                          int64_t ldb, bool padded, CT* c, int64_t ldc, Out out) {                                    \
     axpy_gemm<T, VB>(m, n, k, a, ars, aqs, b, ldb, padded, c, ldc, out);                                              \
   }                                                                                                                   \
   template <typename T, typename S>                                                                                   \
@@ -660,9 +680,9 @@ int64_t vector_lanes() {
 
 // C (m x n) (=|+=, by `out`) A (m x k; element (r, q) at a[r * ars + q * aqs]) @ B (k x n, ldb) on the hand-written
 // kernels (B stored as S; see kernels::load_wide).
-template <typename T, typename S>
+template <typename T, typename S, typename CT>
 void axpy_product(int64_t m, int64_t n, int64_t k, const T* a, int64_t ars, int64_t aqs, const S* b, int64_t ldb,
-                  bool padded, T* c, int64_t ldc, kernels::Out out) {
+                  bool padded, CT* c, int64_t ldc, kernels::Out out) {
   SPINAL_ISA_CALL(axpy, m, n, k, a, ars, aqs, b, ldb, padded, c, ldc, out)
 }
 
@@ -771,7 +791,7 @@ bool empty_product(int64_t m, int64_t n, int64_t k, bool accumulate, T* c, int64
   if (m == 0 || n == 0) return true;
   if (k > 0) return false;
   if (!accumulate) {
-    for (int64_t r = 0; r < m; ++r) std::fill(c + r * ldc, c + r * ldc + n, T(0));
+    for (int64_t r = 0; r < m; ++r) std::fill(c + r * ldc, c + r * ldc + n, static_cast<T>(0.0f));
   }
   return true;
 }
@@ -794,15 +814,18 @@ void nt_gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const NtO
 
 // C (m x n) (=|+= when accumulate) op(A) (m x k) @ B (k x n, ldb; stored as S, and then never on the BLAS, like
 // nt_gemm): A (m x k, lda), or its transpose stored (k x m, lda) when trans_a. `stream`: C is large and not read
-// again by this call (kernels::Out::kStream; no effect with accumulate or on the BLAS).
-template <typename T, typename S>
+// again by this call (kernels::Out::kStream; no effect with accumulate or on the BLAS). C is T, or bfloat16 (CT:
+// written, not accumulated, rounded once from the float32 sums; never on the BLAS).
+template <typename T, typename S, typename CT>
 void nn_gemm(bool trans_a, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const S* b, int64_t ldb,
-             bool accumulate, T* c, int64_t ldc, bool stream = false) {
+             bool accumulate, CT* c, int64_t ldc, bool stream = false) {
   if (empty_product(m, n, k, accumulate, c, ldc)) return;
-  if constexpr (std::is_same_v<S, T>) {
+  if constexpr (std::is_same_v<S, T> && std::is_same_v<CT, T>) {
     if (use_blas(m, n, k)) return blas_gemm<T>(trans_a, false, m, n, k, a, lda, b, ldb, accumulate, c, ldc);
   }
-  if (m == 1 && !trans_a) return axpy_row_product<T, S>(n, k, a, b, ldb, c, accumulate);
+  if constexpr (std::is_same_v<CT, T>) {
+    if (m == 1 && !trans_a) return axpy_row_product<T, S>(n, k, a, b, ldb, c, accumulate);
+  }
   const kernels::Out out = accumulate ? kernels::Out::kAdd : stream ? kernels::Out::kStream : kernels::Out::kWrite;
   axpy_product<T, S>(m, n, k, a, trans_a ? 1 : lda, trans_a ? lda : 1, b, ldb, false, c, ldc, out);
 }
