@@ -217,7 +217,7 @@ def assert_rounded_once(case, dtype):
         assert a.dtype == dtype and torch.equal(a, b.to(dtype)), f"{case.id} {dtype}: grad of {name}"
 
 
-# bfloat16 cases for the pairs, where the CPU has AVX512_BF16. On Wx packed in pairs (packs_pairs: a short chunk, or
+# bfloat16 cases for the pairs, where the CPU has AVX512_BF16. On Wx packed in pairs (pack_weights: a short chunk, or
 # >= 64 outputs and >= 256 rows): an odd chunk (the last pair's second term), wrapping chunks (gathered), partial
 # vectors of outputs, rows not a multiple of the 6-row tile, act' from the recomputed Z, tied slots. On Wx as
 # stored (the dot form): one row, wrapping chunks of odd length (the

@@ -38,7 +38,7 @@
 // and the results are those of the float32 kernels on the widened tensors, rounded, bit for bit (tested), except
 // that products on reduced weights never go to the BLAS (use_blas; AVX2 and baseline CPUs), and that on a CPU with
 // AVX512_BF16 the input products x Wx^T of bfloat16 calls run on bfloat16 pairs (x and Wx as stored, Wx packed in
-// pairs where packs_pairs; kernels::pair_gemm and pair_dot_gemm), at twice the float32 rate. The recurrence and the
+// pairs where float32 would pack W^T (pack_weights); kernels::pair_gemm and pair_dot_gemm), at twice the float32 rate. The recurrence and the
 // head keep float32 operands (H is not rounded between sub-layers), and so does the backward. The weight gradients
 // of a bfloat16 call without tied slots are written in bfloat16 by the kernels (the same rounding, one pass fewer).
 //
@@ -84,8 +84,8 @@ struct Problem {
   const T* wht = nullptr;  // per slot (w, ldwht): Wh_s^T, or nullptr
   const T* wot = nullptr;  // (L*w, ldwot): Wo^T, or nullptr
   int64_t ldwxt = 0, ldwht = 0, ldwot = 0;
-  // bfloat16 calls where the input products run on bfloat16 pairs (pack_weights): x as stored, and per slot
-  // Wx_s packed in pairs (ceil(c / 2), ldwxp; pack_pairs)
+  // bfloat16 calls whose input products run on bfloat16 pairs (pairs_run): x as stored, and per slot Wx_s packed
+  // in pairs (ceil(c / 2), ldwxp; pack_pairs) where pack_weights packs them, else null
   const S* xs = nullptr;
   const uint32_t* wxp = nullptr;
   int64_t ldwxp = 0;
@@ -119,15 +119,19 @@ Problem<T, S> make_problem(const SpinalDims& d, c10::IntArrayRef starts, const a
 }
 
 // Packs W^T of the forward's NT products that run on it (packs_transposed) into `buffer` (T: reduced weights are
-// widened as they are packed), one job per weight slot, and points p at it. The input products of a bfloat16 call
-// with p.xs set run on bfloat16 pairs instead where the CPU has them (bf16_pairs): Wx packed in pairs into `pairs`.
+// widened as they are packed), one job per weight slot, and points p at it. The input products of a call on
+// bfloat16 pairs (p.xs set) take Wx packed in pairs instead, into `pairs`, where float32 would pack W^T, and Wx as
+// stored elsewhere (the dot form). Measured with bfloat16 forwards of SpinalLinear (AMD EPYC Zen 5, 2 threads,
+// median of 20 calls, microseconds; packed / as stored): vgg-head B = 64 90 / 78, 128 150 / 153, 256 234 / 300,
+// 1024 717 / 1065; wide-resnet-head 64 1652 / 818, 128 1656 / 1546, 256 3284 / 4022, 512 5153 / 6614, 1024 9562 /
+// 12650; wide-resnet-custom 64 4013 / 2355, 128 4933 / 4708, 256 9681 / 11022, 1024 28816 / 36614.
 template <typename T, typename S>
 void pack_weights(Problem<T, S>& p, int64_t tile_rows, bool with_head, at::Tensor& buffer, at::Tensor& pairs) {
   const SpinalDims& d = p.d;
   const int64_t rows = d.rows, w = d.width, c = d.chunk, lw = d.hidden();
   bool px = packs_transposed(rows, tile_rows, w, c);
   if constexpr (std::is_same_v<S, c10::BFloat16>) {
-    if (p.xs != nullptr && packs_pairs(rows, tile_rows, w, c)) {
+    if (p.xs != nullptr && px) {
       px = false;
       const int64_t ldp = pair_ld(w), slot = (c + 1) / 2 * ldp;
       pairs = at::empty({d.x_slots * slot}, at::TensorOptions().dtype(at::kInt));
@@ -160,20 +164,18 @@ void pack_weights(Problem<T, S>& p, int64_t tile_rows, bool with_head, at::Tenso
   if (po) p.wot = out + xsize + hsize, p.ldwot = ldo;
 }
 
-// Columns [n0, n1) of Z_i (rows [r0, r0+m), sub-layer i) into z (ldz; z points at column n0), from x and
-// H_{i-1}; the bias is NOT added. Output column n of Z_i reads row n of Wx_i and of Wh_i.
+// Columns [n0, n0 + n) of x_chunk_i @ Wx_i^T (rows [r0, r0 + m)) into z (ldz; z points at column n0): on bfloat16
+// pairs where p.xs is set (Wx packed in pairs, a wrapping chunk gathered into one row first; or Wx as stored, the
+// dot form), else on the float32 kernels.
 template <typename T, typename S>
-void input_and_recurrent_product(const Problem<T, S>& p, int64_t i, int64_t r0, int64_t m, int64_t n0, int64_t n1,
-                                 const T* h_all, T* z, int64_t ldz) {
+void input_product(const Problem<T, S>& p, int64_t i, int64_t r0, int64_t m, int64_t n0, int64_t n, T* z,
+                   int64_t ldz) {
   const SpinalDims& d = p.d;
   const int64_t s = p.starts[i];
   const int64_t c1 = std::min(d.chunk, d.in_features - s);
   const int64_t c2 = d.chunk - c1;
-  const int64_t lw = d.hidden();
-  const int64_t n = n1 - n0;
-  bool done = false;
   if constexpr (std::is_same_v<S, c10::BFloat16>) {
-    if (p.wxp != nullptr) {  // on bfloat16 pairs: x as stored, a wrapping chunk gathered into one row first
+    if (p.wxp != nullptr) {
       const S* a = p.xs + r0 * d.in_features + s;
       int64_t lda = d.in_features;
       std::vector<S> gathered;
@@ -186,21 +188,30 @@ void input_and_recurrent_product(const Problem<T, S>& p, int64_t i, int64_t r0, 
         }
         a = gathered.data(), lda = d.chunk;
       }
-      pair_product(m, n, d.chunk, a, lda, p.wxp_slot(i) + n0, p.ldwxp, z, ldz, false);
-      done = true;
-    } else if (p.xs != nullptr && bf16_pairs()) {  // on pairs of Wx as stored: the dot form
+      return pair_product(m, n, d.chunk, a, lda, p.wxp_slot(i) + n0, p.ldwxp, z, ldz, false);
+    }
+    if (p.xs != nullptr) {
       const S* xr = p.xs + r0 * d.in_features;
       const S* wxi = p.wx_slot(i) + n0 * d.chunk;
       pair_dot_product(m, n, c1, xr + s, d.in_features, wxi, d.chunk, z, ldz, false);
       if (c2 > 0) pair_dot_product(m, n, c2, xr, d.in_features, wxi + c1, d.chunk, z, ldz, true);
-      done = true;
+      return;
     }
   }
-  if (!done) {
-    const NtOperand<T, S> wxi = p.wx_op(i).shifted(n0, 0);
-    nt_gemm(m, n, c1, p.x + r0 * d.in_features + s, d.in_features, wxi, false, z, ldz);
-    if (c2 > 0) nt_gemm(m, n, c2, p.x + r0 * d.in_features, d.in_features, wxi.shifted(0, c1), true, z, ldz);
-  }
+  const NtOperand<T, S> wxi = p.wx_op(i).shifted(n0, 0);
+  nt_gemm(m, n, c1, p.x + r0 * d.in_features + s, d.in_features, wxi, false, z, ldz);
+  if (c2 > 0) nt_gemm(m, n, c2, p.x + r0 * d.in_features, d.in_features, wxi.shifted(0, c1), true, z, ldz);
+}
+
+// Columns [n0, n1) of Z_i (rows [r0, r0+m), sub-layer i) into z (ldz; z points at column n0), from x and
+// H_{i-1}; the bias is NOT added. Output column n of Z_i reads row n of Wx_i and of Wh_i.
+template <typename T, typename S>
+void input_and_recurrent_product(const Problem<T, S>& p, int64_t i, int64_t r0, int64_t m, int64_t n0, int64_t n1,
+                                 const T* h_all, T* z, int64_t ldz) {
+  const SpinalDims& d = p.d;
+  const int64_t lw = d.hidden();
+  const int64_t n = n1 - n0;
+  input_product(p, i, r0, m, n0, n, z, ldz);
   if (i > 0) {
     nt_gemm(m, n, d.width, h_all + r0 * lw + (i - 1) * d.width, lw, p.wh_op(i).shifted(n0, 0), true, z, ldz);
   }
@@ -275,7 +286,7 @@ void check_cpu_args(const SpinalDims& d, const at::Tensor& x) {
 }
 
 // H (and y) of one call into h_all and y (T tensors): x and the biases are T, the weights S (see Problem).
-// x_stored: x as given (reduced calls; see Problem::xs), or null.
+// x_stored: x as given where its input products run on bfloat16 pairs (pairs_run; Problem::xs), or null.
 template <typename T, typename S>
 void forward_kernel(const SpinalDims& d, c10::IntArrayRef starts, const at::Tensor& x, const at::Tensor& weight_x,
                     const at::Tensor& weight_h, const std::optional<at::Tensor>& bias,
@@ -296,22 +307,25 @@ void forward_kernel(const SpinalDims& d, c10::IntArrayRef starts, const at::Tens
   });
 }
 
-// The float32 H and y of a bfloat16 / float16 call: x and the biases widened, the weights read as stored (x is not
-// widened where the input products run on bfloat16 pairs, which read it as stored: every bfloat16 call with
-// bf16_pairs()).
+// Whether the input products of a call with x run on bfloat16 pairs: every bfloat16 call where the CPU has them
+// (x is then passed as stored, Problem::xs, and not widened).
+bool pairs_run(const at::Tensor& x) { return x.scalar_type() == at::kBFloat16 && bf16_pairs(); }
+
+// The float32 H and y of a bfloat16 / float16 call: x (unless pairs_run) and the biases widened, the weights read
+// as stored.
 std::tuple<at::Tensor, at::Tensor> reduced_forward(const SpinalDims& d, c10::IntArrayRef starts, const at::Tensor& x,
                                                    const at::Tensor& weight_x, const at::Tensor& weight_h,
                                                    const std::optional<at::Tensor>& bias,
                                                    const std::optional<at::Tensor>& head_weight,
                                                    const std::optional<at::Tensor>& head_bias) {
-  const bool pairs = x.scalar_type() == at::kBFloat16 && bf16_pairs();
+  const bool pairs = pairs_run(x);
   const at::Tensor x32 = pairs ? at::Tensor() : widen(x);
   const auto options = x.options().dtype(at::kFloat);
   at::Tensor h_all = at::empty({d.rows, d.hidden()}, options);
   at::Tensor y = at::empty({d.rows, d.out}, options);
   AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "spinal_forward_cpu", [&] {
     forward_kernel<float, scalar_t>(d, starts, x32, weight_x, weight_h, widen(bias), head_weight, widen(head_bias),
-                                    &x, h_all, y);
+                                    pairs ? &x : nullptr, h_all, y);
   });
   return {h_all, y};
 }
@@ -714,7 +728,8 @@ Grads spinal_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::op
     Grads grads;
     AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "spinal_backward_cpu", [&] {
       grads = backward_kernel<float, scalar_t>(d, starts, mask, widen(grad_y), widen(grad_h), widen(x), h32,
-                                               weight_x, weight_h, widen(bias), head_weight, &x);
+                                               weight_x, weight_h, widen(bias), head_weight,
+                                               pairs_run(x) ? &x : nullptr);
     });
     auto narrow = [&](const at::Tensor& g) { return g.to(x.scalar_type()); };
     return {narrow(std::get<0>(grads)), narrow(std::get<1>(grads)), narrow(std::get<2>(grads)),

@@ -172,7 +172,6 @@ template <typename T, int VB, typename S>
     constexpr bool kBf16 = std::is_same_v<S, c10::BFloat16>;
     using Half = Vec<short, VB / 2>;  // the stored 16-bit elements
     using Bits = Vec<int, VB>;
-    const Half h = load<Half>(p);
     Vec<float, VB> v;
 #if SPINAL_X86_DISPATCH && !defined(__clang__)
     // GCC splits a widening __builtin_convertvector of a 32-byte vector in two (three shuffles more per load) and
@@ -180,6 +179,7 @@ template <typename T, int VB, typename S>
     // _mm256_cvtepu16_epi32 and _mm512_cvtph_ps / _mm256_cvtph_ps, checked against the target of the kernel they
     // are inlined into (as stream_store's).
     if constexpr (VB == 64 || VB == 32) {
+      const Half h = load<Half>(p);
       if constexpr (kBf16) {
         Bits bits;
         if constexpr (VB == 64) {
@@ -774,15 +774,6 @@ inline bool packs_transposed(int64_t rows, int64_t tile_rows, int64_t n, int64_t
   return tile_rows >= 2 && (k < kPackedMaxK || (n >= kPackMinN && rows >= kPackRows));
 }
 
-// Whether the bfloat16 NT products of a call (x Wx^T; where the CPU has the pairs, bf16_pairs) run on W packed in
-// pairs (pair_product, W packed by pack_pairs) rather than on W as stored (pair_dot_product): where the float32
-// products would pack W^T (packs_transposed). Measured with bfloat16 forwards of SpinalLinear (AMD EPYC Zen 5, 2
-// threads, median of 20 calls, microseconds; packed / as stored): vgg-head B = 64 90 / 78, 128 150 / 153, 256
-// 234 / 300, 1024 717 / 1065; wide-resnet-head 64 1652 / 818, 128 1656 / 1546, 256 3284 / 4022, 512 5153 / 6614,
-// 1024 9562 / 12650; wide-resnet-custom 64 4013 / 2355, 128 4933 / 4708, 256 9681 / 11022, 1024 28816 / 36614.
-inline bool packs_pairs(int64_t rows, int64_t tile_rows, int64_t n, int64_t k) {
-  return bf16_pairs() && packs_transposed(rows, tile_rows, n, k);
-}
 
 // A product with nothing to sum (m, n or k zero): C is left as it is, or zeroed when it is not accumulated into.
 // Returns whether the product was empty.
@@ -962,7 +953,7 @@ SPINAL_TARGET_AVX512BF16 inline void pair_gemm(int64_t m, int64_t n, int64_t k, 
   }
 }
 
-// NT block on W as stored (where W is not packed: see packs_pairs): C[r, j] (=|+=) sum_q A[r, q] W[j, q] for
+// NT block on W as stored (where W is not packed in pairs: see pack_weights in spinal_cpu.cpp): C[r, j] (=|+=) sum_q A[r, q] W[j, q] for
 // r < MR, j < NR; one vdpbf16ps per 32 terms of each (r, j), lane l holding the pairs (32t + 2l, 32t + 2l + 1), the
 // last 32 or fewer terms loaded masked (zeros add nothing), then the lanes summed (lane_sum).
 template <int MR, int NR>
