@@ -498,7 +498,56 @@ template <typename T, int VB>
   const V v = fold_pair<V, L>(a[2], a[3], std::make_index_sequence<L>{});
   finish_groups<T, L, L / 4>(fold_quarter<V, L>(u, v, std::make_index_sequence<L>{}), out);
 }
+
+// One stage of an L x L transpose in registers: rows i and i + H (i & H == 0) swap their off-diagonal H-lane blocks
+// (lane c + H of row i with lane c of row i + H, for c & H == 0); the stages H = L / 2, ..., 1 transpose the block.
+template <int L, int H>
+struct Swap {
+  static constexpr int low(int c) { return (c & H) ? L + c - H : c; }
+  static constexpr int high(int c) { return (c & H) ? L + c : c + H; }
+};
+template <int L, int H, typename V, std::size_t... I>
+[[gnu::always_inline]] inline void swap_stage(V* v, std::index_sequence<I...>) {
+  for (int i = 0; i < L; ++i) {
+    if (i & H) continue;
+    const V a = v[i], b = v[i + H];
+    v[i] = __builtin_shufflevector(a, b, Swap<L, H>::low(I)...);
+    v[i + H] = __builtin_shufflevector(a, b, Swap<L, H>::high(I)...);
+  }
+}
+template <int L, int H, typename V>
+[[gnu::always_inline]] inline void transpose_stages(V* v) {
+  swap_stage<L, H>(v, std::make_index_sequence<L>{});
+  if constexpr (H > 1) transpose_stages<L, H / 2>(v);
+}
 #endif
+
+// dst[j * ldd + r] = src[r * lds + j] for r < m, j < n: L x L blocks transposed in registers (L lanes of the set),
+// the edges element by element.
+template <typename T, int VB>
+[[gnu::always_inline]] inline void transpose_matrix(int64_t m, int64_t n, const T* src, int64_t lds, T* dst,
+                                                    int64_t ldd) {
+  constexpr int L = VB / sizeof(T);
+  int64_t r0 = 0;
+#ifdef SPINAL_HAS_SHUFFLEVECTOR
+  using V = Vec<T, VB>;
+  for (; r0 + L <= m; r0 += L) {
+    int64_t j0 = 0;
+    for (; j0 + L <= n; j0 += L) {
+      V v[L];
+#pragma GCC unroll 16
+      for (int i = 0; i < L; ++i) v[i] = load<V>(src + (r0 + i) * lds + j0);
+      transpose_stages<L, L / 2>(v);
+#pragma GCC unroll 16
+      for (int i = 0; i < L; ++i) store(dst + (j0 + i) * ldd + r0, v[i]);
+    }
+    for (int64_t j = j0; j < n; ++j)
+      for (int64_t r = r0; r < r0 + L; ++r) dst[j * ldd + r] = src[r * lds + j];
+  }
+#endif
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t r = r0; r < m; ++r) dst[j * ldd + r] = src[r * lds + j];
+}
 
 // NT block: C[r, j] (=|+=) sum_q A[r, q] W[j, q] for r < MR, j < NR (A: lda, W: ldw, both k-contiguous; W stored as
 // S, read widened to T): MR x NR vector accumulators along k, then the lanes of each summed (lane_sum) and the
@@ -643,6 +692,10 @@ template <typename T, int VB, typename S>
   template <typename T, typename S>                                                                                   \
   ATTR void axpy_row_##SUFFIX(int64_t n, int64_t k, const T* a, const S* b, int64_t ldb, T* c, bool acc) {            \
     axpy_row<T, VB>(n, k, a, b, ldb, c, acc);                                                                         \
+  }                                                                                                                   \
+  template <typename T, typename S>                                                                                   \
+  ATTR void transpose_##SUFFIX(int64_t m, int64_t n, const T* src, int64_t lds, T* dst, int64_t ldd) {                \
+    transpose_matrix<T, VB>(m, n, src, lds, dst, ldd);                                                                \
   }
 
 #define SPINAL_NO_ATTR
@@ -684,6 +737,13 @@ template <typename T, typename S, typename CT>
 void axpy_product(int64_t m, int64_t n, int64_t k, const T* a, int64_t ars, int64_t aqs, const S* b, int64_t ldb,
                   bool padded, CT* c, int64_t ldc, kernels::Out out) {
   SPINAL_ISA_CALL(axpy, m, n, k, a, ars, aqs, b, ldb, padded, c, ldc, out)
+}
+
+// dst (n x m, ldd) = src (m x n, lds) transposed, on the kernels' vectors.
+template <typename T>
+void transpose(int64_t m, int64_t n, const T* src, int64_t lds, T* dst, int64_t ldd) {
+  using S = T;
+  SPINAL_ISA_CALL(transpose, m, n, src, lds, dst, ldd)
 }
 
 template <typename T, typename S>
