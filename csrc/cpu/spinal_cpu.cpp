@@ -265,15 +265,18 @@ void forward_tile(const Problem<T, S>& p, int64_t r0, int64_t m, T* h_all, T* y,
 
 // Whether the forward's row tiles run transposed (forward_tile_transposed): layers whose products all have fewer
 // than kTransposedTerms terms (chunk and width), where the dot kernel's lane sums cost as much as its few vector
-// multiply-adds per output, whose act' comes from H (the backward recomputes Z for the others, the usual way), in a
-// batch of several tiles (one tile splits its columns instead). Measured with float32 forwards of SpinalLinear
-// (AMD EPYC Zen 5, 2 threads, median microseconds over 1 s, transposed / not): regression (c = 4, w = 50) B = 1024
-// 112 / 146; vit-custom (c = 128, w = 20) 214 / 194 and resnet-head (c = 256, w = 20) 183 / 144, so long chunks
-// stay on the dot kernel.
+// multiply-adds per output, whose act' comes from H (the backward recomputes Z for the others, the usual way), in
+// tiles of at least kTransposedRows rows (two vectors of rows; several tiles: one tile splits its columns instead).
+// Measured with float32 forwards of SpinalLinear (AMD EPYC Zen 5, 2 threads, median microseconds over 0.5-1 s,
+// alternating runs, transposed / not): regression (c = 4, w = 50) B = 1024 (tiles of 128 rows) 112 / 145, B = 256
+// (32 rows) 44 / 59 and 43 / 48, B = 128 (16 rows) 42 / 29 and 34 / 35, B = 64 (16 rows) 23 / 21 three times;
+// vit-custom (c = 128, w = 20) B = 1024 214 / 194 and resnet-head (c = 256, w = 20) 183 / 144, so long chunks stay on
+// the dot kernel.
 inline constexpr int64_t kTransposedTerms = 64;
+inline constexpr int64_t kTransposedRows = 32;
 bool transposes(const SpinalDims& d, const RowTiles& tiles) {
   return d.width < kTransposedTerms && d.chunk < kTransposedTerms && tiles.count > 1 &&
-         !needs_preactivation(d.activation, d.negative_slope);
+         tiles.size >= kTransposedRows && !needs_preactivation(d.activation, d.negative_slope);
 }
 
 // row = act(row + bias), one row of a transposed sub-layer (one output column of Z over the tile's rows).
