@@ -164,13 +164,16 @@ def test_reduced_precision_runs_on_the_cpu_kernels(dtype):
 
 # Reduced-precision cases for the bitwise check below: the dot kernel on weights as stored (B < 16), a wrapping
 # chunk, short k on a W^T packed (widened) from them (w < 64, B >= 2), one row (axpy_row), partial vectors, tied
-# slots, hidden mode, and act' from the recomputed Z (leaky_relu, negative slope). Fewer than 16 rows: no product
-# goes to the BLAS (use_blas), which only the float32 kernels may call, on any instruction set.
+# slots, hidden mode, and act' from the recomputed Z (leaky_relu, negative slope), and transposed tiles (short
+# products, B >= 256: the weights widened for them). No product goes to the BLAS (use_blas: >= 16 rows and >= 32
+# columns on both sides), which only the float32 kernels may call, on any instruction set: fewer than 16 rows, or
+# (the last case) chunk, width and outputs under 32.
 REDUCED_CASES = [
     Case(1, 300, 2, 70, 3),
     Case(5, 37, 3, 21, 4, activation="leaky_relu", negative_slope=-0.2),
     Case(15, 203, 2, 40, 6, out=10, tie=(0, 1, 2, 3, 2, 3)),
     Case(3, 130, 2, 33, 3, head=False, split_mode="alternate"),
+    Case(300, 61, 2, 17, 4, activation="tanh"),
 ]
 
 
@@ -278,6 +281,37 @@ def test_bfloat16_pairs_sum_in_the_order_of_the_instruction(x_row, w_row, rows, 
                                                                          else t for t in args])
     assert h32.eq(ordered).all()
     assert h.eq(paired if bf16_pairs() else ordered).all(), torch.ops.spinal_ops._cpu_isa()
+
+
+# Forwards of short products (chunk and width under 64 terms) in tiles of >= 32 rows run transposed
+# (forward_tile_transposed in csrc/cpu/spinal_cpu.cpp): B >= 256 with these small weights gives 32-row tiles or more.
+# Wrapping chunks, a width of one vector and a lane, hidden mode, tied slots; leaky_relu with a negative slope (act'
+# from Z) stays on the usual tiles.
+TRANSPOSED_CASES = [
+    Case(256, 8, 2, 50, 6, out=1, activation="leaky_relu", negative_slope=0.01),
+    Case(300, 61, 2, 17, 4, activation="tanh"),
+    Case(257, 9, 2, 63, 3, activation="sigmoid", head=False),
+    Case(512, 40, 3, 33, 5, tie=(0, 1, 2, 1, 2)),
+    Case(300, 61, 2, 17, 4, activation="leaky_relu", negative_slope=-0.2),
+]
+
+
+@pytest.mark.parametrize("case", TRANSPOSED_CASES, ids=[c.id for c in TRANSPOSED_CASES])
+def test_transposed_tiles(case):
+    """Against the reference (tolerance rule) in float32 and float64, and bitwise equal on 1 and 2 threads. (Reduced
+    precision on these tiles: the last of REDUCED_CASES.)"""
+    for dtype in (torch.float32, torch.float64):
+        check_against_reference("cpu", case, dtype)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = run_case("cpu", case, torch.float32, seed=3)
+        torch.set_num_threads(1)
+        one = run_case("cpu", case, torch.float32, seed=3)
+    finally:
+        torch.set_num_threads(threads)
+    for name, t in two.items():
+        assert (t is None and one[name] is None) or torch.equal(t, one[name]), f"{case.id}: {name} 1 vs 2 threads"
 
 
 def test_reduced_precision_backward_takes_z_from_the_float32_chain():
@@ -390,7 +424,9 @@ for case in cases:
     one = run_case("cpu", case, torch.float32, seed=3)
     for name, t in two.items():
         assert (t is None and one[name] is None) or torch.equal(t, one[name]), f"{case.id}: {name} 1 vs 2 threads"
-from test_cpu import REDUCED_CASES, PAIR_CASES, assert_rounded_once, bf16_pairs, check_pairs
+from test_cpu import REDUCED_CASES, PAIR_CASES, TRANSPOSED_CASES, assert_rounded_once, bf16_pairs, check_pairs
+for case in TRANSPOSED_CASES:
+    check_against_reference("cpu", case, torch.float32)
 for case in REDUCED_CASES:
     for dtype in (torch.float16,) if bf16_pairs() else (torch.bfloat16, torch.float16):
         assert_rounded_once(case, dtype)
