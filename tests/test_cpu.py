@@ -235,20 +235,25 @@ PAIR_CASES = [
 ]
 
 
-def check_pairs(case):
-    """The pair products against the reference (tolerance rule), and bitwise equal on 1 and 2 threads. (Their order
-    of summation: the two tests below, with sums that show it.)"""
-    check_against_reference("cpu", case, inputs=make_inputs(case, torch.bfloat16, seed=6))
+def assert_same_on_1_and_2_threads(case, dtype):
+    """The output and every gradient of ``case`` on the cpu backend, bitwise equal on 1 and 2 threads."""
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        two = run_case("cpu", case, torch.bfloat16, seed=3)
+        two = run_case("cpu", case, dtype, seed=3)
         torch.set_num_threads(1)
-        one = run_case("cpu", case, torch.bfloat16, seed=3)
+        one = run_case("cpu", case, dtype, seed=3)
     finally:
         torch.set_num_threads(threads)
     for name, t in two.items():
         assert (t is None and one[name] is None) or torch.equal(t, one[name]), f"{case.id}: {name} 1 vs 2 threads"
+
+
+def check_pairs(case):
+    """The pair products against the reference (tolerance rule), and bitwise equal on 1 and 2 threads. (Their order
+    of summation: the two tests below, with sums that show it.)"""
+    check_against_reference("cpu", case, inputs=make_inputs(case, torch.bfloat16, seed=6))
+    assert_same_on_1_and_2_threads(case, torch.bfloat16)
 
 
 @pytest.mark.parametrize("case", PAIR_CASES, ids=[c.id for c in PAIR_CASES])
@@ -302,16 +307,7 @@ def test_transposed_tiles(case):
     precision on these tiles: the last of REDUCED_CASES.)"""
     for dtype in (torch.float32, torch.float64):
         check_against_reference("cpu", case, dtype)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        two = run_case("cpu", case, torch.float32, seed=3)
-        torch.set_num_threads(1)
-        one = run_case("cpu", case, torch.float32, seed=3)
-    finally:
-        torch.set_num_threads(threads)
-    for name, t in two.items():
-        assert (t is None and one[name] is None) or torch.equal(t, one[name]), f"{case.id}: {name} 1 vs 2 threads"
+    assert_same_on_1_and_2_threads(case, torch.float32)
 
 
 def test_reduced_precision_backward_takes_z_from_the_float32_chain():
