@@ -288,9 +288,8 @@ SPINAL_CLONES void bias_activation_column(T* __restrict row, T bias, int64_t n, 
 
 // One row tile of a layer of short products (transposes), transposed: the rows of the tile run along the vectors of
 // the axpy kernel (16 rows per AVX-512 vector) instead of the terms of the dot kernel (50 terms: 4 vectors and a lane
-// sum per output). Z_i^T (w x m) = Wx_i @
-// x_chunk^T + Wh_i @ H_{i-1}^T, act in place, y^T = Wo @ H^T; x_chunk^T is gathered per sub-layer, H^T and y^T are
-// transposed into h_all and y at the end.
+// sum per output). Z_i^T (w x m) = Wx_i @ x_chunk^T + Wh_i @ H_{i-1}^T, act in place, y^T = Wo @ H^T; x_chunk^T is
+// gathered per sub-layer, H^T and y^T are transposed into h_all and y at the end.
 template <Activation A, typename T>
 void forward_tile_transposed(const Problem<T, T>& p, int64_t r0, int64_t m, T* h_all, T* y, const T* zero_bias) {
   const SpinalDims& d = p.d;
@@ -360,7 +359,9 @@ void forward_kernel(const SpinalDims& d, c10::IntArrayRef starts, const at::Tens
   with_activation(d.activation, [&](auto act) {
     for_each_tile(tiles, d.rows * row_work(d), [&](int64_t r0, int64_t m, bool one_tile) {
       if constexpr (std::is_same_v<S, T>) {
-        if (transposes(d, tiles)) return forward_tile_transposed<decltype(act)::value>(p, r0, m, hp, yp, zero_bias.data());
+        if (transposes(d, tiles)) {
+          return forward_tile_transposed<decltype(act)::value>(p, r0, m, hp, yp, zero_bias.data());
+        }
       }
       forward_tile<decltype(act)::value>(p, r0, m, hp, yp, zero_bias.data(), one_tile);
     });
@@ -383,7 +384,7 @@ std::tuple<at::Tensor, at::Tensor> reduced_forward(const SpinalDims& d, c10::Int
   const auto options = x.options().dtype(at::kFloat);
   at::Tensor h_all = at::empty({d.rows, d.hidden()}, options);
   at::Tensor y = at::empty({d.rows, d.out}, options);
-  if (!pairs && transposes(d, RowTiles::make(d, sizeof(float)))) {  // narrow: the weights are small, widen them
+  if (!pairs && transposes(d, RowTiles::make(d, sizeof(float)))) {  // short products: small weights, widened
     forward_kernel<float, float>(d, starts, x32, widen(weight_x), widen(weight_h), widen(bias), widen(head_weight),
                                  widen(head_bias), nullptr, h_all, y);
     return {h_all, y};
