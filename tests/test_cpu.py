@@ -401,7 +401,7 @@ ISAS = ("baseline", "avx2", "avx512", "avx512_bf16")
 _ISA_SCRIPT = r"""
 import sys, torch
 sys.path.insert(0, sys.argv[1])
-from helpers import CASES, COLUMN_SPLIT_CASES, Case, check_against_reference, run_case
+from helpers import CASES, COLUMN_SPLIT_CASES, Case, check_against_reference
 print(torch.ops.spinal_ops._cpu_isa(), flush=True)
 for m, n, k in [(1, 37, 5), (5, 17, 63), (23, 70, 300), (64, 129, 257), (257, 512, 1)]:
     for tb in (False, True):
@@ -411,16 +411,12 @@ for m, n, k in [(1, 37, 5), (5, 17, 63), (23, 70, 300), (64, 129, 257), (257, 51
         assert (got - a @ (b.t() if tb else b)).abs().max() <= 1e-12 * k, (m, n, k, tb)
 cases = [*CASES.values(), *COLUMN_SPLIT_CASES.values(), Case(257, 13, 2, 5, 4), Case(300, 200, 2, 64, 4, out=10),
          Case(70, 30, 3, 50, 6, activation="leaky_relu", negative_slope=-0.2, tie=(0, 1, 2, 3, 2, 3))]
+from test_cpu import (REDUCED_CASES, PAIR_CASES, TRANSPOSED_CASES, assert_rounded_once,
+                      assert_same_on_1_and_2_threads, bf16_pairs, check_pairs)
 for case in cases:
     for dtype in (torch.float32, torch.float64):
         check_against_reference("cpu", case, dtype)
-    torch.set_num_threads(2)
-    two = run_case("cpu", case, torch.float32, seed=3)
-    torch.set_num_threads(1)
-    one = run_case("cpu", case, torch.float32, seed=3)
-    for name, t in two.items():
-        assert (t is None and one[name] is None) or torch.equal(t, one[name]), f"{case.id}: {name} 1 vs 2 threads"
-from test_cpu import REDUCED_CASES, PAIR_CASES, TRANSPOSED_CASES, assert_rounded_once, bf16_pairs, check_pairs
+    assert_same_on_1_and_2_threads(case, torch.float32)
 for case in TRANSPOSED_CASES:
     check_against_reference("cpu", case, torch.float32)
 for case in REDUCED_CASES:

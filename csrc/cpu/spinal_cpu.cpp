@@ -356,12 +356,11 @@ void forward_kernel(const SpinalDims& d, c10::IntArrayRef starts, const at::Tens
   T* hp = h_all.mutable_data_ptr<T>();
   T* yp = y.mutable_data_ptr<T>();
   const std::vector<T> zero_bias(static_cast<size_t>(d.width), T(0));
+  const bool transposed = std::is_same_v<S, T> && transposes(d, tiles);
   with_activation(d.activation, [&](auto act) {
     for_each_tile(tiles, d.rows * row_work(d), [&](int64_t r0, int64_t m, bool one_tile) {
       if constexpr (std::is_same_v<S, T>) {
-        if (transposes(d, tiles)) {
-          return forward_tile_transposed<decltype(act)::value>(p, r0, m, hp, yp, zero_bias.data());
-        }
+        if (transposed) return forward_tile_transposed<decltype(act)::value>(p, r0, m, hp, yp, zero_bias.data());
       }
       forward_tile<decltype(act)::value>(p, r0, m, hp, yp, zero_bias.data(), one_tile);
     });
