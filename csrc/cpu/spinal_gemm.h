@@ -211,7 +211,10 @@ template <typename T, int VB, typename S>
 // to NV vectors of C, plus the NV vectors of B they load.
 template <int VB>
 struct Shape;
-// NT (dot) blocks: DOT_MR rows x NR outputs of vector accumulators, plus the DOT_MR + 1 vectors they load.
+// NT (dot) blocks: DOT_MR rows x NR outputs of vector accumulators, plus the DOT_MR + 1 vectors they load. AVX-512's
+// 4 x 4, against 6 x 4 and 3 x 8 (the _cpu_gemm op, NT, one thread, AMD EPYC Zen 5, alternating builds): 190 / 197 /
+// 205 GFLOP/s on 256 x 20 x 256, 64 x 512 x 1024 and 256 x 128 x 256; 6 x 4: 183 / 168 / 194; 3 x 8: 151 / 149 /
+// 172.
 template <>
 struct Shape<64> {
   static constexpr int MR = 6, NV = 4, DOT_MR = 4, NR = 4;
