@@ -51,8 +51,8 @@ TORCH_LIBRARY(spinal_ops, m) {
       "_spinal_forward_cuda_options(Tensor x, Tensor weight_x, Tensor weight_h, Tensor? bias, Tensor? head_weight, "
       "Tensor? head_bias, int[] starts, int[] slots, str activation, float negative_slope, int width_path, "
       "bool allow_tf32) -> (Tensor, Tensor)");
-  // The instruction set the cpu kernels run ("avx512", "avx2" or "baseline": csrc/cpu/spinal_gemm.h, cpu_isa), for
-  // the benchmark's records, `python -m spinal_ops check` and the tests.
+  // The instruction set the cpu kernels run ("avx512_bf16", "avx512", "avx2" or "baseline": csrc/cpu/spinal_gemm.h,
+  // cpu_isa), for the benchmark's records, `python -m spinal_ops check` and the tests.
   m.def("_cpu_isa() -> str",
         [] { return std::string(spinal_ops::cpu::kIsaNames[static_cast<int>(spinal_ops::cpu::cpu_isa())]); });
   // op(a) @ op(b) on the cpu kernels' products (csrc/cpu/spinal_gemm.h; op = transpose when trans_*), float32 or

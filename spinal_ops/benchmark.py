@@ -11,7 +11,8 @@ Providers, all holding the same weights:
 - ``compiled``: ``torch.compile`` of ``eager`` (inductor), compiled afresh for every (configuration, mode, batch
   size) after ``torch._dynamo.reset()``, so dynamo never reaches its recompile limit; the graphs compiled are
   counted per cell, and a cell that compiles nothing, recompiles while timed or fails is reported as failed;
-- ``dense``: ``nn.Linear(D, L*w) + ReLU + nn.Linear(L*w, out)``, the dense layer a spinal head replaces.
+- ``dense``: ``nn.Linear(D, L*w) + act + nn.Linear(L*w, out)`` (the configuration's activation: ReLU, LeakyReLU for
+  ``regression``), the dense layer a spinal head replaces.
 
 Modes: ``forward`` (under ``torch.no_grad``), ``backward`` (one retained graph, backward timed alone) and
 ``fwd+bwd``.

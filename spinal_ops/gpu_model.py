@@ -16,9 +16,9 @@ What it models, per call (``forward``, or ``fwd+bwd``: a training step's forward
   automatic choice falls back to): their aten ops are recorded by running the modules on ``meta`` tensors
   (:func:`eager_ops`), so the op count and every GEMM shape are the code's own; each op is timed as cuBLAS
   (GEMMs) or a bandwidth-bound kernel.
-- **The floor**: ``max(FLOPs / attainable rate, minimum bytes / HBM bandwidth)`` (the FLOPs and bytes of
-  :mod:`spinal_ops.benchmark`, which the CPU report uses too); for B <= 64 also ``max(weight bytes / HBM, one
-  kernel launch)``.
+- **The floor**: ``max(FLOPs / attainable rate, minimum bytes / HBM bandwidth, one call)`` at every B (the FLOPs
+  and bytes of :mod:`spinal_ops.benchmark`, which the CPU report uses too; one call: one kernel and its host call
+  forward, two for fwd+bwd, :func:`call_seconds`); for small batches the weight bytes or the call set it.
 
 A call's time is ``max(host, GPU)``: the host (Python, the dispatcher, the launches) runs ahead of the GPU in a
 loop of calls, so whichever is longer sets the pace. Precision: ``bf16`` (bfloat16 storage, tensor cores, fp32

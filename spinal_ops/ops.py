@@ -1,6 +1,7 @@
 """Python-side registrations of the spinal ops, and the functional form.
 
-This is the one Python module that registers fake kernels, autograd formulas and the Triton ops. The native
+This is the one Python module that registers fake kernels and autograd formulas (for the Triton ops too, through
+:func:`register_op_pair`; the Triton ops themselves are registered in ``triton_kernels/ops.py``). The native
 schemas are defined in ``csrc/spinal_ops.cpp``; the Triton ops mirror them one to one (same arguments, same
 outputs), so both families share the fake kernels below. The native ops' autograd is the same formula written
 in C++ (``csrc/spinal_autograd.cpp``), which keeps Python off the per-call path of training.
@@ -65,7 +66,8 @@ def native_load_message(exc: BaseException) -> str:
         f"spinal_ops: the native extension spinal_ops._C failed to load: {exc}. It was built for {built}; this is "
         f"torch {torch.__version__}. Rebuild it against this torch: `pip install --no-build-isolation -e .` in a "
         "source checkout (or `pip install --no-build-isolation --force-reinstall --no-deps .`). Until then the cpu "
-        "and cuda backends are unavailable; spinal ops run on reference (and triton)."
+        "and cuda backends are unavailable, and so is triton (it needs the native argument checks); spinal ops run on "
+        "reference."
     )
 
 

@@ -1,8 +1,8 @@
-// The products of the CPU kernels (csrc/cpu/spinal_cpu.cpp): one row-major GEMM entry, `gemm`, which runs the
-// small and narrow products on the hand-written kernels below and the large ones on the BLAS
-// (csrc/cpu/spinal_blas.h).
+// The products of the CPU kernels (csrc/cpu/spinal_cpu.cpp): row-major entries per form (`nt_gemm`, `nn_gemm`, and
+// `pair_product` / `pair_dot_product` for bfloat16 pairs), which run the small and narrow products on the
+// hand-written kernels below and the large ones on the BLAS (csrc/cpu/spinal_blas.h).
 //
-// Why hand-written kernels: the layers' products are narrow (w = 20..128 columns, out = 1..10, chunks of c = 4..256)
+// Why hand-written kernels: the layers' products are narrow (w = 20..512 columns, out = 1..10, chunks of c = 4..1024)
 // and the batches small (B = 1..256 rows per tile). There the BLAS pays a per-call cost and takes its generic code
 // path on CPUs it does not recognise (MKL on AMD: `mkl_blas_def_*`, no AVX-512), while these kernels keep a whole
 // MR x (NV vectors) block of the output in registers for the full k loop. Which product goes where is `use_blas`,
@@ -23,13 +23,14 @@
 //   the NT products on a packed W^T where that is faster (`packs_transposed`).
 // - dot tile (NT: the forward's x Wx^T, h Wh^T, H Wo^T): DOT_MR rows x NR outputs of vector accumulators along k,
 //   then the lanes summed; W is read as stored (no transpose per call), in L2-sized blocks (`dot_gemm`).
-// - one row, NN (m = 1): a weighted sum of B's rows, 4 rows per pass over C.
+// - one row, NN (m = 1): a weighted sum of B's rows, blocks of up to 8 vectors of C in registers over all of k (C
+//   read and written once).
 // - bfloat16 pairs (NT, AVX512_BF16, set avx512_bf16): x Wx^T of bfloat16 calls, one vdpbf16ps per 32 products
 //   (twice a float32 FMA's): on W packed in pairs where the float32 products would pack W^T (`pair_gemm`), else
 //   in the dot form on W as stored (`pair_dot_gemm`).
 //
 // Determinism: every element of C is a sum over q = 0 .. k-1 in that order (the axpy tile and the NN row), a fixed
-// lane-wise order (the NT row), or pair by pair (the bfloat16 pairs), whatever the tile, the job split or the thread
+// lane-wise order (the dot tile), or pair by pair (the bfloat16 pairs), whatever the tile, the job split or the thread
 // count; so results depend only on the sizes, the instruction set and, for the BLAS products, the BLAS.
 #pragma once
 

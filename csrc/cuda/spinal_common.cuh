@@ -30,7 +30,7 @@ namespace spinal_ops::cuda {
 constexpr int kThreads = 128;
 // Second __launch_bounds__ argument. Without it ptxas 13.0 capped these kernels at 64 registers and
 // spilled (measured: up to 80 bytes of spill stores); asking for 2 resident blocks per SM only caps them at
-// 255, and they settle at 56-128 registers with no spills (see README.md for the occupancy that gives).
+// 255, and they settle at 70-168 registers with no spills (see README.md for the occupancy that gives).
 constexpr int kMinBlocksPerSM = 2;
 constexpr int BM = 16;
 constexpr int BN = 64;

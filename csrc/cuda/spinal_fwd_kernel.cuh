@@ -60,7 +60,9 @@ struct FwdSmem {
   static constexpr size_t cs = MMA == Mma::kNone ? 0 : align128(sizeof(float) * BM * LDC);
   static constexpr size_t hb = align128(sizeof(T) * 2 * BM * WFAST);
   static constexpr size_t fixed = as + bs + cs + hb;
-  static constexpr size_t kYaccLimit = 16 * 1024;  // keeps the block under 48 KB of dynamic shared memory
+  // The head's accumulators stay on chip up to 16 KB (the 16- and 32-bit blocks then stay under 48 KB of dynamic
+  // shared memory; fp64's fast path goes over it, and launch() in simt.h opts in above 48 KB).
+  static constexpr size_t kYaccLimit = 16 * 1024;
   static __host__ __device__ size_t yacc(int out) { return align128(sizeof(acc_t<T>) * BM * out); }
   static __host__ __device__ bool yacc_on_chip(int out) { return yacc(out) <= kYaccLimit; }
   static __host__ __device__ size_t bytes(int out, bool head) {
