@@ -45,6 +45,6 @@ def test_spinal_head(benchmark, cfg, rows, provider, mode):
     if counter is not None:
         assert counter.graphs >= 1, "torch.compile compiled no graph"
         benchmark.extra_info["graphs"] = counter.graphs
-    torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads, "the provider changed torch's thread count while warming up"
     benchmark(step)
     assert torch.get_num_threads() == threads, "the provider changed torch's thread count while timed"

@@ -48,3 +48,12 @@ def max_error(actual: torch.Tensor, expected_hi: torch.Tensor) -> float:
     agree = (a == e) | (torch.isnan(a) & torch.isnan(e))
     err = torch.where(agree, torch.zeros_like(a), (a - e).abs())
     return err.nan_to_num(nan=float("inf")).max().item()
+
+
+# Keyword arguments of torch.autograd.gradcheck and gradgradcheck (float64 inputs). A central difference with step
+# eps = 1e-6 is off by ~eps^2 * |f'''| (truncation) plus ~1e-16 * |f| / eps (rounding), ~1e-10 here, and a
+# backend's own float64 rounding moves f by ~1e-16 relative, ~1e-10 after the division by eps: atol = 1e-7 and
+# rtol = 1e-5 leave a margin of ~1000 over both (the cpu backend's gradgradcheck passes down to atol = 1e-9,
+# rtol = 1e-7) and still catch any gradient that is wrong beyond rounding. One set for both checks: the second
+# derivatives are differenced from float64 first derivatives exactly as the first from the outputs.
+GRADCHECK = dict(eps=1e-6, atol=1e-7, rtol=1e-5)

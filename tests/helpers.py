@@ -20,9 +20,9 @@ import torch
 
 import spinal_ops
 from spinal_ops import reference
-from spinal_ops._tolerance import FLOOR, max_error, tolerance
+from spinal_ops._tolerance import FLOOR, GRADCHECK, max_error, tolerance
 
-__all__ = ["FLOOR", "tolerance"]  # the rule lives in the package (python -m spinal_ops check uses it too)
+__all__ = ["FLOOR", "GRADCHECK", "tolerance"]  # the rule lives in the package (python -m spinal_ops check uses it too)
 
 
 @dataclasses.dataclass(frozen=True)

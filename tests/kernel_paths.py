@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from helpers import CASES, Case, assert_close, make_inputs
+from helpers import CASES, DTYPE_NAMES, Case, assert_close, make_inputs
 from torch.overrides import TorchFunctionMode
 
 from spinal_ops import reference
@@ -21,7 +21,6 @@ from spinal_ops import reference
 PATHS = {"auto": 0, "fast": 1, "general": 2}
 PARAM_NAMES = ("weight_x", "weight_h", "bias", "head_weight", "head_bias")
 GRAD_NAMES = ("x", "weight_x", "weight_h", "bias", "head_weight", "head_bias")
-DTYPE_NAMES = {torch.float64: "f64", torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
 class Variant:

@@ -9,12 +9,11 @@ import threading
 
 import pytest
 import torch
-from helpers import Case, assert_close, backends, require_backend, run_case
+from helpers import INTERPRETED, Case, assert_close, backends, require_backend, run_case
 
 import spinal_ops
 from spinal_ops import SpinalLinear
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 THREADS = 4
 
 # One problem per thread, all different (sizes, activation, shared weights, head / hidden), the cpu ones over

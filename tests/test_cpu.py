@@ -4,6 +4,7 @@ in tests/test_conformance.py, its opcheck in tests/test_opcheck.py."""
 
 from __future__ import annotations
 
+import copy
 import os
 import pathlib
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 import torch
 from helpers import (
     CASES,
+    GRADCHECK,
     Case,
     assert_close,
     check_against_reference,
@@ -33,7 +35,7 @@ def _cpu_backend():
     require_backend("cpu")
 
 
-GRADCHECK = [
+GRADCHECK_CASES = [
     Case(3, 7, 2, 3, 3, activation=act, head=head, shared=shared, negative_slope=0.3)
     for act in reference.ACTIVATIONS
     for head in (True, False)
@@ -41,7 +43,7 @@ GRADCHECK = [
 ] + [Case(3, 7, 2, 3, 5, tie=(0, 1, 2, 1, 2), activation="tanh")]
 
 
-@pytest.mark.parametrize("case", GRADCHECK, ids=[c.id for c in GRADCHECK])
+@pytest.mark.parametrize("case", GRADCHECK_CASES, ids=[c.id for c in GRADCHECK_CASES])
 def test_gradcheck(case):
     x, params = make_inputs(case, torch.float64, seed=3)
     names = [k for k, v in params.items() if v is not None]
@@ -50,7 +52,7 @@ def test_gradcheck(case):
         with spinal_ops.use_backend("cpu"):
             return spinal_ops.spinal_linear(x, **dict(zip(names, tensors, strict=False)), **functional_kwargs(case))
 
-    assert torch.autograd.gradcheck(fn, (x, *[params[n] for n in names]), eps=1e-6, atol=1e-7, rtol=1e-5)
+    assert torch.autograd.gradcheck(fn, (x, *[params[n] for n in names]), **GRADCHECK)
 
 
 def _op_args(case, dtype=torch.float64):
@@ -153,13 +155,27 @@ def test_leading_dims_like_linear(shape):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_reduced_precision_runs_on_the_cpu_kernels(dtype):
+    """The automatic choice runs bfloat16 / float16 modules on the cpu kernels: output and gradients in the
+    input's dtype, against the reference under the tolerance rule."""
+    torch.manual_seed(0)
     m = SpinalLinear(10, 3, layer_width=4, dtype=dtype)
     x = torch.randn(5, 10, dtype=dtype, requires_grad=True)
     assert spinal_ops.backends.select_backend(x.device, x.dtype) == "cpu"
     y = m(x)
     assert y.dtype == dtype
-    y.sum().backward()
-    assert x.grad.dtype == dtype and m.weight_x.grad.dtype == dtype
+    cot = torch.randn(y.shape, dtype=torch.float64).to(dtype)
+    got = torch.autograd.grad(y, [x, *m.parameters()], cot)
+    m64 = copy.deepcopy(m).double()
+    x64 = x.detach().double().requires_grad_()
+    with spinal_ops.use_backend("reference"):
+        y_hi, y_same = m64(x64), m(x)
+    hi = torch.autograd.grad(y_hi, [x64, *m64.parameters()], cot.double())
+    same = torch.autograd.grad(y_same, [x, *m.parameters()], cot)
+    assert_close(y, y_hi, y_same, what=f"cpu (automatic choice) {dtype} output")
+    names = ["x", *(n for n, _ in m.named_parameters())]
+    for name, g, e, e_same in zip(names, got, hi, same, strict=True):
+        assert g.dtype == dtype, f"cpu (automatic choice) {dtype} d{name} has dtype {g.dtype}"
+        assert_close(g, e, e_same, what=f"cpu (automatic choice) {dtype} d{name}")
 
 
 # Reduced-precision cases for the bitwise check below: the dot kernel on weights as stored (B < 16), a wrapping
@@ -401,14 +417,14 @@ ISAS = ("baseline", "avx2", "avx512", "avx512_bf16")
 _ISA_SCRIPT = r"""
 import sys, torch
 sys.path.insert(0, sys.argv[1])
-from helpers import CASES, COLUMN_SPLIT_CASES, Case, check_against_reference
+from helpers import CASES, COLUMN_SPLIT_CASES, Case, assert_close, check_against_reference
 print(torch.ops.spinal_ops._cpu_isa(), flush=True)
 for m, n, k in [(1, 37, 5), (5, 17, 63), (23, 70, 300), (64, 129, 257), (257, 512, 1)]:
     for tb in (False, True):
         a, b = torch.randn(m, k, dtype=torch.float64), torch.randn(n, k) if tb else torch.randn(k, n)
         b = b.double()
         got = torch.ops.spinal_ops._cpu_gemm(a, b, False, tb)
-        assert (got - a @ (b.t() if tb else b)).abs().max() <= 1e-12 * k, (m, n, k, tb)
+        assert_close(got, a @ (b.t() if tb else b), what=f"_cpu_gemm {m}x{n}x{k} trans_b={tb} float64")
 cases = [*CASES.values(), *COLUMN_SPLIT_CASES.values(), Case(257, 13, 2, 5, 4), Case(300, 200, 2, 64, 4, out=10),
          Case(70, 30, 3, 50, 6, activation="leaky_relu", negative_slope=-0.2, tie=(0, 1, 2, 3, 2, 3))]
 from test_cpu import (REDUCED_CASES, PAIR_CASES, TRANSPOSED_CASES, assert_rounded_once,

@@ -3,16 +3,14 @@ atomics in the GPU kernels (so ``torch.use_deterministic_algorithms(True)`` need
 
 from __future__ import annotations
 
-import os
 import pathlib
 import re
 
 import pytest
 import torch
-from helpers import COLUMN_SPLIT_CASES, Case, backends, require_backend, run_case
+from helpers import COLUMN_SPLIT_CASES, DTYPE_NAMES, INTERPRETED, Case, backends, require_backend, run_case
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Several row tiles of the cpu kernel (RowTiles) and the weight-gradient GEMMs over all rows, where a
 # threaded BLAS would split the reduction by thread count; wrap-around chunks, shared slots (partials added
@@ -25,10 +23,6 @@ CPU_CASES = [*COLUMN_SPLIT_CASES.values(),
     Case(513, 17, 2, 9, 3, bias=False, activation="silu", layout="transposed"),
 ]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
-
-
-def _dtype_id(dtype):
-    return str(dtype).removeprefix("torch.")
 
 
 def _assert_bitwise(first, second, what):
@@ -50,17 +44,17 @@ def threads():
     torch.set_num_threads(saved)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_NAMES.get)
 @pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: c.id)
 def test_cpu_bitwise_across_runs_and_thread_counts(case, dtype, threads):
     require_backend("cpu")
     threads(2)
     first = run_case("cpu", case, dtype, seed=5, cot_seed=6)
     _assert_bitwise(first, run_case("cpu", case, dtype, seed=5, cot_seed=6),
-                    f"backend=cpu case={case.id} dtype={_dtype_id(dtype)} rerun")
+                    f"backend=cpu case={case.id} dtype={DTYPE_NAMES[dtype]} rerun")
     threads(1)
     _assert_bitwise(first, run_case("cpu", case, dtype, seed=5, cot_seed=6),
-                    f"backend=cpu case={case.id} dtype={_dtype_id(dtype)} 2 threads vs 1 thread")
+                    f"backend=cpu case={case.id} dtype={DTYPE_NAMES[dtype]} 2 threads vs 1 thread")
 
 
 @pytest.mark.parametrize("backend", backends("reference", "cpu", "triton"))

@@ -11,7 +11,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import Case, assert_close, backends, device_of, functional_kwargs, make_inputs, require_backend
+from helpers import (
+    GRADCHECK,
+    Case,
+    assert_close,
+    backends,
+    device_of,
+    functional_kwargs,
+    make_inputs,
+    require_backend,
+)
 
 import spinal_ops
 from spinal_ops import reference
@@ -101,7 +110,7 @@ def _gradgradcheck(case: Case, backend: str, names) -> bool:
         with spinal_ops.use_backend(backend):
             return spinal_linear_of(case, x_, {**fixed, **dict(zip(names, tensors, strict=True))})
 
-    return torch.autograd.gradgradcheck(fn, (x, *[params[k] for k in names]), eps=1e-6, atol=1e-6, rtol=1e-4)
+    return torch.autograd.gradgradcheck(fn, (x, *[params[k] for k in names]), **GRADCHECK)
 
 
 @pytest.mark.parametrize("backend", backends("cpu", "cuda"))

@@ -17,11 +17,18 @@ and is tried first on the next run; under "ci" every run draws the same examples
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
-from helpers import DTYPE_NAMES, Case, assert_close, check_against_reference, make_inputs, require_backend
+from helpers import (
+    DTYPE_NAMES,
+    INTERPRETED,
+    Case,
+    assert_close,
+    check_against_reference,
+    make_inputs,
+    require_backend,
+)
 from original import CustomizableSpinal, packed_grads
 
 import spinal_ops
@@ -32,7 +39,6 @@ from hypothesis import given, note, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 EXPLORE = settings.get_current_profile_name() == "explore"
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 LAYOUTS = ("contiguous", "transposed", "lead", "lead-strided")
 

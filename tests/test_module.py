@@ -68,7 +68,8 @@ def test_linears_round_trip_is_exact(shared, head):
     assert (layers[1] is layers[3]) == shared
     back = SpinalLinear.from_linears(17, layers, head_lin, num_splits=3, activation="tanh")
     assert back.shared_weights == shared
-    for (name, p), (_, q) in zip(m.named_parameters(), back.named_parameters(), strict=False):
+    for (name, p), (back_name, q) in zip(m.named_parameters(), back.named_parameters(), strict=True):
+        assert name == back_name, f"parameter {name} came back as {back_name}"
         assert torch.equal(p, q), name
     x = torch.randn(3, 17)
     assert torch.equal(m(x), back(x))

@@ -63,6 +63,7 @@ OPS = [
 ]
 # float64 on CPU tensors; float32 on the GPU (its common dtype there)
 DTYPE = {"cpu": torch.float64, "cuda": torch.float32}
+SEED = 8  # of the samples' inputs
 
 
 def _params():
@@ -76,7 +77,7 @@ def _params():
 def make_sample(sample: Sample, device: str, dtype: torch.dtype | None = None) -> tuple:
     """The op arguments of a sample on ``device`` (in ``dtype``; default: :data:`DTYPE`'s for the device)."""
     case, dtype = sample.case, dtype or DTYPE[device]
-    x, params = make_inputs(case, dtype, device=device, seed=8)
+    x, params = make_inputs(case, dtype, device=device, seed=SEED)
     p = [params[k] for k in PARAMS]
     if not sample.grad:
         x, p = x.detach(), [t.detach() if t is not None else None for t in p]
@@ -133,10 +134,13 @@ def _check_masked_gradients(backend, op, sample, overload, args):
     if sample.kind == "backward":
         grads = overload(*args)
         what = f"{backend} {op} {sample.id}"
-        for name, wanted, g, t in zip(("x", *PARAMS), args[-1], grads, args[2:3] + args[4:8] + (None,), strict=True):
-            if not wanted:
-                assert g.numel() == 0, f"{what}: d{name} not asked for, got shape {tuple(g.shape)}"
-            elif t is not None:
+        # the sample's own tensors, head_bias included (the backward ops do not take it)
+        x, params = make_inputs(sample.case, args[2].dtype, device=args[2].device, seed=SEED)
+        tensors = (x, *[params[k] for k in PARAMS])
+        for name, wanted, g, t in zip(("x", *PARAMS), args[-1], grads, tensors, strict=True):
+            if not wanted or t is None:
+                assert g.numel() == 0, f"{what}: d{name} not asked for or absent, got shape {tuple(g.shape)}"
+            else:
                 assert g.shape == t.shape, f"{what}: d{name} has shape {tuple(g.shape)}, expected {tuple(t.shape)}"
 
 

@@ -12,7 +12,6 @@ is a string condition that pytest evaluates when the test is set up, never at im
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
 import sys
 import textwrap
@@ -21,6 +20,9 @@ import pytest
 import torch
 from helpers import (
     CASES,
+    DTYPE_NAMES,
+    GRADCHECK,
+    INTERPRETED,
     Case,
     assert_close,
     check_against_reference,
@@ -35,7 +37,6 @@ import spinal_ops
 from spinal_ops import SpinalLinear
 from spinal_ops.configs import CONFIG_BY_NAME, CONFIGS, ROOFLINE_BATCH_SIZES
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cpu" if INTERPRETED else "cuda"
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -49,10 +50,6 @@ if not INTERPRETED:
     pytestmark.append(pytest.mark.cuda)
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-
-
-def _dtype_id(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 GRADCHECK_ACTIVATIONS = [("relu", 0.01), ("leaky_relu", 0.2), ("leaky_relu", -0.3), ("tanh", 0.01),
@@ -73,7 +70,7 @@ def test_gradcheck(activation, slope, head):
         return spinal_ops.spinal_linear(x_, **dict(zip(names, tensors, strict=True)), **functional_kwargs(case))
 
     with spinal_ops.use_backend("triton"):
-        assert torch.autograd.gradcheck(fn, (x, *[params[k] for k in names]), eps=1e-6, atol=1e-7, rtol=1e-5), (
+        assert torch.autograd.gradcheck(fn, (x, *[params[k] for k in names]), **GRADCHECK), (
             f"backend=triton case={case.id}: gradcheck failed")
 
 
@@ -133,8 +130,6 @@ def test_launch_counts(case, launches):
         assert launches == {"forward": 1}, f"backend=triton case={case.id}: forward launches {launches}"
         launches.clear()
         out.sum().backward()
-    total = sum(launches.values())
-    assert 1 <= total <= 2, f"backend=triton case={case.id}: backward launches {launches}, expected at most 2"
     assert launches == {"chain": 1, "weights": 1}, f"backend=triton case={case.id}: backward launches {launches}"
 
 
@@ -212,10 +207,10 @@ def _assert_ran_wide(seen, what):
     assert seen and all(flag is True for flag in seen), f"{what}: launches with WIDE = {seen}, expected all True"
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=_dtype_id)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=DTYPE_NAMES.get)
 @pytest.mark.parametrize("case", list(WIDE_CASES.values()), ids=lambda c: c.id)
 def test_wide_path_matches_reference(case, dtype, force_wide):
-    what = f"backend=triton path=wide tile={WIDE_TILE} case={case.id} dtype={_dtype_id(dtype)}"
+    what = f"backend=triton path=wide tile={WIDE_TILE} case={case.id} dtype={DTYPE_NAMES[dtype]}"
     check_against_reference("triton", case, dtype, what=what)
     _assert_ran_wide(force_wide, what)
 
@@ -240,8 +235,8 @@ def test_wide_path_gradcheck(activation, slope, head, force_wide):
         return spinal_ops.spinal_linear(x_, **dict(zip(names, tensors, strict=True)), **functional_kwargs(case))
 
     with spinal_ops.use_backend("triton"):
-        assert torch.autograd.gradcheck(fn, (x, *[params[k] for k in names]), eps=1e-6, atol=1e-7, rtol=1e-5,
-                                        fast_mode=True), f"backend=triton path=wide case={case.id}: gradcheck failed"
+        assert torch.autograd.gradcheck(fn, (x, *[params[k] for k in names]), **GRADCHECK, fast_mode=True), (
+            f"backend=triton path=wide case={case.id}: gradcheck failed")
     _assert_ran_wide(force_wide, f"backend=triton path=wide case={case.id}")
 
 
