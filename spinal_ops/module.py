@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import interop, reference
+from . import interop, ops, reference
 from .ops import check_input, layer_spec, run
 
 
@@ -70,7 +70,9 @@ class SpinalLinear(nn.Module):
     fused kernels). Eval mode runs fused on any backend: dropout is the identity and each batch norm is folded
     into ``weight_x``, ``weight_h`` and ``bias`` with its running statistics
     (:func:`spinal_ops.reference.fold_batch_norm`); without autograd (inference) the folded weights are kept
-    and reused until a weight or batch-norm tensor changes. Without either, nothing changes on the fused path.
+    and reused until a weight or batch-norm tensor changes; with autograd they are folded on every call, on CPU
+    into buffers kept with the layer (one more copy of ``weight_x`` and ``weight_h``; see
+    :func:`spinal_ops.ops.fold_rows`). Without either, nothing changes on the fused path.
 
     ``dropout`` may be changed later by assigning the attribute, and ``norms`` replaced (or set to None); the
     other hyper-parameters are read-only attributes (the weights' shapes depend on them).
@@ -240,10 +242,14 @@ class SpinalLinear(nn.Module):
         Without autograd (``torch.no_grad`` / ``torch.inference_mode``: inference) the folded tensors are kept
         and reused until a tensor they come from changes (another tensor object, storage or version: in-place
         updates, ``load_state_dict``, ``.to()``, ``.data`` assignment), so repeated inference does not fold on
-        every call. With autograd they are folded on each call, in the graph.
+        every call. With autograd they are folded on each call, in the graph (:func:`spinal_ops.ops.fold_rows`).
         """
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and torch.is_inference_mode_enabled()):
             return reference.fold_batch_norm(self.weight_x, self.weight_h, self.bias, *self._batch_norm_affine())
+        if torch.is_grad_enabled():  # training: kept buffers, a one-pass backward (ops.fold_rows)
+            buffers = self.__dict__.setdefault("_fold_buffers", {})
+            return reference.fold_batch_norm(self.weight_x, self.weight_h, self.bias, *self._batch_norm_affine(),
+                                             scale_rows=lambda w, s: ops.fold_rows(w, s, buffers))
         sources = self._fold_sources()
         stamp = tuple((t.data_ptr(), t._version) if isinstance(t, torch.Tensor) else t for t in sources)
         cached = self.__dict__.get("_fold_cache")  # (sources, stamp, folded)
@@ -278,6 +284,7 @@ class SpinalLinear(nn.Module):
         state = super().__getstate__()
         state = dict(state)
         state.pop("_fold_cache", None)  # derived; copies and pickles fold afresh
+        state.pop("_fold_buffers", None)
         return state
 
     def extra_repr(self) -> str:

@@ -376,21 +376,30 @@ def spinal_forward_blocks(
     return F.linear(H, head_weight, head_bias)
 
 
+def scale_rows(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``weight * scale[..., None]``: row ``r`` of ``weight`` (``(..., k)``) times ``scale[r]`` (``scale``: ``(...)``).
+    """
+    return weight * scale.unsqueeze(-1)
+
+
 def fold_batch_norm(
     weight_x: torch.Tensor,
     weight_h: torch.Tensor,
     bias: torch.Tensor | None,
     scale: torch.Tensor,
     shift: torch.Tensor,
+    scale_rows=scale_rows,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fold an eval-mode batch norm after each sub-layer's Linear into the packed weights.
 
     ``scale = gamma / sqrt(running_var + eps)`` and ``shift = beta - running_mean * scale``, both ``(Lx, w)``,
     one row per ``weight_x`` slot. ``BN(z) = z * scale + shift`` with ``z = Wx x + Wh h + b`` gives
     ``Wx' = Wx * scale``, ``Wh' = Wh * scale`` (``weight_h`` slot ``j`` serves ``weight_x`` slot ``j + 1``) and
-    ``b' = b * scale + shift = (b - mean) * scale + beta``. Returns ``(weight_x', weight_h', bias')``.
+    ``b' = b * scale + shift = (b - mean) * scale + beta``. Returns ``(weight_x', weight_h', bias')``. ``scale_rows``
+    computes the two weight products: :func:`scale_rows`, or one with the same values and another way to its
+    gradients (``SpinalLinear`` in training: :func:`spinal_ops.ops.fold_rows`).
     """
-    wx = weight_x * scale.unsqueeze(2)
-    wh = weight_h * scale[1:].unsqueeze(2)
+    wx = scale_rows(weight_x, scale)
+    wh = scale_rows(weight_h, scale[1:])
     b = shift if bias is None else bias * scale + shift
     return wx, wh, b

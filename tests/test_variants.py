@@ -224,6 +224,88 @@ def test_eval_mode_folds_batch_norm_on_every_backend(spec, backend, monkeypatch)
         assert_close(b.bias.grad, a.bias.grad, what=f"{what} grad batch norm {i} bias")
 
 
+def _folded_in_graph(spinal: SpinalLinear, x: torch.Tensor) -> torch.Tensor:
+    """The eval-mode layer with its batch norms folded by plain autograd ops (reference.fold_batch_norm's default)."""
+    wx, wh, b = reference.fold_batch_norm(spinal.weight_x, spinal.weight_h, spinal.bias, *spinal._batch_norm_affine())
+    return spinal_ops.ops.run(x, (wx, wh, b, spinal.head_weight, spinal.head_bias), spinal._spec, "folded in graph")
+
+
+def _step_grads(model, call, x, cot) -> dict:
+    model.zero_grad(set_to_none=True)
+    xg = x.clone().requires_grad_()
+    call(model, xg).backward(cot)
+    return {"x": xg.grad} | {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.fixture
+def fold_rows_at_any_size(monkeypatch):
+    """ops.fold_rows for the small weights of these tests too (it takes weights of FOLD_ROWS_MIN_BYTES and more)."""
+    monkeypatch.setattr(spinal_ops.ops, "FOLD_ROWS_MIN_BYTES", 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("spec", [HEADS["vgg-halves"], HEADS["shared"], HEADS["hidden-tanh"]], ids=lambda h: h.name)
+def test_eval_mode_training_steps_fold_into_kept_buffers(spec, dtype, fold_rows_at_any_size):
+    """Eval-mode batch norms with autograd fold into buffers reused from step to step, and the fold's backward (the
+    _scale_rows_backward_ op on CPU, in place on the layer op's gradient) gives the gradients of the fold in plain
+    autograd ops: the weights' gradients bit for bit (one product per element in both), the batch norms' within the
+    tolerance rule (row sums in another order)."""
+    _, spinal = _build(spec, dtype=dtype)
+    spinal.eval()
+    ref = copy.deepcopy(spinal)
+    pointers = set()
+    for step in range(3):
+        x = torch.randn(6, spec.in_features, dtype=dtype)
+        cot = torch.randn(6, spec.out or spec.num_layers * spec.width, dtype=dtype)
+        got = _step_grads(spinal, lambda m, xg: m(xg), x, cot)
+        want = _step_grads(ref, _folded_in_graph, x, cot)
+        assert got.keys() == want.keys()
+        for name, g in got.items():
+            what = f"{spec.name} {dtype} step {step} grad {name}"
+            if name.startswith("norms."):
+                assert_close(g, want[name], what=what)
+            else:
+                assert torch.equal(g, want[name]), f"{what}: not bit for bit the in-graph fold's"
+        pointers |= {buffer.data_ptr() for buffer, _ in spinal.__dict__["_fold_buffers"].values()}
+    assert len(pointers) == 2, f"{spec.name}: the folded weight_x and weight_h took {len(pointers)} buffers in 3 steps"
+
+
+def test_eval_mode_two_forwards_before_one_backward_fold_into_two_buffers(fold_rows_at_any_size):
+    """A product a live graph still holds is never overwritten: the second call folds into a buffer of its own."""
+    _, spinal = _build(HEADS["vgg-halves"], dtype=torch.float64)
+    spinal.eval()
+    ref = copy.deepcopy(spinal)
+    x = torch.randn(5, 16, dtype=torch.float64)
+
+    def twice(model, xg, call):
+        return call(model, xg) + 2 * call(model, 0.5 * xg)
+
+    got = _step_grads(spinal, lambda m, xg: twice(m, xg, lambda mm, v: mm(v)), x, torch.ones(5, 5, dtype=torch.float64))
+    want = _step_grads(ref, lambda m, xg: twice(m, xg, _folded_in_graph), x, torch.ones(5, 5, dtype=torch.float64))
+    for name, g in got.items():
+        assert_close(g, want[name], what=f"two forwards, one backward: grad {name}")
+    assert len(spinal.__dict__["_fold_buffers"]) == 2, "the fold did not go through ops.fold_rows"
+
+
+def test_eval_mode_fold_is_twice_differentiable(fold_rows_at_any_size):
+    """create_graph through the fold: the second derivative (of |dL/dx|^2 with respect to the weights and batch
+    norms) is the in-graph fold's."""
+    _, spinal = _build(HEADS["tiled-K3-leaky"], dtype=torch.float64)
+    spinal.eval()
+    ref = copy.deepcopy(spinal)
+    x = torch.randn(4, 13, dtype=torch.float64)
+    grads = {}
+    for name, model, call in (("fold_rows", spinal, lambda m, v: m(v)), ("in graph", ref, _folded_in_graph)):
+        xg = x.clone().requires_grad_()
+        (dx,) = torch.autograd.grad(call(model, xg).square().sum(), xg, create_graph=True)
+        params = [p for p in model.parameters() if p.requires_grad]
+        grads[name] = torch.autograd.grad(dx.square().sum(), params, allow_unused=True)
+    for i, (a, b) in enumerate(zip(grads["fold_rows"], grads["in graph"], strict=True)):
+        assert (a is None) == (b is None), f"parameter {i}: gradient present in one only"
+        if a is not None:
+            assert_close(a, b, what=f"second derivative, parameter {i}")
+
+
 def test_fold_batch_norm_is_exact_in_float64():
     torch.manual_seed(0)
     L, w, c = 3, 4, 5
@@ -543,9 +625,9 @@ def test_inference_folds_once_and_refolds_when_a_source_changes(monkeypatch):
     calls = []
     real = reference.fold_batch_norm
 
-    def counting(*args):
+    def counting(*args, **kwargs):
         calls.append(1)
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(reference, "fold_batch_norm", counting)
     x = torch.randn(5, 16)
@@ -582,4 +664,5 @@ def test_folded_weights_with_autograd_are_in_the_graph_and_never_cached():
         spinal(x)  # a cached fold must not be what autograd sees
     spinal(x).sum().backward()
     assert spinal.norms[0].weight.grad is not None and spinal.weight_x.grad is not None
-    assert "_fold_cache" not in copy.deepcopy(spinal).__dict__
+    copied = copy.deepcopy(spinal).__dict__
+    assert "_fold_cache" not in copied and "_fold_buffers" not in copied
