@@ -267,9 +267,25 @@ class SpinalLinear(nn.Module):
         return out
 
     def _batch_norm_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(scale, shift)``, each ``(Lx, w)``: eval-mode batch norm of slot ``j`` is ``z * scale[j] + shift[j]``."""
+        """``(scale, shift)``, each ``(Lx, w)``: eval-mode batch norm of slot ``j`` is ``z * scale[j] + shift[j]``.
+
+        Computed on the stacked statistics, a few ops for all slots (with autograd each op is a graph node, on every
+        call), where every norm has the same eps and all or none have an affine weight and bias; the same values as
+        the per-norm loop, element for element."""
+        norms = list(self.norms)
+        eps = norms[0].eps
+        weights, biases = [n.weight for n in norms], [n.bias for n in norms]
+        if all(n.eps == eps for n in norms) and len({w is None for w in weights}) == 1 and \
+                len({b is None for b in biases}) == 1:
+            scale = 1.0 / torch.sqrt(torch.stack([n.running_var for n in norms]) + eps)
+            if weights[0] is not None:
+                scale = scale * torch.stack(weights)
+            shift = -torch.stack([n.running_mean for n in norms]) * scale
+            if biases[0] is not None:
+                shift = shift + torch.stack(biases)
+            return scale, shift
         scales, shifts = [], []
-        for n in self.norms:
+        for n in norms:
             scale = 1.0 / torch.sqrt(n.running_var + n.eps)
             if n.weight is not None:
                 scale = scale * n.weight

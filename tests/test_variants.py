@@ -306,6 +306,36 @@ def test_eval_mode_fold_is_twice_differentiable(fold_rows_at_any_size):
             assert_close(a, b, what=f"second derivative, parameter {i}")
 
 
+@pytest.mark.parametrize("variant", ["same eps", "one eps differs", "no affine", "mixed affine"])
+def test_batch_norm_affine_is_each_norms_own(variant):
+    """SpinalLinear._batch_norm_affine (stacked over the slots, or per norm where eps or the affine parameters differ)
+    gives, row by row, what each BatchNorm1d computes in eval mode: z * scale + shift == norm(z), bit for bit the
+    per-norm formula."""
+    torch.manual_seed(0)
+    m = SpinalLinear(20, 3, layer_width=5, num_layers=4, batch_norm=True, dtype=torch.float64)
+    if variant in ("no affine", "mixed affine"):
+        m.norms = nn.ModuleList(nn.BatchNorm1d(5, affine=variant == "mixed affine" and i % 2 == 0).double()
+                                for i in range(len(m.norms)))
+    for i, n in enumerate(m.norms):
+        with torch.no_grad():
+            n.running_mean.uniform_(-1, 1)
+            n.running_var.uniform_(0.2, 3)
+            if n.weight is not None:
+                n.weight.uniform_(-2, 2)
+                n.bias.uniform_(-1, 1)
+        if variant == "one eps differs" and i == 2:
+            n.eps = 1e-3
+    m.eval()
+    scale, shift = m._batch_norm_affine()
+    z = torch.randn(7, 5, dtype=torch.float64)
+    for j, n in enumerate(m.norms):
+        s = 1.0 / torch.sqrt(n.running_var + n.eps)
+        s = s * n.weight if n.weight is not None else s
+        t = -n.running_mean * s + (n.bias if n.bias is not None else 0)
+        assert torch.equal(scale[j], s) and torch.equal(shift[j], t), f"{variant}: slot {j} differs from its norm's"
+        assert_close(z * scale[j] + shift[j], n(z), what=f"{variant}: slot {j} vs BatchNorm1d (eval)")
+
+
 def test_fold_batch_norm_is_exact_in_float64():
     torch.manual_seed(0)
     L, w, c = 3, 4, 5
