@@ -36,6 +36,14 @@ def _rng_hygiene():
     random.setstate(py_state)
 
 
+@pytest.fixture
+def threads():
+    """``torch.set_num_threads`` for the test; torch's intra-op thread count is restored afterwards."""
+    saved = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(saved)
+
+
 # Hypothesis profiles (tests/test_fuzz.py), chosen by HYPOTHESIS_PROFILE; the default is "ci" when the CI
 # variable is set (CI services set it), else "dev". Both run the same number of examples with no deadline (the
 # Triton interpreter is slow and uneven) and print a failing example with its @reproduce_failure blob.

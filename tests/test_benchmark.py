@@ -22,12 +22,10 @@ FAST = {"min_run_time": 0.001, "progress": io.StringIO()}
 
 
 @pytest.fixture
-def three_threads():
+def three_threads(threads):
     """torch's intra-op thread count set to 3 (a value no default produces), restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(3)
-    yield 3
-    torch.set_num_threads(before)
+    threads(3)
+    return 3
 
 
 @pytest.fixture

@@ -83,13 +83,10 @@ LEAK_BOUND = 16 * 2**20  # 16 MiB: a leak of a single (B, L*w) scratch per call 
 
 
 @pytest.fixture
-def one_thread():
+def one_thread(threads):
     """One intra-op thread: keeps 10,000 calls within seconds on a loaded machine (tiny problems in an OpenMP region
     whose second thread waits for a busy core cost ~20 ms each instead of ~0.7 ms)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+    threads(1)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="RSS read from /proc/self/statm (Linux)")

@@ -15,12 +15,9 @@ from spinal_ops.benchmark import EagerSpinal  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
+def _one_thread(threads):
     """The demo's networks are tiny: one thread, as the demo itself uses, and restore torch's setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    threads(1)
 
 
 @pytest.fixture(scope="module")

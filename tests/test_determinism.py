@@ -36,14 +36,6 @@ def _assert_bitwise(first, second, what):
         assert torch.equal(a, b), f"{what}: {name} {tuple(a.shape)} not bitwise equal (max abs diff {diff:.3e})"
 
 
-@pytest.fixture
-def threads():
-    """Sets torch's intra-op thread count; restores it afterwards."""
-    saved = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(saved)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_NAMES.get)
 @pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: c.id)
 def test_cpu_bitwise_across_runs_and_thread_counts(case, dtype, threads):
