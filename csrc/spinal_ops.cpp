@@ -62,8 +62,8 @@ TORCH_LIBRARY(spinal_ops, m) {
   // The backward of weight * scale[..., None] (weight (..., k), scale (...)) from grad, that product's gradient:
   // returns scale's gradient, the rows' dot products of grad and weight (empty unless scale_grad), and scales grad in
   // place into weight's gradient, in one pass. What an eval-mode batch norm folded into the weights runs in training
-  // (spinal_ops/ops.py, scale_rows). CPU, float32 and float64, grad contiguous.
-  m.def("_scale_rows_backward_(Tensor(a!) grad, Tensor weight, Tensor scale, bool scale_grad) -> Tensor");
+  // (spinal_ops/ops.py, _fold_rows). CPU, float32 and float64, grad contiguous.
+  m.def("_scale_rows_backward_inplace(Tensor(a!) grad, Tensor weight, Tensor scale, bool scale_grad) -> Tensor");
   // The shared argument checks as an op, for the backends written in Python (Triton): raises or returns nothing.
   m.def(
       "_check_args(str backend, Tensor x, Tensor weight_x, Tensor weight_h, Tensor? bias, Tensor? head_weight, "

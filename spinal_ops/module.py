@@ -70,9 +70,10 @@ class SpinalLinear(nn.Module):
     fused kernels). Eval mode runs fused on any backend: dropout is the identity and each batch norm is folded
     into ``weight_x``, ``weight_h`` and ``bias`` with its running statistics
     (:func:`spinal_ops.reference.fold_batch_norm`); without autograd (inference) the folded weights are kept
-    and reused until a weight or batch-norm tensor changes; with autograd they are folded on every call, on CPU
-    into buffers kept with the layer (one more copy of ``weight_x`` and ``weight_h``; see
-    :func:`spinal_ops.ops.fold_rows`). Without either, nothing changes on the fused path.
+    and reused until a weight or batch-norm tensor changes; with autograd they are folded on every call, for
+    float32 / float64 weights of 1 MB or more on CPU into buffers kept with the layer (one more copy of such a
+    weight per product alive at once; ``spinal_ops.ops._fold_rows``). Without either, nothing changes on the fused
+    path.
 
     ``dropout`` may be changed later by assigning the attribute, and ``norms`` replaced (or set to None); the
     other hyper-parameters are read-only attributes (the weights' shapes depend on them).
@@ -242,14 +243,14 @@ class SpinalLinear(nn.Module):
         Without autograd (``torch.no_grad`` / ``torch.inference_mode``: inference) the folded tensors are kept
         and reused until a tensor they come from changes (another tensor object, storage or version: in-place
         updates, ``load_state_dict``, ``.to()``, ``.data`` assignment), so repeated inference does not fold on
-        every call. With autograd they are folded on each call, in the graph (:func:`spinal_ops.ops.fold_rows`).
+        every call. With autograd they are folded on each call, in the graph (``spinal_ops.ops._fold_rows``).
         """
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and torch.is_inference_mode_enabled()):
             return reference.fold_batch_norm(self.weight_x, self.weight_h, self.bias, *self._batch_norm_affine())
-        if torch.is_grad_enabled():  # training: kept buffers, a one-pass backward (ops.fold_rows)
-            buffers = self.__dict__.setdefault("_fold_buffers", {})
+        if torch.is_grad_enabled():  # training: kept buffers, a one-pass backward (ops._fold_rows)
+            buffers = self.__dict__.get("_fold_buffers") or self.__dict__.setdefault("_fold_buffers", ops.FoldBuffers())
             return reference.fold_batch_norm(self.weight_x, self.weight_h, self.bias, *self._batch_norm_affine(),
-                                             scale_rows=lambda w, s: ops.fold_rows(w, s, buffers))
+                                             scale_rows=lambda w, s: ops._fold_rows(w, s, buffers))
         sources = self._fold_sources()
         stamp = tuple((t.data_ptr(), t._version) if isinstance(t, torch.Tensor) else t for t in sources)
         cached = self.__dict__.get("_fold_cache")  # (sources, stamp, folded)
@@ -295,6 +296,13 @@ class SpinalLinear(nn.Module):
             scales.append(scale)
             shifts.append(shift)
         return torch.stack(scales), torch.stack(shifts)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .double() / .cuda(): the derived tensors (the inference fold, the training fold's buffers) would keep
+        # the old weights' device and dtype alive; they are made afresh on the next call.
+        self.__dict__.pop("_fold_cache", None)
+        self.__dict__.pop("_fold_buffers", None)
+        return super()._apply(fn, *args, **kwargs)
 
     def __getstate__(self):
         state = super().__getstate__()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import threading
 import warnings
 import weakref
 
@@ -188,11 +189,12 @@ def register_op_pair(forward_name: str, backward_name: str, backward_op=None) ->
 
 
 class _FoldRows(torch.autograd.Function):
-    """:func:`reference.scale_rows` written into ``buffer``, with a backward of one pass (see :func:`fold_rows`)."""
+    """:func:`reference.scale_rows` written into ``buffer``, with a backward of one pass (see :func:`_fold_rows`)."""
 
     @staticmethod
     def forward(weight, scale, buffer):
-        # A new tensor on the buffer's storage: the one the caller's graph holds, and the one fold_rows watches.
+        # Writes the buffer, which is no input of the graph (it never requires grad, so no mark_dirty) and returns a
+        # new tensor on its storage: the one the caller's graph holds, and the one _fold_rows watches.
         return torch.mul(weight, scale.unsqueeze(-1), out=buffer).detach()
 
     @staticmethod
@@ -207,7 +209,7 @@ class _FoldRows(torch.autograd.Function):
             # differentiable (create_graph), or nothing to scale in place: the same gradients in ATen ops
             return (grad * scale.unsqueeze(-1) if need_weight else None,
                     torch.linalg.vecdot(grad, weight) if need_scale else None, None)
-        grad_scale = torch.ops.spinal_ops._scale_rows_backward_(grad, weight, scale, need_scale)
+        grad_scale = torch.ops.spinal_ops._scale_rows_backward_inplace(grad, weight, scale, need_scale)
         return grad, grad_scale if need_scale else None, None
 
 
@@ -217,35 +219,52 @@ class _FoldRows(torch.autograd.Function):
 # this path / plain): weight_x of 0.5 MB 460, 481 / 454, 441; 1 MB 559, 546 / 610, 600; 2 MB 1071, 1078 / 1223, 1241;
 # 4 MB 1136, 1106 / 2200, 2249; 8 MB 2206, 2206 / 4546, 4618.
 FOLD_ROWS_MIN_BYTES = 1 << 20
+FOLD_BUFFERS_PER_WEIGHT = 4  # products alive at once that keep their buffer (two-crop / siamese steps: 2)
 
 
-def fold_rows(weight: Tensor, scale: Tensor, buffers: dict) -> Tensor:
+class FoldBuffers:
+    """The buffers a layer's folds are written into (:func:`_fold_rows`): per weight shape and dtype, a few buffers,
+    each with a weak reference to the product a graph holds; one lock, so that threads sharing the layer never pick
+    the same free buffer."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.entries: dict[tuple, list] = {}
+
+
+def _fold_rows(weight: Tensor, scale: Tensor, buffers: FoldBuffers) -> Tensor:
     """``weight * scale[..., None]`` (:func:`reference.scale_rows`, the same values) for a batch norm folded into a
     layer's weights with autograd on, on every training step.
 
-    On CPU in float32 / float64 the product is written into a buffer kept in ``buffers`` (the caller's, one per
-    weight shape) whenever no graph still holds the previous product (two forwards before a backward get two
-    buffers), and its backward is the ``_scale_rows_backward_`` op: one pass over the weights, the incoming gradient
-    scaled in place into the weights' gradient. That gradient is the layer op's fresh gradient of the product, which
-    nothing else holds: this is only for a product that feeds one spinal op. Without the buffer and the in-place
-    scaling, each step made three fresh weight-sized tensors (the product, its gradient, the weights' gradient) that
-    the C library returned to the system and faulted back in on the next step (README, "Dropout / batch-norm heads").
-    Elsewhere (weights under FOLD_ROWS_MIN_BYTES, other devices and dtypes, no native library) it is
-    :func:`reference.scale_rows`.
+    Private, with one contract: the product must feed one spinal op and nothing else. On CPU, float32 / float64,
+    weights of FOLD_ROWS_MIN_BYTES or more, the product is written into one of the layer's ``buffers`` that no graph
+    holds any more (else into a new one, kept while there are fewer than FOLD_BUFFERS_PER_WEIGHT), and its backward
+    is the ``_scale_rows_backward_inplace`` op: one pass over the weights, the incoming gradient scaled in place
+    into the weights' gradient. That gradient is the spinal op's fresh gradient of the product, which nothing else
+    holds (hence the contract). Without the buffers and the in-place scaling, each step made three fresh weight-sized
+    tensors (the product, its gradient, the weights' gradient) that the C library returned to the system and
+    faulted back in on the next step (README, "Dropout / batch-norm heads"). Elsewhere (smaller weights, other
+    devices and dtypes, functorch transforms, no native library) it is :func:`reference.scale_rows`.
     """
     if NATIVE_IMPORT_ERROR is not None or not weight.is_cpu or weight.dtype not in (torch.float32, torch.float64) or \
-            scale.dtype != weight.dtype or weight.numel() * weight.element_size() < FOLD_ROWS_MIN_BYTES:
+            scale.dtype != weight.dtype or weight.numel() * weight.element_size() < FOLD_ROWS_MIN_BYTES or \
+            torch._C._are_functorch_transforms_active():
         return reference.scale_rows(weight, scale)
     key = (tuple(weight.shape), weight.dtype)
-    buffer, last = buffers.get(key, (None, None))
-    if buffer is None or last() is not None:  # none yet, or a graph still holds the last product
-        buffer = torch.empty(weight.shape, dtype=weight.dtype)
-    out = _FoldRows.apply(weight, scale, buffer)
-    buffers[key] = (buffer, weakref.ref(out))
+    with buffers.lock:
+        kept = buffers.entries.setdefault(key, [])
+        free = next((k for k, (_, product) in enumerate(kept) if product() is None), None)
+        if free is not None:
+            buffer = kept.pop(free)[0]
+        else:  # none yet, or graphs hold every one
+            buffer = torch.empty_like(weight, memory_format=torch.contiguous_format)
+        out = _FoldRows.apply(weight, scale, buffer)
+        if len(kept) < FOLD_BUFFERS_PER_WEIGHT:
+            kept.append((buffer, weakref.ref(out)))
     return out
 
 
-def _fake_scale_rows_backward_(grad, weight, scale, scale_grad):
+def _fake_scale_rows_backward_inplace(grad, weight, scale, scale_grad):
     return scale.new_empty(scale.shape if scale_grad else (0,))
 
 
@@ -256,7 +275,7 @@ def _fake_cpu_gemm(a, b, trans_a, trans_b):
 if NATIVE_IMPORT_ERROR is None:
     backends.record_native_kernels()
     torch.library.register_fake("spinal_ops::_cpu_gemm")(_fake_cpu_gemm)
-    torch.library.register_fake("spinal_ops::_scale_rows_backward_")(_fake_scale_rows_backward_)
+    torch.library.register_fake("spinal_ops::_scale_rows_backward_inplace")(_fake_scale_rows_backward_inplace)
     # The native ops carry their autograd in C++ (csrc/spinal_autograd.cpp): same formula, no Python per call. Their
     # backward's derivative recomputes the reference backward through this op (CompositeImplicitAutograd).
     register_op_pair("spinal_ops::spinal_forward", "spinal_ops::_spinal_backward")

@@ -397,7 +397,7 @@ def fold_batch_norm(
     ``Wx' = Wx * scale``, ``Wh' = Wh * scale`` (``weight_h`` slot ``j`` serves ``weight_x`` slot ``j + 1``) and
     ``b' = b * scale + shift = (b - mean) * scale + beta``. Returns ``(weight_x', weight_h', bias')``. ``scale_rows``
     computes the two weight products: :func:`scale_rows`, or one with the same values and another way to its
-    gradients (``SpinalLinear`` in training: :func:`spinal_ops.ops.fold_rows`).
+    gradients (``SpinalLinear`` in training: ``spinal_ops.ops._fold_rows``).
     """
     wx = scale_rows(weight_x, scale)
     wh = scale_rows(weight_h, scale[1:])

@@ -82,6 +82,39 @@ LEAK_CALLS = 10_000
 LEAK_BOUND = 16 * 2**20  # 16 MiB: a leak of a single (B, L*w) scratch per call would be ~80 MiB
 
 
+def test_threads_training_one_eval_mode_layer():
+    """Threads running training steps of one eval-mode batch-norm layer (its fold's buffers shared): no thread ever
+    writes a buffer another one's graph still holds, and every gradient is the single-threaded one."""
+    torch.manual_seed(0)
+    # weights large enough (8 MB) that one thread's product is still being written while another picks a buffer
+    layer = SpinalLinear(2048, 5, layer_width=512, num_layers=4, dropout=0.2, batch_norm=True).eval()
+    params = [p for p in layer.parameters() if p.requires_grad]
+    xs = [torch.randn(2, 2048) for _ in range(4)]
+
+    def grads(x):
+        return torch.autograd.grad(layer(x).square().sum(), params)
+
+    expected = [grads(x) for x in xs]
+    errors, results = [], {}
+
+    def work(i):
+        try:
+            for _ in range(50):
+                results[i] = grads(xs[i])
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, f"{len(errors)} threads failed: {errors[0]!r}"
+    for i, want in enumerate(expected):
+        for k, (got, ref) in enumerate(zip(results[i], want, strict=True)):
+            assert torch.equal(got, ref), f"thread {i}: gradient {k} differs from the single-threaded one"
+
+
 @pytest.fixture
 def one_thread(threads):
     """One intra-op thread: keeps 10,000 calls within seconds on a loaded machine (tiny problems in an OpenMP region

@@ -268,8 +268,8 @@ def assert_same_on_1_and_2_threads(case, dtype):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("shape", [(4, 300, 1000), (3, 5, 7), (2, 0, 4), (6, 3, 1)], ids=str)
 def test_scale_rows_backward(shape, dtype):
-    """_scale_rows_backward_ (the backward of a batch norm folded into the weights): grad scaled in place into the
-    weights' gradient, bit for bit grad * scale[..., None], and the scale's gradient, the rows' dot products, within
+    """_scale_rows_backward_inplace (the backward of a batch norm folded into the weights): grad scaled in place into
+    the weights' gradient, bit for bit grad * scale[..., None], and the scale's gradient, the rows' dot products, within
     the tolerance rule; both bitwise the same on 1 and 2 threads (rows are independent jobs)."""
     require_backend("cpu")
     torch.manual_seed(0)
@@ -281,7 +281,7 @@ def test_scale_rows_backward(shape, dtype):
         for n in (2, 1):
             torch.set_num_threads(n)
             g = grad.clone()
-            results[n] = (torch.ops.spinal_ops._scale_rows_backward_(g, weight, scale, True), g)
+            results[n] = (torch.ops.spinal_ops._scale_rows_backward_inplace(g, weight, scale, True), g)
     finally:
         torch.set_num_threads(threads)
     grad_scale, scaled = results[2]
@@ -290,13 +290,13 @@ def test_scale_rows_backward(shape, dtype):
     assert_close(grad_scale, expected, (grad * weight).sum(-1), what=f"{shape} {dtype} grad_scale")
     assert torch.equal(results[1][0], grad_scale) and torch.equal(results[1][1], scaled), f"{shape}: 1 vs 2 threads"
     g = grad.clone()
-    empty = torch.ops.spinal_ops._scale_rows_backward_(g, weight, scale, False)
+    empty = torch.ops.spinal_ops._scale_rows_backward_inplace(g, weight, scale, False)
     assert empty.numel() == 0 and torch.equal(g, scaled), f"{shape}: without the scale's gradient"
 
 
 def test_scale_rows_backward_refuses_bad_arguments():
     require_backend("cpu")
-    op = torch.ops.spinal_ops._scale_rows_backward_
+    op = torch.ops.spinal_ops._scale_rows_backward_inplace
     w, s = torch.randn(2, 3, 4), torch.randn(2, 3)
     with pytest.raises(RuntimeError, match=r"grad of weight's shape.*got grad \[2, 3, 5\]"):
         op(torch.randn(2, 3, 5), w, s, True)

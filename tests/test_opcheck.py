@@ -161,7 +161,7 @@ def test_opcheck_scale_rows_backward():
     grad, weight, scale = torch.randn(3, 4, 9, dtype=torch.float64), torch.randn(3, 4, 9, dtype=torch.float64), \
         torch.randn(3, 4, dtype=torch.float64)
     for scale_grad in (True, False):
-        torch.library.opcheck(torch.ops.spinal_ops._scale_rows_backward_.default,
+        torch.library.opcheck(torch.ops.spinal_ops._scale_rows_backward_inplace.default,
                               (grad.clone(), weight, scale, scale_grad),
                               test_utils=["test_schema", "test_autograd_registration", "test_faketensor",
                                           "test_aot_dispatch_dynamic"])

@@ -239,17 +239,21 @@ def _step_grads(model, call, x, cot) -> dict:
 
 @pytest.fixture
 def fold_rows_at_any_size(monkeypatch):
-    """ops.fold_rows for the small weights of these tests too (it takes weights of FOLD_ROWS_MIN_BYTES and more)."""
+    """ops._fold_rows for the small weights of these tests too (it takes weights of FOLD_ROWS_MIN_BYTES and more)."""
     monkeypatch.setattr(spinal_ops.ops, "FOLD_ROWS_MIN_BYTES", 0)
+
+
+def _buffer_pointers(spinal: SpinalLinear) -> set[int]:
+    return {buffer.data_ptr() for kept in spinal.__dict__["_fold_buffers"].entries.values() for buffer, _ in kept}
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("spec", [HEADS["vgg-halves"], HEADS["shared"], HEADS["hidden-tanh"]], ids=lambda h: h.name)
 def test_eval_mode_training_steps_fold_into_kept_buffers(spec, dtype, fold_rows_at_any_size):
     """Eval-mode batch norms with autograd fold into buffers reused from step to step, and the fold's backward (the
-    _scale_rows_backward_ op on CPU, in place on the layer op's gradient) gives the gradients of the fold in plain
-    autograd ops: the weights' gradients bit for bit (one product per element in both), the batch norms' within the
-    tolerance rule (row sums in another order)."""
+    _scale_rows_backward_inplace op on CPU, in place on the layer op's gradient) gives the gradients of the fold in
+    plain autograd ops: the weights' gradients bit for bit (one product per element in both), the batch norms'
+    within the tolerance rule (row sums in another order)."""
     _, spinal = _build(spec, dtype=dtype)
     spinal.eval()
     ref = copy.deepcopy(spinal)
@@ -266,7 +270,7 @@ def test_eval_mode_training_steps_fold_into_kept_buffers(spec, dtype, fold_rows_
                 assert_close(g, want[name], what=what)
             else:
                 assert torch.equal(g, want[name]), f"{what}: not bit for bit the in-graph fold's"
-        pointers |= {buffer.data_ptr() for buffer, _ in spinal.__dict__["_fold_buffers"].values()}
+        pointers |= _buffer_pointers(spinal)
     assert len(pointers) == 2, f"{spec.name}: the folded weight_x and weight_h took {len(pointers)} buffers in 3 steps"
 
 
@@ -284,7 +288,9 @@ def test_eval_mode_two_forwards_before_one_backward_fold_into_two_buffers(fold_r
     want = _step_grads(ref, lambda m, xg: twice(m, xg, _folded_in_graph), x, torch.ones(5, 5, dtype=torch.float64))
     for name, g in got.items():
         assert_close(g, want[name], what=f"two forwards, one backward: grad {name}")
-    assert len(spinal.__dict__["_fold_buffers"]) == 2, "the fold did not go through ops.fold_rows"
+    kept = spinal.__dict__["_fold_buffers"].entries
+    assert sorted(len(v) for v in kept.values()) == [2, 2] and len(_buffer_pointers(spinal)) == 4, (
+        "the two products of each weight did not get buffers of their own")
 
 
 def test_eval_mode_fold_is_twice_differentiable(fold_rows_at_any_size):
@@ -304,6 +310,34 @@ def test_eval_mode_fold_is_twice_differentiable(fold_rows_at_any_size):
         assert (a is None) == (b is None), f"parameter {i}: gradient present in one only"
         if a is not None:
             assert_close(a, b, what=f"second derivative, parameter {i}")
+
+
+def test_eval_mode_fold_buffers_follow_the_weights(fold_rows_at_any_size):
+    """The fold's buffers take the weights' device and dtype (not torch's default device), and .to() / .double()
+    drops them with the inference fold, so no copy of the old weights stays alive."""
+    _, spinal = _build(HEADS["vgg-halves"], dtype=torch.float32)
+    spinal.eval()
+    x = torch.randn(3, 16)
+    with torch.device("meta"):  # a default device other than the weights'
+        spinal(x).sum().backward()
+    assert {b.device.type for kept in spinal.__dict__["_fold_buffers"].entries.values() for b, _ in kept} == {"cpu"}
+    with torch.no_grad():
+        spinal(x)
+    spinal.double()
+    assert "_fold_buffers" not in spinal.__dict__ and "_fold_cache" not in spinal.__dict__
+    spinal(x.double()).sum().backward()
+    assert {b.dtype for kept in spinal.__dict__["_fold_buffers"].entries.values() for b, _ in kept} == {torch.float64}
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap's fallback for the spinal op
+def test_eval_mode_fold_under_vmap(fold_rows_at_any_size):
+    """Under a functorch transform the fold is the plain product (the Function has no vmap rule): vmap of the layer
+    equals the layer on the whole batch."""
+    _, spinal = _build(HEADS["vgg-halves"], dtype=torch.float64)
+    spinal.eval()
+    x = torch.randn(4, 16, dtype=torch.float64)
+    mapped = torch.func.vmap(spinal)(x.unsqueeze(1)).squeeze(1)
+    assert_close(mapped, spinal(x).detach(), what="vmap of the eval-mode layer with autograd on")
 
 
 @pytest.mark.parametrize("variant", ["same eps", "one eps differs", "no affine", "mixed affine"])

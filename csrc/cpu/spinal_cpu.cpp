@@ -806,25 +806,25 @@ Grads spinal_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::op
   });
 }
 
-// The _scale_rows_backward_ op: the backward of weight * scale[..., None] (an eval-mode batch norm folded into the
-// weights, spinal_ops/ops.py scale_rows) from grad, the gradient of that product: returns grad_scale[r] = the dot
-// product of rows r of grad and weight (when asked for, else an empty tensor) and scales grad in place into the
-// weight's gradient, grad[r, :] *= scale[r]: one pass over grad and weight, and no new weight-sized tensor (each
-// fresh one page-faults in on every training step). Rows are independent jobs, each summed in a fixed order: bitwise
-// the same on any thread count.
+// The _scale_rows_backward_inplace op: the backward of weight * scale[..., None] (an eval-mode batch norm folded into
+// the weights, spinal_ops/ops.py _fold_rows) from grad, the gradient of that product: returns grad_scale[r] = the dot
+// product of rows r of grad and weight (when asked for, else an empty tensor; weight is then not read) and scales
+// grad in place into the weight's gradient, grad[r, :] *= scale[r]: one pass over grad and weight, and no new
+// weight-sized tensor (each fresh one page-faults in on every training step). Rows are independent jobs, each summed
+// in a fixed order: bitwise the same on any thread count.
 at::Tensor scale_rows_backward_cpu(at::Tensor& grad, const at::Tensor& weight, const at::Tensor& scale,
                                    bool scale_grad) {
   TORCH_CHECK(weight.dim() >= 1 && grad.sizes() == weight.sizes() &&
                   scale.sizes() == weight.sizes().slice(0, weight.dim() - 1),
-              "spinal_ops cpu backend: _scale_rows_backward_: expected grad of weight's shape and scale of weight's "
-              "shape without its last dimension, got grad ", grad.sizes(), ", weight ", weight.sizes(), " and scale ",
-              scale.sizes());
+              "spinal_ops cpu backend: _scale_rows_backward_inplace: expected grad of weight's shape and scale of "
+              "weight's shape without its last dimension, got grad ", grad.sizes(), ", weight ", weight.sizes(),
+              " and scale ", scale.sizes());
   TORCH_CHECK(grad.scalar_type() == weight.scalar_type() && scale.scalar_type() == weight.scalar_type() &&
                   (weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble),
-              "spinal_ops cpu backend: _scale_rows_backward_ takes float32 or float64 tensors of one dtype, got grad ",
-              grad.scalar_type(), ", weight ", weight.scalar_type(), " and scale ", scale.scalar_type());
-  TORCH_CHECK(grad.is_contiguous(), "spinal_ops cpu backend: _scale_rows_backward_ writes grad in place: it must be "
-              "contiguous, got strides ", grad.strides());
+              "spinal_ops cpu backend: _scale_rows_backward_inplace takes float32 or float64 tensors of one dtype, got "
+              "grad ", grad.scalar_type(), ", weight ", weight.scalar_type(), " and scale ", scale.scalar_type());
+  TORCH_CHECK(grad.is_contiguous(), "spinal_ops cpu backend: _scale_rows_backward_inplace writes grad in place: it "
+              "must be contiguous, got strides ", grad.strides());
   const at::Tensor w = weight.contiguous(), s = scale.contiguous();
   at::Tensor grad_scale = scale_grad ? at::empty_like(s) : at::empty({0}, s.options());
   const int64_t k = w.size(-1), rows = s.numel();
@@ -832,7 +832,7 @@ at::Tensor scale_rows_backward_cpu(at::Tensor& grad, const at::Tensor& weight, c
     if (scale_grad) grad_scale.zero_();
     return grad_scale;
   }
-  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "_scale_rows_backward_", [&] {
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "_scale_rows_backward_inplace", [&] {
     using T = scalar_t;
     T* gp = grad.mutable_data_ptr<T>();
     const T* wp = w.const_data_ptr<T>();
@@ -846,6 +846,10 @@ at::Tensor scale_rows_backward_cpu(at::Tensor& grad, const at::Tensor& weight, c
         T* gr = gp + r * k;
         const T* wr = wp + r * k;
         const T sr = sp[r];
+        if (gsp == nullptr) {  // the weights' gradient alone: weight is not read
+          for (int64_t q = 0; q < k; ++q) gr[q] *= sr;
+          continue;
+        }
         // kLanes independent partial sums (vectorised, no dependent chain), added in a fixed order at the end.
         constexpr int kLanes = 16;
         T acc[kLanes] = {};
@@ -862,7 +866,7 @@ at::Tensor scale_rows_backward_cpu(at::Tensor& grad, const at::Tensor& weight, c
           gr[q] *= sr;
         }
         for (int l = 0; l < kLanes; ++l) sum += acc[l];
-        if (gsp != nullptr) gsp[r] = sum;
+        gsp[r] = sum;
       }
     });
   });
@@ -912,5 +916,5 @@ TORCH_LIBRARY_IMPL(spinal_ops, CPU, m) {
   m.impl("spinal_forward", &spinal_ops::cpu::spinal_forward_cpu);
   m.impl("_spinal_backward", &spinal_ops::cpu::spinal_backward_cpu);
   m.impl("_cpu_gemm", &spinal_ops::cpu::cpu_gemm);
-  m.impl("_scale_rows_backward_", &spinal_ops::cpu::scale_rows_backward_cpu);
+  m.impl("_scale_rows_backward_inplace", &spinal_ops::cpu::scale_rows_backward_cpu);
 }
