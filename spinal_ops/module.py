@@ -245,20 +245,25 @@ class SpinalLinear(nn.Module):
         updates, ``load_state_dict``, ``.to()``, ``.data`` assignment), so repeated inference does not fold on
         every call. With autograd they are folded on each call, in the graph (``spinal_ops.ops._fold_rows``).
         """
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and torch.is_inference_mode_enabled()):
-            return reference.fold_batch_norm(self.weight_x, self.weight_h, self.bias, *self._batch_norm_affine())
-        if torch.is_grad_enabled():  # training: kept buffers, a one-pass backward (ops._fold_rows)
+        compiling = torch.compiler.is_compiling()
+        if torch.is_grad_enabled() and not compiling and not torch.is_inference_mode_enabled():
+            # training: kept buffers, a one-pass backward (ops._fold_rows)
             buffers = self.__dict__.get("_fold_buffers") or self.__dict__.setdefault("_fold_buffers", ops.FoldBuffers())
-            return reference.fold_batch_norm(self.weight_x, self.weight_h, self.bias, *self._batch_norm_affine(),
-                                             scale_rows=lambda w, s: ops._fold_rows(w, s, buffers))
+            return self._fold(lambda w, s: ops._fold_rows(w, s, buffers))
+        if torch.is_grad_enabled() or compiling:
+            return self._fold()
         sources = self._fold_sources()
         stamp = tuple((t.data_ptr(), t._version) if isinstance(t, torch.Tensor) else t for t in sources)
         cached = self.__dict__.get("_fold_cache")  # (sources, stamp, folded)
         if cached is not None and cached[1] == stamp and all(a is b for a, b in zip(cached[0], sources, strict=True)):
             return cached[2]
-        folded = reference.fold_batch_norm(self.weight_x, self.weight_h, self.bias, *self._batch_norm_affine())
+        folded = self._fold()
         self.__dict__["_fold_cache"] = (sources, stamp, folded)
         return folded
+
+    def _fold(self, scale_rows=reference.scale_rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return reference.fold_batch_norm(self.weight_x, self.weight_h, self.bias, *self._batch_norm_affine(),
+                                         scale_rows=scale_rows)
 
     def _fold_sources(self) -> list:
         """What the folded weights depend on: the weights and every batch norm's state and eps."""
@@ -271,31 +276,21 @@ class SpinalLinear(nn.Module):
         """``(scale, shift)``, each ``(Lx, w)``: eval-mode batch norm of slot ``j`` is ``z * scale[j] + shift[j]``.
 
         Computed on the stacked statistics, a few ops for all slots (with autograd each op is a graph node, on every
-        call), where every norm has the same eps and all or none have an affine weight and bias; the same values as
-        the per-norm loop, element for element."""
+        call): element for element each norm's own ``weight / sqrt(running_var + eps)`` and
+        ``bias - running_mean * scale`` (a norm without affine parameters takes weight 1 and bias 0, exactly)."""
         norms = list(self.norms)
-        eps = norms[0].eps
-        weights, biases = [n.weight for n in norms], [n.bias for n in norms]
-        if all(n.eps == eps for n in norms) and len({w is None for w in weights}) == 1 and \
-                len({b is None for b in biases}) == 1:
-            scale = 1.0 / torch.sqrt(torch.stack([n.running_var for n in norms]) + eps)
-            if weights[0] is not None:
-                scale = scale * torch.stack(weights)
-            shift = -torch.stack([n.running_mean for n in norms]) * scale
-            if biases[0] is not None:
-                shift = shift + torch.stack(biases)
-            return scale, shift
-        scales, shifts = [], []
-        for n in norms:
-            scale = 1.0 / torch.sqrt(n.running_var + n.eps)
-            if n.weight is not None:
-                scale = scale * n.weight
-            shift = -n.running_mean * scale
-            if n.bias is not None:
-                shift = shift + n.bias
-            scales.append(scale)
-            shifts.append(shift)
-        return torch.stack(scales), torch.stack(shifts)
+        var = torch.stack([n.running_var for n in norms])
+        eps = {n.eps for n in norms}
+        eps = eps.pop() if len(eps) == 1 else var.new_tensor([n.eps for n in norms]).unsqueeze(1)
+        scale = 1.0 / torch.sqrt(var + eps)
+        if any(n.weight is not None for n in norms):
+            scale = scale * torch.stack([n.weight if n.weight is not None else torch.ones_like(n.running_var)
+                                         for n in norms])
+        shift = -torch.stack([n.running_mean for n in norms]) * scale
+        if any(n.bias is not None for n in norms):
+            shift = shift + torch.stack([n.bias if n.bias is not None else torch.zeros_like(n.running_mean)
+                                         for n in norms])
+        return scale, shift
 
     def _apply(self, fn, *args, **kwargs):
         # .to() / .double() / .cuda(): the derived tensors (the inference fold, the training fold's buffers) would keep

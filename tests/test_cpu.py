@@ -267,7 +267,7 @@ def assert_same_on_1_and_2_threads(case, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("shape", [(4, 300, 1000), (3, 5, 7), (2, 0, 4), (6, 3, 1)], ids=str)
-def test_scale_rows_backward(shape, dtype):
+def test_scale_rows_backward(shape, dtype, threads):
     """_scale_rows_backward_inplace (the backward of a batch norm folded into the weights): grad scaled in place into
     the weights' gradient, bit for bit grad * scale[..., None], and the scale's gradient, the rows' dot products, within
     the tolerance rule; both bitwise the same on 1 and 2 threads (rows are independent jobs)."""
@@ -276,14 +276,10 @@ def test_scale_rows_backward(shape, dtype):
     grad, weight, scale = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype), \
         torch.randn(shape[:-1], dtype=dtype)
     results = {}
-    threads = torch.get_num_threads()
-    try:
-        for n in (2, 1):
-            torch.set_num_threads(n)
-            g = grad.clone()
-            results[n] = (torch.ops.spinal_ops._scale_rows_backward_inplace(g, weight, scale, True), g)
-    finally:
-        torch.set_num_threads(threads)
+    for n in (2, 1):
+        threads(n)
+        g = grad.clone()
+        results[n] = (torch.ops.spinal_ops._scale_rows_backward_inplace(g, weight, scale, True), g)
     grad_scale, scaled = results[2]
     assert torch.equal(scaled, grad * scale.unsqueeze(-1)), f"{shape}: grad not scaled in place bit for bit"
     expected = (grad.double() * weight.double()).sum(-1)
