@@ -8,12 +8,16 @@ Backends:
 - ``triton``: the Triton kernels (CUDA tensors; CPU tensors when ``TRITON_INTERPRET=1`` was set before
   Triton was imported). Its ops check their arguments with the native library's shared checks, so it needs
   ``spinal_ops._C`` too (any build of it: the CPU-only one will do).
+- ``gemm``: :mod:`spinal_ops.gemm`, every product of the layer one call of torch's matrix multiply (cuBLAS on a
+  GPU), with its own backward op; any device (like ``triton``, it needs ``spinal_ops._C`` for its checks). The GPU
+  plan for large batches.
 
 Automatic choice: the fastest available for the tensor's device and dtype. CPU tensors: ``cpu``, which runs
 float32, float64, bfloat16 and float16. CUDA tensors: given the call's problem (layer sizes, rows, forward or
-training), the fastest of ``cuda``, ``triton`` and ``reference`` by the GPU cost model
+training), the fastest of ``cuda``, ``triton``, ``gemm`` and ``reference`` by the GPU cost model
 (:func:`spinal_ops.gpu_model.choose_backend`, one decision per device, precision and problem, cached); without it
-(and under ``torch.compile``, which traces the choice as a constant) ``cuda``, then ``triton``, then ``reference``.
+(and under ``torch.compile``, which traces the choice as a constant) ``cuda``, then ``triton``, then ``gemm``,
+then ``reference``.
 ``SPINAL_OPS_BACKEND`` (read once, at import) and :func:`use_backend` (a context manager, which wins over the
 variable) force one.
 
@@ -34,7 +38,7 @@ import os
 
 import torch
 
-BACKENDS = ("reference", "cpu", "cuda", "triton")
+BACKENDS = ("reference", "cpu", "cuda", "triton", "gemm")
 
 _ENV_BACKEND = os.environ.get("SPINAL_OPS_BACKEND") or None
 _AUTOTUNE = os.environ.get("SPINAL_OPS_AUTOTUNE", "0") == "1"
@@ -88,7 +92,7 @@ def triton_interpreted() -> bool:
 _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # The candidates for a device type, fastest first by default: the static automatic choice takes the first that runs
 # the tensors; autotuning and the GPU cost model pick among them.
-CANDIDATES = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+CANDIDATES = {"cuda": ("cuda", "triton", "gemm", "reference"), "cpu": ("cpu", "reference")}
 
 
 def _serves(name: str, device_type: str, dtype: torch.dtype | None = None) -> bool:
@@ -103,6 +107,8 @@ def _serves(name: str, device_type: str, dtype: torch.dtype | None = None) -> bo
         if not (triton_importable() and _native_loaded()):
             return False
         return device_type == "cuda" or (device_type == "cpu" and triton_interpreted())
+    if name == "gemm":
+        return _native_loaded()
     return False
 
 
@@ -116,6 +122,8 @@ def available_backends() -> list[str]:
         names.append("cuda")
     if triton_importable() and _native_loaded() and (has_gpu or triton_interpreted()):
         names.append("triton")
+    if _native_loaded():
+        names.append("gemm")
     return names
 
 

@@ -130,11 +130,12 @@ def dense_equivalent(cfg: SpinalConfig, dtype=None, device=None) -> nn.Module:
 def fused_backends(device: torch.device, dtype: torch.dtype | None = None) -> list[str]:
     """Backends timed as ``fused[<name>]`` on ``device`` in ``dtype``.
 
-    The native/compiled backends that run ``dtype`` there (interpreted Triton is a correctness tool only); where
-    none does, the one ``spinal_ops`` chooses automatically, so the label names the backend that actually runs.
+    The backends the automatic choice picks from on that device type (:data:`backends.CANDIDATES`: on CPU the cpu
+    kernels; interpreted Triton is a correctness tool only) that run ``dtype`` there, the reference aside; where none
+    does, the one ``spinal_ops`` chooses automatically, so the label names the backend that actually runs.
     """
-    names = [b for b in backends.available_backends() if b != "reference" and backends._serves(b, device.type, dtype)]
-    names = [b for b in names if not (b == "triton" and device.type == "cpu")]
+    candidates = backends.CANDIDATES["cuda" if device.type == "cuda" else "cpu"]
+    names = [b for b in candidates if b != "reference" and backends._serves(b, device.type, dtype)]
     return names or [backends.select_backend(device, dtype)]
 
 

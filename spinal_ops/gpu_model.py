@@ -116,6 +116,14 @@ EAGER_OP_HOST_S = 4.0e-6
 ENGINE_OP_HOST_S = 2.0e-6
 FUSED_OP_HOST_S = 8.0e-6
 FUSED_BACKWARD_HOST_S = 6.0e-6
+# The op pairs registered from Python (triton, gemm: torch.library ops with register_autograd), around their bodies:
+# a forward without a graph; one that records the autograd node; the engine's call of the Python backward and the
+# backward op. Measured on CPU tensors with bodies that only allocate their outputs (resnet-head's shapes, B = 1,
+# AMD EPYC Zen 5, 2 threads; medians of 9 x 1000 calls, microseconds): forward without a graph 13.9 / 15.2 (bodies
+# 2-3), with one 35.9; forward and torch.autograd.grad 84-95, against 21 for grad() of one multiply.
+PY_OP_HOST_S = 12.0e-6
+PY_OP_GRAPH_HOST_S = 35.0e-6
+PY_OP_BACKWARD_HOST_S = 30.0e-6
 CUDA_LAUNCH_HOST_S = 1.0e-6
 TRITON_LAUNCH_HOST_S = 12.0e-6
 # How close each kernel's inner product comes to the SM's attainable rate (model): the CUDA kernels stage operands
@@ -417,8 +425,10 @@ class EagerOp:
 
 
 def _gemm_shape(name: str, args, out) -> tuple[int, int, int] | None:
-    if name in ("aten.mm.default", "aten.addmm.default"):
-        a, b = (args[0], args[1]) if name == "aten.mm.default" else (args[1], args[2])
+    """``(m, n, k)`` of a matrix product (``mm``, ``addmm``, their ``out=`` and in-place forms), else None."""
+    op = name.split(".")[1] if name.startswith("aten.") else ""
+    if op in ("mm", "addmm", "addmm_"):
+        a, b = (args[0], args[1]) if op == "mm" else (args[1], args[2])
         return int(a.shape[0]), int(b.shape[1]), int(a.shape[1])
     return None
 
@@ -469,7 +479,8 @@ def _clean_context():
 @functools.lru_cache(maxsize=512)
 def eager_ops(plan: str, cfg: SpinalConfig, rows: int, mode: str, math_mode: str) -> tuple[EagerOp, ...]:
     """The aten ops of ``plan`` ("eager": the original scripts' chain; "dense": the dense layer it replaces;
-    "reference": the reference backend) for one ``mode`` call on ``rows`` rows, recorded on ``meta`` tensors."""
+    "reference": the reference backend; "gemm": the gemm backend's calls) for one ``mode`` call on ``rows`` rows,
+    recorded on ``meta`` tensors."""
     with _clean_context():
         return _eager_ops(plan, cfg, rows, mode, math_mode)
 
@@ -487,6 +498,8 @@ def _eager_ops(plan: str, cfg: SpinalConfig, rows: int, mode: str, math_mode: st
         module = EagerSpinal(spinal)
     elif plan == "dense":
         module = dense_equivalent(cfg, dtype=dtype, device="meta")
+    elif plan == "gemm":
+        return _gemm_plan_ops(spinal, cfg, rows, mode, dtype)
     elif plan == "reference":
         spec = spinal._spec
 
@@ -496,7 +509,7 @@ def _eager_ops(plan: str, cfg: SpinalConfig, rows: int, mode: str, math_mode: st
                                                 spec.starts, spec.slot_list, spec.activation, spec.negative_slope)
             return y if head else h_all
     else:
-        raise ValueError(f"plan must be eager, dense or reference, got {plan!r}")
+        raise ValueError(f"plan must be eager, dense, gemm or reference, got {plan!r}")
     x = torch.empty(rows, cfg.in_features, device="meta", dtype=dtype, requires_grad=mode == "fwd+bwd")
 
     def run(state):
@@ -508,6 +521,29 @@ def _eager_ops(plan: str, cfg: SpinalConfig, rows: int, mode: str, math_mode: st
         grad = torch.empty_like(y)
         state["backward"] = True
         y.backward(grad)
+
+    return tuple(_record_ops(run))
+
+
+def _gemm_plan_ops(spinal, cfg: SpinalConfig, rows: int, mode: str, dtype: torch.dtype) -> tuple[EagerOp, ...]:
+    """The gemm backend's calls (:mod:`spinal_ops.gemm`: its forward, and for ``fwd+bwd`` its backward with every
+    gradient), recorded on ``meta`` tensors. All are issued from Python (the op's own body), none by the engine."""
+    from . import gemm
+
+    spec = spinal._spec
+    p = spinal
+    hyper = (spec.starts, spec.slot_list, spec.activation, spec.negative_slope)
+    x = torch.empty(rows, cfg.in_features, device="meta", dtype=dtype)
+
+    def run(state):
+        with torch.no_grad():
+            h_all, y = gemm.spinal_forward_gemm(x, p.weight_x, p.weight_h, p.bias, p.head_weight, p.head_bias,
+                                                *hyper)
+            if mode == "fwd+bwd":
+                head = p.head_weight is not None
+                gemm.spinal_backward_gemm(torch.empty_like(y) if head else None, None if head else
+                                          torch.empty_like(h_all), x, h_all, p.weight_x, p.weight_h, p.bias,
+                                          p.head_weight, *hyper, [True, True, True, True, head, head])
 
     return tuple(_record_ops(run))
 
@@ -540,18 +576,28 @@ def fused_time(plan: str, p: Problem, dev: GpuSpec, math_mode: str, mode: str) -
     """A fused plan's call: its launches (:func:`cuda_launches` / :func:`triton_launches`) and host costs."""
     launches = cuda_launches(p, math_mode, mode) if plan == "cuda" else triton_launches(p, math_mode, mode)
     per_launch = CUDA_LAUNCH_HOST_S if plan == "cuda" else TRITON_LAUNCH_HOST_S
-    host = FUSED_OP_HOST_S + (FUSED_BACKWARD_HOST_S if mode == "fwd+bwd" else 0.0) + per_launch * len(launches)
+    host = op_pair_host_s(plan, mode) + per_launch * len(launches)
     gpu = sum(kernel_seconds(k, dev, math_mode) for k in launches)
     return PlanTime(plan, host, gpu, len(launches))
 
 
 def plan_time(plan: str, cfg: SpinalConfig, rows: int, dev: GpuSpec, math_mode: str, mode: str) -> PlanTime:
-    """Modelled time of ``plan`` ("cuda", "triton", "reference", "eager" or "dense") for one call."""
+    """Modelled time of ``plan`` ("cuda", "triton", "gemm", "reference", "eager" or "dense") for one call."""
     if plan in ("cuda", "triton"):
         return fused_time(plan, Problem.of(cfg, rows), dev, math_mode, mode)
     ops = eager_ops(plan, cfg, rows, mode, math_mode)
     host, gpu = eager_seconds(ops, dev, math_mode)
+    if plan == "gemm":  # the op pair's own calls around its Python calls
+        host += op_pair_host_s(plan, mode)
     return PlanTime(plan, host, gpu, len(ops))
+
+
+def op_pair_host_s(plan: str, mode: str) -> float:
+    """Host time of a fused plan's op pair itself (not its kernels or calls) for one ``mode`` call: the native ops'
+    C++ autograd (cuda), or the op pairs registered from Python (triton, gemm)."""
+    if plan == "cuda":
+        return FUSED_OP_HOST_S + (FUSED_BACKWARD_HOST_S if mode == "fwd+bwd" else 0.0)
+    return PY_OP_HOST_S if mode == "forward" else PY_OP_GRAPH_HOST_S + PY_OP_BACKWARD_HOST_S
 
 
 def call_seconds(mode: str) -> float:
@@ -675,13 +721,13 @@ def _t(seconds: float) -> str:
 
 def format_table(rows: list[ModelRow]) -> str:
     """Every row: the chosen plan and its time, each plan's time, the floor and the misses."""
-    head = ["device", "math", "mode", "config", "B", "chosen", "chosen time", "cuda", "triton", "reference", "eager",
-            "dense", "floor", "x floor", "misses"]
+    head = ["device", "math", "mode", "config", "B", "chosen", "chosen time", "cuda", "triton", "gemm", "reference",
+            "eager", "dense", "floor", "x floor", "misses"]
     body = []
     for r in rows:
         t = r.times
         body.append([r.device, r.math, r.mode, r.config, str(r.rows), r.chosen, _t(r.chosen_s), _t(t["cuda"].seconds),
-                     _t(t["triton"].seconds), _t(t["reference"].seconds), _t(t["eager"].seconds),
+                     _t(t["triton"].seconds), _t(t["gemm"].seconds), _t(t["reference"].seconds), _t(t["eager"].seconds),
                      _t(t["dense"].seconds), _t(r.floor_s), f"{r.chosen_s / r.floor_s:.1f}",
                      "; ".join(r.misses()) or "-"])
     widths = [max(len(h), *(len(row[i]) for row in body)) for i, h in enumerate(head)]

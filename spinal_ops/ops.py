@@ -147,6 +147,31 @@ def _make_backward(backward_op):
     return backward
 
 
+_CHECKED: set = set()  # (backend, signature: sizes, dtypes, devices, layouts, hyper-parameters) that passed
+
+
+def _signature(args) -> tuple:
+    return tuple((tuple(a.shape), a.dtype, a.device, a.is_contiguous()) if isinstance(a, Tensor)
+                 else tuple(a) if isinstance(a, list) else a for a in args)
+
+
+def check_args(backend: str, *args) -> None:
+    """The shared argument checks of the ops written in Python (triton, gemm), naming ``backend``: once per
+    signature (they read only sizes, dtypes, devices, layouts and hyper-parameters), then remembered. They are the
+    native library's (``csrc/spinal_args.cpp``): those backends are available only where ``spinal_ops._C`` is
+    loaded (:mod:`spinal_ops.backends`)."""
+    if NATIVE_IMPORT_ERROR is not None:
+        raise RuntimeError(f"spinal_ops {backend} backend: its ops check their arguments with the native library, "
+                           f"which failed to load: {NATIVE_IMPORT_ERROR}")
+    key = (backend, _signature(args))
+    if key in _CHECKED:
+        return
+    torch.ops.spinal_ops._check_args(backend, *args)
+    if len(_CHECKED) > 4096:
+        _CHECKED.clear()
+    _CHECKED.add(key)
+
+
 _BACKWARD_TENSOR_ARGS = 8  # grad_y, grad_H, x, H, weight_x, weight_h, bias, head_weight
 
 
@@ -584,7 +609,11 @@ def forward_op(backend: str):
         from . import triton_kernels  # importing the package registers the Triton ops
 
         return triton_kernels.spinal_forward_op
+    if backend == "gemm":
+        return gemm.spinal_forward_op
     return _NATIVE_FORWARD  # cpu, cuda: one op, dispatched on the tensors' device
 
 
 _NATIVE_FORWARD = torch.ops.spinal_ops.spinal_forward.default if NATIVE_IMPORT_ERROR is None else None
+
+from . import gemm  # noqa: E402  (registers the gemm backend's ops, which use the registrations above)

@@ -185,6 +185,7 @@ _BACKEND_PARAMS = {
     "reference": pytest.param("reference", id="reference"),
     "cpu": pytest.param("cpu", id="cpu"),
     "triton": pytest.param("triton", marks=pytest.mark.triton, id="triton"),
+    "gemm": pytest.param("gemm", id="gemm"),
     "cuda": pytest.param("cuda", marks=pytest.mark.cuda, id="cuda"),
     # the CUDA kernel sources run on the CPU under the SIMT emulator (tests/cuda_emulated)
     "emulated": pytest.param("emulated", marks=pytest.mark.emulated, id="emulated"),
@@ -199,7 +200,7 @@ def backends(*names: str) -> list:
 
 
 # The kernel backends, each checked against the reference.
-BACKENDS = backends("cpu", "triton", "cuda", "emulated")
+BACKENDS = backends("cpu", "gemm", "triton", "cuda", "emulated")
 
 
 def _emulator_build():
@@ -222,6 +223,8 @@ def unavailable(name: str) -> str | None:
         if not GPU_PRESENT:
             return "no NVIDIA GPU on this machine"
         return None if native("CUDA") else "built without the CUDA kernels"
+    if name == "gemm":
+        return None if native("CPU") else "the native extension (its argument checks) is not built"
     if name == "triton":
         if not spinal_ops.backends.triton_importable():
             return "Triton is not installed"

@@ -29,7 +29,7 @@ SMALL_CASES = [c.replace(rows=r) for c, r in zip(CASES, (20, 9, 17, 5), strict=T
 
 # Triton's interpreter is process-global; the launchers serialise interpreted launches with a lock
 # (triton_kernels/settings.py launch_guard), which this test exercises under TRITON_INTERPRET=1.
-@pytest.mark.parametrize("backend", backends("cpu", "reference", "triton"))
+@pytest.mark.parametrize("backend", backends("cpu", "reference", "gemm", "triton"))
 def test_threads_match_single_threaded_results(backend):
     require_backend(backend)
     device = "cuda" if backend == "triton" and not INTERPRETED else "cpu"

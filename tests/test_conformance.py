@@ -1,7 +1,8 @@
 """Conformance: every kernel backend against the reference, the output and every gradient, under the one tolerance
 rule (tests/helpers.py, :func:`helpers.check_against_reference`).
 
-One matrix: backend (helpers.BACKENDS: cpu, triton, cuda, the CUDA kernels under the emulator) x case x dtype.
+One matrix: backend (helpers.BACKENDS: cpu, gemm, triton, cuda, the CUDA kernels under the emulator) x case x
+dtype.
 Backends not available here are skipped at collection time (tests/conftest.py). What is specific to a backend
 (launch counts, tile paths, thread schedules, GPU streams) stays in that backend's own test file.
 """
@@ -17,6 +18,7 @@ ALL_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 # enough to split its products into column blocks.
 MATRIX = {
     "cpu": ([*CASES.values(), *COLUMN_SPLIT_CASES.values()], ALL_DTYPES),
+    "gemm": (list(CASES.values()), ALL_DTYPES),
     "triton": (list(CASES.values()), ALL_DTYPES),  # bfloat16 too: the interpreter upcasts tl.dot operands
     "cuda": (list(CASES.values()), ALL_DTYPES),
     # float16 / bfloat16 of the emulated kernels (wmma) are exercised by tests/kernel_paths.py's variants, under

@@ -49,7 +49,7 @@ def test_cpu_bitwise_across_runs_and_thread_counts(case, dtype, threads):
                     f"backend=cpu case={case.id} dtype={DTYPE_NAMES[dtype]} 2 threads vs 1 thread")
 
 
-@pytest.mark.parametrize("backend", backends("reference", "cpu", "triton"))
+@pytest.mark.parametrize("backend", backends("reference", "cpu", "gemm", "triton"))
 def test_use_deterministic_algorithms_runs_and_agrees(backend):
     """Every backend runs under ``torch.use_deterministic_algorithms(True)`` (none needs an order-dependent atomic,
     so none raises or falls back) and gives the same bits as without it."""

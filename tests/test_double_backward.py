@@ -26,8 +26,8 @@ import spinal_ops
 from spinal_ops import reference
 
 PARAMS = ("weight_x", "weight_h", "bias", "head_weight", "head_bias")
-SECOND_ORDER_BACKENDS = backends("cpu", "triton", "cuda")
-DEVICE = {name: device_of(name) for name in ("cpu", "triton", "cuda")}
+SECOND_ORDER_BACKENDS = backends("cpu", "gemm", "triton", "cuda")
+DEVICE = {name: device_of(name) for name in ("cpu", "gemm", "triton", "cuda")}
 
 # Every activation (each act' is differentiated), head and hidden mode, tied slots, wrapping chunks, no bias.
 SECOND_ORDER_CASES = [

@@ -58,6 +58,8 @@ OPS = [
     ("cpu", "_spinal_backward", "backward"),
     ("triton", "spinal_forward_triton", "forward"),
     ("triton", "_spinal_backward_triton", "backward"),
+    ("gemm", "spinal_forward_gemm", "forward"),
+    ("gemm", "_spinal_backward_gemm", "backward"),
     ("cuda", "spinal_forward", "forward"),
     ("cuda", "_spinal_backward", "backward"),
 ]

@@ -15,7 +15,7 @@ from torch import nn
 import spinal_ops
 from spinal_ops import SpinalLinear
 
-PORTING_BACKENDS = backends("reference", "cpu", "triton")
+PORTING_BACKENDS = backends("reference", "cpu", "gemm", "triton")
 
 
 # ------------------------------------------------------------------------------------------------ weight tying

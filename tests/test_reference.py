@@ -30,7 +30,7 @@ ORIGINALS = [
 ]
 
 
-@pytest.mark.parametrize("backend", backends("reference", "cpu", "triton"))
+@pytest.mark.parametrize("backend", backends("reference", "cpu", "gemm", "triton"))
 @pytest.mark.parametrize("make,kwargs,rows", [o[1:] for o in ORIGINALS], ids=[o[0] for o in ORIGINALS])
 def test_reproduces_original_chain(backend, make, kwargs, rows):
     require_backend(backend)

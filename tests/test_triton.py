@@ -402,7 +402,9 @@ def test_autotune_key_buckets_the_batch_size():
 def test_repeated_calls_upload_no_table_and_check_once():
     """A repeated forward and backward copies no layer table to the device and runs the C++ argument checks once
     per signature; another tying pattern is a new table and a new signature."""
-    from spinal_ops.triton_kernels import ops, settings
+    from spinal_ops.triton_kernels import settings
+
+    from spinal_ops import ops
 
     case = CASES["tied"]
     x, params = make_inputs(case, torch.float32, device=DEVICE)

@@ -3,7 +3,7 @@
 ``spinal_ops::spinal_forward_triton`` and ``spinal_ops::_spinal_backward_triton`` mirror the native ops one to one
 (same arguments, same outputs; see ``csrc/spinal_ops.cpp``) and share their fake kernels and their autograd
 formula (:func:`spinal_ops.ops.register_op_pair`). Their arguments go through the same checks as the native ops'
-(``csrc/spinal_args.cpp``, reached as ``torch.ops.spinal_ops._check_args``), naming the triton backend.
+(``csrc/spinal_args.cpp``, through :func:`spinal_ops.ops.check_args`), naming the triton backend.
 """
 
 from __future__ import annotations
@@ -15,36 +15,14 @@ from .. import ops as _spinal
 from .backward import spinal_bwd_triton
 from .forward import spinal_fwd_triton
 
-_CHECKED: set = set()  # signatures (sizes, dtypes, devices, layouts, hyper-parameters) that passed
-
-
-def _signature(args) -> tuple:
-    return tuple((tuple(a.shape), a.dtype, a.device, a.is_contiguous()) if isinstance(a, Tensor)
-                 else tuple(a) if isinstance(a, list) else a for a in args)
-
-
-def _check_args(*args) -> None:
-    """The shared argument checks, once per signature (they read only sizes, dtypes, devices, layouts and
-    hyper-parameters), then remembered. They are the native library's: the triton backend is available only
-    where ``spinal_ops._C`` is loaded (:mod:`spinal_ops.backends`)."""
-    if _spinal.NATIVE_IMPORT_ERROR is not None:
-        raise RuntimeError("spinal_ops triton backend: its ops check their arguments with the native library, "
-                           f"which failed to load: {_spinal.NATIVE_IMPORT_ERROR}")
-    key = _signature(args)
-    if key in _CHECKED:
-        return
-    torch.ops.spinal_ops._check_args("triton", *args)
-    if len(_CHECKED) > 4096:
-        _CHECKED.clear()
-    _CHECKED.add(key)
-
 
 @torch.library.triton_op("spinal_ops::spinal_forward_triton", mutates_args=())
 def _spinal_forward_triton(
     x: Tensor, weight_x: Tensor, weight_h: Tensor, bias: Tensor | None, head_weight: Tensor | None,
     head_bias: Tensor | None, starts: list[int], slots: list[int], activation: str, negative_slope: float,
 ) -> tuple[Tensor, Tensor]:
-    _check_args(x, weight_x, weight_h, bias, head_weight, head_bias, starts, slots, activation, negative_slope)
+    _spinal.check_args("triton", x, weight_x, weight_h, bias, head_weight, head_bias, starts, slots, activation,
+                       negative_slope)
     return spinal_fwd_triton(x, weight_x, weight_h, bias, head_weight, head_bias, starts, slots, activation,
                              negative_slope)
 
@@ -55,7 +33,8 @@ def _spinal_backward_triton(
     bias: Tensor | None, head_weight: Tensor | None, starts: list[int], slots: list[int], activation: str,
     negative_slope: float, output_mask: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    _check_args(x, weight_x, weight_h, bias, head_weight, None, starts, slots, activation, negative_slope)
+    _spinal.check_args("triton", x, weight_x, weight_h, bias, head_weight, None, starts, slots, activation,
+                       negative_slope)
     mask = _spinal.effective_output_mask(output_mask, bias, head_weight)
     return spinal_bwd_triton(grad_y, grad_H, x, H, weight_x, weight_h, bias, head_weight, starts, slots,
                              activation, negative_slope, mask)

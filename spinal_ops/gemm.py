@@ -1,0 +1,246 @@
+"""The ``gemm`` backend: the spinal layer as calls of the GEMM library, one op pair with its own backward.
+
+Every product of the layer is one call of torch's matrix multiply on the tensors' device (cuBLAS on a GPU, the BLAS
+torch links on a CPU), written straight into its place in the outputs; the activations run in place. What it is
+for: large batches on a GPU, where a vendor GEMM at full tensor-core rate beats the fused kernels' one-CTA-per-row-tile
+chain, and where the eager chain it replaces pays for its ``cat`` copies, its per-op graph nodes and the
+intermediates autograd saves. At small batches its host cost (a Python call per product) loses to the fused kernels;
+the GPU cost model (:mod:`spinal_ops.gpu_model`) records these same calls and weighs both.
+
+Forward, per sub-layer ``i`` (``H_i`` the ``i``-th column block of ``H``, written in place)::
+
+    H_i  = b[s] + x[:, idx_i] @ Wx[s].T          (one addmm; a view of x unless the chunk wraps)
+    H_i += h_{i-1} @ Wh[s-1].T                   (i >= 1: one addmm into H_i, beta = 1)
+    H_i  = act(H_i)                               (in place)
+    y    = bo + H @ Wo.T                          (one addmm)
+
+Backward (:func:`spinal_backward_gemm`), ``dZ`` kept in one ``(B, L*w)`` buffer::
+
+    dZ    = G @ Wo (+ grad_H)                     then for i = L-1 .. 0:
+    dZ_i *= act'(Z_i)                             (the activation's backward kernel, in place; Z_i recomputed
+                                                   with the forward's own calls where act' needs it)
+    dZ_{i-1} += dZ_i @ Wh[s-1]                    (one addmm, beta = 1)
+    dWx[s] (+)= dZ_i.T @ x[:, idx_i],  dWh[s-1] (+)= dZ_i.T @ h_{i-1},  db[s] (+)= dZ_i.sum(0)
+    dx[:, idx_i] (+)= dZ_i @ Wx[s]                (into dx's column block; index_add where a chunk wraps)
+    dWo = G.T @ H,  dbo = G.sum(0)
+
+Intermediates are in the storage dtype (as in the eager chain); the GEMMs accumulate as the library does (float32 for
+16-bit inputs). Deterministic where the library is: cuBLAS for a fixed device, stream and workspace configuration
+(PyTorch's ``CUBLAS_WORKSPACE_CONFIG`` note), the CPU BLAS for a fixed thread count. Saved for backward: ``x`` and
+``H``, as for the fused ops; the backward is differentiable through :func:`spinal_ops.reference.spinal_backward`.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import reference
+
+
+def _activate_(z: Tensor, activation: str, negative_slope: float) -> None:
+    """``z = act(z)`` in place, the values of :func:`reference.activate`."""
+    if activation == "relu":
+        torch.relu_(z)
+    elif activation == "leaky_relu":
+        F.leaky_relu_(z, negative_slope)
+    elif activation == "tanh":
+        z.tanh_()
+    elif activation == "sigmoid":
+        z.sigmoid_()
+    elif activation == "silu":
+        F.silu(z, inplace=True)
+    elif activation == "gelu":
+        z.copy_(F.gelu(z))
+    elif activation != "identity":
+        raise ValueError(f"activation must be one of {reference.ACTIVATIONS}, got {activation!r}")
+
+
+def _times_activation_grad_(grad: Tensor, h: Tensor, z: Tensor | None, activation: str,
+                            negative_slope: float) -> None:
+    """``grad *= act'(Z)`` in place, in one pass: the activation's own backward kernel (what autograd runs for it),
+    from ``h = act(Z)`` or, where :func:`reference.needs_preactivation`, from ``z``."""
+    aten = torch.ops.aten
+    if activation == "relu":
+        aten.threshold_backward.grad_input(grad, h, 0, grad_input=grad)
+    elif activation == "leaky_relu":
+        from_h = negative_slope >= 0.0
+        aten.leaky_relu_backward.grad_input(grad, h if from_h else z, negative_slope, from_h, grad_input=grad)
+    elif activation == "tanh":
+        aten.tanh_backward.grad_input(grad, h, grad_input=grad)
+    elif activation == "sigmoid":
+        aten.sigmoid_backward.grad_input(grad, h, grad_input=grad)
+    elif activation == "gelu":
+        aten.gelu_backward.grad_input(grad, z, grad_input=grad)
+    elif activation == "silu":
+        aten.silu_backward.grad_input(grad, z, grad_input=grad)
+    elif activation != "identity":
+        raise ValueError(f"activation must be one of {reference.ACTIVATIONS}, got {activation!r}")
+
+
+def _preactivation(out: Tensor, x: Tensor, weight_x: Tensor, weight_h: Tensor, bias: Tensor | None,
+                   h_prev: Tensor | None, start: int, slot: int) -> Tensor:
+    """``Z_i`` of one sub-layer written into ``out``: the forward's calls, which the backward repeats where ``act'``
+    needs ``Z`` (so the two agree bit for bit)."""
+    xi = reference.chunk_of(x, start, weight_x.shape[2])
+    if bias is not None:
+        torch.addmm(bias[slot], xi, weight_x[slot].T, out=out)
+    else:
+        torch.mm(xi, weight_x[slot].T, out=out)
+    if h_prev is not None:
+        out.addmm_(h_prev, weight_h[slot - 1].T)
+    return out
+
+
+def spinal_forward_gemm(x: Tensor, weight_x: Tensor, weight_h: Tensor, bias: Tensor | None,
+                        head_weight: Tensor | None, head_bias: Tensor | None, starts: list[int], slots: list[int],
+                        activation: str, negative_slope: float) -> tuple[Tensor, Tensor]:
+    """The forward (the ``spinal_forward`` op's arguments and outputs), one GEMM call per product."""
+    rows = x.shape[0]
+    width = weight_x.shape[1]
+    h_all = x.new_empty(rows, len(starts) * width)
+    for i, (start, slot) in enumerate(zip(starts, slots, strict=True)):
+        h_i = h_all.narrow(1, i * width, width)
+        h_prev = h_all.narrow(1, (i - 1) * width, width) if i > 0 else None
+        _activate_(_preactivation(h_i, x, weight_x, weight_h, bias, h_prev, start, slot), activation,
+                   negative_slope)
+    if head_weight is None:
+        return h_all, x.new_empty(rows, 0)
+    if head_bias is not None:
+        return h_all, torch.addmm(head_bias, h_all, head_weight.T)
+    return h_all, h_all @ head_weight.T
+
+
+@functools.lru_cache(maxsize=256)
+def _dx_plan(starts: tuple[int, ...], chunk: int, in_features: int) -> tuple[tuple[bool, ...], tuple[tuple, ...]]:
+    """How ``dx`` is assembled: per sub-layer, whether its product is the first written to its columns (a plain
+    GEMM into them) rather than added; and the column ranges no chunk reads (zeroed). First writes only where the
+    distinct chunks neither wrap nor overlap (as in ``split_mode="alternate"``); else every product adds into zeros
+    (the one range ``(0, D)``)."""
+    distinct = sorted(set(starts))
+    disjoint = all(s + chunk <= in_features for s in distinct) and all(
+        b >= a + chunk for a, b in itertools.pairwise(distinct))
+    if not disjoint:
+        return (False,) * len(starts), ((0, in_features),)
+    first = tuple(starts.index(s) == i for i, s in enumerate(starts))
+    gaps, edge = [], 0
+    for s in distinct:
+        if s > edge:
+            gaps.append((edge, s - edge))
+        edge = s + chunk
+    if edge < in_features:
+        gaps.append((edge, in_features - edge))
+    return first, tuple(gaps)
+
+
+def _slot_gemm(out: Tensor, first: bool, a: Tensor, b: Tensor) -> None:
+    """``out = a @ b`` for a slot's first term, ``out += a @ b`` for the next ones (tied slots)."""
+    if first:
+        torch.mm(a, b, out=out)
+    else:
+        out.addmm_(a, b)
+
+
+def spinal_backward_gemm(grad_y: Tensor | None, grad_H: Tensor | None, x: Tensor, H: Tensor, weight_x: Tensor,
+                         weight_h: Tensor, bias: Tensor | None, head_weight: Tensor | None, starts: list[int],
+                         slots: list[int], activation: str, negative_slope: float,
+                         output_mask: list[bool]) -> tuple[Tensor, ...]:
+    """The backward (the ``_spinal_backward`` op's arguments and outputs; ``output_mask`` already normalised by
+    :func:`spinal_ops.ops.effective_output_mask`), one GEMM call per product."""
+    rows, in_features = x.shape
+    width, chunk = weight_x.shape[1], weight_x.shape[2]
+    num_layers = len(starts)
+    def empty():  # one per gradient not asked for: an op's outputs may not alias each other
+        return x.new_empty(0)
+
+    dwo, dbo = empty(), empty()
+    if output_mask[4]:
+        dwo = grad_y.T @ H if grad_y is not None else torch.zeros_like(head_weight)
+    if output_mask[5]:
+        dbo = grad_y.sum(0) if grad_y is not None else head_weight.new_zeros(head_weight.shape[0])
+    if not any(output_mask[:4]):
+        return empty(), empty(), empty(), empty(), dwo, dbo
+    if grad_y is not None:
+        dz = torch.addmm(grad_H, grad_y, head_weight) if grad_H is not None else grad_y @ head_weight
+    else:
+        dz = grad_H.clone() if grad_H is not None else H.new_zeros(rows, num_layers * width)
+    blocks = [dz.narrow(1, i * width, width) for i in range(num_layers)]
+    hs = [H.narrow(1, i * width, width) for i in range(num_layers)]
+    need_z = reference.needs_preactivation(activation, negative_slope)
+    for i in reversed(range(num_layers)):
+        z = None
+        if need_z:
+            z = _preactivation(H.new_empty(rows, width), x, weight_x, weight_h, bias, hs[i - 1] if i else None,
+                               starts[i], slots[i])
+        _times_activation_grad_(blocks[i], hs[i], z, activation, negative_slope)
+        if i > 0:
+            blocks[i - 1].addmm_(blocks[i], weight_h[slots[i] - 1])
+    seen_x, seen_h = set(), set()
+    dwx = torch.empty_like(weight_x) if output_mask[1] else empty()
+    dwh = torch.empty_like(weight_h) if output_mask[2] else empty()
+    db = torch.empty_like(bias) if output_mask[3] else empty()
+    for i, (start, slot) in enumerate(zip(starts, slots, strict=True)):
+        if output_mask[1]:
+            _slot_gemm(dwx[slot], slot not in seen_x, blocks[i].T, reference.chunk_of(x, start, chunk))
+        if output_mask[3]:
+            if slot in seen_x:
+                db[slot].add_(blocks[i].sum(0))
+            else:
+                torch.sum(blocks[i], 0, out=db[slot])
+        seen_x.add(slot)
+        if i > 0 and output_mask[2]:
+            _slot_gemm(dwh[slot - 1], slot not in seen_h, blocks[i].T, hs[i - 1])
+            seen_h.add(slot)
+    dx = empty()
+    if output_mask[0]:
+        first, gaps = _dx_plan(tuple(starts), chunk, in_features)
+        dx = x.new_empty(rows, in_features)
+        for start, size in gaps:
+            dx.narrow(1, start, size).zero_()
+        for i, (start, slot) in enumerate(zip(starts, slots, strict=True)):
+            if start + chunk <= in_features:
+                _slot_gemm(dx.narrow(1, start, chunk), first[i], blocks[i], weight_x[slot])
+            else:
+                dx.index_add_(1, reference.chunk_columns(in_features, start, chunk, x.device),
+                              blocks[i] @ weight_x[slot])
+    return dx, dwx, dwh, db, dwo, dbo
+
+
+# ------------------------------------------------------------------------------------------------------ the ops
+
+
+def _register() -> None:
+    """``spinal_ops::spinal_forward_gemm`` and ``_spinal_backward_gemm``: the native ops' arguments and outputs,
+    their shared checks (naming the gemm backend), fake kernels and autograd (:func:`ops.register_op_pair`)."""
+    from . import ops
+
+    @torch.library.custom_op("spinal_ops::spinal_forward_gemm", mutates_args=())
+    def forward(x: Tensor, weight_x: Tensor, weight_h: Tensor, bias: Tensor | None, head_weight: Tensor | None,
+                head_bias: Tensor | None, starts: list[int], slots: list[int], activation: str,
+                negative_slope: float) -> tuple[Tensor, Tensor]:
+        ops.check_args("gemm", x, weight_x, weight_h, bias, head_weight, head_bias, starts, slots, activation,
+                       negative_slope)
+        return spinal_forward_gemm(x, weight_x, weight_h, bias, head_weight, head_bias, starts, slots, activation,
+                                   negative_slope)
+
+    @torch.library.custom_op("spinal_ops::_spinal_backward_gemm", mutates_args=())
+    def backward(grad_y: Tensor | None, grad_H: Tensor | None, x: Tensor, H: Tensor, weight_x: Tensor,
+                 weight_h: Tensor, bias: Tensor | None, head_weight: Tensor | None, starts: list[int],
+                 slots: list[int], activation: str, negative_slope: float,
+                 output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        ops.check_args("gemm", x, weight_x, weight_h, bias, head_weight, None, starts, slots, activation,
+                       negative_slope)
+        mask = ops.effective_output_mask(output_mask, bias, head_weight)
+        return spinal_backward_gemm(grad_y, grad_H, x, H, weight_x, weight_h, bias, head_weight, starts, slots,
+                                    activation, negative_slope, mask)
+
+    ops.register_op_pair("spinal_ops::spinal_forward_gemm", "spinal_ops::_spinal_backward_gemm",
+                         torch.ops.spinal_ops._spinal_backward_gemm)
+
+
+_register()
+spinal_forward_op = torch.ops.spinal_ops.spinal_forward_gemm.default

@@ -1,0 +1,76 @@
+"""The gemm backend (spinal_ops/gemm.py): what is specific to it. Its values and gradients against the reference are
+in the conformance matrix (tests/test_conformance.py), its ops in tests/test_opcheck.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import Case, check_against_reference, functional_kwargs, make_inputs, require_backend
+
+import spinal_ops
+from spinal_ops import gemm, gpu_model, reference
+from spinal_ops.configs import CONFIG_BY_NAME
+
+
+def test_dx_plan_first_writes_and_gaps():
+    # alternate halves, twice each: the first two products write their columns, the next two add
+    assert gemm._dx_plan((0, 8, 0, 8), 8, 16) == ((True, True, False, False), ())
+    # alternate with K * c < D: column 12 of 13 is read by no chunk and is zeroed
+    assert gemm._dx_plan((0, 4, 8, 0), 4, 13) == ((True, True, True, False), ((12, 1),))
+    # chunks with a hole before the first and between: zeroed ranges in column order
+    assert gemm._dx_plan((2, 9), 3, 14) == ((True, True), ((0, 2), (5, 4), (12, 2)))
+    # cyclic chunks that overlap or wrap: every product adds into zeros
+    assert gemm._dx_plan((0, 4, 8, 12), 5, 13) == ((False,) * 4, ((0, 13),))
+    assert gemm._dx_plan((0, 3), 4, 7) == ((False,) * 2, ((0, 7),))
+
+
+@pytest.mark.parametrize("case", [
+    Case(6, 13, 3, 4, 4, split_mode="alternate"),  # column 12 read by no chunk: its gradient is zero
+    Case(6, 16, 3, 4, 5, split_mode="alternate", tie=(0, 1, 2, 1, 2), activation="gelu"),  # c = 5: column 15, tied
+], ids=["gap", "gaps-tied"])
+def test_uncovered_columns_have_zero_gradient(case):
+    require_backend("gemm")
+    check_against_reference("gemm", case, torch.float64)
+    x, params = make_inputs(case, torch.float64)
+    with spinal_ops.use_backend("gemm"):
+        out = spinal_ops.spinal_linear(x, **params, **functional_kwargs(case))
+    (dx,) = torch.autograd.grad(out.sum(), [x])
+    c = reference.chunk_size(case.in_features, case.num_splits)
+    read = {(s + j) % case.in_features for s in set(case.layer_args()[0]) for j in range(c)}
+    unread = [k for k in range(case.in_features) if k not in read]
+    assert unread and torch.equal(dx[:, unread], torch.zeros_like(dx[:, unread]))
+
+
+def _op_names(ops):
+    return [op.name.split(".")[1] for op in ops]
+
+
+@pytest.mark.parametrize("name", ["wide-resnet-head", "regression"])
+def test_one_call_per_product_and_no_copies(name):
+    """The gemm plan as the cost model records it (its own functions on meta tensors): the forward is one GEMM per
+    product written in place (L input projections, L - 1 recurrent products, the head) and one in-place
+    activation per sub-layer, nothing else; the backward adds one GEMM per product again (the head's two, the
+    carries, the weight gradients, dx) and no copies."""
+    cfg = CONFIG_BY_NAME[name]
+    L = cfg.num_layers
+    forward = _op_names(gpu_model.eager_ops("gemm", cfg, 8, "forward", "fp32"))
+    gemms = [n for n in forward if n in ("mm", "addmm", "addmm_")]
+    assert len(gemms) == 2 * L, forward
+    activation = "leaky_relu_" if cfg.activation == "leaky_relu" else "relu_"
+    assert [n for n in forward if n not in ("mm", "addmm", "addmm_")] == [activation] * L, forward
+    train = _op_names(gpu_model.eager_ops("gemm", cfg, 8, "fwd+bwd", "fp32"))
+    backward = train[len(forward):]
+    # dH = G Wo, dWo = G^T H; L - 1 carries; L dWx, L - 1 dWh, L dx products
+    assert sum(n in ("mm", "addmm", "addmm_") for n in backward) == 2 + (L - 1) + L + (L - 1) + L, backward
+    assert not {"cat", "clone", "copy_", "index_add_", "index_select"} & set(train), train
+
+
+def test_refuses_bad_arguments_naming_the_backend():
+    require_backend("gemm")
+    m = spinal_ops.SpinalLinear(12, 3, layer_width=4, num_layers=3)
+    x = torch.randn(5, 12)
+    args = (x, m.weight_x.detach(), m.weight_h.detach(), m.bias.detach(), m.head_weight.detach()[:, :-1],
+            m.head_bias.detach(), m._spec.starts, m._spec.slot_list, "relu", 0.01)
+    with pytest.raises(RuntimeError, match=r"spinal_ops gemm backend: head_weight must have shape \[3, 12\], "
+                                           r"got \[3, 11\]"):
+        torch.ops.spinal_ops.spinal_forward_gemm(*args)
