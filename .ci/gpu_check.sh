@@ -9,11 +9,12 @@
 #   build         pip install --no-build-isolation --no-deps --no-index -e . for the local architecture only
 #                 (TORCH_CUDA_ARCH_LIST from the device; sm_90 without one), keeping ptxas's report
 #   tests-cuda    tests/test_cuda_gpu.py and the GPU double-backward tests: every CUDA kernel path
-#                 (tests/kernel_paths.py), both GPU backends through the module API, sync-free calls, CUDA graph
-#                 capture, streams, a second device, repeatability, opcheck, torch.compile
+#                 (tests/kernel_paths.py), the gemm backend on cuBLAS, the GPU backends through the module API,
+#                 sync-free calls, CUDA graph capture, streams, a second device, repeatability, opcheck,
+#                 torch.compile
 #   sanitize-*    compute-sanitizer memcheck, racecheck (then synccheck, initcheck) on .ci/gpu_driver.py
 #   bench-*       python -m spinal_ops bench --device cuda in bfloat16 (then float32) on a subset (3 heads,
-#                 B = 1, 1024, 65536, forward and fwd+bwd): fused cuda and triton, eager, compiled, dense,
+#                 B = 1, 1024, 65536, forward and fwd+bwd): fused cuda, triton and gemm, eager, compiled, dense,
 #                 CUDA-event timing
 #   tests-triton  tests/test_triton.py on the GPU
 # Without a GPU: the build, the emulated CUDA tests, and the GPU bench command, which must refuse in one line.

@@ -1,10 +1,11 @@
 """Python-side registrations of the spinal ops, and the functional form.
 
-This is the one Python module that registers fake kernels and autograd formulas (for the Triton ops too, through
-:func:`register_op_pair`; the Triton ops themselves are registered in ``triton_kernels/ops.py``). The native
-schemas are defined in ``csrc/spinal_ops.cpp``; the Triton ops mirror them one to one (same arguments, same
-outputs), so both families share the fake kernels below. The native ops' autograd is the same formula written
-in C++ (``csrc/spinal_autograd.cpp``), which keeps Python off the per-call path of training.
+This is the one Python module that registers fake kernels and autograd formulas (for the Triton and gemm ops too,
+through :func:`register_op_pair`; those ops themselves are registered in ``triton_kernels/ops.py`` and
+``spinal_ops/gemm.py``). The native schemas are defined in ``csrc/spinal_ops.cpp``; the Triton and gemm ops mirror
+them one to one (same arguments, same outputs), so every family shares the fake kernels below. The native ops'
+autograd is the same formula written in C++ (``csrc/spinal_autograd.cpp``), which keeps Python off the per-call path
+of training.
 
 Op contract (2-D ``x``; see :mod:`spinal_ops.reference` for the math):
 
@@ -17,7 +18,7 @@ Op contract (2-D ``x``; see :mod:`spinal_ops.reference` for the math):
 Saved for backward: ``x``, ``H`` and the weights; nothing else. The backward ops are differentiable (double
 backward), from :func:`reference.spinal_backward`, the same math in differentiable PyTorch ops: the native op's
 autograd kernel (C++) computes the backward with it whenever the result needs a graph (``create_graph=True``);
-the Triton backward op keeps its kernels and differentiates through the vector-Jacobian product of
+the Triton and gemm backward ops keep their kernels and differentiate through the vector-Jacobian product of
 ``reference.spinal_backward`` (``torch.func.vjp``, so any order works).
 """
 
@@ -204,8 +205,8 @@ def _backward_of_backward(ctx, *grads):
 
 
 def register_op_pair(forward_name: str, backward_name: str, backward_op=None) -> None:
-    """Fake kernels for both ops; autograd too when ``backward_op`` is given (the Triton ops,
-    :mod:`spinal_ops.triton_kernels.ops`)."""
+    """Fake kernels for both ops; autograd too when ``backward_op`` is given (the ops registered from Python:
+    :mod:`spinal_ops.triton_kernels.ops`, :mod:`spinal_ops.gemm`)."""
     torch.library.register_fake(forward_name)(_fake_forward)
     torch.library.register_fake(backward_name)(_fake_backward)
     if backward_op is not None:

@@ -1,6 +1,6 @@
-"""What is specific to the GPU backends on a real GPU: every CUDA kernel path, streams and devices, CUDA graphs,
-sync-free calls and torch.compile. Their outputs and gradients against the reference through the module API are in
-tests/test_conformance.py, their opcheck in tests/test_opcheck.py.
+"""What is specific to the GPU backends on a real GPU: every CUDA kernel path, the gemm backend on cuBLAS, streams and
+devices, CUDA graphs, sync-free calls and torch.compile. Their outputs and gradients against the reference through
+the module API are in tests/test_conformance.py, their opcheck in tests/test_opcheck.py.
 
 Collected everywhere, run only where a GPU is: the module is skipped at collection time when the machine has
 no NVIDIA device node (a file-system check: CUDA itself is never queried at import or collection), and each
@@ -14,7 +14,16 @@ import os
 
 import pytest
 import torch
-from helpers import CASES, Case, assert_close, backends, functional_kwargs, make_inputs
+from helpers import (
+    CASES,
+    DTYPE_NAMES,
+    Case,
+    assert_close,
+    backends,
+    check_against_reference,
+    functional_kwargs,
+    make_inputs,
+)
 from kernel_paths import VARIANTS, check_variant, gpu_backward, gpu_forward
 
 import spinal_ops
@@ -24,7 +33,7 @@ pytestmark = [
     pytest.mark.skipif(not os.path.exists("/dev/nvidiactl"), reason="no NVIDIA GPU on this machine"),
 ]
 
-GPU_BACKENDS = backends("cuda", "triton")
+GPU_BACKENDS = backends("cuda", "triton", "gemm")
 PARAMS = ("weight_x", "weight_h", "bias", "head_weight", "head_bias")
 
 
@@ -46,6 +55,14 @@ def _need(backend: str) -> None:
 def test_cuda_kernel_path_matches_reference(variant):
     _need("cuda")
     check_variant(gpu_forward, gpu_backward, variant, f"cuda (GPU) {variant.id}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_NAMES.get)
+@pytest.mark.parametrize("case", list(CASES.values()), ids=lambda c: c.id)
+def test_gemm_on_cuda_tensors_matches_reference(case, dtype):
+    """The gemm backend on cuBLAS (the conformance matrix runs it on the CPU's BLAS)."""
+    _need("gemm")
+    check_against_reference("gemm", case, dtype, device="cuda")
 
 
 def test_cuda_backend_is_chosen_for_cuda_tensors():
