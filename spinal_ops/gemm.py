@@ -213,34 +213,10 @@ def spinal_backward_gemm(grad_y: Tensor | None, grad_H: Tensor | None, x: Tensor
 # ------------------------------------------------------------------------------------------------------ the ops
 
 
-def _register() -> None:
-    """``spinal_ops::spinal_forward_gemm`` and ``_spinal_backward_gemm``: the native ops' arguments and outputs,
-    their shared checks (naming the gemm backend), fake kernels and autograd (:func:`ops.register_op_pair`)."""
-    from . import ops
+def _define_ops():
+    from . import ops  # which imports this module at its end, once its registrations are defined
 
-    @torch.library.custom_op("spinal_ops::spinal_forward_gemm", mutates_args=())
-    def forward(x: Tensor, weight_x: Tensor, weight_h: Tensor, bias: Tensor | None, head_weight: Tensor | None,
-                head_bias: Tensor | None, starts: list[int], slots: list[int], activation: str,
-                negative_slope: float) -> tuple[Tensor, Tensor]:
-        ops.check_args("gemm", x, weight_x, weight_h, bias, head_weight, head_bias, starts, slots, activation,
-                       negative_slope)
-        return spinal_forward_gemm(x, weight_x, weight_h, bias, head_weight, head_bias, starts, slots, activation,
-                                   negative_slope)
-
-    @torch.library.custom_op("spinal_ops::_spinal_backward_gemm", mutates_args=())
-    def backward(grad_y: Tensor | None, grad_H: Tensor | None, x: Tensor, H: Tensor, weight_x: Tensor,
-                 weight_h: Tensor, bias: Tensor | None, head_weight: Tensor | None, starts: list[int],
-                 slots: list[int], activation: str, negative_slope: float,
-                 output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        ops.check_args("gemm", x, weight_x, weight_h, bias, head_weight, None, starts, slots, activation,
-                       negative_slope)
-        mask = ops.effective_output_mask(output_mask, bias, head_weight)
-        return spinal_backward_gemm(grad_y, grad_H, x, H, weight_x, weight_h, bias, head_weight, starts, slots,
-                                    activation, negative_slope, mask)
-
-    ops.register_op_pair("spinal_ops::spinal_forward_gemm", "spinal_ops::_spinal_backward_gemm",
-                         torch.ops.spinal_ops._spinal_backward_gemm)
+    return ops.define_op_pair("gemm", torch.library.custom_op, spinal_forward_gemm, spinal_backward_gemm)
 
 
-_register()
-spinal_forward_op = torch.ops.spinal_ops.spinal_forward_gemm.default
+spinal_forward_op = _define_ops()  # spinal_ops::spinal_forward_gemm and _spinal_backward_gemm

@@ -214,6 +214,39 @@ def register_op_pair(forward_name: str, backward_name: str, backward_op=None) ->
         torch.library.register_autograd(backward_name, _backward_of_backward, setup_context=_setup_backward_context)
 
 
+def define_op_pair(backend: str, define, forward_impl, backward_impl):
+    """Define ``spinal_ops::spinal_forward_<backend>`` and ``spinal_ops::_spinal_backward_<backend>`` for a backend
+    written in Python, with ``define`` (``torch.library.custom_op`` or ``torch.library.triton_op``): the native ops'
+    arguments and outputs, their shared checks naming ``backend`` (:func:`check_args`), the normalised output mask,
+    fake kernels and autograd (:func:`register_op_pair`). ``forward_impl`` and ``backward_impl`` take the ops'
+    arguments (the backward's mask normalised). Returns the forward op."""
+    forward_name, backward_name = f"spinal_ops::spinal_forward_{backend}", f"spinal_ops::_spinal_backward_{backend}"
+
+    @define(forward_name, mutates_args=())
+    def forward(x: Tensor, weight_x: Tensor, weight_h: Tensor, bias: Tensor | None, head_weight: Tensor | None,
+                head_bias: Tensor | None, starts: list[int], slots: list[int], activation: str,
+                negative_slope: float) -> tuple[Tensor, Tensor]:
+        check_args(backend, x, weight_x, weight_h, bias, head_weight, head_bias, starts, slots, activation,
+                   negative_slope)
+        return forward_impl(x, weight_x, weight_h, bias, head_weight, head_bias, starts, slots, activation,
+                            negative_slope)
+
+    @define(backward_name, mutates_args=())
+    def backward(grad_y: Tensor | None, grad_H: Tensor | None, x: Tensor, H: Tensor, weight_x: Tensor,
+                 weight_h: Tensor, bias: Tensor | None, head_weight: Tensor | None, starts: list[int],
+                 slots: list[int], activation: str, negative_slope: float,
+                 output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        check_args(backend, x, weight_x, weight_h, bias, head_weight, None, starts, slots, activation,
+                   negative_slope)
+        mask = effective_output_mask(output_mask, bias, head_weight)
+        return backward_impl(grad_y, grad_H, x, H, weight_x, weight_h, bias, head_weight, starts, slots,
+                             activation, negative_slope, mask)
+
+    namespace = torch.ops.spinal_ops
+    register_op_pair(forward_name, backward_name, getattr(namespace, backward_name.split("::")[1]))
+    return getattr(namespace, forward_name.split("::")[1]).default
+
+
 class _FoldRows(torch.autograd.Function):
     """:func:`reference.scale_rows` written into ``buffer``, with a backward of one pass (see :func:`_fold_rows`)."""
 
