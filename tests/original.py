@@ -1,4 +1,5 @@
-"""Spinal layers written like the original SpinalNet scripts: literal ``nn.Linear`` chains.
+"""Spinal layers written like the original SpinalNet scripts: literal ``nn.Linear`` chains, ``nn.Sequential`` blocks
+with dropout and batch norm, heads on spatial positions, several chains in one network.
 
 They are independent of spinal_ops (only ``torch.nn``): the tests load them into ``SpinalLinear`` with
 ``from_linears`` and compare outputs and every gradient.
@@ -142,3 +143,111 @@ def packed_grads(layers, head, chunk: int) -> dict:
         if head.bias is not None:
             grads["head_bias"] = head.bias.grad
     return grads
+
+
+class BlockHead(nn.Module):
+    """The VGG / transfer-learning head, as those scripts write it: one ``nn.Sequential`` per sub-layer.
+
+    ``split="halves"``: sub-layer ``i`` reads ``x[:, 0:half]`` or ``x[:, half:2*half]`` alternately (the fixed
+    heads); ``split="tiled"``: ``x`` tiled until ``L * c`` wide, sub-layer ``i`` reads ``[i*c, (i+1)*c)`` (the
+    customizable model). ``shared=True`` repeats one block for sub-layers 1.. (SpinalNet SW).
+    """
+
+    def __init__(self, in_features, num_splits, width, num_layers, out, p, batch_norm=True, activation="relu",
+                 negative_slope=0.01, shared=False, head=True, split="tiled"):
+        super().__init__()
+        self.chunk = int(np.round(in_features / num_splits))
+        self.num_splits = num_splits
+        self.num_layers = num_layers
+        self.split = split
+        c = self.chunk
+
+        def block(fan_in):
+            parts = [nn.Dropout(p=p), nn.Linear(fan_in, width)]
+            parts += [nn.BatchNorm1d(width)] if batch_norm else []
+            parts += [make_activation(activation, negative_slope)]
+            return nn.Sequential(*parts)
+
+        first = block(c)
+        rest = [block(c + width) for _ in range(num_layers - 1)]
+        if shared and rest:
+            rest = [rest[0]] * len(rest)
+        self.fc_spinal_layers = nn.ModuleList([first, *rest])
+        self._order = [first, *rest]
+        self.fc_out = nn.Sequential(nn.Dropout(p=p), nn.Linear(width * num_layers, out)) if head else None
+
+    def forward(self, x):
+        c = self.chunk
+        if self.split == "tiled":
+            xt = torch.cat([x] * math.ceil(self.num_layers * c / x.shape[1]), dim=1)
+            chunks = [xt[:, i * c : (i + 1) * c] for i in range(self.num_layers)]
+        else:
+            chunks = [x[:, (i % self.num_splits) * c : (i % self.num_splits + 1) * c] for i in range(self.num_layers)]
+        h = self._order[0](chunks[0])
+        outs = [h]
+        for i in range(1, self.num_layers):
+            h = self._order[i](torch.cat([chunks[i], h], dim=1))
+            outs.append(h)
+        hcat = torch.cat(outs, dim=1)
+        return self.fc_out(hcat) if self.fc_out is not None else hcat
+
+    def blocks(self) -> list:
+        """The sub-layers' blocks in order (a shared block repeated): what ``from_linears`` takes."""
+        return list(self._order)
+
+    def linears(self):
+        return [blk[1] for blk in self._order], (self.fc_out[1] if self.fc_out is not None else None)
+
+    def norms(self):
+        return [blk[2] for blk in self._order if isinstance(blk[2], nn.BatchNorm1d)]
+
+
+class SpinalResNetHead(nn.Module):
+    """``CIFAR-10/ResNet_default_and_SpinalFC_CIFAR10.py``'s SpinalResNet head, as written there: sub-layer i reads
+    the channels of one spatial position of a ``(B, C, 2, 2)`` map, ``out1[:, :, 0, 0]``, ``[0, 1]``, ``[1, 0]``,
+    ``[1, 1]``."""
+
+    def __init__(self, channels: int, first_hl: int, num_classes: int):
+        super().__init__()
+        self.relu = nn.ReLU(inplace=True)
+        self.fc1 = nn.Linear(channels, first_hl)
+        self.fc1_1 = nn.Linear(channels + first_hl, first_hl)
+        self.fc1_2 = nn.Linear(channels + first_hl, first_hl)
+        self.fc1_3 = nn.Linear(channels + first_hl, first_hl)
+        self.fc_layer = nn.Linear(first_hl * 4, num_classes)
+
+    def forward(self, out1):
+        x1 = self.relu(self.fc1(out1[:, :, 0, 0]))
+        x2 = self.relu(self.fc1_1(torch.cat([out1[:, :, 0, 1], x1], dim=1)))
+        x3 = self.relu(self.fc1_2(torch.cat([out1[:, :, 1, 0], x2], dim=1)))
+        x4 = self.relu(self.fc1_3(torch.cat([out1[:, :, 1, 1], x3], dim=1)))
+        return self.fc_layer(torch.cat([x1, x2, x3, x4], dim=1))
+
+
+class Arch2Head(nn.Module):
+    """``MNIST/Arch2_MNIST.py``'s head: three spinal chains on three different inputs (the conv2 features, the
+    conv1 features, the raw pixels), each on alternating halves, concatenated (raw, conv1, conv2 order, as the
+    script's ``cat([x, x0])`` builds it), then ``fc2 -> relu -> fc3``. Sizes shrunk for the test."""
+
+    def __init__(self, sizes=(12, 20, 16), layers=(4, 4, 5), width=3):
+        super().__init__()
+        self.halves = [s // 2 for s in sizes]
+        self.chains = nn.ModuleList(
+            nn.ModuleList([nn.Linear(h, width)] + [nn.Linear(h + width, width) for _ in range(n - 1)])
+            for h, n in zip(self.halves, layers, strict=True))
+        self.fc2 = nn.Linear(width * sum(layers), 7)
+        self.fc3 = nn.Linear(7, 4)
+
+    @staticmethod
+    def chain(x, linears, half):
+        outs, h = [], None
+        for i, lin in enumerate(linears):
+            part = x[:, 0:half] if i % 2 == 0 else x[:, half : half * 2]
+            h = torch.relu(lin(part if h is None else torch.cat([part, h], dim=1)))
+            outs.append(h)
+        return torch.cat(outs, dim=1)
+
+    def forward(self, x_conv2, x_conv1, x_raw):
+        hs = [self.chain(x, lins, half) for x, lins, half in zip((x_conv2, x_conv1, x_raw), self.chains, self.halves,
+                                                                  strict=True)]
+        return self.fc3(torch.relu(self.fc2(torch.cat([hs[2], hs[1], hs[0]], dim=1))))

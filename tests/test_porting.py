@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import assert_close, backends, max_error, require_backend, tolerance
-from original import TiedRegressionSpinal, packed_grads
+from original import Arch2Head, SpinalResNetHead, TiedRegressionSpinal, packed_grads
 from torch import nn
 
 import spinal_ops
@@ -145,28 +145,6 @@ def test_tied_blocks_with_batch_norm_round_trip():
 # ---------------------------------------------------------------------------------------- spatial positions
 
 
-class SpinalResNetHead(nn.Module):
-    """``CIFAR-10/ResNet_default_and_SpinalFC_CIFAR10.py``'s SpinalResNet head, as written there: sub-layer i reads
-    the channels of one spatial position of a ``(B, C, 2, 2)`` map, ``out1[:, :, 0, 0]``, ``[0, 1]``, ``[1, 0]``,
-    ``[1, 1]``."""
-
-    def __init__(self, channels: int, first_hl: int, num_classes: int):
-        super().__init__()
-        self.relu = nn.ReLU(inplace=True)
-        self.fc1 = nn.Linear(channels, first_hl)
-        self.fc1_1 = nn.Linear(channels + first_hl, first_hl)
-        self.fc1_2 = nn.Linear(channels + first_hl, first_hl)
-        self.fc1_3 = nn.Linear(channels + first_hl, first_hl)
-        self.fc_layer = nn.Linear(first_hl * 4, num_classes)
-
-    def forward(self, out1):
-        x1 = self.relu(self.fc1(out1[:, :, 0, 0]))
-        x2 = self.relu(self.fc1_1(torch.cat([out1[:, :, 0, 1], x1], dim=1)))
-        x3 = self.relu(self.fc1_2(torch.cat([out1[:, :, 1, 0], x2], dim=1)))
-        x4 = self.relu(self.fc1_3(torch.cat([out1[:, :, 1, 1], x3], dim=1)))
-        return self.fc_layer(torch.cat([x1, x2, x3, x4], dim=1))
-
-
 @pytest.mark.parametrize("backend", PORTING_BACKENDS)
 def test_spatial_chunks_recipe_matches_spinal_resnet(backend):
     """The README recipe: move the channels last and flatten, so that chunk i is spatial position i; then an
@@ -197,35 +175,6 @@ def test_spatial_chunks_recipe_matches_spinal_resnet(backend):
 
 
 # ----------------------------------------------------------------------------------- several chains (Arch2)
-
-
-class Arch2Head(nn.Module):
-    """``MNIST/Arch2_MNIST.py``'s head: three spinal chains on three different inputs (the conv2 features, the
-    conv1 features, the raw pixels), each on alternating halves, concatenated (raw, conv1, conv2 order, as the
-    script's ``cat([x, x0])`` builds it), then ``fc2 -> relu -> fc3``. Sizes shrunk for the test."""
-
-    def __init__(self, sizes=(12, 20, 16), layers=(4, 4, 5), width=3):
-        super().__init__()
-        self.halves = [s // 2 for s in sizes]
-        self.chains = nn.ModuleList(
-            nn.ModuleList([nn.Linear(h, width)] + [nn.Linear(h + width, width) for _ in range(n - 1)])
-            for h, n in zip(self.halves, layers, strict=True))
-        self.fc2 = nn.Linear(width * sum(layers), 7)
-        self.fc3 = nn.Linear(7, 4)
-
-    @staticmethod
-    def chain(x, linears, half):
-        outs, h = [], None
-        for i, lin in enumerate(linears):
-            part = x[:, 0:half] if i % 2 == 0 else x[:, half : half * 2]
-            h = torch.relu(lin(part if h is None else torch.cat([part, h], dim=1)))
-            outs.append(h)
-        return torch.cat(outs, dim=1)
-
-    def forward(self, x_conv2, x_conv1, x_raw):
-        hs = [self.chain(x, lins, half) for x, lins, half in zip((x_conv2, x_conv1, x_raw), self.chains, self.halves,
-                                                                  strict=True)]
-        return self.fc3(torch.relu(self.fc2(torch.cat([hs[2], hs[1], hs[0]], dim=1))))
 
 
 class Arch2Port(nn.Module):

@@ -17,69 +17,11 @@ import numpy as np
 import pytest
 import torch
 from helpers import assert_close, backends
-from original import make_activation, packed_grads
+from original import BlockHead, packed_grads
 from torch import nn
 
 import spinal_ops
 from spinal_ops import SpinalLinear, reference
-
-
-class BlockHead(nn.Module):
-    """The VGG / transfer-learning head, as those scripts write it: one ``nn.Sequential`` per sub-layer.
-
-    ``split="halves"``: sub-layer ``i`` reads ``x[:, 0:half]`` or ``x[:, half:2*half]`` alternately (the fixed
-    heads); ``split="tiled"``: ``x`` tiled until ``L * c`` wide, sub-layer ``i`` reads ``[i*c, (i+1)*c)`` (the
-    customizable model). ``shared=True`` repeats one block for sub-layers 1.. (SpinalNet SW).
-    """
-
-    def __init__(self, in_features, num_splits, width, num_layers, out, p, batch_norm=True, activation="relu",
-                 negative_slope=0.01, shared=False, head=True, split="tiled"):
-        super().__init__()
-        self.chunk = int(np.round(in_features / num_splits))
-        self.num_splits = num_splits
-        self.num_layers = num_layers
-        self.split = split
-        c = self.chunk
-
-        def block(fan_in):
-            parts = [nn.Dropout(p=p), nn.Linear(fan_in, width)]
-            parts += [nn.BatchNorm1d(width)] if batch_norm else []
-            parts += [make_activation(activation, negative_slope)]
-            return nn.Sequential(*parts)
-
-        first = block(c)
-        rest = [block(c + width) for _ in range(num_layers - 1)]
-        if shared and rest:
-            rest = [rest[0]] * len(rest)
-        self.fc_spinal_layers = nn.ModuleList([first, *rest])
-        self._order = [first, *rest]
-        self.fc_out = nn.Sequential(nn.Dropout(p=p), nn.Linear(width * num_layers, out)) if head else None
-
-    def forward(self, x):
-        c = self.chunk
-        if self.split == "tiled":
-            xt = torch.cat([x] * math.ceil(self.num_layers * c / x.shape[1]), dim=1)
-            chunks = [xt[:, i * c : (i + 1) * c] for i in range(self.num_layers)]
-        else:
-            chunks = [x[:, (i % self.num_splits) * c : (i % self.num_splits + 1) * c] for i in range(self.num_layers)]
-        h = self._order[0](chunks[0])
-        outs = [h]
-        for i in range(1, self.num_layers):
-            h = self._order[i](torch.cat([chunks[i], h], dim=1))
-            outs.append(h)
-        hcat = torch.cat(outs, dim=1)
-        return self.fc_out(hcat) if self.fc_out is not None else hcat
-
-    def spinal(self, in_features, **kw) -> SpinalLinear:
-        split_mode = "cyclic" if self.split == "tiled" else "alternate"
-        return SpinalLinear.from_linears(in_features, self._order, self.fc_out, num_splits=self.num_splits,
-                                         split_mode=split_mode, **kw)
-
-    def linears(self):
-        return [blk[1] for blk in self._order], (self.fc_out[1] if self.fc_out is not None else None)
-
-    def norms(self):
-        return [blk[2] for blk in self._order if isinstance(blk[2], nn.BatchNorm1d)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +63,8 @@ def _build(spec: HeadSpec, dtype=torch.float64, seed=0):
             n.bias.uniform_(-0.5, 0.5)
             n.running_mean.uniform_(-0.3, 0.3)
             n.running_var.uniform_(0.5, 2.0)
-    return orig, orig.spinal(spec.in_features)
+    return orig, SpinalLinear.from_linears(spec.in_features, orig.blocks(), orig.fc_out, num_splits=orig.num_splits,
+                                           split_mode="cyclic" if orig.split == "tiled" else "alternate")
 
 
 def _grads(model_params, x):
