@@ -137,6 +137,7 @@ FMA_EFFICIENCY = {"cuda": 0.5, "triton": 0.5}
 CUDA_THREADS = 128  # kThreads
 CUDA_BM, CUDA_BN, CUDA_BK = 16, 64, 32  # row tile, column tile, K slice
 CUDA_LDS, CUDA_LDC = CUDA_BK + 8, CUDA_BN + 4  # staged row strides
+CUDA_FMA_COLUMNS = 8  # kColsPerRow: the FMA step skips a result whose 8 columns all lie past the tile's valid ones
 CUDA_YACC_LIMIT = 16 * 1024  # FwdSmem::kYaccLimit: the head accumulator stays on chip up to this size
 CUDA_MIN_BLOCKS_PER_SM = 2  # __launch_bounds__' second argument: registers capped for 2 resident blocks
 TRITON_REGS_PER_THREAD = 255  # ptxas reports of the Triton kernels compiled for sm_90a: the fast path uses all 255
@@ -279,9 +280,13 @@ def _chain_bytes(p: Problem, row_tile: int, element: int, column_passes: int) ->
             + rows * p.num_layers * p.width + rows * p.out) * element
 
 
-def _chain_flops(p: Problem, row_tile: int, width_pad: int, out_pad: int, chunk_pad: int, mode: str) -> float:
-    """FLOPs of one row-tiled CTA over all sub-layers, at its padded tile sizes (padding is computed too)."""
-    per_layer = width_pad * (chunk_pad + width_pad) + out_pad * width_pad
+def _chain_flops(p: Problem, row_tile: int, width_pad: int, out_pad: int, chunk_pad: int, mode: str,
+                 width_terms: int | None = None) -> float:
+    """FLOPs of one row-tiled CTA over all sub-layers, at the sizes its tiles compute (padding is computed too):
+    ``width_pad`` / ``out_pad`` output columns of the sub-layers / the head, ``chunk_pad`` and ``width_terms``
+    (default ``width_pad``) terms of the input and recurrent / head products."""
+    width_terms = width_pad if width_terms is None else width_terms
+    per_layer = width_pad * (chunk_pad + width_terms) + out_pad * width_terms
     factor = 1 if mode == "forward" else 1.5  # backward chain: dH, carry and dx products (no weight products)
     return 2.0 * row_tile * p.num_layers * per_layer * factor
 
@@ -304,15 +309,22 @@ def cuda_launches(p: Problem, math_mode: str, mode: str) -> list[KernelLaunch]:
     if p.rows == 0:
         return launches
     tiles = _cdiv(p.rows, CUDA_BM)
-    wpad = _cdiv(p.width, CUDA_BN) * CUDA_BN
-    cpad = _cdiv(p.chunk, CUDA_BK) * CUDA_BK
-    opad = _cdiv(p.out, CUDA_BN) * CUDA_BN if p.out else 0
+
+    def computed(extent: int, unit: int) -> int:  # extent rounded up to what a tile step computes
+        return _cdiv(extent, unit) * unit
+
+    # What the tile steps compute (csrc/cuda/spinal_common.cuh, Tile::step): FMA, the slice's terms exactly and
+    # the result columns in groups of CUDA_FMA_COLUMNS; tensor cores, whole wmma K-steps and 16-column warp tiles.
+    fma = (computed(p.width, CUDA_FMA_COLUMNS), computed(p.out, CUDA_FMA_COLUMNS), p.chunk, p.width)
+    mk = 16 if math_mode == "bf16" else 8
+    wmma = (computed(p.width, 16), computed(p.out, 16), computed(p.chunk, mk), computed(p.width, mk))
+    wpad, opad, cpad, wterms = wmma if tensor else fma
     stage_bytes = (CUDA_BM + CUDA_BN) * CUDA_BK * (element if tensor else 4)
     smem = cuda_forward_smem(math_mode, p.width, p.out, p.out > 0, element)
     launches.append(KernelLaunch(
         "cuda", "spinal_fwd_kernel", tiles, CUDA_THREADS, smem,
         CUDA_MIN_BLOCKS_PER_SM, p.num_layers,
-        _chain_flops(p, CUDA_BM, wpad, opad, cpad, "forward"), tensor,
+        _chain_flops(p, CUDA_BM, wpad, opad, cpad, "forward", wterms), tensor,
         _chain_bytes(p, CUDA_BM, element, _cdiv(p.width, CUDA_BN)), stage_bytes, _unique_bytes(p, element, "forward")))
     if mode == "forward":
         return launches
@@ -321,7 +333,7 @@ def cuda_launches(p: Problem, math_mode: str, mode: str) -> list[KernelLaunch]:
     acc_stage = (CUDA_BM + CUDA_BN) * CUDA_BK * 4
     launches.append(KernelLaunch(
         "cuda", "spinal_bwd_chain_kernel", tiles, CUDA_THREADS, bsmem, CUDA_MIN_BLOCKS_PER_SM, p.num_layers,
-        _chain_flops(p, CUDA_BM, wpad, opad, cpad, "chain"), False,
+        _chain_flops(p, CUDA_BM, *fma[:3], "chain", fma[3]), False,
         _chain_bytes(p, CUDA_BM, element, _cdiv(p.width, CUDA_BN)), acc_stage, _unique_bytes(p, element, "chain")))
     jobs = cuda_weight_jobs(p, mask)
     rounds = _cdiv(p.rows, CUDA_BK)

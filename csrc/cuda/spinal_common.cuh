@@ -10,6 +10,9 @@
 //     operands small: (BM + BN) * (BK + 8) elements, 6.4 KB in fp16, 25.6 KB in fp64.
 //   * kThreads = 128: each thread owns 8 results of the 16x64 tile in the FMA path (registers: 8
 //     accumulators), and 4 warps match the 4 wmma column tiles.
+// Narrow layers and short chunks fill a tile partly: gemm() passes each step the slice's valid terms and the tile's
+// valid columns, and the steps skip what is padding (Tile::step), so a 20-wide layer or a 4-term chunk does not pay
+// for a 64-column, 32-deep tile.
 // These are derived from the tile geometry (see README.md for the occupancy they give), not from a sweep:
 // no GPU is available to measure one.
 //
@@ -97,7 +100,9 @@ __device__ __forceinline__ int h_slot(const int* slots, int i) { return slots[i]
 template <typename S, typename Acc, Mma M>
 struct Tile;
 
-// FMA path: thread t accumulates its 8 owned results in registers.
+// FMA path: thread t accumulates its 8 owned results in registers. A step multiplies the slice's k_valid staged
+// terms only (the rest are zero padding) and skips result j where columns 8j .. 8j + 7 are all past n_valid: the
+// same j for every thread, so warps skip it together (a 20-wide layer computes 24 of the tile's 64 columns).
 template <typename S, typename Acc>
 struct Tile<S, Acc, Mma::kNone> {
   Acc v[kPerThread];
@@ -105,20 +110,24 @@ struct Tile<S, Acc, Mma::kNone> {
 #pragma unroll
     for (int j = 0; j < kPerThread; ++j) v[j] = Acc(0);
   }
-  __device__ __forceinline__ void step(const S* As, const S* Bs) {
+  __device__ __forceinline__ void step(const S* As, const S* Bs, int k_valid, int n_valid) {
     const int r = threadIdx.x / kColsPerRow, c = threadIdx.x % kColsPerRow;
 #pragma unroll 4
-    for (int k = 0; k < BK; ++k) {
+    for (int k = 0; k < k_valid; ++k) {
       const Acc a = As[r * LDS + k];
 #pragma unroll
-      for (int j = 0; j < kPerThread; ++j) v[j] += a * Bs[(c + kColsPerRow * j) * LDS + k];
+      for (int j = 0; j < kPerThread; ++j) {
+        if (kColsPerRow * j < n_valid) v[j] += a * Bs[(c + kColsPerRow * j) * LDS + k];
+      }
     }
   }
   __device__ __forceinline__ void finish(float*) {}
   __device__ __forceinline__ Acc get(const float*, int j) const { return v[j]; }
 };
 
-// Tensor-core path: warp q owns the 16x16 result tile of columns 16q..16q+15.
+// Tensor-core path: warp q owns the 16x16 result tile of columns 16q..16q+15. A step runs the wmma K-steps that
+// hold some of the slice's k_valid terms, and a warp whose 16 columns are all past n_valid skips its steps (its
+// accumulator stays zero; those columns are never read).
 template <typename S, Mma M>
 struct WmmaShape {
   static constexpr int K = M == Mma::kTf32 ? 8 : 16;
@@ -131,13 +140,14 @@ struct WmmaTile {
   static constexpr int MK = Shape::K;
   nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, MK, float> c;
   __device__ __forceinline__ void zero_all() { nvcuda::wmma::fill_fragment(c, 0.0f); }
-  __device__ __forceinline__ void step(const S* As, const S* Bs) {
+  __device__ __forceinline__ void step(const S* As, const S* Bs, int k_valid, int n_valid) {
     using namespace nvcuda;
     const int q = threadIdx.x / 32;
+    if (16 * q >= n_valid) return;  // uniform across the warp
     wmma::fragment<wmma::matrix_a, 16, 16, MK, typename Shape::In, wmma::row_major> a;
     wmma::fragment<wmma::matrix_b, 16, 16, MK, typename Shape::In, wmma::col_major> b;
 #pragma unroll
-    for (int k = 0; k < BK; k += MK) {
+    for (int k = 0; k < k_valid; k += MK) {
       wmma::load_matrix_sync(a, As + k, LDS);
       wmma::load_matrix_sync(b, Bs + q * 16 * LDS + k, LDS);
       if constexpr (M == Mma::kTf32) {
@@ -165,9 +175,10 @@ struct Tile<S, float, Mma::kHalf> : WmmaTile<S, Mma::kHalf> {};
 template <typename S>
 struct Tile<S, float, Mma::kTf32> : WmmaTile<S, Mma::kTf32> {};
 
-// Accumulates A[BM][K] * B[BN][K]^T into `acc`. Every thread of the block calls it with the same K.
+// Accumulates A[BM][K] * B[BN][K]^T into `acc`. Every thread of the block calls it with the same K and n_valid: the
+// rows of B (columns of the result) that b() does not zero, at most BN (the steps skip the others).
 template <typename S, typename TileT, typename ALoad, typename BLoad>
-__device__ __forceinline__ void gemm(TileT& acc, int K, S* As, S* Bs, ALoad a, BLoad b) {
+__device__ __forceinline__ void gemm(TileT& acc, int K, int n_valid, S* As, S* Bs, ALoad a, BLoad b) {
   const int t = threadIdx.x;
   for (int k0 = 0; k0 < K; k0 += BK) {
     __syncthreads();  // the previous step's readers of As / Bs are done; earlier epilogue writes are visible
@@ -180,7 +191,7 @@ __device__ __forceinline__ void gemm(TileT& acc, int K, S* As, S* Bs, ALoad a, B
       Bs[n * LDS + k] = k0 + k < K ? b(n, k0 + k) : zero<S>();
     }
     __syncthreads();
-    acc.step(As, Bs);
+    acc.step(As, Bs, K - k0 < BK ? K - k0 : BK, n_valid);
   }
 }
 
@@ -196,7 +207,8 @@ __device__ __forceinline__ void z_tile(TileT& z, S* As, S* Bs, const T* x, int B
                                        const T* Wx, int c, bool recurrent, const T* Wh, int w, int n0,
                                        HPrev h_prev) {
   z.zero_all();
-  gemm<S>(z, c, As, Bs,
+  const int n_valid = w - n0 < BN ? w - n0 : BN;
+  gemm<S>(z, c, n_valid, As, Bs,
           [&](int r, int k) -> S {
             const int gr = r0 + r;
             if (gr >= B) return zero<S>();
@@ -208,7 +220,7 @@ __device__ __forceinline__ void z_tile(TileT& z, S* As, S* Bs, const T* x, int B
             return n0 + n < w ? convert<S>(Wx[static_cast<int64_t>(n0 + n) * c + k]) : zero<S>();
           });
   if (recurrent) {
-    gemm<S>(z, w, As, Bs, h_prev, [&](int n, int k) -> S {
+    gemm<S>(z, w, n_valid, As, Bs, h_prev, [&](int n, int k) -> S {
       return n0 + n < w ? convert<S>(Wh[static_cast<int64_t>(n0 + n) * w + k]) : zero<S>();
     });
   }
