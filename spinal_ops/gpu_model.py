@@ -127,7 +127,7 @@ PY_OP_BACKWARD_HOST_S = 30.0e-6
 CUDA_LAUNCH_HOST_S = 1.0e-6
 TRITON_LAUNCH_HOST_S = 12.0e-6
 # How close each kernel's inner product comes to the SM's attainable rate (model): the CUDA kernels stage operands
-# with synchronous scalar loads and a barrier per 32-deep slice (no overlap of loads and math); Triton pipelines
+# with synchronous scalar loads and a barrier per slice (no overlap of loads and math); Triton pipelines
 # its loads (cp.async, 2 stages) but waits for each MMA.
 MMA_EFFICIENCY = {"cuda": 0.25, "triton": 0.5}
 FMA_EFFICIENCY = {"cuda": 0.5, "triton": 0.5}
@@ -135,8 +135,21 @@ FMA_EFFICIENCY = {"cuda": 0.5, "triton": 0.5}
 # CUDA launch geometry: the constants of csrc/cuda/spinal_common.cuh and spinal_fwd_kernel.cuh (the emulated test
 # checks the launches these give against the launchers).
 CUDA_THREADS = 128  # kThreads
-CUDA_BM, CUDA_BN, CUDA_BK = 16, 64, 32  # row tile, column tile, K slice
-CUDA_LDS, CUDA_LDC = CUDA_BK + 8, CUDA_BN + 4  # staged row strides
+CUDA_BM, CUDA_BN = 16, 64  # row tile, column tile
+CUDA_LDC = CUDA_BN + 4  # staged result row stride
+
+
+def cuda_slice(stage_bytes: int) -> int:
+    """``kSlice<S>``: terms per staging round for staged elements of ``stage_bytes`` (16-bit: 64, else 32)."""
+    return 64 if stage_bytes == 2 else 32
+
+
+def cuda_lds(stage_bytes: int) -> int:
+    """``kLds<S>``: the staged row stride."""
+    return cuda_slice(stage_bytes) + 8
+
+
+
 CUDA_FMA_COLUMNS = 8  # kColsPerRow: the FMA step skips a result whose 8 columns all lie past the tile's valid ones
 CUDA_YACC_LIMIT = 16 * 1024  # FwdSmem::kYaccLimit: the head accumulator stays on chip up to this size
 CUDA_MIN_BLOCKS_PER_SM = 2  # __launch_bounds__' second argument: registers capped for 2 resident blocks
@@ -249,7 +262,8 @@ def cuda_forward_smem(math_mode: str, width: int, out: int, head: bool, element:
     stage = element if math_mode == "bf16" else (4 if math_mode == "tf32" else acc)
     tensor = math_mode in ("bf16", "tf32")
     wfast = CUDA_BN if width <= CUDA_BN else 0
-    fixed = (_align128(stage * CUDA_BM * CUDA_LDS) + _align128(stage * CUDA_BN * CUDA_LDS)
+    lds = cuda_lds(stage)
+    fixed = (_align128(stage * CUDA_BM * lds) + _align128(stage * CUDA_BN * lds)
              + (_align128(4 * CUDA_BM * CUDA_LDC) if tensor else 0) + _align128(element * 2 * CUDA_BM * wfast))
     yacc = _align128(acc * CUDA_BM * out)
     return fixed + (yacc if head and yacc <= CUDA_YACC_LIMIT else 0)
@@ -258,7 +272,7 @@ def cuda_forward_smem(math_mode: str, width: int, out: int, head: bool, element:
 def cuda_backward_smem(element: int) -> int:
     """``BwdSmem<T>::bytes``: the FMA staging tiles in the accumulation type."""
     acc = 8 if element == 8 else 4
-    return _align128(acc * CUDA_BM * CUDA_LDS) + _align128(acc * CUDA_BN * CUDA_LDS)
+    return _align128(acc * CUDA_BM * cuda_lds(acc)) + _align128(acc * CUDA_BN * cuda_lds(acc))
 
 
 def cuda_weight_jobs(p: Problem, mask) -> int:
@@ -319,7 +333,8 @@ def cuda_launches(p: Problem, math_mode: str, mode: str) -> list[KernelLaunch]:
     mk = 16 if math_mode == "bf16" else 8
     wmma = (computed(p.width, 16), computed(p.out, 16), computed(p.chunk, mk), computed(p.width, mk))
     wpad, opad, cpad, wterms = wmma if tensor else fma
-    stage_bytes = (CUDA_BM + CUDA_BN) * CUDA_BK * (element if tensor else 4)
+    staged = element if math_mode == "bf16" else (8 if element == 8 else 4)  # stage_t: the type staged per round
+    stage_bytes = (CUDA_BM + CUDA_BN) * cuda_slice(staged) * staged
     smem = cuda_forward_smem(math_mode, p.width, p.out, p.out > 0, element)
     launches.append(KernelLaunch(
         "cuda", "spinal_fwd_kernel", tiles, CUDA_THREADS, smem,
@@ -330,13 +345,14 @@ def cuda_launches(p: Problem, math_mode: str, mode: str) -> list[KernelLaunch]:
         return launches
     mask = (True, True, p.lh > 0, True, p.out > 0, p.out > 0)
     bsmem = cuda_backward_smem(element)
-    acc_stage = (CUDA_BM + CUDA_BN) * CUDA_BK * 4
+    acc = 8 if element == 8 else 4
+    acc_stage = (CUDA_BM + CUDA_BN) * cuda_slice(acc) * acc
     launches.append(KernelLaunch(
         "cuda", "spinal_bwd_chain_kernel", tiles, CUDA_THREADS, bsmem, CUDA_MIN_BLOCKS_PER_SM, p.num_layers,
         _chain_flops(p, CUDA_BM, *fma[:3], "chain", fma[3]), False,
         _chain_bytes(p, CUDA_BM, element, _cdiv(p.width, CUDA_BN)), acc_stage, _unique_bytes(p, element, "chain")))
     jobs = cuda_weight_jobs(p, mask)
-    rounds = _cdiv(p.rows, CUDA_BK)
+    rounds = _cdiv(p.rows, cuda_slice(acc))
     launches.append(KernelLaunch(
         "cuda", "spinal_bwd_weights_kernel", jobs, CUDA_THREADS, bsmem, CUDA_MIN_BLOCKS_PER_SM, rounds,
         2.0 * p.rows * CUDA_BM * CUDA_BN, False, p.rows * (CUDA_BM + CUDA_BN) * 4.0, acc_stage,

@@ -55,8 +55,8 @@ struct BwdParams {
 // Shared memory of both backward launches: the FMA staging tiles.
 template <typename T>
 struct BwdSmem {
-  static constexpr size_t as = align128(sizeof(acc_t<T>) * BM * LDS);
-  static constexpr size_t bytes = as + align128(sizeof(acc_t<T>) * BN * LDS);
+  static constexpr size_t as = align128(sizeof(acc_t<T>) * BM * kLds<acc_t<T>>);
+  static constexpr size_t bytes = as + align128(sizeof(acc_t<T>) * BN * kLds<acc_t<T>>);
 };
 
 template <typename T, Activation ACT, bool RECOMPUTE_Z>

@@ -2,12 +2,16 @@
 // sub-layer's pre-activation) that the forward computes and the backward recomputes. The activations are
 // csrc/spinal_activation.h, shared with the CPU kernel.
 //
-// Block tile: BM = 16 rows x BN = 64 columns, reduced in BK = 32 slices, kThreads = 128 threads (4 warps).
+// Block tile: BM = 16 rows x BN = 64 columns, reduced in slices of kSlice<S> terms (64 for 16-bit staged
+// operands, else 32), kThreads = 128 threads (4 warps).
 //   * BM = 16 is the row size of a wmma tile, so the tensor-core path covers a block tile with one row of
 //     16x16 tiles, one per warp (4 warps x 16 columns = BN). Small BM also keeps many row tiles per SM for
 //     typical batches (B = 256 gives 16 blocks).
-//   * BK = 32 is two 16-deep wmma steps (four 8-deep tf32 steps) per staging round, and keeps the staged
-//     operands small: (BM + BN) * (BK + 8) elements, 6.4 KB in fp16, 25.6 KB in fp64.
+//   * A slice is one staging round: the loads of a round are all in flight at once, and the barrier that ends it
+//     waits for the slowest, so a round's bytes bound what a block streams per L2 round trip. 32 terms are two
+//     16-deep wmma steps (four 8-deep tf32 steps) and keep the staged fp32 / fp64 operands small: (BM + BN) *
+//     (32 + 8) elements, 12.8 KB in fp32, 25.6 KB in fp64. 16-bit operands take 64-term slices (four wmma
+//     steps): the same 10 KB of loads per round as fp32 instead of 5 KB, 11.5 KB staged.
 //   * kThreads = 128: each thread owns 8 results of the 16x64 tile in the FMA path (registers: 8
 //     accumulators), and 4 warps match the 4 wmma column tiles.
 // Narrow layers and short chunks fill a tile partly: gemm() passes each step the slice's valid terms and the tile's
@@ -37,8 +41,11 @@ constexpr int kThreads = 128;
 constexpr int kMinBlocksPerSM = 2;
 constexpr int BM = 16;
 constexpr int BN = 64;
-constexpr int BK = 32;
-constexpr int LDS = BK + 8;  // staged row stride: a multiple of 8 elements (wmma ldm rule), breaks bank stride
+template <typename S>
+inline constexpr int kSlice = sizeof(S) == 2 ? 64 : 32;  // terms per staging round (a multiple of every wmma K)
+template <typename S>
+inline constexpr int kLds = kSlice<S> + 8;  // staged row stride: a multiple of 8 elements (wmma ldm rule), breaks
+                                            // bank stride
 constexpr int LDC = BN + 4;  // fp32 result tile stride (multiple of 4 floats, the wmma store rule)
 constexpr int kPerThread = BM * BN / kThreads;  // 8 results per thread
 constexpr int kColsPerRow = BN / kPerThread;     // 8 threads share a row
@@ -111,6 +118,7 @@ struct Tile<S, Acc, Mma::kNone> {
     for (int j = 0; j < kPerThread; ++j) v[j] = Acc(0);
   }
   __device__ __forceinline__ void step(const S* As, const S* Bs, int k_valid, int n_valid) {
+    constexpr int LDS = kLds<S>;
     const int r = threadIdx.x / kColsPerRow, c = threadIdx.x % kColsPerRow;
 #pragma unroll 4
     for (int k = 0; k < k_valid; ++k) {
@@ -142,6 +150,7 @@ struct WmmaTile {
   __device__ __forceinline__ void zero_all() { nvcuda::wmma::fill_fragment(c, 0.0f); }
   __device__ __forceinline__ void step(const S* As, const S* Bs, int k_valid, int n_valid) {
     using namespace nvcuda;
+    constexpr int LDS = kLds<S>;
     const int q = threadIdx.x / 32;
     if (16 * q >= n_valid) return;  // uniform across the warp
     wmma::fragment<wmma::matrix_a, 16, 16, MK, typename Shape::In, wmma::row_major> a;
@@ -179,6 +188,7 @@ struct Tile<S, float, Mma::kTf32> : WmmaTile<S, Mma::kTf32> {};
 // rows of B (columns of the result) that b() does not zero, at most BN (the steps skip the others).
 template <typename S, typename TileT, typename ALoad, typename BLoad>
 __device__ __forceinline__ void gemm(TileT& acc, int K, int n_valid, S* As, S* Bs, ALoad a, BLoad b) {
+  constexpr int BK = kSlice<S>, LDS = kLds<S>;
   const int t = threadIdx.x;
   for (int k0 = 0; k0 < K; k0 += BK) {
     __syncthreads();  // the previous step's readers of As / Bs are done; earlier epilogue writes are visible

@@ -55,8 +55,8 @@ struct FwdParams {
 template <typename T, int WFAST, Mma MMA>
 struct FwdSmem {
   using S = stage_t<T, MMA>;
-  static constexpr size_t as = align128(sizeof(S) * BM * LDS);
-  static constexpr size_t bs = align128(sizeof(S) * BN * LDS);
+  static constexpr size_t as = align128(sizeof(S) * BM * kLds<S>);
+  static constexpr size_t bs = align128(sizeof(S) * BN * kLds<S>);
   static constexpr size_t cs = MMA == Mma::kNone ? 0 : align128(sizeof(float) * BM * LDC);
   static constexpr size_t hb = align128(sizeof(T) * 2 * BM * WFAST);
   static constexpr size_t fixed = as + bs + cs + hb;
