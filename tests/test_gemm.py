@@ -74,3 +74,26 @@ def test_refuses_bad_arguments_naming_the_backend():
     with pytest.raises(RuntimeError, match=r"spinal_ops gemm backend: head_weight must have shape \[3, 12\], "
                                            r"got \[3, 11\]"):
         torch.ops.spinal_ops.spinal_forward_gemm(*args)
+
+
+def test_compile_fullgraph_traces_the_gemm_ops():
+    """Under ``torch.compile(fullgraph=True)`` the layer is one gemm op in the graph (fake kernel, no graph break),
+    with the eager values and gradients."""
+    require_backend("gemm")
+    torch._dynamo.reset()
+    m = spinal_ops.SpinalLinear(20, 5, layer_width=7, num_layers=3, num_splits=3, activation="gelu")
+    x = torch.randn(8, 20)
+    targets = []
+
+    def recording(gm, example_inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    with spinal_ops.use_backend("gemm"):
+        eager = m(x)
+        (g_eager,) = torch.autograd.grad(eager.square().sum(), [m.weight_x])
+        compiled = torch.compile(m, fullgraph=True, backend=recording)
+        got = compiled(x)
+    (g_got,) = torch.autograd.grad(got.square().sum(), [m.weight_x])
+    assert any("spinal_forward_gemm" in t for t in targets), targets
+    assert torch.equal(got, eager) and torch.equal(g_got, g_eager)
