@@ -97,3 +97,26 @@ def test_compile_fullgraph_traces_the_gemm_ops():
     (g_got,) = torch.autograd.grad(got.square().sum(), [m.weight_x])
     assert any("spinal_forward_gemm" in t for t in targets), targets
     assert torch.equal(got, eager) and torch.equal(g_got, g_eager)
+
+
+@pytest.mark.parametrize("mode", ["forward", "fwd+bwd"])
+def test_model_records_the_calls_the_backend_makes(mode):
+    """The cost model's gemm plan (recorded on meta tensors) is the list of calls the gemm functions make on real
+    tensors: the same ops with the same GEMM shapes, in order."""
+    cfg = CONFIG_BY_NAME["vgg-head"]._replace(in_features=64, width=12)
+    rows = 5
+    modelled = [(op.name, op.gemm) for op in gpu_model.eager_ops("gemm", cfg, rows, mode, "fp32")]
+    m = spinal_ops.SpinalLinear(cfg.in_features, cfg.out, layer_width=cfg.width, num_layers=cfg.num_layers,
+                                num_splits=cfg.num_splits, activation=cfg.activation)
+    spec, x = m._spec, torch.randn(rows, cfg.in_features)
+    params = [p.detach() for p in (m.weight_x, m.weight_h, m.bias, m.head_weight, m.head_bias)]
+    hyper = (spec.starts, spec.slot_list, spec.activation, spec.negative_slope)
+    grad_y = torch.ones(rows, cfg.out)
+
+    def run(state):
+        h_all, _ = gemm.spinal_forward_gemm(x, *params, *hyper)
+        if mode == "fwd+bwd":
+            gemm.spinal_backward_gemm(grad_y, None, x, h_all, *params[:4], *hyper, [True] * 6)
+
+    ran = [(op.name, op.gemm) for op in gpu_model._record_ops(run)]
+    assert ran == modelled
