@@ -2,10 +2,11 @@
 
 Every product of the layer is one call of torch's matrix multiply on the tensors' device (cuBLAS on a GPU, the BLAS
 torch links on a CPU), written straight into its place in the outputs; the activations run in place. What it is
-for: large batches on a GPU, where a vendor GEMM at full tensor-core rate beats the fused kernels' one-CTA-per-row-tile
-chain, and where the eager chain it replaces pays for its ``cat`` copies, its per-op graph nodes and the
-intermediates autograd saves. At small batches its host cost (a Python call per product) loses to the fused kernels;
-the GPU cost model (:mod:`spinal_ops.gpu_model`) records these same calls and weighs both.
+for: large batches on a GPU, where by the cost model (no GPU has measured it) a vendor GEMM at tensor-core rate beats
+the fused kernels' one-CTA-per-row-tile chain, and where the eager chain it replaces pays for its ``cat`` copies, its
+per-op graph nodes and the intermediates autograd saves. At small batches its host cost (a Python call per product)
+loses to the fused kernels; the GPU cost model (:mod:`spinal_ops.gpu_model`) records these same calls and weighs
+both.
 
 Forward, per sub-layer ``i`` (``H_i`` the ``i``-th column block of ``H``, written in place)::
 

@@ -137,6 +137,11 @@ FMA_EFFICIENCY = {"cuda": 0.5, "triton": 0.5}
 CUDA_THREADS = 128  # kThreads
 CUDA_BM, CUDA_BN = 16, 64  # row tile, column tile
 CUDA_LDC = CUDA_BN + 4  # staged result row stride
+CUDA_FMA_COLUMNS = 8  # kColsPerRow: the FMA step skips a result whose 8 columns all lie past the tile's valid ones
+CUDA_YACC_LIMIT = 16 * 1024  # FwdSmem::kYaccLimit: the head accumulator stays on chip up to this size
+CUDA_MIN_BLOCKS_PER_SM = 2  # __launch_bounds__' second argument: registers capped for 2 resident blocks
+TRITON_REGS_PER_THREAD = 255  # ptxas reports of the Triton kernels compiled for sm_90a: the fast path uses all 255
+REGISTERS_PER_SM = 65536  # 32-bit registers per SM on every GPU of the table
 
 
 def cuda_slice(stage_bytes: int) -> int:
@@ -147,14 +152,6 @@ def cuda_slice(stage_bytes: int) -> int:
 def cuda_lds(stage_bytes: int) -> int:
     """``kLds<S>``: the staged row stride."""
     return cuda_slice(stage_bytes) + 8
-
-
-
-CUDA_FMA_COLUMNS = 8  # kColsPerRow: the FMA step skips a result whose 8 columns all lie past the tile's valid ones
-CUDA_YACC_LIMIT = 16 * 1024  # FwdSmem::kYaccLimit: the head accumulator stays on chip up to this size
-CUDA_MIN_BLOCKS_PER_SM = 2  # __launch_bounds__' second argument: registers capped for 2 resident blocks
-TRITON_REGS_PER_THREAD = 255  # ptxas reports of the Triton kernels compiled for sm_90a: the fast path uses all 255
-REGISTERS_PER_SM = 65536  # 32-bit registers per SM on every GPU of the table
 
 
 def _align128(n: int) -> int:
