@@ -10,7 +10,8 @@ both.
 
 Forward, per sub-layer ``i`` (``H_i`` the ``i``-th column block of ``H``, written in place)::
 
-    H_i  = b[s] + x[:, idx_i] @ Wx[s].T          (one addmm; a view of x unless the chunk wraps)
+    H_i  = b[s] + x[:, idx_i] @ Wx[s].T          (one addmm on a view of x; a wrapping chunk is two column
+                                                   ranges of x: an addmm and an addmm_)
     H_i += h_{i-1} @ Wh[s-1].T                   (i >= 1: one addmm into H_i, beta = 1)
     H_i  = act(H_i)                               (in place)
     y    = bo + H @ Wo.T                          (one addmm)
@@ -22,7 +23,7 @@ Backward (:func:`spinal_backward_gemm`), ``dZ`` kept in one ``(B, L*w)`` buffer:
                                                    with the forward's own calls where act' needs it)
     dZ_{i-1} += dZ_i @ Wh[s-1]                    (one addmm, beta = 1)
     dWx[s] (+)= dZ_i.T @ x[:, idx_i],  dWh[s-1] (+)= dZ_i.T @ h_{i-1},  db[s] (+)= dZ_i.sum(0)
-    dx[:, idx_i] (+)= dZ_i @ Wx[s]                (into dx's column block; index_add where a chunk wraps)
+    dx[:, idx_i] (+)= dZ_i @ Wx[s]                (into dx's column blocks: no gather, no scatter, no atomics)
     dWo = G.T @ H,  dbo = G.sum(0)
 
 Intermediates are in the storage dtype (as in the eager chain); the GEMMs accumulate as the library does (float32 for
@@ -34,7 +35,6 @@ Intermediates are in the storage dtype (as in the eager chain); the GEMMs accumu
 from __future__ import annotations
 
 import functools
-import itertools
 
 import torch
 import torch.nn.functional as F
@@ -83,15 +83,29 @@ def _times_activation_grad_(grad: Tensor, h: Tensor, z: Tensor | None, activatio
         raise ValueError(f"activation must be one of {reference.ACTIVATIONS}, got {activation!r}")
 
 
+@functools.lru_cache(maxsize=1024)
+def _pieces(start: int, chunk: int, in_features: int) -> tuple[tuple[int, int, int], ...]:
+    """The column ranges of ``x`` a chunk reads, as ``(first column of x, columns, first column of the chunk)``: one,
+    or two where the chunk wraps past column ``D - 1``."""
+    if start + chunk <= in_features:
+        return ((start, chunk, 0),)
+    head = in_features - start
+    return ((start, head, 0), (0, chunk - head, head))
+
+
 def _preactivation(out: Tensor, x: Tensor, weight_x: Tensor, weight_h: Tensor, bias: Tensor | None,
                    h_prev: Tensor | None, start: int, slot: int) -> Tensor:
     """``Z_i`` of one sub-layer written into ``out``: the forward's calls, which the backward repeats where ``act'``
     needs ``Z`` (so the two agree bit for bit)."""
-    xi = reference.chunk_of(x, start, weight_x.shape[2])
-    if bias is not None:
-        torch.addmm(bias[slot], xi, weight_x[slot].T, out=out)
-    else:
-        torch.mm(xi, weight_x[slot].T, out=out)
+    wx = weight_x[slot]
+    for n, (col, size, k0) in enumerate(_pieces(start, wx.shape[1], x.shape[1])):
+        xs, ws = x.narrow(1, col, size), wx.narrow(1, k0, size).T
+        if n > 0:
+            out.addmm_(xs, ws)
+        elif bias is not None:
+            torch.addmm(bias[slot], xs, ws, out=out)
+        else:
+            torch.mm(xs, ws, out=out)
     if h_prev is not None:
         out.addmm_(h_prev, weight_h[slot - 1].T)
     return out
@@ -117,25 +131,35 @@ def spinal_forward_gemm(x: Tensor, weight_x: Tensor, weight_h: Tensor, bias: Ten
 
 
 @functools.lru_cache(maxsize=256)
-def _dx_plan(starts: tuple[int, ...], chunk: int, in_features: int) -> tuple[tuple[bool, ...], tuple[tuple, ...]]:
-    """How ``dx`` is assembled: per sub-layer, whether its product is the first written to its columns (a plain
-    GEMM into them) rather than added; and the column ranges no chunk reads (zeroed). First writes only where the
-    distinct chunks neither wrap nor overlap (as in ``split_mode="alternate"``); else every product adds into zeros
-    (the one range ``(0, D)``)."""
-    distinct = sorted(set(starts))
-    disjoint = all(s + chunk <= in_features for s in distinct) and all(
-        b >= a + chunk for a, b in itertools.pairwise(distinct))
-    if not disjoint:
-        return (False,) * len(starts), ((0, in_features),)
-    first = tuple(starts.index(s) == i for i, s in enumerate(starts))
+def _dx_plan(starts: tuple[int, ...], chunk: int, in_features: int) -> tuple[tuple[tuple[bool, ...], ...], tuple]:
+    """How ``dx`` is assembled from the chunks' column ranges (:func:`_pieces`): per sub-layer and range, whether its
+    product is the first written to those columns (a plain GEMM into them) rather than added; and the column ranges
+    no chunk reads (zeroed). Ranges that repeat an earlier one add to it; a range that overlaps an earlier one only
+    partly (chunks of a cyclic split that does not divide D) makes every product add into zeros (the one range
+    ``(0, D)``)."""
+    written: list[tuple[int, int]] = []
+    first = []
+    for s in starts:
+        flags = []
+        for col, size, _ in _pieces(s, chunk, in_features):
+            span = (col, col + size)
+            if span in written:
+                flags.append(False)
+            elif all(span[1] <= a or span[0] >= b for a, b in written):
+                flags.append(True)
+                written.append(span)
+            else:
+                return (tuple(tuple(False for _ in _pieces(t, chunk, in_features)) for t in starts),
+                        ((0, in_features),))
+        first.append(tuple(flags))
     gaps, edge = [], 0
-    for s in distinct:
-        if s > edge:
-            gaps.append((edge, s - edge))
-        edge = s + chunk
+    for a, b in sorted(written):
+        if a > edge:
+            gaps.append((edge, a - edge))
+        edge = max(edge, b)
     if edge < in_features:
         gaps.append((edge, in_features - edge))
-    return first, tuple(gaps)
+    return tuple(first), tuple(gaps)
 
 
 def _slot_gemm(out: Tensor, first: bool, a: Tensor, b: Tensor) -> None:
@@ -186,7 +210,8 @@ def spinal_backward_gemm(grad_y: Tensor | None, grad_H: Tensor | None, x: Tensor
     db = torch.empty_like(bias) if output_mask[3] else empty()
     for i, (start, slot) in enumerate(zip(starts, slots, strict=True)):
         if output_mask[1]:
-            _slot_gemm(dwx[slot], slot not in seen_x, blocks[i].T, reference.chunk_of(x, start, chunk))
+            for col, size, k0 in _pieces(start, chunk, in_features):
+                _slot_gemm(dwx[slot].narrow(1, k0, size), slot not in seen_x, blocks[i].T, x.narrow(1, col, size))
         if output_mask[3]:
             if slot in seen_x:
                 db[slot].add_(blocks[i].sum(0))
@@ -203,11 +228,8 @@ def spinal_backward_gemm(grad_y: Tensor | None, grad_H: Tensor | None, x: Tensor
         for start, size in gaps:
             dx.narrow(1, start, size).zero_()
         for i, (start, slot) in enumerate(zip(starts, slots, strict=True)):
-            if start + chunk <= in_features:
-                _slot_gemm(dx.narrow(1, start, chunk), first[i], blocks[i], weight_x[slot])
-            else:
-                dx.index_add_(1, reference.chunk_columns(in_features, start, chunk, x.device),
-                              blocks[i] @ weight_x[slot])
+            for (col, size, k0), write in zip(_pieces(start, chunk, in_features), first[i], strict=True):
+                _slot_gemm(dx.narrow(1, col, size), write, blocks[i], weight_x[slot].narrow(1, k0, size))
     return dx, dwx, dwh, db, dwo, dbo
 
 

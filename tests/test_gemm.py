@@ -13,15 +13,19 @@ from spinal_ops.configs import CONFIG_BY_NAME
 
 
 def test_dx_plan_first_writes_and_gaps():
+    T, F = True, False
     # alternate halves, twice each: the first two products write their columns, the next two add
-    assert gemm._dx_plan((0, 8, 0, 8), 8, 16) == ((True, True, False, False), ())
+    assert gemm._dx_plan((0, 8, 0, 8), 8, 16) == (((T,), (T,), (F,), (F,)), ())
     # alternate with K * c < D: column 12 of 13 is read by no chunk and is zeroed
-    assert gemm._dx_plan((0, 4, 8, 0), 4, 13) == ((True, True, True, False), ((12, 1),))
+    assert gemm._dx_plan((0, 4, 8, 0), 4, 13) == (((T,), (T,), (T,), (F,)), ((12, 1),))
     # chunks with a hole before the first and between: zeroed ranges in column order
-    assert gemm._dx_plan((2, 9), 3, 14) == ((True, True), ((0, 2), (5, 4), (12, 2)))
-    # cyclic chunks that overlap or wrap: every product adds into zeros
-    assert gemm._dx_plan((0, 4, 8, 12), 5, 13) == ((False,) * 4, ((0, 13),))
-    assert gemm._dx_plan((0, 3), 4, 7) == ((False,) * 2, ((0, 7),))
+    assert gemm._dx_plan((2, 9), 3, 14) == (((T,), (T,)), ((0, 2), (5, 4), (12, 2)))
+    # a wrapping chunk is two column ranges; disjoint from the others, both are first writes
+    assert gemm._pieces(6, 4, 8) == ((6, 2, 0), (0, 2, 2))
+    assert gemm._dx_plan((6, 2), 4, 8) == (((T, T), (T,)), ())
+    # chunks that overlap partly (a cyclic split with c not dividing D): every product adds into zeros
+    assert gemm._dx_plan((0, 4, 8, 12), 5, 13) == (((F,), (F,), (F,), (F, F)), ((0, 13),))
+    assert gemm._dx_plan((0, 3), 4, 7) == (((F,), (F,)), ((0, 7),))
 
 
 @pytest.mark.parametrize("case", [
@@ -62,7 +66,7 @@ def test_one_call_per_product_and_no_copies(name):
     backward = train[len(forward):]
     # dH = G Wo, dWo = G^T H; L - 1 carries; L dWx, L - 1 dWh, L dx products
     assert sum(n in ("mm", "addmm", "addmm_") for n in backward) == 2 + (L - 1) + L + (L - 1) + L, backward
-    assert not {"cat", "clone", "copy_", "index_add_", "index_select"} & set(train), train
+    assert not {"cat", "clone", "copy_", "index_add_", "index_select", "arange"} & set(train), train
 
 
 def test_refuses_bad_arguments_naming_the_backend():
