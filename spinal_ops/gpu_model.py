@@ -144,6 +144,17 @@ TRITON_REGS_PER_THREAD = 255  # ptxas reports of the Triton kernels compiled for
 REGISTERS_PER_SM = 65536  # 32-bit registers per SM on every GPU of the table
 
 
+def cuda_acc_bytes(element: int) -> int:
+    """``acc_t<T>``: bytes of the accumulation type for a storage element of ``element`` bytes (fp64: 8, else 4)."""
+    return 8 if element == 8 else 4
+
+
+def cuda_stage_bytes(math_mode: str, element: int) -> int:
+    """``stage_t<T, M>``: bytes of the forward's staged operands (16-bit on tensor cores, else the fp32 / fp64
+    accumulation type)."""
+    return element if math_mode == "bf16" else cuda_acc_bytes(element)
+
+
 def cuda_slice(stage_bytes: int) -> int:
     """``kSlice<S>``: terms per staging round for staged elements of ``stage_bytes`` (16-bit: 64, else 32)."""
     return 64 if stage_bytes == 2 else 32
@@ -160,6 +171,11 @@ def _align128(n: int) -> int:
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _round_up(n: int, unit: int) -> int:
+    """``n`` rounded up to a multiple of ``unit``."""
+    return _cdiv(n, unit) * unit
 
 
 def _storage(math_mode: str) -> torch.dtype:
@@ -255,8 +271,8 @@ def resident_ctas(k: KernelLaunch, dev: GpuSpec) -> int:
 
 def cuda_forward_smem(math_mode: str, width: int, out: int, head: bool, element: int) -> int:
     """``FwdSmem::bytes(out, head)`` of the instantiation the launcher picks (fast path when ``width <= 64``)."""
-    acc = 8 if element == 8 else 4
-    stage = element if math_mode == "bf16" else (4 if math_mode == "tf32" else acc)
+    acc = cuda_acc_bytes(element)
+    stage = cuda_stage_bytes(math_mode, element)
     tensor = math_mode in ("bf16", "tf32")
     wfast = CUDA_BN if width <= CUDA_BN else 0
     lds = cuda_lds(stage)
@@ -268,7 +284,7 @@ def cuda_forward_smem(math_mode: str, width: int, out: int, head: bool, element:
 
 def cuda_backward_smem(element: int) -> int:
     """``BwdSmem<T>::bytes``: the FMA staging tiles in the accumulation type."""
-    acc = 8 if element == 8 else 4
+    acc = cuda_acc_bytes(element)
     return _align128(acc * CUDA_BM * cuda_lds(acc)) + _align128(acc * CUDA_BN * cuda_lds(acc))
 
 
@@ -321,16 +337,13 @@ def cuda_launches(p: Problem, math_mode: str, mode: str) -> list[KernelLaunch]:
         return launches
     tiles = _cdiv(p.rows, CUDA_BM)
 
-    def computed(extent: int, unit: int) -> int:  # extent rounded up to what a tile step computes
-        return _cdiv(extent, unit) * unit
-
     # What the tile steps compute (csrc/cuda/spinal_common.cuh, Tile::step): FMA, the slice's terms exactly and
     # the result columns in groups of CUDA_FMA_COLUMNS; tensor cores, whole wmma K-steps and 16-column warp tiles.
-    fma = (computed(p.width, CUDA_FMA_COLUMNS), computed(p.out, CUDA_FMA_COLUMNS), p.chunk, p.width)
+    fma = (_round_up(p.width, CUDA_FMA_COLUMNS), _round_up(p.out, CUDA_FMA_COLUMNS), p.chunk, p.width)
     mk = 16 if math_mode == "bf16" else 8
-    wmma = (computed(p.width, 16), computed(p.out, 16), computed(p.chunk, mk), computed(p.width, mk))
+    wmma = (_round_up(p.width, 16), _round_up(p.out, 16), _round_up(p.chunk, mk), _round_up(p.width, mk))
     wpad, opad, cpad, wterms = wmma if tensor else fma
-    staged = element if math_mode == "bf16" else (8 if element == 8 else 4)  # stage_t: the type staged per round
+    staged = cuda_stage_bytes(math_mode, element)
     stage_bytes = (CUDA_BM + CUDA_BN) * cuda_slice(staged) * staged
     smem = cuda_forward_smem(math_mode, p.width, p.out, p.out > 0, element)
     launches.append(KernelLaunch(
@@ -342,7 +355,7 @@ def cuda_launches(p: Problem, math_mode: str, mode: str) -> list[KernelLaunch]:
         return launches
     mask = (True, True, p.lh > 0, True, p.out > 0, p.out > 0)
     bsmem = cuda_backward_smem(element)
-    acc = 8 if element == 8 else 4
+    acc = cuda_acc_bytes(element)
     acc_stage = (CUDA_BM + CUDA_BN) * cuda_slice(acc) * acc
     launches.append(KernelLaunch(
         "cuda", "spinal_bwd_chain_kernel", tiles, CUDA_THREADS, bsmem, CUDA_MIN_BLOCKS_PER_SM, p.num_layers,
@@ -393,12 +406,12 @@ def triton_launches(p: Problem, math_mode: str, mode: str, target: str = "gpu") 
         bb, bc = meta["BLOCK_B"], meta["BLOCK_C"]
         smem = settings._staged_bytes(path, bb, bc, stages, element)
         if path.wide:
-            wpad = _cdiv(p.width, path.block_n) * path.block_n
-            opad = _cdiv(p.out, path.block_o) * path.block_o if p.out else 0
+            wpad = _round_up(p.width, path.block_n)
+            opad = _round_up(p.out, path.block_o)
             passes = _cdiv(p.width, path.block_n)
         else:
             wpad, opad, passes = path.block_w, (path.block_o if p.out else 0), 1
-        cpad = _cdiv(p.chunk, bc) * bc
+        cpad = _round_up(p.chunk, bc)
         launches.append(KernelLaunch(
             "triton", kernel, grid, warps * 32, smem, by_regs,
             p.num_layers, _chain_flops(p, bb, wpad, opad, cpad, kernel), tensor,

@@ -87,7 +87,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) spinal_bwd_chain_ke
     const T* Wx = p.wx + static_cast<int64_t>(xs) * w * c;
     const int start = p.starts[i];
     for (int n0 = 0; n0 < w; n0 += BN) {
-      const int n_valid = w - n0 < BN ? w - n0 : BN;
+      const int n_valid = valid_columns(w, n0);
       TileT g;
       g.zero_all();
       if (p.gy) {
@@ -139,7 +139,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) spinal_bwd_chain_ke
       for (int n0 = 0; n0 < c; n0 += BN) {
         TileT a;
         a.zero_all();
-        gemm<Acc>(a, w, c - n0 < BN ? c - n0 : BN, As, Bs,  // the opening barrier makes dZ_i visible to all
+        gemm<Acc>(a, w, valid_columns(c, n0), As, Bs,  // the opening barrier makes dZ_i visible to all
                   [&](int r, int k) -> Acc { return r0 + r < B ? *dz_at(r0 + r, i, k) : zero_acc; },
                   [&](int n, int k) -> Acc {
                     return n0 + n < c ? convert<Acc>(Wx[static_cast<int64_t>(k) * c + n0 + n]) : zero_acc;
@@ -221,7 +221,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) spinal_bwd_weights_
     for (int i = 0; i < L; ++i) {
       if (x_slot(p.slots, i) != s) continue;  // uniform across the block: every thread skips together
       const int start = p.starts[i];
-      gemm<Acc>(acc, B, cols - n0 < BN ? cols - n0 : BN, As, Bs, [&](int m, int r) -> Acc { return dz(r, i, m0 + m); },
+      gemm<Acc>(acc, B, valid_columns(cols, n0), As, Bs, [&](int m, int r) -> Acc { return dz(r, i, m0 + m); },
                 [&](int n, int r) -> Acc {
                   if (n0 + n >= c) return zero_acc;
                   int col = start + n0 + n;
@@ -244,7 +244,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) spinal_bwd_weights_
     dst = p.dwh + static_cast<int64_t>(s) * w * w;
     for (int i = 1; i < L; ++i) {
       if (h_slot(p.slots, i) != s) continue;
-      gemm<Acc>(acc, B, cols - n0 < BN ? cols - n0 : BN, As, Bs, [&](int m, int r) -> Acc { return dz(r, i, m0 + m); },
+      gemm<Acc>(acc, B, valid_columns(cols, n0), As, Bs, [&](int m, int r) -> Acc { return dz(r, i, m0 + m); },
                 [&](int n, int r) -> Acc {
                   return n0 + n < w ? convert<Acc>(p.h_all[static_cast<int64_t>(r) * Lw + (i - 1) * w + n0 + n])
                                     : zero_acc;
@@ -255,7 +255,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) spinal_bwd_weights_
     m0 = (job / tc) * BM, n0 = (job % tc) * BN, rows_out = out, cols = Lw;
     dst = p.dwo;
     if (p.gy) {
-      gemm<Acc>(acc, B, cols - n0 < BN ? cols - n0 : BN, As, Bs,
+      gemm<Acc>(acc, B, valid_columns(cols, n0), As, Bs,
                 [&](int m, int r) -> Acc {
                   return m0 + m < out ? convert<Acc>(p.gy[static_cast<int64_t>(r) * out + m0 + m]) : zero_acc;
                 },

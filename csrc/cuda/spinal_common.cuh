@@ -184,6 +184,10 @@ struct Tile<S, float, Mma::kHalf> : WmmaTile<S, Mma::kHalf> {};
 template <typename S>
 struct Tile<S, float, Mma::kTf32> : WmmaTile<S, Mma::kTf32> {};
 
+// Columns of a BN-wide tile starting at column n0 of an `extent`-wide result that lie inside it (at most BN): the
+// n_valid that gemm() takes.
+__host__ __device__ constexpr int valid_columns(int extent, int n0) { return extent - n0 < BN ? extent - n0 : BN; }
+
 // Accumulates A[BM][K] * B[BN][K]^T into `acc`. Every thread of the block calls it with the same K and n_valid: the
 // rows of B (columns of the result) that b() does not zero, at most BN (the steps skip the others).
 template <typename S, typename TileT, typename ALoad, typename BLoad>
@@ -217,7 +221,7 @@ __device__ __forceinline__ void z_tile(TileT& z, S* As, S* Bs, const T* x, int B
                                        const T* Wx, int c, bool recurrent, const T* Wh, int w, int n0,
                                        HPrev h_prev) {
   z.zero_all();
-  const int n_valid = w - n0 < BN ? w - n0 : BN;
+  const int n_valid = valid_columns(w, n0);
   gemm<S>(z, c, n_valid, As, Bs,
           [&](int r, int k) -> S {
             const int gr = r0 + r;

@@ -143,7 +143,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) spinal_fwd_kernel(c
       for (int o0 = 0; o0 < out; o0 += BN) {
         TileT yt;
         yt.zero_all();
-        gemm<S>(yt, w, out - o0 < BN ? out - o0 : BN, As, Bs, load_h_cur, [&](int n, int k) -> S {
+        gemm<S>(yt, w, valid_columns(out, o0), As, Bs, load_h_cur, [&](int n, int k) -> S {
           return o0 + n < out ? convert<S>(p.wo[static_cast<int64_t>(o0 + n) * Lw + static_cast<int64_t>(i) * w + k])
                               : zero<S>();
         });
