@@ -218,22 +218,33 @@ void input_and_recurrent_product(const Problem<T, S>& p, int64_t i, int64_t r0, 
   }
 }
 
-// row = act(row + bias), one row of one sub-layer (locals and __restrict let the loop vectorize).
+// h = act(h + bias), m rows of n columns of one sub-layer (row stride ld), one call per tile (see chain_rule);
+// locals and __restrict let the loop vectorize.
 template <Activation A, typename T>
-SPINAL_CLONES void bias_activation(T* __restrict row, const T* __restrict bias, int64_t n, T slope) {
+SPINAL_CLONES void bias_activation(int64_t m, int64_t n, T* __restrict h, int64_t ld, const T* __restrict bias,
+                                   T slope) {
+  for (int64_t r = 0; r < m; ++r) {
+    T* __restrict row = h + r * ld;
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) row[j] = activation_forward<A>(row[j] + bias[j], slope);
+    for (int64_t j = 0; j < n; ++j) row[j] = activation_forward<A>(row[j] + bias[j], slope);
+  }
 }
 
-// dz = (dz + carry) * act'(.), one row of one sub-layer: act' from z + bias (kFromZ, hz holds Z without the
-// bias) or from h (hz holds H; bias unused).
+// dz = (dz + carry) * act'(.), m rows of n columns of one sub-layer (row strides ldz, ldc, ldh): act' from z + bias
+// (kFromZ, hz holds Z without the bias) or from h (hz holds H; bias unused). One call per tile: the rows of a
+// narrow layer are short (20-50 columns), so the call and the loop's remainder are paid once per tile, not per row.
 template <Activation A, bool kFromZ, typename T>
-SPINAL_CLONES void chain_rule(T* __restrict dz, const T* __restrict carry, const T* __restrict hz, const T* __restrict bias,
-                int64_t n, T slope) {
+SPINAL_CLONES void chain_rule(int64_t m, int64_t n, T* __restrict dz, int64_t ldz, const T* __restrict carry,
+                              int64_t ldc, const T* __restrict hz, int64_t ldh, const T* __restrict bias, T slope) {
+  for (int64_t r = 0; r < m; ++r) {
+    T* __restrict d = dz + r * ldz;
+    const T* __restrict cr = carry + r * ldc;
+    const T* __restrict h = hz + r * ldh;
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    const T g = activation_derivative<A, kFromZ>(kFromZ ? hz[j] + bias[j] : hz[j], slope);
-    dz[j] = (dz[j] + carry[j]) * g;
+    for (int64_t j = 0; j < n; ++j) {
+      const T g = activation_derivative<A, kFromZ>(kFromZ ? h[j] + bias[j] : h[j], slope);
+      d[j] = (d[j] + cr[j]) * g;
+    }
   }
 }
 
@@ -250,7 +261,7 @@ void forward_tile(const Problem<T, S>& p, int64_t r0, int64_t m, T* h_all, T* y,
     run_jobs(split.blocks, layer_work, [&](int64_t blk) {
       const int64_t n0 = split.begin(blk), n1 = split.end(blk);
       input_and_recurrent_product(p, i, r0, m, n0, n1, h_all, hi + n0, lw);
-      for (int64_t r = 0; r < m; ++r) bias_activation<A>(hi + r * lw + n0, bi + n0, n1 - n0, slope);
+      bias_activation<A>(m, n1 - n0, hi + n0, lw, bi + n0, slope);
     });
   }
   if (d.has_head) {
@@ -431,15 +442,13 @@ void chain_columns(const Problem<T, S>& p, int64_t i, int64_t r0, int64_t m, int
     if (needs_preactivation(d.activation, d.negative_slope)) {
       const T* bi = p.b ? p.b_slot(i) : zero_bias;
       input_and_recurrent_product(p, i, r0, m, n0, n0 + n, h_all, zbuf + n0, w);
-      for (int64_t r = 0; r < m; ++r)
-        chain_rule<A, true>(dzi + r * lw + n0, carry + r * w + n0, zbuf + r * w + n0, bi + n0, n, slope);
+      chain_rule<A, true>(m, n, dzi + n0, lw, carry + n0, w, zbuf + n0, w, bi + n0, slope);
       return;
     }
   }
   if constexpr (kDerivativeFromH<A>) {
     const T* hi = h_all + r0 * lw + i * w;
-    for (int64_t r = 0; r < m; ++r)
-      chain_rule<A, false>(dzi + r * lw + n0, carry + r * w + n0, hi + r * lw + n0, zero_bias, n, slope);
+    chain_rule<A, false>(m, n, dzi + n0, lw, carry + n0, w, hi + n0, lw, zero_bias, slope);
   }
 }
 
@@ -484,11 +493,28 @@ inline constexpr int64_t kStreamBytes = int64_t(1) << 20;
 // still a product of >= 64 rows of the gradient.
 inline constexpr int64_t kWeightRows = 64;
 
-// Column sums of a (rows x n, ld) block, accumulated into out (n), rows in order.
+// Column sums of a (rows x n, ld) block, accumulated into out (n), rows in order: in blocks of NB columns whose
+// sums stay in registers over all rows (each column is out[j] + a[0][j] + a[1][j] + ..., in that order, whatever
+// the block).
+template <int64_t NB, typename T>
+[[gnu::always_inline]] inline void add_block_sums(const T* __restrict a, int64_t rows, int64_t ld, T* __restrict out) {
+  T acc[NB];
+#pragma omp simd
+  for (int64_t j = 0; j < NB; ++j) acc[j] = out[j];
+  for (int64_t r = 0; r < rows; ++r) {
+#pragma omp simd
+    for (int64_t j = 0; j < NB; ++j) acc[j] += a[r * ld + j];
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < NB; ++j) out[j] = acc[j];
+}
+
 template <typename T>
 SPINAL_CLONES void add_column_sums(const T* a, int64_t rows, int64_t n, int64_t ld, T* out) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t j = 0; j < n; ++j) out[j] += a[r * ld + j];
+  int64_t j = 0;
+  for (; j + 64 <= n; j += 64) add_block_sums<64>(a + j, rows, ld, out + j);
+  for (; j + 16 <= n; j += 16) add_block_sums<16>(a + j, rows, ld, out + j);
+  for (; j < n; ++j) add_block_sums<1>(a + j, rows, ld, out + j);
 }
 
 // G: the type the untied weight gradients are written in (T, or bfloat16 for a bfloat16 call without tied slots:
