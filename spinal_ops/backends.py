@@ -12,7 +12,8 @@ Backends:
   GPU), with its own backward op; any device (like ``triton``, it needs ``spinal_ops._C`` for its checks). The GPU
   plan for large batches.
 
-Automatic choice: the fastest available for the tensor's device and dtype. CPU tensors: ``cpu``, which runs
+Automatic choice: the fastest available for the tensor's device and dtype, except inside a ``torch.func`` transform
+or forward-mode AD, where it is ``reference`` (:func:`autograd_transformed`). CPU tensors: ``cpu``, which runs
 float32, float64, bfloat16 and float16. CUDA tensors: given the call's problem (layer sizes, rows, forward or
 training), the fastest of ``cuda``, ``triton``, ``gemm`` and ``reference`` by the GPU cost model
 (:func:`spinal_ops.gpu_model.choose_backend`, one decision per device, precision and problem, cached); without it
@@ -37,6 +38,7 @@ import importlib.util
 import os
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 BACKENDS = ("reference", "cpu", "cuda", "triton", "gemm")
 
@@ -159,6 +161,14 @@ def autotune_enabled() -> bool:
     return _AUTOTUNE
 
 
+def autograd_transformed() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``vjp``, ``jacrev``, ``jvp``, ``jacfwd``, ``hessian``, ``vmap``)
+    or forward-mode AD (a ``torch.autograd.forward_ad.dual_level``) is active: the automatic choice is then
+    ``reference``, whose plain PyTorch ops every transform supports. The fused ops' autograd (C++ for the native ops,
+    ``torch.library`` for the others) has no forward-mode formula and no functorch rules."""
+    return torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
+
+
 def forced_backend() -> str | None:
     """The backend :func:`use_backend` or ``SPINAL_OPS_BACKEND`` forces here, or None."""
     return _forced.get() or _ENV_BACKEND
@@ -176,7 +186,8 @@ def select_backend(device: torch.device | str, dtype: torch.dtype | None = None,
     ``dtype``: forced, or the fastest available.
 
     The ``cpu`` backend runs float32, float64, bfloat16 and float16 (the last two with float32 arithmetic); other
-    dtypes on CPU go to ``reference`` automatically. ``problem``: ``(config, rows, mode)`` of the call (a
+    dtypes on CPU go to ``reference`` automatically, and so does every call inside a ``torch.func`` transform or
+    forward-mode AD (:func:`autograd_transformed`). ``problem``: ``(config, rows, mode)`` of the call (a
     :class:`spinal_ops.configs.SpinalConfig` of the layer, the batch rows, ``"forward"`` or ``"fwd+bwd"``); on a
     CUDA ``device`` (a ``torch.device``) the automatic choice is then the GPU cost model's for that problem. Under
     ``torch.compile`` the choice is made once, when the graph is traced, without the problem (change
@@ -185,7 +196,7 @@ def select_backend(device: torch.device | str, dtype: torch.dtype | None = None,
     device_type = device if isinstance(device, str) else device.type
     name = _select(device_type, dtype)
     if problem is None or device_type != "cuda" or isinstance(device, str) or _forced.get() or _ENV_BACKEND \
-            or torch.compiler.is_compiling():
+            or torch.compiler.is_compiling() or autograd_transformed():
         return name
     return _gpu_choice(device, dtype, *problem)
 
@@ -214,6 +225,8 @@ def _device_key(index: int | None) -> str:
 def _select(device_type: str, dtype: torch.dtype | None) -> str:
     forced = _forced.get() or _ENV_BACKEND
     if forced is None:
+        if torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0:  # autograd_transformed()
+            return "reference"
         key = (device_type, dtype)
         choice = _automatic.get(key)
         if choice is None:

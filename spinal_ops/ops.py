@@ -540,7 +540,8 @@ def run(input: Tensor, params: tuple, spec: LayerSpec, where: str) -> Tensor:
     x2d = input if two_d else input.reshape(-1, shape[-1])
     if not x2d.is_contiguous():
         x2d = x2d.contiguous()
-    if backends._AUTOTUNE and backends.forced_backend() is None and not torch.compiler.is_compiling():
+    if backends._AUTOTUNE and backends.forced_backend() is None and not torch.compiler.is_compiling() and \
+            not backends.autograd_transformed():
         backend = _tuned_backend(x2d, params, spec)
     elif input.is_cpu:
         backend = select_backend("cpu", input.dtype)
@@ -628,9 +629,11 @@ def _time_backend(backend: str, x2d: Tensor, params: tuple, spec: LayerSpec, mod
 
 def _reference_forward(*args):
     """The reference backend's forward, after the same argument checks the ops run (when the native library is
-    loaded: they live in ``csrc/spinal_args.cpp``). Traced (``torch.compile``, ``torch.export``), it skips them:
-    the graph holds the plain PyTorch ops alone (portable), which fail on mismatched tensors by themselves."""
-    if NATIVE_IMPORT_ERROR is None and not torch.compiler.is_compiling():
+    loaded: they live in ``csrc/spinal_args.cpp``). Traced (``torch.compile``, ``torch.export``) or inside a
+    ``torch.func`` transform (``vmap`` has no batching rule for an op without outputs), it skips them: the plain
+    PyTorch ops alone, which fail on mismatched tensors by themselves."""
+    if NATIVE_IMPORT_ERROR is None and not torch.compiler.is_compiling() and \
+            not torch._C._are_functorch_transforms_active():
         torch.ops.spinal_ops._check_args("reference", *args)
     return reference.spinal_forward(*args)
 

@@ -180,7 +180,8 @@ def test_kernel_time_grows_with_the_batch():
 
 def test_select_backend_on_cuda_tensors_follows_the_model(monkeypatch):
     """On a CUDA device (here faked: the model reads only its name and SM count), the automatic choice for a call
-    is the model's for the call's problem; a forced backend still wins; without a problem the static order."""
+    is the model's for the call's problem; a forced backend still wins; without a problem the static order; inside a
+    torch.func transform reference."""
     props = types.SimpleNamespace(name="NVIDIA H200", multi_processor_count=132)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
     monkeypatch.setattr(backends, "_serves", lambda name, device_type, dtype=None: True)
@@ -196,6 +197,10 @@ def test_select_backend_on_cuda_tensors_follows_the_model(monkeypatch):
         assert backends.select_backend(device, torch.float32) == "cuda"
         with backends.use_backend("reference"):
             assert backends.select_backend(device, torch.float32, (narrow, 1, "forward")) == "reference"
+        inside = []  # inside a torch.func transform: reference, not the model's choice
+        torch.func.grad(lambda a: inside.append(backends.select_backend(device, torch.float32, (wide, 1, "forward")))
+                        or a.sum())(torch.ones(2))
+        assert inside == ["reference"]
     finally:
         backends._device_key.cache_clear()
 
