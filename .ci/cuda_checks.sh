@@ -99,7 +99,8 @@ step "machine code in the installed spinal_ops._C"
 LIB=$("$PYTHON" -c "import importlib.util as u; print(u.find_spec('spinal_ops._C').origin)")
 if command -v cuobjdump > /dev/null; then cuobjdump --list-elf "$LIB" || true; fi
 "$PYTHON" "$SUPPORT/fatbin_archs.py" "$LIB" --require sm_80 sm_90 \
-  --kernel spinal_fwd_kernel --kernel spinal_bwd_chain_kernel --kernel spinal_bwd_weights_kernel
+  --kernel spinal_fwd_kernel --kernel spinal_bwd_chain_kernel --kernel spinal_bwd_weights_kernel \
+  --kernel spinal_bwd_reduce_kernel
 
 echo
 echo "cuda_checks: all passed"

@@ -1,6 +1,7 @@
 """Tiny driver of every GPU kernel for compute-sanitizer (.ci/gpu_check.sh): one small forward and backward of each
 CUDA kernel instantiation family (fp64 / fp32 / fp16 / bf16, fast and general width path, head accumulator on chip
-and in the workspace, > 48 KB dynamic shared memory, tf32) and of the Triton kernels (fast and wide path).
+and in the workspace, > 48 KB dynamic shared memory, tf32, the weight gradients in pieces and their reduce kernel) and
+of the Triton kernels (fast and wide path).
 
 Run as ``python .ci/gpu_driver.py [cuda|triton|all]``; prints one line per kernel and exits 0 when every result
 matches the reference, 1 otherwise (sanitizer findings are compute-sanitizer's own exit status).
@@ -37,9 +38,11 @@ def triton_backward(*args):
 
 
 def variants(kind: str) -> list[Variant]:
-    """Small variants: every path of the list, batches cut to at most 33 rows (the sanitizers are slow)."""
+    """Small variants: every path of the list, batches cut to at most 33 rows (the sanitizers are slow), and for cuda
+    one batch of 130 rows: the weight gradients reduced in two pieces and the reduce kernel that sums them."""
     if kind == "cuda":
-        return [Variant(v.case.replace(rows=min(v.case.rows, 33)), v.dtype, v.path, v.tf32) for v in VARIANTS]
+        return [Variant(v.case.replace(rows=min(v.case.rows, 33)), v.dtype, v.path, v.tf32) for v in VARIANTS] + [
+            Variant(Case(130, 9, 2, 4, 2, out=3), torch.float32)]
     wide = Case(9, 40, 2, 300, 3, out=70, activation="gelu")  # w = 300: the wide path in every dtype
     return [Variant(Case(7, 13, 3, 5, 4), torch.float32), Variant(Case(7, 12, 3, 4, 6, tie=(0, 1, 2, 1, 2, 1),
                                                                        activation="silu"), torch.bfloat16),

@@ -24,7 +24,7 @@ A call's time is ``max(host, GPU)``: the host (Python, the dispatcher, the launc
 loop of calls, so whichever is longer sets the pace. Precision: ``bf16`` (bfloat16 storage, tensor cores, fp32
 accumulation), ``fp32`` (float32 under ``torch.get_float32_matmul_precision() == "highest"``, PyTorch's default:
 no tensor cores anywhere) and ``tf32`` (float32 with ``"high"``: cuBLAS, the Triton kernels' ``tl.dot`` and the
-CUDA forward's tensor cores use tf32; the CUDA backward stays on FMA).
+CUDA forward's tensor cores use tf32; the CUDA backward stays on FMA for float32).
 
 Every constant below says where it comes from: a datasheet, a launcher, or a judgement (marked *model*). Expect
 +-2x on any single number; the model ranks plans, it does not predict milliseconds.
@@ -139,6 +139,7 @@ CUDA_BM, CUDA_BN = 16, 64  # row tile, column tile
 CUDA_LDC = CUDA_BN + 4  # staged result row stride
 CUDA_FMA_COLUMNS = 8  # kColsPerRow: the FMA step skips a result whose 8 columns all lie past the tile's valid ones
 CUDA_YACC_LIMIT = 16 * 1024  # FwdSmem::kYaccLimit: the head accumulator stays on chip up to this size
+CUDA_WEIGHT_PIECE_ROWS = 128  # kWeightPieceRows: rows of B one CTA of the weights launch reduces
 CUDA_MIN_BLOCKS_PER_SM = 2  # __launch_bounds__' second argument: registers capped for 2 resident blocks
 TRITON_REGS_PER_THREAD = 255  # ptxas reports of the Triton kernels compiled for sm_90a: the fast path uses all 255
 REGISTERS_PER_SM = 65536  # 32-bit registers per SM on every GPU of the table
@@ -283,9 +284,28 @@ def cuda_forward_smem(math_mode: str, width: int, out: int, head: bool, element:
 
 
 def cuda_backward_smem(element: int) -> int:
-    """``BwdSmem<T>::bytes``: the FMA staging tiles in the accumulation type."""
+    """``BwdSmem<T>::bytes`` (the weights launch): the FMA staging tiles in the accumulation type."""
     acc = cuda_acc_bytes(element)
     return _align128(acc * CUDA_BM * cuda_lds(acc)) + _align128(acc * CUDA_BN * cuda_lds(acc))
+
+
+def cuda_chain_tensor_cores(math_mode: str) -> bool:
+    """``kChainMma<T>``: the backward chain runs on tensor cores for 16-bit dtypes (FMA for fp32, tf32 or not)."""
+    return math_mode == "bf16"
+
+
+def cuda_chain_smem(math_mode: str, element: int) -> int:
+    """``ChainSmem<T>::bytes``: the staged tiles (16-bit operands on tensor cores, else the accumulation type) and,
+    on tensor cores, the fp32 result tile."""
+    if not cuda_chain_tensor_cores(math_mode):
+        return cuda_backward_smem(element)
+    return (_align128(element * CUDA_BM * cuda_lds(element)) + _align128(element * CUDA_BN * cuda_lds(element))
+            + _align128(4 * CUDA_BM * CUDA_LDC))
+
+
+def cuda_weight_pieces(rows: int) -> int:
+    """``weight_pieces(B)``: the weights launch's pieces of the batch (one above CUDA_WEIGHT_PIECE_ROWS rows: none)."""
+    return _cdiv(rows, CUDA_WEIGHT_PIECE_ROWS) if rows > CUDA_WEIGHT_PIECE_ROWS else 1
 
 
 def cuda_weight_jobs(p: Problem, mask) -> int:
@@ -329,7 +349,8 @@ def _unique_bytes(p: Problem, element: int, kernel: str) -> float:
 
 def cuda_launches(p: Problem, math_mode: str, mode: str) -> list[KernelLaunch]:
     """The CUDA backend's launches for one call: the forward, and for ``fwd+bwd`` the backward's chain and weights
-    kernels (every gradient). Grid, block and shared memory as ``csrc/cuda/spinal_launch.h`` launches them."""
+    kernels (every gradient) and, for a batch split into pieces, the weights' reduce kernel. Grid, block and shared
+    memory as ``csrc/cuda/spinal_launch.h`` launches them."""
     element = _storage(math_mode).itemsize
     tensor = math_mode in ("bf16", "tf32")
     launches = []
@@ -357,16 +378,29 @@ def cuda_launches(p: Problem, math_mode: str, mode: str) -> list[KernelLaunch]:
     bsmem = cuda_backward_smem(element)
     acc = cuda_acc_bytes(element)
     acc_stage = (CUDA_BM + CUDA_BN) * cuda_slice(acc) * acc
+    chain_tc = cuda_chain_tensor_cores(math_mode)
+    chain_pads = wmma if chain_tc else fma
+    chain_staged = element if chain_tc else acc
     launches.append(KernelLaunch(
-        "cuda", "spinal_bwd_chain_kernel", tiles, CUDA_THREADS, bsmem, CUDA_MIN_BLOCKS_PER_SM, p.num_layers,
-        _chain_flops(p, CUDA_BM, *fma[:3], "chain", fma[3]), False,
-        _chain_bytes(p, CUDA_BM, element, _cdiv(p.width, CUDA_BN)), acc_stage, _unique_bytes(p, element, "chain")))
+        "cuda", "spinal_bwd_chain_kernel", tiles, CUDA_THREADS, cuda_chain_smem(math_mode, element),
+        CUDA_MIN_BLOCKS_PER_SM, p.num_layers, _chain_flops(p, CUDA_BM, *chain_pads[:3], "chain", chain_pads[3]),
+        chain_tc, _chain_bytes(p, CUDA_BM, element, _cdiv(p.width, CUDA_BN)),
+        (CUDA_BM + CUDA_BN) * cuda_slice(chain_staged) * chain_staged, _unique_bytes(p, element, "chain")))
     jobs = cuda_weight_jobs(p, mask)
-    rounds = _cdiv(p.rows, cuda_slice(acc))
+    pieces = cuda_weight_pieces(p.rows)
+    piece_rows = min(p.rows, CUDA_WEIGHT_PIECE_ROWS) if pieces > 1 else p.rows
+    partials = pieces * jobs * CUDA_BM * CUDA_BN * acc if pieces > 1 else 0
+    gradients = p.parameters * element  # written by the weights launch, or by the reduce launch from the partials
     launches.append(KernelLaunch(
-        "cuda", "spinal_bwd_weights_kernel", jobs, CUDA_THREADS, bsmem, CUDA_MIN_BLOCKS_PER_SM, rounds,
-        2.0 * p.rows * CUDA_BM * CUDA_BN, False, p.rows * (CUDA_BM + CUDA_BN) * 4.0, acc_stage,
-        _unique_bytes(p, element, "weights")))
+        "cuda", "spinal_bwd_weights_kernel", jobs * pieces, CUDA_THREADS, bsmem, CUDA_MIN_BLOCKS_PER_SM,
+        _cdiv(piece_rows, cuda_slice(acc)), 2.0 * piece_rows * CUDA_BM * CUDA_BN, False,
+        piece_rows * (CUDA_BM + CUDA_BN) * 4.0, acc_stage,
+        _unique_bytes(p, element, "weights") + (partials - gradients if pieces > 1 else 0)))
+    if pieces > 1:  # the partial tiles summed in piece order, one CTA per tile: reads them, writes the gradients
+        launches.append(KernelLaunch(
+            "cuda", "spinal_bwd_reduce_kernel", jobs, CUDA_THREADS, 0, CUDA_MIN_BLOCKS_PER_SM, 1,
+            float(pieces * CUDA_BM * CUDA_BN), False, float(pieces * CUDA_BM * CUDA_BN * acc),
+            float(pieces * CUDA_BM * CUDA_BN * acc), partials + gradients))
     return launches
 
 

@@ -14,7 +14,7 @@ from spinal_ops.configs import CONFIG_BY_NAME, CONFIGS, SpinalConfig
 
 # Launch shapes of the CUDA launchers: fast (w <= 64) and general width paths, the head accumulator on chip (16 x
 # 200 x 4 B = 12.5 KB) and in the global workspace (16 x 300 x 4 B > 16 KB), hidden mode, tied slots, partial row
-# tiles.
+# tiles, weight gradients reduced in pieces of the batch (> 128 rows) and summed by a third launch.
 LAUNCH_CASES = [
     Case(1, 13, 3, 5, 4, out=3),
     Case(33, 40, 2, 70, 3, out=9),
@@ -22,6 +22,7 @@ LAUNCH_CASES = [
     Case(3, 9, 2, 4, 2, out=200),
     Case(20, 12, 3, 4, 3, out=0, head=False),
     Case(5, 16, 2, 6, 6, out=4, tie=(0, 1, 2, 3, 2, 3)),
+    Case(300, 16, 2, 6, 6, out=4, tie=(0, 1, 2, 3, 2, 3)),
 ]
 MATH_DTYPES = {"fp32": (torch.float32, False), "tf32": (torch.float32, True), "bf16": (torch.bfloat16, False)}
 

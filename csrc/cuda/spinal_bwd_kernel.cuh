@@ -15,12 +15,17 @@
 // and sub-layers are separated by barriers, so each add is done by one thread with no atomics.
 //
 // Launch 2, spinal_bwd_weights_kernel (when any weight gradient is wanted): one block per 16x64 tile of
-// one gradient, reducing over all B rows (and, for tied slots, over all sub-layers using the slot, in sub-layer
-// order) in a fixed order: deterministic, no atomics, no second reduction pass.
+// one gradient and piece of at most kWeightPieceRows rows of B, reducing over the piece's rows (and, for tied
+// slots, over all sub-layers using the slot, in sub-layer order). A batch of one piece writes the gradient; a larger
+// one writes partial tiles, and launch 3, spinal_bwd_reduce_kernel, sums them in piece order. Fixed orders:
+// deterministic, no atomics.
 //     dWx[s] = sum_{i: slots[i] = s} dZ_i.T @ x[:, idx_i]       db[s] = sum_{i: slots[i] = s} dZ_i.sum(0)
 //     dWh[s] = sum_{i: slots[i] = s + 1} dZ_i.T @ h_{i-1}       dWo = G.T @ H,   dbo = G.sum(0)
-// Both launches use the FMA block tile (spinal_common.cuh) with fp32 accumulation (fp64 for double), for
-// every dtype: the backward reductions run over B rows, where fp16 staging would lose precision.
+// The chain's products reduce over out, w or c terms, like the forward's: for fp16 / bf16 they run on tensor cores
+// (Mma::kHalf, fp32 accumulation), their operands staged in the dtype (G and the weights as stored; dZ rounded to it,
+// as the reference, computing in that dtype, rounds it), and a recomputed Z is the forward's own (the same tile
+// steps on the same staged operands). fp32 / fp64 chains use the FMA tile. The weights kernel reduces over B rows,
+// where 16-bit staging would lose precision: FMA tile with fp32 accumulation (fp64 for double), every dtype.
 // Rows past B are masked (loads give 0, stores skipped); no thread returns before a barrier.
 #pragma once
 
@@ -42,6 +47,7 @@ struct BwdParams {
   const int* slots;        // (L) weight slot of each sub-layer
   acc_t<T>* dz;            // (B, L, w) workspace written by launch 1, read by launch 2
   acc_t<T>* dx_acc;        // (B, D) accumulator of dx (may alias dx when T is the accumulation type)
+  acc_t<T>* wpart;         // (weight_pieces(B), weight jobs, 16, 64) partial tiles, when B is split; else null
   T* dx;                   // (B, D) or null (not wanted)
   T* dwx;                  // (S, w, c) or null
   T* dwh;                  // (S-1, w, w) or null
@@ -52,20 +58,37 @@ struct BwdParams {
   acc_t<T> slope;
 };
 
-// Shared memory of both backward launches: the FMA staging tiles.
+// Shared memory of the weights launch: the FMA staging tiles.
 template <typename T>
 struct BwdSmem {
   static constexpr size_t as = align128(sizeof(acc_t<T>) * BM * kLds<acc_t<T>>);
   static constexpr size_t bytes = as + align128(sizeof(acc_t<T>) * BN * kLds<acc_t<T>>);
 };
 
+// The chain's tile product: tensor cores for fp16 / bf16, FMA otherwise.
+template <typename T>
+inline constexpr Mma kChainMma = is_16bit<T> ? Mma::kHalf : Mma::kNone;
+
+// Shared memory of the chain launch, in this order: As, Bs (staged operands), Cs (tensor cores only).
+template <typename T>
+struct ChainSmem {
+  using S = stage_t<T, kChainMma<T>>;
+  static constexpr size_t as = align128(sizeof(S) * BM * kLds<S>);
+  static constexpr size_t bs = align128(sizeof(S) * BN * kLds<S>);
+  static constexpr size_t cs = kChainMma<T> == Mma::kNone ? 0 : align128(sizeof(float) * BM * LDC);
+  static constexpr size_t bytes = as + bs + cs;
+};
+
 template <typename T, Activation ACT, bool RECOMPUTE_Z>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) spinal_bwd_chain_kernel(const BwdParams<T> p) {
   using Acc = acc_t<T>;
-  using TileT = Tile<Acc, Acc, Mma::kNone>;
+  using Smem = ChainSmem<T>;
+  using S = typename Smem::S;
+  using TileT = Tile<S, Acc, kChainMma<T>>;
   unsigned char* smem = simt::dynamic_shared<unsigned char>();
-  Acc* As = reinterpret_cast<Acc*>(smem);
-  Acc* Bs = reinterpret_cast<Acc*>(smem + BwdSmem<T>::as);
+  S* As = reinterpret_cast<S*>(smem);
+  S* Bs = reinterpret_cast<S*>(smem + Smem::as);
+  float* Cs = reinterpret_cast<float*>(smem + Smem::as + Smem::bs);
 
   const int B = p.rows, D = p.in_features, L = p.layers, w = p.width, c = p.chunk, out = p.out;
   const int64_t Lw = static_cast<int64_t>(L) * w;
@@ -91,42 +114,50 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) spinal_bwd_chain_ke
       TileT g;
       g.zero_all();
       if (p.gy) {
-        gemm<Acc>(g, out, n_valid, As, Bs,
-                  [&](int r, int k) -> Acc {
-                    const int gr = r0 + r;
-                    return gr < B ? convert<Acc>(p.gy[static_cast<int64_t>(gr) * out + k]) : zero_acc;
-                  },
-                  [&](int n, int k) -> Acc {
-                    return n0 + n < w ? convert<Acc>(p.wo[static_cast<int64_t>(k) * Lw + static_cast<int64_t>(i) * w + n0 + n])
-                                      : zero_acc;
-                  });
+        gemm<S>(g, out, n_valid, As, Bs,
+                [&](int r, int k) -> S {
+                  const int gr = r0 + r;
+                  return gr < B ? convert<S>(p.gy[static_cast<int64_t>(gr) * out + k]) : zero<S>();
+                },
+                [&](int n, int k) -> S {
+                  return n0 + n < w ? convert<S>(p.wo[static_cast<int64_t>(k) * Lw + static_cast<int64_t>(i) * w + n0 + n])
+                                    : zero<S>();
+                });
       }
       if (i < L - 1) {
         const T* Wn = p.wh + static_cast<int64_t>(h_slot(p.slots, i + 1)) * w * w;
-        gemm<Acc>(g, w, n_valid, As, Bs,
-                  [&](int r, int k) -> Acc { return r0 + r < B ? *dz_at(r0 + r, i + 1, k) : zero_acc; },
-                  [&](int n, int k) -> Acc {
-                    return n0 + n < w ? convert<Acc>(Wn[static_cast<int64_t>(k) * w + n0 + n]) : zero_acc;
-                  });
+        gemm<S>(g, w, n_valid, As, Bs,
+                [&](int r, int k) -> S { return r0 + r < B ? convert<S>(*dz_at(r0 + r, i + 1, k)) : zero<S>(); },
+                [&](int n, int k) -> S {
+                  return n0 + n < w ? convert<S>(Wn[static_cast<int64_t>(k) * w + n0 + n]) : zero<S>();
+                });
       }
-      TileT z;
+      g.finish(Cs);
+      Acc dh[kPerThread];  // this thread's results of the tile, before Cs serves the next one
+#pragma unroll
+      for (int j = 0; j < kPerThread; ++j) dh[j] = g.get(Cs, j);
+      Acc zv[kPerThread] = {};
       if constexpr (RECOMPUTE_Z) {
+        TileT z;
         const T* Wh = i > 0 ? p.wh + static_cast<int64_t>(h_slot(p.slots, i)) * w * w : nullptr;
-        z_tile<Acc>(z, As, Bs, p.x, B, D, r0, start, Wx, c, i > 0, Wh, w, n0, [&](int r, int k) -> Acc {
+        z_tile<S>(z, As, Bs, p.x, B, D, r0, start, Wx, c, i > 0, Wh, w, n0, [&](int r, int k) -> S {
           const int gr = r0 + r;
-          return gr < B ? convert<Acc>(p.h_all[gr * Lw + static_cast<int64_t>(i - 1) * w + k]) : zero_acc;
+          return gr < B ? convert<S>(p.h_all[gr * Lw + static_cast<int64_t>(i - 1) * w + k]) : zero<S>();
         });
+        z.finish(Cs);
+#pragma unroll
+        for (int j = 0; j < kPerThread; ++j) zv[j] = z.get(Cs, j);
       }
 #pragma unroll
       for (int j = 0; j < kPerThread; ++j) {
         const int n = n0 + own_col(j);
         if (n >= w || !valid) continue;
         const int64_t hidx = row * Lw + static_cast<int64_t>(i) * w + n;
-        Acc d = g.get(nullptr, j);
+        Acc d = dh[j];
         if (p.gh) d += convert<Acc>(p.gh[hidx]);
         Acc deriv;
         if constexpr (RECOMPUTE_Z) {
-          Acc zz = z.get(nullptr, j);
+          Acc zz = zv[j];
           if (p.bias) zz += convert<Acc>(p.bias[static_cast<int64_t>(xs) * w + n]);
           deriv = activation_derivative<ACT, true>(zz, p.slope);
         } else {
@@ -139,18 +170,19 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) spinal_bwd_chain_ke
       for (int n0 = 0; n0 < c; n0 += BN) {
         TileT a;
         a.zero_all();
-        gemm<Acc>(a, w, valid_columns(c, n0), As, Bs,  // the opening barrier makes dZ_i visible to all
-                  [&](int r, int k) -> Acc { return r0 + r < B ? *dz_at(r0 + r, i, k) : zero_acc; },
-                  [&](int n, int k) -> Acc {
-                    return n0 + n < c ? convert<Acc>(Wx[static_cast<int64_t>(k) * c + n0 + n]) : zero_acc;
-                  });
+        gemm<S>(a, w, valid_columns(c, n0), As, Bs,  // the opening barrier makes dZ_i visible to all
+                [&](int r, int k) -> S { return r0 + r < B ? convert<S>(*dz_at(r0 + r, i, k)) : zero<S>(); },
+                [&](int n, int k) -> S {
+                  return n0 + n < c ? convert<S>(Wx[static_cast<int64_t>(k) * c + n0 + n]) : zero<S>();
+                });
+        a.finish(Cs);
 #pragma unroll
         for (int j = 0; j < kPerThread; ++j) {
           const int n = n0 + own_col(j);
           if (n >= c || !valid) continue;
           int col = start + n;
           col -= col >= D ? D : 0;
-          p.dx_acc[static_cast<int64_t>(row) * D + col] += a.get(nullptr, j);
+          p.dx_acc[static_cast<int64_t>(row) * D + col] += a.get(Cs, j);
         }
       }
     }
@@ -189,6 +221,46 @@ __host__ __device__ inline WeightJobs weight_jobs(const BwdParams<T>& p) {
   return j;
 }
 
+// Rows of B one block of the weights launch reduces: a larger batch splits each tile's reduction into pieces of
+// kWeightPieceRows rows, one block each (so the blocks spread over the SMs instead of few blocks looping over every
+// row), written as fp32 (fp64) partial tiles that spinal_bwd_reduce_kernel sums in piece order: a fixed order,
+// deterministic, no atomics. 128 rows are 4 staging rounds of the FMA tile; the GPU cost model (spinal_ops/gpu_model.py)
+// gave 64 and 128 the same rows and 256 fewer (no GPU has measured it).
+constexpr int kWeightPieceRows = 128;
+__host__ __device__ inline int weight_pieces(int rows) { return rows > kWeightPieceRows ? tiles(rows, kWeightPieceRows) : 1; }
+
+// The 16x64 output tile of weight-gradient job `job` (weight_jobs order): where it goes and its extent.
+template <typename T>
+struct WeightTile {
+  int kind;       // 0 dWx, 1 db, 2 dWh, 3 dWo, 4 dbo
+  int slot;       // weight slot (dWx, db, dWh)
+  int m0, n0;     // first row and column of the tile in the gradient
+  int rows_out;   // rows of the gradient
+  int cols;       // columns of the gradient (its row stride)
+  T* dst;
+};
+
+template <typename T>
+__host__ __device__ inline WeightTile<T> weight_tile(const BwdParams<T>& p, const WeightJobs& jobs, int job) {
+  const int w = p.width, c = p.chunk, Lw = p.layers * p.width, tw = tiles(w, BM);
+  if (job < jobs.wx) {
+    const int tc = tiles(c, BN), s = job / (tw * tc), rem = job % (tw * tc);
+    return {0, s, (rem / tc) * BM, (rem % tc) * BN, w, c, p.dwx + static_cast<int64_t>(s) * w * c};
+  }
+  if ((job -= jobs.wx) < jobs.b) return {1, job / tw, (job % tw) * BM, 0, w, 1, p.db + static_cast<int64_t>(job / tw) * w};
+  if ((job -= jobs.b) < jobs.wh) {
+    const int tc = tiles(w, BN), s = job / (tw * tc), rem = job % (tw * tc);
+    return {2, s, (rem / tc) * BM, (rem % tc) * BN, w, w, p.dwh + static_cast<int64_t>(s) * w * w};
+  }
+  if ((job -= jobs.wh) < jobs.wo) {
+    const int tc = tiles(Lw, BN);
+    return {3, 0, (job / tc) * BM, (job % tc) * BN, p.out, Lw, p.dwo};
+  }
+  job -= jobs.wo;
+  return {4, 0, job * BM, 0, p.out, 1, p.dbo};
+}
+
+// Grid: weight_jobs(p).total() x weight_pieces(B) blocks, piece-major (block = piece * jobs + job).
 template <typename T>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) spinal_bwd_weights_kernel(const BwdParams<T> p) {
   using Acc = acc_t<T>;
@@ -201,86 +273,90 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) spinal_bwd_weights_
   const int Lw = L * w;
   const Acc zero_acc = Acc(0);
   const WeightJobs jobs = weight_jobs(p);
-  int job = blockIdx.x;
-  const int tw = tiles(w, BM);
+  const int job = blockIdx.x % jobs.total(), piece = blockIdx.x / jobs.total();
+  const int r_begin = piece * kWeightPieceRows;
+  const int rows = weight_pieces(B) == 1 ? B : (B - r_begin < kWeightPieceRows ? B - r_begin : kWeightPieceRows);
+  const WeightTile<T> t = weight_tile(p, jobs, job);
+  const int m0 = t.m0, n0 = t.n0;
 
   TileT acc;
   acc.zero_all();
-  T* dst = nullptr;  // gradient tile destination (row-major, `cols` columns)
-  int m0 = 0, n0 = 0, rows_out = 0, cols = 0;
+  // Row r of the piece is row r_begin + r of the batch.
   auto dz = [&](int r, int i, int m) -> Acc {
-    return m < w ? p.dz[(static_cast<int64_t>(r) * L + i) * w + m] : zero_acc;
+    return m < w ? p.dz[(static_cast<int64_t>(r_begin + r) * L + i) * w + m] : zero_acc;
   };
   auto ones = [&](int n, int) -> Acc { return n == 0 ? Acc(1) : zero_acc; };
 
-  if (job < jobs.wx) {  // dWx[s] = sum_i dZ_i.T @ x[:, idx_i]
-    const int tc = tiles(c, BN);
-    const int s = job / (tw * tc), rem = job % (tw * tc);
-    m0 = (rem / tc) * BM, n0 = (rem % tc) * BN, rows_out = w, cols = c;
-    dst = p.dwx + static_cast<int64_t>(s) * w * c;
+  if (t.kind == 0) {  // dWx[s] = sum_i dZ_i.T @ x[:, idx_i]
     for (int i = 0; i < L; ++i) {
-      if (x_slot(p.slots, i) != s) continue;  // uniform across the block: every thread skips together
+      if (x_slot(p.slots, i) != t.slot) continue;  // uniform across the block: every thread skips together
       const int start = p.starts[i];
-      gemm<Acc>(acc, B, valid_columns(cols, n0), As, Bs, [&](int m, int r) -> Acc { return dz(r, i, m0 + m); },
+      gemm<Acc>(acc, rows, valid_columns(c, n0), As, Bs, [&](int m, int r) -> Acc { return dz(r, i, m0 + m); },
                 [&](int n, int r) -> Acc {
                   if (n0 + n >= c) return zero_acc;
                   int col = start + n0 + n;
                   col -= col >= D ? D : 0;
-                  return convert<Acc>(p.x[static_cast<int64_t>(r) * D + col]);
+                  return convert<Acc>(p.x[static_cast<int64_t>(r_begin + r) * D + col]);
                 });
     }
-  } else if ((job -= jobs.wx) < jobs.b) {  // db[s] = sum_i dZ_i.sum(0): column 0 of dZ_i.T @ ones
-    const int s = job / tw;
-    m0 = (job % tw) * BM, n0 = 0, rows_out = w, cols = 1;
-    dst = p.db + static_cast<int64_t>(s) * w;
+  } else if (t.kind == 1) {  // db[s] = sum_i dZ_i.sum(0): column 0 of dZ_i.T @ ones
     for (int i = 0; i < L; ++i) {
-      if (x_slot(p.slots, i) != s) continue;
-      gemm<Acc>(acc, B, 1, As, Bs, [&](int m, int r) -> Acc { return dz(r, i, m0 + m); }, ones);
+      if (x_slot(p.slots, i) != t.slot) continue;
+      gemm<Acc>(acc, rows, 1, As, Bs, [&](int m, int r) -> Acc { return dz(r, i, m0 + m); }, ones);
     }
-  } else if ((job -= jobs.b) < jobs.wh) {  // dWh[s] = sum_i dZ_i.T @ h_{i-1}
-    const int tc = tiles(w, BN);
-    const int s = job / (tw * tc), rem = job % (tw * tc);
-    m0 = (rem / tc) * BM, n0 = (rem % tc) * BN, rows_out = w, cols = w;
-    dst = p.dwh + static_cast<int64_t>(s) * w * w;
+  } else if (t.kind == 2) {  // dWh[s] = sum_i dZ_i.T @ h_{i-1}
     for (int i = 1; i < L; ++i) {
-      if (h_slot(p.slots, i) != s) continue;
-      gemm<Acc>(acc, B, valid_columns(cols, n0), As, Bs, [&](int m, int r) -> Acc { return dz(r, i, m0 + m); },
+      if (h_slot(p.slots, i) != t.slot) continue;
+      gemm<Acc>(acc, rows, valid_columns(w, n0), As, Bs, [&](int m, int r) -> Acc { return dz(r, i, m0 + m); },
                 [&](int n, int r) -> Acc {
-                  return n0 + n < w ? convert<Acc>(p.h_all[static_cast<int64_t>(r) * Lw + (i - 1) * w + n0 + n])
-                                    : zero_acc;
+                  return n0 + n < w
+                             ? convert<Acc>(p.h_all[static_cast<int64_t>(r_begin + r) * Lw + (i - 1) * w + n0 + n])
+                             : zero_acc;
                 });
     }
-  } else if ((job -= jobs.wh) < jobs.wo) {  // dWo = G.T @ H
-    const int tc = tiles(Lw, BN);
-    m0 = (job / tc) * BM, n0 = (job % tc) * BN, rows_out = out, cols = Lw;
-    dst = p.dwo;
-    if (p.gy) {
-      gemm<Acc>(acc, B, valid_columns(cols, n0), As, Bs,
-                [&](int m, int r) -> Acc {
-                  return m0 + m < out ? convert<Acc>(p.gy[static_cast<int64_t>(r) * out + m0 + m]) : zero_acc;
-                },
-                [&](int n, int r) -> Acc {
-                  return n0 + n < Lw ? convert<Acc>(p.h_all[static_cast<int64_t>(r) * Lw + n0 + n]) : zero_acc;
-                });
-    }
-  } else {  // dbo = G.sum(0)
-    job -= jobs.wo;
-    m0 = job * BM, n0 = 0, rows_out = out, cols = 1;
-    dst = p.dbo;
-    if (p.gy) {
-      gemm<Acc>(acc, B, 1, As, Bs,
-                [&](int m, int r) -> Acc {
-                  return m0 + m < out ? convert<Acc>(p.gy[static_cast<int64_t>(r) * out + m0 + m]) : zero_acc;
-                },
-                ones);
+  } else if (p.gy) {
+    const auto g = [&](int m, int r) -> Acc {
+      return m0 + m < out ? convert<Acc>(p.gy[static_cast<int64_t>(r_begin + r) * out + m0 + m]) : zero_acc;
+    };
+    if (t.kind == 3) {  // dWo = G.T @ H
+      gemm<Acc>(acc, rows, valid_columns(Lw, n0), As, Bs, g, [&](int n, int r) -> Acc {
+        return n0 + n < Lw ? convert<Acc>(p.h_all[static_cast<int64_t>(r_begin + r) * Lw + n0 + n]) : zero_acc;
+      });
+    } else {  // dbo = G.sum(0)
+      gemm<Acc>(acc, rows, 1, As, Bs, g, ones);
     }
   }
 
   const int m = m0 + own_row();
+  if (weight_pieces(B) > 1) {  // a partial tile, every owned element, for spinal_bwd_reduce_kernel
+    Acc* part = p.wpart + static_cast<int64_t>(blockIdx.x) * BM * BN;
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) part[own_row() * BN + own_col(j)] = acc.get(nullptr, j);
+    return;
+  }
 #pragma unroll
   for (int j = 0; j < kPerThread; ++j) {
     const int n = n0 + own_col(j);
-    if (m < rows_out && n < cols) dst[static_cast<int64_t>(m) * cols + n] = convert<T>(acc.get(nullptr, j));
+    if (m < t.rows_out && n < t.cols) t.dst[static_cast<int64_t>(m) * t.cols + n] = convert<T>(acc.get(nullptr, j));
+  }
+}
+
+// The second pass of a split weights launch: block `job` sums the job's partial tiles in piece order and writes the
+// tile of the gradient. No shared memory, no barriers.
+template <typename T>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) spinal_bwd_reduce_kernel(const BwdParams<T> p) {
+  using Acc = acc_t<T>;
+  const WeightJobs jobs = weight_jobs(p);
+  const int job = blockIdx.x, pieces = weight_pieces(p.rows);
+  const WeightTile<T> t = weight_tile(p, jobs, job);
+  const int m = t.m0 + own_row();
+#pragma unroll
+  for (int j = 0; j < kPerThread; ++j) {
+    const int n = t.n0 + own_col(j);
+    Acc sum = Acc(0);
+    for (int q = 0; q < pieces; ++q)
+      sum += p.wpart[(static_cast<int64_t>(q) * jobs.total() + job) * BM * BN + own_row() * BN + own_col(j)];
+    if (m < t.rows_out && n < t.cols) t.dst[static_cast<int64_t>(m) * t.cols + n] = convert<T>(sum);
   }
 }
 

@@ -50,8 +50,16 @@ void launch_forward(const FwdParams<T>& p, Activation act, LaunchOptions opt, si
   });
 }
 
-// At most two launches: the chain (dZ, dx) when dx or an input-side weight gradient is wanted, then the
-// weight gradients when any is wanted.
+// Elements of the weights launch's partial tiles (BwdParams::wpart; accumulation type) that the caller allocates
+// before launch_backward: none unless the batch is split into pieces (weight_pieces).
+template <typename T>
+int64_t weight_partial_elements(const BwdParams<T>& p) {
+  const int pieces = weight_pieces(p.rows);
+  return pieces > 1 ? static_cast<int64_t>(pieces) * weight_jobs(p).total() * BM * BN : 0;
+}
+
+// At most three launches: the chain (dZ, dx) when dx or an input-side weight gradient is wanted, then the
+// weight gradients when any is wanted, in pieces of the batch and their sum when it is split.
 template <typename T, typename Check>
 void launch_backward(const BwdParams<T>& p, Activation act, simt::Stream stream, Check&& check) {
   const bool chain = p.dx || p.dwx || p.dwh || p.db;
@@ -61,15 +69,20 @@ void launch_backward(const BwdParams<T>& p, Activation act, simt::Stream stream,
       constexpr Activation kA = decltype(A)::value;
       with_recompute<kA>(p.slope < 0, [&](auto R) {
         auto kernel = spinal_bwd_chain_kernel<T, kA, decltype(R)::value>;
-        check(simt::launch(kernel, grid, block, BwdSmem<T>::bytes, stream, p), "spinal_bwd_chain_kernel");
+        check(simt::launch(kernel, grid, block, ChainSmem<T>::bytes, stream, p), "spinal_bwd_chain_kernel");
       });
     });
   }
   const int jobs = weight_jobs(p).total();
+  const int pieces = weight_pieces(p.rows);
   if (jobs > 0) {
-    check(simt::launch(spinal_bwd_weights_kernel<T>, dim3(static_cast<unsigned>(jobs)), dim3(kThreads),
+    check(simt::launch(spinal_bwd_weights_kernel<T>, dim3(static_cast<unsigned>(jobs * pieces)), dim3(kThreads),
                        BwdSmem<T>::bytes, stream, p),
           "spinal_bwd_weights_kernel");
+  }
+  if (jobs > 0 && pieces > 1) {
+    check(simt::launch(spinal_bwd_reduce_kernel<T>, dim3(static_cast<unsigned>(jobs)), dim3(kThreads), 0, stream, p),
+          "spinal_bwd_reduce_kernel");
   }
 }
 

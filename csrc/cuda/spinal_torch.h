@@ -205,6 +205,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at
     set_sizes(p, d);
     p.x_slots = static_cast<int>(d.x_slots);
     p.h_slots = static_cast<int>(d.h_slots);
+    const int64_t partials = weight_partial_elements(p);
+    at::Tensor wpart = partials ? at::empty({partials}, acc_options) : at::Tensor();
+    p.wpart = wpart.defined() ? reinterpret_cast<Acc*>(wpart.data_ptr()) : nullptr;
     launch_backward(p, d.activation, stream, check);
   });
   return {dx, dwx, dwh, db, dwo, dbo};

@@ -132,6 +132,8 @@ bool run(const Config& cfg, double tol) {
   q.dwo = cfg.head ? dwo.data() : nullptr, q.dbo = cfg.head ? dbo.data() : nullptr;
   q.rows = cfg.B, q.in_features = cfg.D, q.layers = cfg.L, q.width = cfg.w, q.chunk = c, q.out = cfg.out;
   q.x_slots = Lx, q.h_slots = Lh, q.slope = p.slope;
+  std::vector<acc_t<T>> wpart(static_cast<size_t>(spinal_ops::cuda::weight_partial_elements(q)));
+  q.wpart = wpart.empty() ? nullptr : wpart.data();
   spinal_ops::cuda::launch_backward(q, cfg.act, nullptr, check_launch);
   double grad_sum = 0;
   for (T v : dx) grad_sum += to_d(v);
@@ -161,6 +163,7 @@ int main(int argc, char** argv) {
                       1e-12);
     ok &= run<__half>({17, 40, 2, 20, 3, 5, Act::kSilu, 0.01, false, true, true, "f16 silu wmma"}, 2e-2);
     ok &= run<__nv_bfloat16>({4, 9, 2, 6, 2, 70, Act::kSigmoid, 0.01, true, true, true, "bf16 sigmoid shared"}, 8e-2);
+    ok &= run<float>({130, 6, 2, 4, 2, 3, Act::kTanh, 0.01, true, true, true, "f32 tanh B=130 split weights"}, 1e-5);
   }
   std::printf("%s\n", ok ? "sanitizer driver: all variants correct" : "sanitizer driver: FAILED");
   return ok ? 0 : 1;
