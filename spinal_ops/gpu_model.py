@@ -283,24 +283,23 @@ def cuda_forward_smem(math_mode: str, width: int, out: int, head: bool, element:
     return fixed + (yacc if head and yacc <= CUDA_YACC_LIMIT else 0)
 
 
-def cuda_backward_smem(element: int) -> int:
-    """``BwdSmem<T>::bytes`` (the weights launch): the FMA staging tiles in the accumulation type."""
-    acc = cuda_acc_bytes(element)
-    return _align128(acc * CUDA_BM * cuda_lds(acc)) + _align128(acc * CUDA_BN * cuda_lds(acc))
-
-
-def cuda_chain_tensor_cores(math_mode: str) -> bool:
-    """``kChainMma<T>``: the backward chain runs on tensor cores for 16-bit dtypes (FMA for fp32, tf32 or not)."""
+def cuda_backward_tensor_cores(math_mode: str) -> bool:
+    """``kBwdMma<T>``: the backward's chain and weights kernels run on tensor cores for 16-bit dtypes (FMA for fp32,
+    tf32 or not)."""
     return math_mode == "bf16"
 
 
-def cuda_chain_smem(math_mode: str, element: int) -> int:
-    """``ChainSmem<T>::bytes``: the staged tiles (16-bit operands on tensor cores, else the accumulation type) and,
-    on tensor cores, the fp32 result tile."""
-    if not cuda_chain_tensor_cores(math_mode):
-        return cuda_backward_smem(element)
-    return (_align128(element * CUDA_BM * cuda_lds(element)) + _align128(element * CUDA_BN * cuda_lds(element))
-            + _align128(4 * CUDA_BM * CUDA_LDC))
+def cuda_backward_staged(math_mode: str, element: int) -> int:
+    """Bytes of a staged operand of the backward kernels: the dtype on tensor cores, else the accumulation type."""
+    return element if cuda_backward_tensor_cores(math_mode) else cuda_acc_bytes(element)
+
+
+def cuda_backward_smem(math_mode: str, element: int) -> int:
+    """``BwdSmem<T>::bytes`` (the chain and weights launches): the staged tiles and, on tensor cores, the fp32 result
+    tile."""
+    staged = cuda_backward_staged(math_mode, element)
+    return (_align128(staged * CUDA_BM * cuda_lds(staged)) + _align128(staged * CUDA_BN * cuda_lds(staged))
+            + (_align128(4 * CUDA_BM * CUDA_LDC) if cuda_backward_tensor_cores(math_mode) else 0))
 
 
 def cuda_weight_pieces(rows: int) -> int:
@@ -375,17 +374,16 @@ def cuda_launches(p: Problem, math_mode: str, mode: str) -> list[KernelLaunch]:
     if mode == "forward":
         return launches
     mask = (True, True, p.lh > 0, True, p.out > 0, p.out > 0)
-    bsmem = cuda_backward_smem(element)
+    bsmem = cuda_backward_smem(math_mode, element)
     acc = cuda_acc_bytes(element)
-    acc_stage = (CUDA_BM + CUDA_BN) * cuda_slice(acc) * acc
-    chain_tc = cuda_chain_tensor_cores(math_mode)
-    chain_pads = wmma if chain_tc else fma
-    chain_staged = element if chain_tc else acc
+    btc = cuda_backward_tensor_cores(math_mode)
+    bstaged = cuda_backward_staged(math_mode, element)
+    bstage = (CUDA_BM + CUDA_BN) * cuda_slice(bstaged) * bstaged
+    chain_pads = wmma if btc else fma
     launches.append(KernelLaunch(
-        "cuda", "spinal_bwd_chain_kernel", tiles, CUDA_THREADS, cuda_chain_smem(math_mode, element),
-        CUDA_MIN_BLOCKS_PER_SM, p.num_layers, _chain_flops(p, CUDA_BM, *chain_pads[:3], "chain", chain_pads[3]),
-        chain_tc, _chain_bytes(p, CUDA_BM, element, _cdiv(p.width, CUDA_BN)),
-        (CUDA_BM + CUDA_BN) * cuda_slice(chain_staged) * chain_staged, _unique_bytes(p, element, "chain")))
+        "cuda", "spinal_bwd_chain_kernel", tiles, CUDA_THREADS, bsmem, CUDA_MIN_BLOCKS_PER_SM, p.num_layers,
+        _chain_flops(p, CUDA_BM, *chain_pads[:3], "chain", chain_pads[3]), btc,
+        _chain_bytes(p, CUDA_BM, element, _cdiv(p.width, CUDA_BN)), bstage, _unique_bytes(p, element, "chain")))
     jobs = cuda_weight_jobs(p, mask)
     pieces = cuda_weight_pieces(p.rows)
     piece_rows = min(p.rows, CUDA_WEIGHT_PIECE_ROWS) if pieces > 1 else p.rows
@@ -393,8 +391,8 @@ def cuda_launches(p: Problem, math_mode: str, mode: str) -> list[KernelLaunch]:
     gradients = p.parameters * element  # written by the weights launch, or by the reduce launch from the partials
     launches.append(KernelLaunch(
         "cuda", "spinal_bwd_weights_kernel", jobs * pieces, CUDA_THREADS, bsmem, CUDA_MIN_BLOCKS_PER_SM,
-        _cdiv(piece_rows, cuda_slice(acc)), 2.0 * piece_rows * CUDA_BM * CUDA_BN, False,
-        piece_rows * (CUDA_BM + CUDA_BN) * 4.0, acc_stage,
+        _cdiv(piece_rows, cuda_slice(bstaged)), 2.0 * piece_rows * CUDA_BM * CUDA_BN, btc,
+        piece_rows * (CUDA_BM + CUDA_BN) * float(bstaged), bstage,
         _unique_bytes(p, element, "weights") + (partials - gradients if pieces > 1 else 0)))
     if pieces > 1:  # the partial tiles summed in piece order, one CTA per tile: reads them, writes the gradients
         launches.append(KernelLaunch(

@@ -21,11 +21,11 @@
 // deterministic, no atomics.
 //     dWx[s] = sum_{i: slots[i] = s} dZ_i.T @ x[:, idx_i]       db[s] = sum_{i: slots[i] = s} dZ_i.sum(0)
 //     dWh[s] = sum_{i: slots[i] = s + 1} dZ_i.T @ h_{i-1}       dWo = G.T @ H,   dbo = G.sum(0)
-// The chain's products reduce over out, w or c terms, like the forward's: for fp16 / bf16 they run on tensor cores
-// (Mma::kHalf, fp32 accumulation), their operands staged in the dtype (G and the weights as stored; dZ rounded to it,
-// as the reference, computing in that dtype, rounds it), and a recomputed Z is the forward's own (the same tile
-// steps on the same staged operands). fp32 / fp64 chains use the FMA tile. The weights kernel reduces over B rows,
-// where 16-bit staging would lose precision: FMA tile with fp32 accumulation (fp64 for double), every dtype.
+// Tile products: for fp16 / bf16 both kernels run on tensor cores (Mma::kHalf, fp32 accumulation), their operands
+// staged in the dtype: G, x, H and the weights as stored, dZ rounded to it (as the reference, computing in that dtype,
+// rounds it; the products of 16-bit operands are exact in fp32, so the rounding of dZ is the only one before the fp32
+// sums, over out, w or c terms in the chain and over B rows in the weights kernel). A recomputed Z is the forward's
+// own (the same tile steps on the same staged operands). fp32 / fp64 use the FMA tile (fp64 accumulation for double).
 // Rows past B are masked (loads give 0, stores skipped); no thread returns before a barrier.
 #pragma once
 
@@ -58,33 +58,26 @@ struct BwdParams {
   acc_t<T> slope;
 };
 
-// Shared memory of the weights launch: the FMA staging tiles.
+// The backward's tile product: tensor cores for fp16 / bf16, FMA otherwise.
+template <typename T>
+inline constexpr Mma kBwdMma = is_16bit<T> ? Mma::kHalf : Mma::kNone;
+
+// Shared memory of the chain and weights launches, in this order: As, Bs (staged operands), Cs (tensor cores only).
 template <typename T>
 struct BwdSmem {
-  static constexpr size_t as = align128(sizeof(acc_t<T>) * BM * kLds<acc_t<T>>);
-  static constexpr size_t bytes = as + align128(sizeof(acc_t<T>) * BN * kLds<acc_t<T>>);
-};
-
-// The chain's tile product: tensor cores for fp16 / bf16, FMA otherwise.
-template <typename T>
-inline constexpr Mma kChainMma = is_16bit<T> ? Mma::kHalf : Mma::kNone;
-
-// Shared memory of the chain launch, in this order: As, Bs (staged operands), Cs (tensor cores only).
-template <typename T>
-struct ChainSmem {
-  using S = stage_t<T, kChainMma<T>>;
+  using S = stage_t<T, kBwdMma<T>>;
   static constexpr size_t as = align128(sizeof(S) * BM * kLds<S>);
   static constexpr size_t bs = align128(sizeof(S) * BN * kLds<S>);
-  static constexpr size_t cs = kChainMma<T> == Mma::kNone ? 0 : align128(sizeof(float) * BM * LDC);
+  static constexpr size_t cs = kBwdMma<T> == Mma::kNone ? 0 : align128(sizeof(float) * BM * LDC);
   static constexpr size_t bytes = as + bs + cs;
 };
 
 template <typename T, Activation ACT, bool RECOMPUTE_Z>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) spinal_bwd_chain_kernel(const BwdParams<T> p) {
   using Acc = acc_t<T>;
-  using Smem = ChainSmem<T>;
+  using Smem = BwdSmem<T>;
   using S = typename Smem::S;
-  using TileT = Tile<S, Acc, kChainMma<T>>;
+  using TileT = Tile<S, Acc, kBwdMma<T>>;
   unsigned char* smem = simt::dynamic_shared<unsigned char>();
   S* As = reinterpret_cast<S*>(smem);
   S* Bs = reinterpret_cast<S*>(smem + Smem::as);
@@ -224,8 +217,8 @@ __host__ __device__ inline WeightJobs weight_jobs(const BwdParams<T>& p) {
 // Rows of B one block of the weights launch reduces: a larger batch splits each tile's reduction into pieces of
 // kWeightPieceRows rows, one block each (so the blocks spread over the SMs instead of few blocks looping over every
 // row), written as fp32 (fp64) partial tiles that spinal_bwd_reduce_kernel sums in piece order: a fixed order,
-// deterministic, no atomics. 128 rows are 4 staging rounds of the FMA tile; the GPU cost model (spinal_ops/gpu_model.py)
-// gave 64 and 128 the same rows and 256 fewer (no GPU has measured it).
+// deterministic, no atomics. 128 rows are 4 staging rounds of the FMA tile, 2 of the tensor-core one; the GPU cost
+// model (spinal_ops/gpu_model.py) gave 64 and 128 the same rows and 256 fewer (no GPU has measured it).
 constexpr int kWeightPieceRows = 128;
 __host__ __device__ inline int weight_pieces(int rows) { return rows > kWeightPieceRows ? tiles(rows, kWeightPieceRows) : 1; }
 
@@ -264,14 +257,17 @@ __host__ __device__ inline WeightTile<T> weight_tile(const BwdParams<T>& p, cons
 template <typename T>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) spinal_bwd_weights_kernel(const BwdParams<T> p) {
   using Acc = acc_t<T>;
-  using TileT = Tile<Acc, Acc, Mma::kNone>;
+  using Smem = BwdSmem<T>;
+  using S = typename Smem::S;
+  using TileT = Tile<S, Acc, kBwdMma<T>>;
   unsigned char* smem = simt::dynamic_shared<unsigned char>();
-  Acc* As = reinterpret_cast<Acc*>(smem);
-  Acc* Bs = reinterpret_cast<Acc*>(smem + BwdSmem<T>::as);
+  S* As = reinterpret_cast<S*>(smem);
+  S* Bs = reinterpret_cast<S*>(smem + Smem::as);
+  float* Cs = reinterpret_cast<float*>(smem + Smem::as + Smem::bs);
 
   const int B = p.rows, D = p.in_features, L = p.layers, w = p.width, c = p.chunk, out = p.out;
   const int Lw = L * w;
-  const Acc zero_acc = Acc(0);
+  const S zero_s = zero<S>();
   const WeightJobs jobs = weight_jobs(p);
   const int job = blockIdx.x % jobs.total(), piece = blockIdx.x / jobs.total();
   const int r_begin = piece * kWeightPieceRows;
@@ -282,62 +278,62 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) spinal_bwd_weights_
   TileT acc;
   acc.zero_all();
   // Row r of the piece is row r_begin + r of the batch.
-  auto dz = [&](int r, int i, int m) -> Acc {
-    return m < w ? p.dz[(static_cast<int64_t>(r_begin + r) * L + i) * w + m] : zero_acc;
+  auto dz = [&](int r, int i, int m) -> S {
+    return m < w ? convert<S>(p.dz[(static_cast<int64_t>(r_begin + r) * L + i) * w + m]) : zero_s;
   };
-  auto ones = [&](int n, int) -> Acc { return n == 0 ? Acc(1) : zero_acc; };
+  auto ones = [&](int n, int) -> S { return n == 0 ? convert<S>(1.0f) : zero_s; };
 
   if (t.kind == 0) {  // dWx[s] = sum_i dZ_i.T @ x[:, idx_i]
     for (int i = 0; i < L; ++i) {
       if (x_slot(p.slots, i) != t.slot) continue;  // uniform across the block: every thread skips together
       const int start = p.starts[i];
-      gemm<Acc>(acc, rows, valid_columns(c, n0), As, Bs, [&](int m, int r) -> Acc { return dz(r, i, m0 + m); },
-                [&](int n, int r) -> Acc {
-                  if (n0 + n >= c) return zero_acc;
-                  int col = start + n0 + n;
-                  col -= col >= D ? D : 0;
-                  return convert<Acc>(p.x[static_cast<int64_t>(r_begin + r) * D + col]);
-                });
+      gemm<S>(acc, rows, valid_columns(c, n0), As, Bs, [&](int m, int r) -> S { return dz(r, i, m0 + m); },
+              [&](int n, int r) -> S {
+                if (n0 + n >= c) return zero_s;
+                int col = start + n0 + n;
+                col -= col >= D ? D : 0;
+                return convert<S>(p.x[static_cast<int64_t>(r_begin + r) * D + col]);
+              });
     }
   } else if (t.kind == 1) {  // db[s] = sum_i dZ_i.sum(0): column 0 of dZ_i.T @ ones
     for (int i = 0; i < L; ++i) {
       if (x_slot(p.slots, i) != t.slot) continue;
-      gemm<Acc>(acc, rows, 1, As, Bs, [&](int m, int r) -> Acc { return dz(r, i, m0 + m); }, ones);
+      gemm<S>(acc, rows, 1, As, Bs, [&](int m, int r) -> S { return dz(r, i, m0 + m); }, ones);
     }
   } else if (t.kind == 2) {  // dWh[s] = sum_i dZ_i.T @ h_{i-1}
     for (int i = 1; i < L; ++i) {
       if (h_slot(p.slots, i) != t.slot) continue;
-      gemm<Acc>(acc, rows, valid_columns(w, n0), As, Bs, [&](int m, int r) -> Acc { return dz(r, i, m0 + m); },
-                [&](int n, int r) -> Acc {
-                  return n0 + n < w
-                             ? convert<Acc>(p.h_all[static_cast<int64_t>(r_begin + r) * Lw + (i - 1) * w + n0 + n])
-                             : zero_acc;
-                });
+      gemm<S>(acc, rows, valid_columns(w, n0), As, Bs, [&](int m, int r) -> S { return dz(r, i, m0 + m); },
+              [&](int n, int r) -> S {
+                return n0 + n < w ? convert<S>(p.h_all[static_cast<int64_t>(r_begin + r) * Lw + (i - 1) * w + n0 + n])
+                                  : zero_s;
+              });
     }
   } else if (p.gy) {
-    const auto g = [&](int m, int r) -> Acc {
-      return m0 + m < out ? convert<Acc>(p.gy[static_cast<int64_t>(r_begin + r) * out + m0 + m]) : zero_acc;
+    const auto g = [&](int m, int r) -> S {
+      return m0 + m < out ? convert<S>(p.gy[static_cast<int64_t>(r_begin + r) * out + m0 + m]) : zero_s;
     };
     if (t.kind == 3) {  // dWo = G.T @ H
-      gemm<Acc>(acc, rows, valid_columns(Lw, n0), As, Bs, g, [&](int n, int r) -> Acc {
-        return n0 + n < Lw ? convert<Acc>(p.h_all[static_cast<int64_t>(r_begin + r) * Lw + n0 + n]) : zero_acc;
+      gemm<S>(acc, rows, valid_columns(Lw, n0), As, Bs, g, [&](int n, int r) -> S {
+        return n0 + n < Lw ? convert<S>(p.h_all[static_cast<int64_t>(r_begin + r) * Lw + n0 + n]) : zero_s;
       });
     } else {  // dbo = G.sum(0)
-      gemm<Acc>(acc, rows, 1, As, Bs, g, ones);
+      gemm<S>(acc, rows, 1, As, Bs, g, ones);
     }
   }
+  acc.finish(Cs);
 
   const int m = m0 + own_row();
   if (weight_pieces(B) > 1) {  // a partial tile, every owned element, for spinal_bwd_reduce_kernel
     Acc* part = p.wpart + static_cast<int64_t>(blockIdx.x) * BM * BN;
 #pragma unroll
-    for (int j = 0; j < kPerThread; ++j) part[own_row() * BN + own_col(j)] = acc.get(nullptr, j);
+    for (int j = 0; j < kPerThread; ++j) part[own_row() * BN + own_col(j)] = acc.get(Cs, j);
     return;
   }
 #pragma unroll
   for (int j = 0; j < kPerThread; ++j) {
     const int n = n0 + own_col(j);
-    if (m < t.rows_out && n < t.cols) t.dst[static_cast<int64_t>(m) * t.cols + n] = convert<T>(acc.get(nullptr, j));
+    if (m < t.rows_out && n < t.cols) t.dst[static_cast<int64_t>(m) * t.cols + n] = convert<T>(acc.get(Cs, j));
   }
 }
 

@@ -69,7 +69,7 @@ void launch_backward(const BwdParams<T>& p, Activation act, simt::Stream stream,
       constexpr Activation kA = decltype(A)::value;
       with_recompute<kA>(p.slope < 0, [&](auto R) {
         auto kernel = spinal_bwd_chain_kernel<T, kA, decltype(R)::value>;
-        check(simt::launch(kernel, grid, block, ChainSmem<T>::bytes, stream, p), "spinal_bwd_chain_kernel");
+        check(simt::launch(kernel, grid, block, BwdSmem<T>::bytes, stream, p), "spinal_bwd_chain_kernel");
       });
     });
   }
