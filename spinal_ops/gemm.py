@@ -208,11 +208,14 @@ def spinal_backward_gemm(grad_y: Tensor | None, grad_H: Tensor | None, x: Tensor
     dwx = torch.empty_like(weight_x) if output_mask[1] else empty()
     dwh = torch.empty_like(weight_h) if output_mask[2] else empty()
     db = torch.empty_like(bias) if output_mask[3] else empty()
+    untied = list(slots) == list(range(num_layers))
+    if output_mask[3] and untied:  # sub-layer i owns bias slot i: every slot's sum in one reduction over the rows
+        torch.sum(dz.view(rows, num_layers, width), 0, out=db)
     for i, (start, slot) in enumerate(zip(starts, slots, strict=True)):
         if output_mask[1]:
             for col, size, k0 in _pieces(start, chunk, in_features):
                 _slot_gemm(dwx[slot].narrow(1, k0, size), slot not in seen_x, blocks[i].T, x.narrow(1, col, size))
-        if output_mask[3]:
+        if output_mask[3] and not untied:
             if slot in seen_x:
                 db[slot].add_(blocks[i].sum(0))
             else:

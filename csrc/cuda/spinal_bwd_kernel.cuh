@@ -217,8 +217,9 @@ __host__ __device__ inline WeightJobs weight_jobs(const BwdParams<T>& p) {
 // Rows of B one block of the weights launch reduces: a larger batch splits each tile's reduction into pieces of
 // kWeightPieceRows rows, one block each (so the blocks spread over the SMs instead of few blocks looping over every
 // row), written as fp32 (fp64) partial tiles that spinal_bwd_reduce_kernel sums in piece order: a fixed order,
-// deterministic, no atomics. 128 rows are 4 staging rounds of the FMA tile, 2 of the tensor-core one; the GPU cost
-// model (spinal_ops/gpu_model.py) gave 64 and 128 the same rows and 256 fewer (no GPU has measured it).
+// deterministic, no atomics. 128 rows are 4 staging rounds of the FMA tile, 2 of the tensor-core one; of 64, 128, 256
+// and 512 rows the GPU cost model (spinal_ops/gpu_model.py, `python -m spinal_ops gpu-model`) meets the most targets
+// with 128 and 256 (no GPU has measured it), and 128 makes twice the blocks for batches of a few hundred rows.
 constexpr int kWeightPieceRows = 128;
 __host__ __device__ inline int weight_pieces(int rows) { return rows > kWeightPieceRows ? tiles(rows, kWeightPieceRows) : 1; }
 
