@@ -215,8 +215,11 @@ class SpinalLinear(nn.Module):
             check_input(input, "SpinalLinear", self.in_features)
             return self._forward_blocks(input)
         p = self._parameters  # run() checks the input
-        return run(input, (p["weight_x"], p["weight_h"], p["bias"], p["head_weight"], p["head_bias"]), self._spec,
-                   "SpinalLinear")
+        try:
+            params = (p["weight_x"], p["weight_h"], p["bias"], p["head_weight"], p["head_bias"])
+        except KeyError:  # a parametrized weight (torch.nn.utils.parametrize): its property computes it
+            params = (self.weight_x, self.weight_h, self.bias, self.head_weight, self.head_bias)
+        return run(input, params, self._spec, "SpinalLinear")
 
     def _forward_blocks(self, input: torch.Tensor) -> torch.Tensor:
         """Forward with dropout and/or batch norm: fused when they reduce to an affine map, else unfused."""

@@ -52,6 +52,33 @@ def test_state_dict_round_trip():
     assert set(a.state_dict()) == {"weight_x", "weight_h", "bias", "head_weight", "head_bias"}
 
 
+class _Twice(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+def test_parametrized_weights_are_what_the_layer_runs():
+    """``torch.nn.utils.parametrize`` (weight norm, spectral norm, custom parametrizations) moves a parameter into
+    ``parametrizations.<name>.original`` and computes the weight on access: the layer runs the computed weights and
+    the gradient reaches the original."""
+    torch.manual_seed(0)
+    m = SpinalLinear(13, 3, num_splits=3, layer_width=5).double()
+    original_x = m.weight_x.detach().clone()
+    torch.nn.utils.parametrizations.weight_norm(m, "head_weight")
+    torch.nn.utils.parametrize.register_parametrization(m, "weight_x", _Twice())
+    plain = SpinalLinear(13, 3, num_splits=3, layer_width=5).double()
+    with torch.no_grad():
+        for name in ("weight_h", "bias", "head_weight", "head_bias"):
+            getattr(plain, name).copy_(getattr(m, name))
+        plain.weight_x.copy_(2 * original_x)
+    x = torch.randn(4, 13, dtype=torch.float64)
+    y = m(x)
+    assert torch.equal(y, plain(x))
+    y.square().sum().backward()
+    assert m.parametrizations.weight_x.original.grad.abs().sum() > 0
+    assert m.parametrizations.head_weight.original0.grad is not None
+
+
 def test_to_dtype():
     m = SpinalLinear(13, 3, num_splits=3, layer_width=5).to(torch.float64)
     assert all(p.dtype == torch.float64 for p in m.parameters())
