@@ -217,7 +217,7 @@ class SpinalLinear(nn.Module):
         p = self._parameters  # run() checks the input
         try:
             params = (p["weight_x"], p["weight_h"], p["bias"], p["head_weight"], p["head_bias"])
-        except KeyError:  # a parametrized weight (torch.nn.utils.parametrize): its property computes it
+        except KeyError:  # a parametrized (torch.nn.utils.parametrize) or pruned (prune) weight: an attribute
             params = (self.weight_x, self.weight_h, self.bias, self.head_weight, self.head_bias)
         return run(input, params, self._spec, "SpinalLinear")
 

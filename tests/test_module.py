@@ -6,6 +6,7 @@ import pytest
 import torch
 from helpers import assert_close
 from torch import nn
+from torch.nn.utils import prune
 
 import spinal_ops
 from spinal_ops import SpinalLinear
@@ -77,6 +78,24 @@ def test_parametrized_weights_are_what_the_layer_runs():
     y.square().sum().backward()
     assert m.parametrizations.weight_x.original.grad.abs().sum() > 0
     assert m.parametrizations.head_weight.original0.grad is not None
+
+
+def test_pruned_weights_are_what_the_layer_runs():
+    """``torch.nn.utils.prune`` replaces a parameter by ``<name>_orig`` and sets the masked weight as a plain attribute
+    before each call: the layer runs the masked weight, and the gradient reaches ``<name>_orig``."""
+    torch.manual_seed(0)
+    m = SpinalLinear(13, 3, num_splits=3, layer_width=5)
+    prune.l1_unstructured(m, "weight_x", amount=0.5)
+    plain = SpinalLinear(13, 3, num_splits=3, layer_width=5)
+    with torch.no_grad():
+        for name in ("weight_x", "weight_h", "bias", "head_weight", "head_bias"):
+            getattr(plain, name).copy_(getattr(m, name))
+    assert (m.weight_x == 0).sum() >= m.weight_x.numel() // 2
+    x = torch.randn(4, 13)
+    y = m(x)
+    assert torch.equal(y, plain(x))
+    y.sum().backward()
+    assert m.weight_x_orig.grad is not None
 
 
 def test_to_dtype():
