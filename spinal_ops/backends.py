@@ -225,7 +225,8 @@ def _device_key(index: int | None) -> str:
 def _select(device_type: str, dtype: torch.dtype | None) -> str:
     forced = _forced.get() or _ENV_BACKEND
     if forced is None:
-        if torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0:  # autograd_transformed()
+        # autograd_transformed(), inline: this runs on every call of a layer
+        if torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0:
             return "reference"
         key = (device_type, dtype)
         choice = _automatic.get(key)

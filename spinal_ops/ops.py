@@ -303,11 +303,12 @@ def _fold_rows(weight: Tensor, scale: Tensor, buffers: FoldBuffers) -> Tensor:
     holds (hence the contract). Without the buffers and the in-place scaling, each step made three fresh weight-sized
     tensors (the product, its gradient, the weights' gradient) that the C library returned to the system and
     faulted back in on the next step (README, "Dropout / batch-norm heads"). Elsewhere (smaller weights, other
-    devices and dtypes, functorch transforms, no native library) it is :func:`reference.scale_rows`.
+    devices and dtypes, functorch transforms and forward-mode AD, no native library) it is
+    :func:`reference.scale_rows`.
     """
     if NATIVE_IMPORT_ERROR is not None or not weight.is_cpu or weight.dtype not in (torch.float32, torch.float64) or \
             scale.dtype != weight.dtype or weight.numel() * weight.element_size() < FOLD_ROWS_MIN_BYTES or \
-            torch._C._are_functorch_transforms_active():
+            backends.autograd_transformed():
         return reference.scale_rows(weight, scale)
     key = (tuple(weight.shape), weight.dtype)
     with buffers.lock:

@@ -104,3 +104,26 @@ def test_a_forced_fused_backend_inside_a_transform_raises():
     layer, x = _layer(), _x()
     with spinal_ops.use_backend("cpu"), pytest.raises(RuntimeError, match="functorch"):
         grad(lambda a: layer(a).sum())(x)
+
+
+def test_forward_mode_ad_through_the_kept_fold_buffers():
+    """Dual weights in an eval-mode batch-norm layer whose weights take the kept fold buffers (1 MB or more on CPU,
+    ``ops._fold_rows``): the fold is the plain product under forward-mode AD, and the tangent matches reverse mode's
+    (``torch.autograd.functional.jvp``, the double-backward trick on the fused backend)."""
+    torch.manual_seed(0)
+    layer = SpinalLinear(1024, 3, layer_width=256, num_layers=2, batch_norm=True).double().eval()
+    with torch.no_grad():
+        for n in layer.norms:
+            n.running_var.uniform_(0.5, 2.0)
+    assert layer.weight_x.numel() * layer.weight_x.element_size() >= 1 << 20
+    x = _x(2).repeat(1, 57)[:, :1024]
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    v = torch.randn_like(params["weight_x"])
+
+    def f(w):
+        return functional_call(layer, {**params, "weight_x": w}, (x,))
+
+    with fwAD.dual_level():
+        got = fwAD.unpack_dual(f(fwAD.make_dual(params["weight_x"], v))).tangent
+    _, want = torch.autograd.functional.jvp(f, params["weight_x"], v)
+    assert_close(got, want, what="forward_ad tangent, weights through the fold")
