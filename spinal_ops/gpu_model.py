@@ -157,8 +157,8 @@ def cuda_stage_bytes(math_mode: str, element: int) -> int:
 
 
 def cuda_slice(stage_bytes: int) -> int:
-    """``kSlice<S>``: terms per staging round for staged elements of ``stage_bytes`` (16-bit: 64, else 32)."""
-    return 64 if stage_bytes == 2 else 32
+    """``kSlice<S>``: terms per staging round for staged elements of ``stage_bytes`` (16-bit: 128, else 32)."""
+    return 128 if stage_bytes == 2 else 32
 
 
 def cuda_lds(stage_bytes: int) -> int:

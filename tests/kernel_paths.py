@@ -64,10 +64,10 @@ VARIANTS = [
     Variant(_wrap.replace(activation="sigmoid"), torch.float16, "general"),
     Variant(_gelu, torch.bfloat16),
     Variant(_shared.replace(activation="tanh", split_mode="alternate"), torch.bfloat16, "general"),
-    # Several staging rounds on tensor cores (64-deep for 16-bit operands: c = 75 is a full and a partial round,
-    # w = 70 two) and two column tiles (w = 70).
-    Variant(Case(9, 150, 2, 40, 3, out=9, activation="silu"), torch.float16, "fast"),
-    Variant(Case(6, 50, 3, 70, 2, out=20, shared=True), torch.bfloat16),
+    # Several staging rounds on tensor cores (128-deep for 16-bit operands: c = 150 is a full and a partial round,
+    # and so is w = 140) and three column tiles (w = 140).
+    Variant(Case(9, 300, 2, 40, 3, out=9, activation="silu"), torch.float16, "fast"),
+    Variant(Case(6, 50, 3, 140, 2, out=20, shared=True), torch.bfloat16),
     Variant(_k8.replace(rows=3), torch.float32, "fast", tf32=True),
     Variant(Case(5, 23, 2, 66, 2, out=5, activation="gelu"), torch.float32, "general", tf32=True),
     # Batch sizes: empty, one row, a partial row tile, 257 row tiles with a partial last one.

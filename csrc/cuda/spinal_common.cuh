@@ -2,7 +2,7 @@
 // sub-layer's pre-activation) that the forward computes and the backward recomputes. The activations are
 // csrc/spinal_activation.h, shared with the CPU kernel.
 //
-// Block tile: BM = 16 rows x BN = 64 columns, reduced in slices of kSlice<S> terms (64 for 16-bit staged
+// Block tile: BM = 16 rows x BN = 64 columns, reduced in slices of kSlice<S> terms (128 for 16-bit staged
 // operands, else 32), kThreads = 128 threads (4 warps).
 //   * BM = 16 is the row size of a wmma tile, so the tensor-core path covers a block tile with one row of
 //     16x16 tiles, one per warp (4 warps x 16 columns = BN). Small BM also keeps many row tiles per SM for
@@ -10,8 +10,10 @@
 //   * A slice is one staging round: the loads of a round are all in flight at once, and the barrier that ends it
 //     waits for the slowest, so a round's bytes bound what a block streams per L2 round trip. 32 terms are two
 //     16-deep wmma steps (four 8-deep tf32 steps) and keep the staged fp32 / fp64 operands small: (BM + BN) *
-//     (32 + 8) elements, 12.8 KB in fp32, 25.6 KB in fp64. 16-bit operands take 64-term slices (four wmma
-//     steps): the same 10 KB of loads per round as fp32 instead of 5 KB, 11.5 KB staged.
+//     (32 + 8) elements, 12.8 KB in fp32, 25.6 KB in fp64. 16-bit operands take 128-term slices (eight wmma
+//     steps): 20 KB of loads per round (2.5 KB with 16 terms), 21.3 KB staged. The GPU cost model
+//     (spinal_ops/gpu_model.py) chose 128 over 64 (the per-round bytes bound a block's stream from L2): 2 more of its
+//     192 rows within 1.5x of the floor at B >= 1024 and 2 more within 2x at B <= 64, no row lost; not measured.
 //   * kThreads = 128: each thread owns 8 results of the 16x64 tile in the FMA path (registers: 8
 //     accumulators), and 4 warps match the 4 wmma column tiles.
 // Narrow layers and short chunks fill a tile partly: gemm() passes each step the slice's valid terms and the tile's
@@ -42,7 +44,7 @@ constexpr int kMinBlocksPerSM = 2;
 constexpr int BM = 16;
 constexpr int BN = 64;
 template <typename S>
-inline constexpr int kSlice = sizeof(S) == 2 ? 64 : 32;  // terms per staging round (a multiple of every wmma K)
+inline constexpr int kSlice = sizeof(S) == 2 ? 128 : 32;  // terms per staging round (a multiple of every wmma K)
 template <typename S>
 inline constexpr int kLds = kSlice<S> + 8;  // staged row stride: a multiple of 8 elements (wmma ldm rule), breaks
                                             // bank stride

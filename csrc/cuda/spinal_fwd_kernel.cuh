@@ -9,7 +9,8 @@
 //         + b[slot]
 // then h_i = act(Z_i) (csrc/spinal_activation.h), written to H; then the head y[16, out] += h_i @ Wo[:, i*w:(i+1)*w].T.
 // Each column tile is a block-tile GEMM (spinal_common.cuh): 4 warps, 16x64 results, K staged in slices of
-// 32 through shared memory; thread t owns row t / 8, columns t % 8 + 8 j of the tile.
+// kSlice terms (32; 128 for 16-bit operands) through shared memory; thread t owns row t / 8, columns t % 8 + 8 j of
+// the tile.
 //
 // On-chip state.
 //   * Fast path (WFAST = 64, taken when w <= 64, the common SpinalNet widths 20, 50, 64): one column tile
