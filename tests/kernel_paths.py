@@ -75,7 +75,7 @@ VARIANTS = [
     Variant(_wrap.replace(rows=17), torch.float16),
     Variant(Case(4097, 9, 2, 4, 2, out=3), torch.float32, "fast"),
     # Weight gradients over more than 128 rows: reduced in pieces of 128 rows and summed in piece order (a partial
-    # last piece), with tied slots, on the tensor-core chain.
+    # last piece), with tied slots, on tensor cores.
     Variant(_tied.replace(rows=150), torch.bfloat16),
     # fp64 fast path with 56 < out <= 128: 41 KB fixed + 16 x 100 x 8 B of head accumulator = 53.8 KB of dynamic
     # shared memory, past the 48 KB default (the launch sets the opt-in attribute).

@@ -27,7 +27,7 @@ from kernel_paths import (
 )
 from original import TiedRegressionSpinal, packed_grads
 
-from spinal_ops import SpinalLinear
+from spinal_ops import SpinalLinear, gpu_model
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "cuda_emulated"))
 import build  # noqa: E402  (tests/cuda_emulated/build.py)
@@ -58,8 +58,8 @@ def test_forward_and_gradients_match_reference(emu, variant: Variant, schedule: 
 def backward_launches(mask, rows: int) -> int:
     """The backward's launches for an output mask (x, weight_x, weight_h, bias, head_weight, head_bias): the chain
     kernel when dx or an input / recurrent weight or bias gradient is asked for, the weights kernel when any
-    parameter gradient is, and its reduce kernel when the batch has more than 128 rows (pieces of 128)."""
-    return int(any(mask[:4])) + int(any(mask[1:])) * (2 if rows > 128 else 1)
+    parameter gradient is, and its reduce kernel when the batch is split into pieces (more than 128 rows)."""
+    return int(any(mask[:4])) + int(any(mask[1:])) * (2 if gpu_model.cuda_weight_pieces(rows) > 1 else 1)
 
 
 @pytest.mark.parametrize("mask", [(True, False, False, False, False, False), (False, True, True, True, False, False),
