@@ -236,15 +236,17 @@ def assert_rounded_once(case, dtype):
         assert a.dtype == dtype and torch.equal(a, b.to(dtype)), f"{case.id} {dtype}: grad of {name}"
 
 
-# bfloat16 cases for the pairs, where the CPU has AVX512_BF16. On Wx packed in pairs (pack_weights: a short chunk, or
-# >= 64 outputs and >= 256 rows): an odd chunk (the last pair's second term), wrapping chunks (gathered), partial
-# vectors of outputs, rows not a multiple of the 6-row tile, act' from the recomputed Z, tied slots. On Wx as
-# stored (the dot form): one row, wrapping chunks of odd length (the
-# products before and after the wrap), a chunk of more than 512 terms (two blocks of k).
+# bfloat16 cases for the pairs, where the CPU has AVX512_BF16. On Wx and Wh packed in pairs (pack_weights: a short
+# chunk or width, or >= 64 outputs and >= 256 rows): an odd chunk (the last pair's second term), wrapping chunks
+# (gathered), partial vectors of outputs, rows not a multiple of the 6-row tile, act' from the recomputed Z (the
+# recurrence then in float32), tied slots, one 256-row tile whose sub-layers split into column blocks (w = 200). On Wx
+# and Wh as stored (the dot form): one row, wrapping chunks of odd length (the products before and after the wrap), a
+# chunk of more than 512 terms (two blocks of k).
 PAIR_CASES = [
     Case(7, 26, 2, 21, 1, head=False),
     Case(259, 301, 3, 70, 4, activation="leaky_relu", negative_slope=-0.2),
     Case(300, 65, 2, 96, 6, out=5, tie=(0, 1, 2, 3, 2, 3)),
+    Case(256, 1000, 2, 200, 3),
     Case(1, 300, 2, 70, 3),
     Case(9, 301, 3, 70, 4, activation="leaky_relu", negative_slope=-0.2),
     Case(5, 1300, 2, 37, 2, head=False),

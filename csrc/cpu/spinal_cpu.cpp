@@ -39,9 +39,11 @@
 // and the results are those of the float32 kernels on the widened tensors, rounded, bit for bit (tested), except
 // that products on reduced weights never go to the BLAS (use_blas; AVX2 and baseline CPUs), and that on a CPU with
 // AVX512_BF16 the input products x Wx^T of bfloat16 calls run on bfloat16 pairs (x and Wx as stored, Wx packed in
-// pairs where float32 would pack W^T (pack_weights); kernels::pair_gemm and pair_dot_gemm), at twice the float32 rate. The recurrence and the
-// head keep float32 operands (H is not rounded between sub-layers), and so does the backward. The weight gradients
-// of a bfloat16 call without tied slots are written in bfloat16 by the kernels (the same rounding, one pass fewer).
+// pairs where float32 would pack W^T (pack_weights); kernels::pair_gemm and pair_dot_gemm), at twice the float32
+// rate, and so does the recurrence H_{i-1} Wh_i^T where act' comes from H (recurrence_pairs: H_{i-1} rounded to
+// bfloat16 as the call returns it, as the reference rounds it). The head keeps float32 operands, and so does the
+// backward. The weight gradients of a bfloat16 call without tied slots are written in bfloat16 by the kernels (the
+// same rounding, one pass fewer).
 //
 // Determinism: every element of every product is summed in an order fixed by the problem sizes
 // (csrc/cpu/spinal_gemm.h; products on the BLAS run it single-threaded) and the split into jobs depends only on the
@@ -90,6 +92,12 @@ struct Problem {
   const S* xs = nullptr;
   const uint32_t* wxp = nullptr;
   int64_t ldwxp = 0;
+  // ... and whose recurrence H_{i-1} Wh_i^T runs on pairs too (hpairs: recurrence_pairs), H_{i-1} rounded to bfloat16
+  // as the call returns it: per slot Wh_s packed in pairs (ceil(w / 2), ldwhp) where pack_weights packs them, else
+  // null (Wh as stored, the dot form)
+  bool hpairs = false;
+  const uint32_t* whp = nullptr;
+  int64_t ldwhp = 0;
 
   const S* wx_slot(int64_t i) const { return wx + d.x_slot(i) * d.width * d.chunk; }
   const S* wh_slot(int64_t i) const { return wh + d.h_slot(i) * d.width * d.width; }
@@ -102,6 +110,7 @@ struct Problem {
   }
   NtOperand<T, S> wo_op() const { return {wo, d.hidden(), wot, ldwot}; }
   const uint32_t* wxp_slot(int64_t i) const { return wxp + d.x_slot(i) * ((d.chunk + 1) / 2) * ldwxp; }
+  const uint32_t* whp_slot(int64_t i) const { return whp + d.h_slot(i) * ((d.width + 1) / 2) * ldwhp; }
 };
 
 // x and the biases are T tensors (x undefined where the input products run on bfloat16 pairs), the weights S tensors.
@@ -122,7 +131,7 @@ Problem<T, S> make_problem(const SpinalDims& d, c10::IntArrayRef starts, const a
 // Packs W^T of the forward's NT products that run on it (packs_transposed) into `buffer` (T: reduced weights are
 // widened as they are packed), one job per weight slot, and points p at it. The input products of a call on
 // bfloat16 pairs (p.xs set) take Wx packed in pairs instead, into `pairs`, where float32 would pack W^T, and Wx as
-// stored elsewhere (the dot form). Measured with bfloat16 forwards of SpinalLinear (AMD EPYC Zen 5, 2 threads,
+// stored elsewhere (the dot form); a recurrence on pairs (p.hpairs) takes Wh so too. Measured with bfloat16 forwards of SpinalLinear (AMD EPYC Zen 5, 2 threads,
 // median of 20 calls, microseconds; packed / as stored): vgg-head B = 64 90 / 78, 128 150 / 153, 256 234 / 300,
 // 1024 717 / 1065; wide-resnet-head 64 1652 / 818, 128 1656 / 1546, 256 3284 / 4022, 512 5153 / 6614, 1024 9562 /
 // 12650; wide-resnet-custom 64 4013 / 2355, 128 4933 / 4708, 256 9681 / 11022, 1024 28816 / 36614.
@@ -131,18 +140,24 @@ void pack_weights(Problem<T, S>& p, int64_t tile_rows, bool with_head, at::Tenso
   const SpinalDims& d = p.d;
   const int64_t rows = d.rows, w = d.width, c = d.chunk, lw = d.hidden();
   bool px = packs_transposed(rows, tile_rows, w, c);
+  bool ph = d.h_slots > 0 && packs_transposed(rows, tile_rows, w, w);
   if constexpr (std::is_same_v<S, c10::BFloat16>) {
-    if (p.xs != nullptr && px) {
-      px = false;
-      const int64_t ldp = pair_ld(w), slot = (c + 1) / 2 * ldp;
-      pairs = at::empty({d.x_slots * slot}, at::TensorOptions().dtype(at::kInt));
+    const bool xp = p.xs != nullptr && px, hp = p.hpairs && ph;  // packed in pairs instead
+    if (xp || hp) {
+      px = px && !xp, ph = ph && !hp;
+      const int64_t ldp = pair_ld(w), xslot = (c + 1) / 2 * ldp, hslot = (w + 1) / 2 * ldp;
+      const int64_t xsize = xp ? d.x_slots * xslot : 0, xjobs = xp ? d.x_slots : 0;
+      pairs = at::empty({xsize + (hp ? d.h_slots * hslot : 0)}, at::TensorOptions().dtype(at::kInt));
       uint32_t* out = reinterpret_cast<uint32_t*>(pairs.mutable_data_ptr<int32_t>());
-      run_jobs(d.x_slots, d.x_slots * slot,
-               [&](int64_t s) { pack_pairs(w, c, p.wx + s * w * c, c, out + s * slot, ldp); });
-      p.wxp = out, p.ldwxp = ldp;
+      run_jobs(xjobs + (hp ? d.h_slots : 0), pairs.numel(), [&](int64_t job) {
+        if (job < xjobs) return pack_pairs(w, c, p.wx + job * w * c, c, out + job * xslot, ldp);
+        const int64_t s = job - xjobs;
+        pack_pairs(w, w, p.wh + s * w * w, w, out + xsize + s * hslot, ldp);
+      });
+      if (xp) p.wxp = out, p.ldwxp = ldp;
+      if (hp) p.whp = out + xsize, p.ldwhp = ldp;
     }
   }
-  const bool ph = d.h_slots > 0 && packs_transposed(rows, tile_rows, w, w);
   const bool po = with_head && d.has_head && packs_transposed(rows, tile_rows, d.out, lw);
   if (!(px || ph || po)) return;
   const int64_t ldw = packed_ld<T>(w), ldo = po ? packed_ld<T>(d.out) : 0;
@@ -213,9 +228,21 @@ void input_and_recurrent_product(const Problem<T, S>& p, int64_t i, int64_t r0, 
   const int64_t lw = d.hidden();
   const int64_t n = n1 - n0;
   input_product(p, i, r0, m, n0, n, z, ldz);
-  if (i > 0) {
-    nt_gemm(m, n, d.width, h_all + r0 * lw + (i - 1) * d.width, lw, p.wh_op(i).shifted(n0, 0), true, z, ldz);
+  if (i == 0) return;
+  const T* h_prev = h_all + r0 * lw + (i - 1) * d.width;
+  if constexpr (std::is_same_v<S, c10::BFloat16>) {
+    if (p.hpairs) {
+      std::vector<S> rounded(static_cast<size_t>(m * d.width));  // H_{i-1} as the call returns it
+      for (int64_t r = 0; r < m; ++r)
+        for (int64_t k = 0; k < d.width; ++k) rounded[r * d.width + k] = S(h_prev[r * lw + k]);
+      if (p.whp != nullptr) {
+        return pair_product(m, n, d.width, rounded.data(), d.width, p.whp_slot(i) + n0, p.ldwhp, z, ldz, true);
+      }
+      return pair_dot_product(m, n, d.width, rounded.data(), d.width, p.wh_slot(i) + n0 * d.width, d.width, z, ldz,
+                              true);
+    }
   }
+  nt_gemm(m, n, d.width, h_prev, lw, p.wh_op(i).shifted(n0, 0), true, z, ldz);
 }
 
 // h = act(h + bias), m rows of n columns of one sub-layer (row stride ld), one call per tile (see chain_rule);
@@ -352,6 +379,12 @@ void check_cpu_args(const SpinalDims& d, const at::Tensor& x) {
                       "split the batch, or use the reference backend (spinal_ops.use_backend('reference'))"});
 }
 
+// Whether a bfloat16 call whose input products run on pairs runs its recurrence H_{i-1} Wh_i^T on pairs too, H_{i-1}
+// rounded to bfloat16 as the call returns it (the reference rounds it so too): where act' comes from H, which the
+// backward then reads as returned. Not for gelu, silu and leaky_relu with a negative slope: their backward recomputes
+// Z from the float32 chain, and the rounding could move Z across the kink of leaky_relu (and with it act').
+inline bool recurrence_pairs(const SpinalDims& d) { return !needs_preactivation(d.activation, d.negative_slope); }
+
 // H (and y) of one call into h_all and y (T tensors): x and the biases are T, the weights S (see Problem).
 // x_stored: x as given where its input products run on bfloat16 pairs (pairs_run; Problem::xs), or null.
 template <typename T, typename S>
@@ -361,6 +394,7 @@ void forward_kernel(const SpinalDims& d, c10::IntArrayRef starts, const at::Tens
                     const at::Tensor* x_stored, at::Tensor& h_all, at::Tensor& y) {
   auto p = make_problem<T, S>(d, starts, x, weight_x, weight_h, bias, head_weight, head_bias);
   if (x_stored) p.xs = x_stored->const_data_ptr<S>();
+  p.hpairs = x_stored != nullptr && recurrence_pairs(d);
   const RowTiles tiles = RowTiles::make(d, sizeof(T));
   at::Tensor packed, pairs;
   pack_weights(p, std::min(tiles.size, d.rows), /*with_head=*/true, packed, pairs);
