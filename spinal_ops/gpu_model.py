@@ -270,36 +270,34 @@ def resident_ctas(k: KernelLaunch, dev: GpuSpec) -> int:
     return max(1, min(k.ctas_by_registers, dev.smem_per_sm // (k.smem + 1024)))
 
 
+def cuda_stage_smem(stage: int, tensor_cores: bool) -> int:
+    """``StageSmem<T, M>::bytes``, the staging carve every kernel's shared memory starts with: the staged tiles of
+    ``stage``-byte elements and, on tensor cores, the fp32 result tile."""
+    lds = cuda_lds(stage)
+    return (_align128(stage * CUDA_BM * lds) + _align128(stage * CUDA_BN * lds)
+            + (_align128(4 * CUDA_BM * CUDA_LDC) if tensor_cores else 0))
+
+
 def cuda_forward_smem(math_mode: str, width: int, out: int, head: bool, element: int) -> int:
     """``FwdSmem::bytes(out, head)`` of the instantiation the launcher picks (fast path when ``width <= 64``)."""
     acc = cuda_acc_bytes(element)
-    stage = cuda_stage_bytes(math_mode, element)
-    tensor = math_mode in ("bf16", "tf32")
     wfast = CUDA_BN if width <= CUDA_BN else 0
-    lds = cuda_lds(stage)
-    fixed = (_align128(stage * CUDA_BM * lds) + _align128(stage * CUDA_BN * lds)
-             + (_align128(4 * CUDA_BM * CUDA_LDC) if tensor else 0) + _align128(element * 2 * CUDA_BM * wfast))
+    fixed = (cuda_stage_smem(cuda_stage_bytes(math_mode, element), math_mode in ("bf16", "tf32"))
+             + _align128(element * 2 * CUDA_BM * wfast))
     yacc = _align128(acc * CUDA_BM * out)
     return fixed + (yacc if head and yacc <= CUDA_YACC_LIMIT else 0)
 
 
 def cuda_backward_tensor_cores(math_mode: str) -> bool:
     """``kBwdMma<T>``: the backward's chain and weights kernels run on tensor cores for 16-bit dtypes (FMA for fp32,
-    tf32 or not)."""
+    tf32 or not). Their staged operands are the forward's size in every math mode (:func:`cuda_stage_bytes`: tf32
+    stages float32, as FMA does)."""
     return math_mode == "bf16"
 
 
-def cuda_backward_staged(math_mode: str, element: int) -> int:
-    """Bytes of a staged operand of the backward kernels: the dtype on tensor cores, else the accumulation type."""
-    return element if cuda_backward_tensor_cores(math_mode) else cuda_acc_bytes(element)
-
-
 def cuda_backward_smem(math_mode: str, element: int) -> int:
-    """``BwdSmem<T>::bytes`` (the chain and weights launches): the staged tiles and, on tensor cores, the fp32 result
-    tile."""
-    staged = cuda_backward_staged(math_mode, element)
-    return (_align128(staged * CUDA_BM * cuda_lds(staged)) + _align128(staged * CUDA_BN * cuda_lds(staged))
-            + (_align128(4 * CUDA_BM * CUDA_LDC) if cuda_backward_tensor_cores(math_mode) else 0))
+    """``BwdSmem<T>::bytes`` (the chain and weights launches): the staging carve alone."""
+    return cuda_stage_smem(cuda_stage_bytes(math_mode, element), cuda_backward_tensor_cores(math_mode))
 
 
 def cuda_weight_pieces(rows: int) -> int:
@@ -377,7 +375,7 @@ def cuda_launches(p: Problem, math_mode: str, mode: str) -> list[KernelLaunch]:
     bsmem = cuda_backward_smem(math_mode, element)
     acc = cuda_acc_bytes(element)
     btc = cuda_backward_tensor_cores(math_mode)
-    bstaged = cuda_backward_staged(math_mode, element)
+    bstaged = cuda_stage_bytes(math_mode, element)
     bstage = (CUDA_BM + CUDA_BN) * cuda_slice(bstaged) * bstaged
     chain_pads = wmma if btc else fma
     launches.append(KernelLaunch(

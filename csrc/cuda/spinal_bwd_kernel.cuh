@@ -62,15 +62,9 @@ struct BwdParams {
 template <typename T>
 inline constexpr Mma kBwdMma = is_16bit<T> ? Mma::kHalf : Mma::kNone;
 
-// Shared memory of the chain and weights launches, in this order: As, Bs (staged operands), Cs (tensor cores only).
+// Shared memory of the chain and weights launches: the staging carve alone.
 template <typename T>
-struct BwdSmem {
-  using S = stage_t<T, kBwdMma<T>>;
-  static constexpr size_t as = align128(sizeof(S) * BM * kLds<S>);
-  static constexpr size_t bs = align128(sizeof(S) * BN * kLds<S>);
-  static constexpr size_t cs = kBwdMma<T> == Mma::kNone ? 0 : align128(sizeof(float) * BM * LDC);
-  static constexpr size_t bytes = as + bs + cs;
-};
+using BwdSmem = StageSmem<T, kBwdMma<T>>;
 
 template <typename T, Activation ACT, bool RECOMPUTE_Z>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) spinal_bwd_chain_kernel(const BwdParams<T> p) {

@@ -249,4 +249,15 @@ __device__ __forceinline__ int own_col(int j) { return threadIdx.x % kColsPerRow
 // Round a byte offset up to 128 (wmma needs 256-bit aligned tile pointers; 128 keeps every carve aligned).
 __host__ __device__ constexpr size_t align128(size_t bytes) { return (bytes + 127) / 128 * 128; }
 
+// The staging carve every kernel's shared memory starts with (bytes), in this order: As[BM][LDS] and Bs[BN][LDS] of
+// the staged type of T under M, and Cs[BM][LDC] (fp32 results of the wmma tiles; tensor cores only).
+template <typename T, Mma M>
+struct StageSmem {
+  using S = stage_t<T, M>;
+  static constexpr size_t as = align128(sizeof(S) * BM * kLds<S>);
+  static constexpr size_t bs = align128(sizeof(S) * BN * kLds<S>);
+  static constexpr size_t cs = M == Mma::kNone ? 0 : align128(sizeof(float) * BM * LDC);
+  static constexpr size_t bytes = as + bs + cs;
+};
+
 }  // namespace spinal_ops::cuda

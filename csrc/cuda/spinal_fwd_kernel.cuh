@@ -51,16 +51,13 @@ struct FwdParams {
   acc_t<T> slope;
 };
 
-// Shared-memory carve of the forward kernel (bytes), in this order: As, Bs, Cs (tensor cores only), the
+// Shared-memory carve of the forward kernel (bytes), in this order: the staging carve (StageSmem: As, Bs, Cs), the
 // two h buffers (fast path only), the head accumulator (when it is kept on chip).
 template <typename T, int WFAST, Mma MMA>
-struct FwdSmem {
-  using S = stage_t<T, MMA>;
-  static constexpr size_t as = align128(sizeof(S) * BM * kLds<S>);
-  static constexpr size_t bs = align128(sizeof(S) * BN * kLds<S>);
-  static constexpr size_t cs = MMA == Mma::kNone ? 0 : align128(sizeof(float) * BM * LDC);
+struct FwdSmem : StageSmem<T, MMA> {
+  using Stage = StageSmem<T, MMA>;
   static constexpr size_t hb = align128(sizeof(T) * 2 * BM * WFAST);
-  static constexpr size_t fixed = as + bs + cs + hb;
+  static constexpr size_t fixed = Stage::bytes + hb;
   // The head's accumulators stay on chip up to 16 KB (the 16- and 32-bit blocks then stay under 48 KB of dynamic
   // shared memory; fp64's fast path goes over it, and launch() in simt.h opts in above 48 KB).
   static constexpr size_t kYaccLimit = 16 * 1024;
