@@ -320,6 +320,36 @@ def test_bfloat16_pairs(case):
     check_pairs(case)
 
 
+def test_bfloat16_weight_gradients_run_on_pairs_of_rows_of_rounded_dz():
+    """With AVX512_BF16 and several row tiles, dWx_i = dZ_i^T x_chunk and dWh_i = dZ_i^T H_{i-1} of a bfloat16 call run
+    on pairs of rows (pair_tn_product), dZ rounded to bfloat16 first (as the reference in bfloat16 rounds it). Values
+    where that rounding shows: identity activation, one output whose weights are all a = 1 + 2^-7, x all ones, two
+    16-row tiles; grad_y alternates a and -(1 + 2^-6), so dZ alternates a^2 = 1 + 2^-6 + 2^-14 (bfloat16: 1 + 2^-6)
+    and -(1 + 3 * 2^-7 + 2^-13) (bfloat16: -(1 + 3 * 2^-7)). Each dWx element sums 16 pairs of rows: -2^-3 exactly
+    with dZ rounded, -(2^-3 + 2^-10) (a bfloat16 value too) in float32. dWh of the second sub-layer sums the same
+    dZ against H_0 = Z_0: from the float32 and the pair sums, the same difference shows."""
+    if not bf16_pairs():
+        pytest.skip("this CPU has no AVX512_BF16")
+    case = Case(32, 4, 1, 16, 2, out=1, activation="identity", bias=False)
+    starts, slots = case.layer_args()
+    bf = torch.bfloat16
+    a = 1 + 2.0**-7
+    x = torch.ones(32, 4, dtype=bf)
+    weight_x = torch.zeros(2, 16, 4, dtype=bf)
+    weight_x[0] = 2.0**-2  # H_0 = Z_0 = 1 in every element: dWh_1 = dZ_1^T H_0 sums dZ_1 like dWx
+    weight_h = torch.zeros(1, 16, 16, dtype=bf)
+    head_weight = torch.full((1, 32), a, dtype=bf)
+    grad_y = torch.tensor([a if r % 2 == 0 else -(1 + 2.0**-6) for r in range(32)], dtype=bf).unsqueeze(1)
+    h, _ = torch.ops.spinal_ops.spinal_forward(x, weight_x, weight_h, None, head_weight, None, starts, slots,
+                                               "identity", 0.0)
+    assert torch.equal(h[:, :16], torch.ones(32, 16, dtype=bf))
+    _, dwx, dwh, _, _, _ = torch.ops.spinal_ops._spinal_backward(grad_y, None, x, h, weight_x, weight_h, None,
+                                                                 head_weight, starts, slots, "identity", 0.0,
+                                                                 [False, True, True, False, False, False])
+    assert torch.equal(dwx, torch.full_like(dwx, -(2.0**-3))), dwx.unique()
+    assert torch.equal(dwh, torch.full_like(dwh, -(2.0**-3))), dwh.unique()
+
+
 # Sums whose rounding shows the order of summation (x row, Wx row, rows, H on the pairs, H summed in order: the
 # float32 kernels). Products 2^24, 0, -2^24, 1 on three rows, Wx packed in pairs: pair by pair, the odd term first,
 # each addition rounded, 2^24 + 1 rounds to 2^24 before -2^24 is added: 0; in order 1. Products 2^24, 1, 1, -2^24 on

@@ -42,8 +42,10 @@
 // pairs where float32 would pack W^T (pack_weights); kernels::pair_gemm and pair_dot_gemm), at twice the float32
 // rate, and so does the recurrence H_{i-1} Wh_i^T where act' comes from H (recurrence_pairs: H_{i-1} rounded to
 // bfloat16 as the call returns it, as the reference rounds it). The head keeps float32 operands, and so does the
-// backward. The weight gradients of a bfloat16 call without tied slots are written in bfloat16 by the kernels (the
-// same rounding, one pass fewer).
+// backward's chain (dZ, the carry, dx); its weight gradients dZ_i^T x_chunk and dZ_i^T H_{i-1} run on pairs of rows
+// where the batch is several row tiles (WeightPairs: dZ rounded to bfloat16 once the chain is done, as the reference
+// rounds it; x as stored, H rounded). The weight gradients of a bfloat16 call without tied slots are written in
+// bfloat16 by the kernels (the same rounding, one pass fewer).
 //
 // Determinism: every element of every product is summed in an order fixed by the problem sizes
 // (csrc/cpu/spinal_gemm.h; products on the BLAS run it single-threaded) and the split into jobs depends only on the
@@ -551,6 +553,23 @@ SPINAL_CLONES void add_column_sums(const T* a, int64_t rows, int64_t n, int64_t 
   for (; j < n; ++j) add_block_sums<1>(a + j, rows, ld, out + j);
 }
 
+// The operands of the weight gradients dZ_i^T x_chunk and dZ_i^T H_{i-1} of a bfloat16 call on AVX512_BF16, packed
+// in pairs of rows (pack_row_pairs) once the chain is done: dZ rounded to bfloat16 (as the reference, computing in
+// bfloat16, rounds it), x as stored and H rounded (as the call returned it), so that those products run on pairs
+// (pair_tn_product) at twice the float32 rate. (The chain itself, dx and the carry keep float32 dZ.)
+struct WeightPairs {
+  at::Tensor z, h, x;  // (rows + 1) / 2 x ldz, ldz and ldx 32-bit words
+  int64_t ldz = 0, ldx = 0;
+  const uint32_t* zp() const { return reinterpret_cast<const uint32_t*>(z.const_data_ptr()); }
+  const uint32_t* hp() const { return reinterpret_cast<const uint32_t*>(h.const_data_ptr()); }
+  const uint32_t* xp() const { return reinterpret_cast<const uint32_t*>(x.const_data_ptr()); }
+};
+
+// Whether the weight gradients of a call run on pairs (WeightPairs): bfloat16 calls whose input products do (x as
+// stored: pairs_run), with several row tiles (a batch of one tile runs each sub-layer's weight gradients in the round
+// after its dZ_i, on float32 dZ).
+inline bool weight_pairs(const RowTiles& tiles, bool x_stored) { return x_stored && tiles.count > 1; }
+
 // G: the type the untied weight gradients are written in (T, or bfloat16 for a bfloat16 call without tied slots:
 // rounded once from the float32 sums, as the narrowing on exit would).
 template <Activation A, typename T, typename S, typename G>
@@ -568,9 +587,40 @@ struct Backward {
   std::vector<T>& hpart;
   const std::vector<char>& tied;
   const T* zero_bias;
+  WeightPairs* pairs = nullptr;  // set (weight_pairs): dWx and dWh on bfloat16 pairs, packed after the chain
 
   const SpinalDims& d() const { return p.d; }
   static bool streams(int64_t elements) { return elements * static_cast<int64_t>(sizeof(T)) > kStreamBytes; }
+  // The types of the calls whose weight gradients may run on pairs: float32 arithmetic on bfloat16 weights.
+  static constexpr bool kPairTypes = std::is_same_v<T, float> && std::is_same_v<S, c10::BFloat16>;
+
+  // Packs dZ (rounded), H (rounded) and x (as stored) into *pairs, in jobs of kPackPairs pairs of rows each.
+  void pack_weight_pairs() const {
+    if constexpr (kPairTypes) {
+      constexpr int64_t kPackPairs = 32;
+      const SpinalDims& dd = d();
+      const int64_t rows = dd.rows, lw = dd.hidden(), D = dd.in_features, qn = (rows + 1) / 2;
+      WeightPairs& wp = *pairs;
+      wp.ldz = pair_ld(lw);
+      wp.ldx = pair_ld(D);
+      const auto words = at::TensorOptions().dtype(at::kInt);
+      wp.z = at::empty({qn * wp.ldz}, words);
+      wp.h = at::empty({qn * wp.ldz}, words);
+      wp.x = at::empty({qn * wp.ldx}, words);
+      auto* z = reinterpret_cast<uint32_t*>(wp.z.mutable_data_ptr());
+      auto* h = reinterpret_cast<uint32_t*>(wp.h.mutable_data_ptr());
+      auto* x = reinterpret_cast<uint32_t*>(wp.x.mutable_data_ptr());
+      const int64_t blocks = (qn + kPackPairs - 1) / kPackPairs;
+      run_jobs(3 * blocks, rows * (2 * lw + D), [&](int64_t job) {
+        const int64_t q0 = job % blocks * kPackPairs, q1 = std::min(qn, q0 + kPackPairs);
+        switch (job / blocks) {
+          case 0: return pack_row_pairs<float>(q0, q1, rows, lw, dz, lw, z, wp.ldz);
+          case 1: return pack_row_pairs<float>(q0, q1, rows, lw, h_all, lw, h, wp.ldz);
+          default: return pack_row_pairs<c10::BFloat16>(q0, q1, rows, D, p.xs, D, x, wp.ldx);
+        }
+      });
+    }
+  }
 
   // dH of rows [r0, r0+m) into dz: G @ Wo (+ grad_H), or grad_H alone (no head gradient), or zeros.
   void head_gradient(int64_t r0, int64_t m, const T* gh) const {
@@ -613,6 +663,14 @@ struct Backward {
         const int64_t xsize = w * dd.chunk;
         const T* dzi = dz + i * w + job.j0;
         auto product = [&](auto* g, bool stream) {
+          if (pairs) {
+            if constexpr (kPairTypes) {
+              const uint32_t* zi = pairs->zp() + i * w + job.j0;
+              pair_tn_product(mj, c1, rows, zi, pairs->ldz, pairs->xp() + s, pairs->ldx, g, dd.chunk);
+              if (c2 > 0) pair_tn_product(mj, c2, rows, zi, pairs->ldz, pairs->xp(), pairs->ldx, g + c1, dd.chunk);
+              return;
+            }
+          }
           nn_gemm<T>(true, mj, c1, rows, dzi, lw, p.x + s, dd.in_features, false, g, dd.chunk, stream);
           if (c2 > 0) nn_gemm<T>(true, mj, c2, rows, dzi, lw, p.x, dd.in_features, false, g + c1, dd.chunk, stream);
         };
@@ -626,6 +684,12 @@ struct Backward {
       case WeightKind::kRecurrent: {  // dWh_i[j0:j1] = dZ_i[:, j0:j1].T @ H_{i-1}
         const int64_t hsize = w * w;
         auto product = [&](auto* g, bool stream) {
+          if (pairs) {
+            if constexpr (kPairTypes) {
+              return pair_tn_product(mj, w, rows, pairs->zp() + i * w + job.j0, pairs->ldz,
+                                     pairs->hp() + (i - 1) * w, pairs->ldz, g, w);
+            }
+          }
           nn_gemm<T>(true, mj, w, rows, dz + i * w + job.j0, lw, h_all + (i - 1) * w, lw, false, g, w, stream);
         };
         if (tied[i]) {
@@ -662,6 +726,7 @@ struct Backward {
     if (need_chain) {
       for_each_tile(tiles, d().rows * row_work(d()), [&](int64_t r0, int64_t m, bool) { chain_tile(r0, m, gh); });
     }
+    if (pairs) pack_weight_pairs();
     std::vector<WeightJob> jobs;
     int64_t work = 0;
     for (int64_t i = 0; i < d().layers; ++i) add_jobs(i, /*layer=*/true, /*head=*/true, jobs, work);
@@ -766,6 +831,7 @@ Grads backward_grads(const SpinalDims& d, c10::IntArrayRef starts, const std::ar
     std::vector<T> xpart(any_tied && want_wx ? static_cast<size_t>(d.layers * xsize) : 0);
     std::vector<T> hpart(any_tied && want_wh ? static_cast<size_t>(d.layers * hsize) : 0);
     const std::vector<T> zero_bias(static_cast<size_t>(d.width), T(0));
+    WeightPairs weight_operands;
     with_activation(d.activation, [&](auto act) {
       const Backward<decltype(act)::value, T, S, G> bw{p,
                                                  h_all.const_data_ptr<T>(),
@@ -779,7 +845,10 @@ Grads backward_grads(const SpinalDims& d, c10::IntArrayRef starts, const std::ar
                                                  xpart,
                                                  hpart,
                                                  tied,
-                                                 zero_bias.data()};
+                                                 zero_bias.data(),
+                                                 weight_pairs(tiles, x_stored != nullptr) && (want_wx || want_wh)
+                                                     ? &weight_operands
+                                                     : nullptr};
       if (tiles.count == 1 && need_chain) {
         bw.by_sub_layer(gh);
       } else {

@@ -27,7 +27,8 @@
 //   read and written once).
 // - bfloat16 pairs (NT, AVX512_BF16, set avx512_bf16): x Wx^T of bfloat16 calls, one vdpbf16ps per 32 products
 //   (twice a float32 FMA's): on W packed in pairs where the float32 products would pack W^T (`pair_gemm`), else
-//   in the dot form on W as stored (`pair_dot_gemm`).
+//   in the dot form on W as stored (`pair_dot_gemm`); and TN, the weight gradients dZ^T x and dZ^T H, over the rows
+//   of both operands packed in pairs of rows (`pack_row_pairs`, `pair_tn_product`).
 //
 // Determinism: every element of C is a sum over q = 0 .. k-1 in that order (the axpy tile and the NN row), a fixed
 // lane-wise order (the dot tile), or pair by pair (the bfloat16 pairs), whatever the tile, the job split or the thread
@@ -923,11 +924,13 @@ inline void pack_pairs(int64_t n, int64_t k, const c10::BFloat16* w, int64_t ldw
 
 namespace kernels {
 
-// One pair step of pair_tile: row q of P against the pairs A[r, 2q .. 2q + 1] (kOdd: the last, odd term alone).
+// One pair step of pair_tile: row q of P against the pairs A[r, 2q .. 2q + 1] (kOdd: the last, odd term alone). The
+// pair of row r sits at a + r * ars + q * aqs (16-bit elements, its two terms adjacent): ars = lda, aqs = 2 for a
+// row-major A; ars = 2, aqs = 2 ldp for an A^T packed in pairs of its rows (pack_row_pairs).
 template <int MR, int NV, bool kOdd>
-SPINAL_TARGET_AVX512BF16 [[gnu::always_inline]] inline void pair_step(int64_t q, const uint16_t* a, int64_t lda,
-                                                                      const uint32_t* p, int64_t ldp, __mmask16 last,
-                                                                      __m512 (&acc)[MR][NV]) {
+SPINAL_TARGET_AVX512BF16 [[gnu::always_inline]] inline void pair_step(int64_t q, const uint16_t* a, int64_t ars,
+                                                                      int64_t aqs, const uint32_t* p, int64_t ldp,
+                                                                      __mmask16 last, __m512 (&acc)[MR][NV]) {
   __m512bh pv[NV];
 #pragma GCC unroll 4
   for (int v = 0; v < NV; ++v) {
@@ -936,7 +939,7 @@ SPINAL_TARGET_AVX512BF16 [[gnu::always_inline]] inline void pair_step(int64_t q,
   }
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
-    const uint16_t* e = a + r * lda + 2 * q;
+    const uint16_t* e = a + r * ars + q * aqs;
     uint32_t word = *e;  // kOdd: the pair's second term is zero (and not read: it may lie past the row)
     if constexpr (!kOdd) std::memcpy(&word, e, sizeof(word));
     const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(word));
@@ -946,11 +949,12 @@ SPINAL_TARGET_AVX512BF16 [[gnu::always_inline]] inline void pair_step(int64_t q,
 }
 
 // Rows [0, MR) x NV vectors of C from `pairs` pairs (and one odd last term when `odd`); the last vector holds
-// `last_cols` columns (its loads and stores masked).
-template <int MR, int NV>
+// `last_cols` columns (its loads and stores masked). C is float32 (=|+=), or bfloat16 (CT: written, each sum rounded
+// to nearest even by vcvtneps2bf16, which, like vdpbf16ps, writes denormals as zero).
+template <int MR, int NV, typename CT>
 SPINAL_TARGET_AVX512BF16 [[gnu::always_inline]] inline void pair_tile(int64_t pairs, bool odd, const uint16_t* a,
-                                                                      int64_t lda, const uint32_t* p, int64_t ldp,
-                                                                      int last_cols, float* c, int64_t ldc,
+                                                                      int64_t ars, int64_t aqs, const uint32_t* p,
+                                                                      int64_t ldp, int last_cols, CT* c, int64_t ldc,
                                                                       bool accumulate) {
   const __mmask16 last = static_cast<__mmask16>(last_cols == 16 ? 0xFFFF : (1u << last_cols) - 1);
   __m512 acc[MR][NV];
@@ -959,60 +963,95 @@ SPINAL_TARGET_AVX512BF16 [[gnu::always_inline]] inline void pair_tile(int64_t pa
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
   }
-  for (int64_t q = 0; q < pairs; ++q) pair_step<MR, NV, false>(q, a, lda, p, ldp, last, acc);
-  if (odd) pair_step<MR, NV, true>(pairs, a, lda, p, ldp, last, acc);
+  for (int64_t q = 0; q < pairs; ++q) pair_step<MR, NV, false>(q, a, ars, aqs, p, ldp, last, acc);
+  if (odd) pair_step<MR, NV, true>(pairs, a, ars, aqs, p, ldp, last, acc);
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
-      float* dst = c + r * ldc + v * 16;
+      CT* dst = c + r * ldc + v * 16;
       const __mmask16 mask = v == NV - 1 ? last : static_cast<__mmask16>(0xFFFF);
-      __m512 out = acc[r][v];
-      if (accumulate) out = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, dst), out);
-      _mm512_mask_storeu_ps(dst, mask, out);
+      if constexpr (std::is_same_v<CT, float>) {
+        __m512 out = acc[r][v];
+        if (accumulate) out = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, dst), out);
+        _mm512_mask_storeu_ps(dst, mask, out);
+      } else {
+        static_assert(std::is_same_v<CT, c10::BFloat16>, "float32 or bfloat16 results");
+        _mm256_mask_storeu_epi16(dst, mask, (__m256i)_mm512_cvtneps_pbh(acc[r][v]));
+      }
     }
   }
 }
 
-template <int NV>
+template <int NV, typename CT>
 SPINAL_TARGET_AVX512BF16 [[gnu::always_inline]] inline void pair_rows(int64_t m, int64_t pairs, bool odd,
-                                                                      const uint16_t* a, int64_t lda,
+                                                                      const uint16_t* a, int64_t ars, int64_t aqs,
                                                                       const uint32_t* p, int64_t ldp, int last_cols,
-                                                                      float* c, int64_t ldc, bool accumulate) {
+                                                                      CT* c, int64_t ldc, bool accumulate) {
   constexpr int MR = 6;  // 6 x 4 accumulators, 4 vectors of P and one broadcast: 29 of the 32 registers
   int64_t r = 0;
   for (; r + MR <= m; r += MR)
-    pair_tile<MR, NV>(pairs, odd, a + r * lda, lda, p, ldp, last_cols, c + r * ldc, ldc, accumulate);
-  const uint16_t* ar = a + r * lda;
-  float* cr = c + r * ldc;
+    pair_tile<MR, NV>(pairs, odd, a + r * ars, ars, aqs, p, ldp, last_cols, c + r * ldc, ldc, accumulate);
+  const uint16_t* ar = a + r * ars;
+  CT* cr = c + r * ldc;
   switch (m - r) {
-    case 5: pair_tile<5, NV>(pairs, odd, ar, lda, p, ldp, last_cols, cr, ldc, accumulate); break;
-    case 4: pair_tile<4, NV>(pairs, odd, ar, lda, p, ldp, last_cols, cr, ldc, accumulate); break;
-    case 3: pair_tile<3, NV>(pairs, odd, ar, lda, p, ldp, last_cols, cr, ldc, accumulate); break;
-    case 2: pair_tile<2, NV>(pairs, odd, ar, lda, p, ldp, last_cols, cr, ldc, accumulate); break;
-    case 1: pair_tile<1, NV>(pairs, odd, ar, lda, p, ldp, last_cols, cr, ldc, accumulate); break;
+    case 5: pair_tile<5, NV>(pairs, odd, ar, ars, aqs, p, ldp, last_cols, cr, ldc, accumulate); break;
+    case 4: pair_tile<4, NV>(pairs, odd, ar, ars, aqs, p, ldp, last_cols, cr, ldc, accumulate); break;
+    case 3: pair_tile<3, NV>(pairs, odd, ar, ars, aqs, p, ldp, last_cols, cr, ldc, accumulate); break;
+    case 2: pair_tile<2, NV>(pairs, odd, ar, ars, aqs, p, ldp, last_cols, cr, ldc, accumulate); break;
+    case 1: pair_tile<1, NV>(pairs, odd, ar, ars, aqs, p, ldp, last_cols, cr, ldc, accumulate); break;
     default: break;
   }
 }
 
-// C (m x n) (=|+= when accumulate) A (m x k, lda) @ W^T on P (ldp); column blocks of 4 vectors outside, rows inside
-// (a block of P is reused by every row).
-SPINAL_TARGET_AVX512BF16 inline void pair_gemm(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a, int64_t lda,
-                                               const uint32_t* p, int64_t ldp, float* c, int64_t ldc,
+// C (m x n) (=|+= when accumulate; CT = bfloat16: written) A (m x k; pairs at a + r * ars + q * aqs, see pair_step) @
+// W^T on P (ldp); column blocks of 4 vectors outside, rows inside (a block of P is reused by every row).
+template <typename CT>
+SPINAL_TARGET_AVX512BF16 inline void pair_gemm(int64_t m, int64_t n, int64_t k, const uint16_t* a16, int64_t ars,
+                                               int64_t aqs, const uint32_t* p, int64_t ldp, CT* c, int64_t ldc,
                                                bool accumulate) {
-  const uint16_t* a16 = reinterpret_cast<const uint16_t*>(a);
   const int64_t pairs = k / 2, vectors = (n + 15) / 16;
   const bool odd = k % 2 != 0;
   for (int64_t v0 = 0; v0 < vectors; v0 += 4) {
     const int nv = static_cast<int>(std::min<int64_t>(4, vectors - v0));
     const int last_cols = static_cast<int>(std::min<int64_t>(16, n - (v0 + nv - 1) * 16));
     const uint32_t* pv = p + v0 * 16;
-    float* cv = c + v0 * 16;
+    CT* cv = c + v0 * 16;
     switch (nv) {
-      case 4: pair_rows<4>(m, pairs, odd, a16, lda, pv, ldp, last_cols, cv, ldc, accumulate); break;
-      case 3: pair_rows<3>(m, pairs, odd, a16, lda, pv, ldp, last_cols, cv, ldc, accumulate); break;
-      case 2: pair_rows<2>(m, pairs, odd, a16, lda, pv, ldp, last_cols, cv, ldc, accumulate); break;
-      default: pair_rows<1>(m, pairs, odd, a16, lda, pv, ldp, last_cols, cv, ldc, accumulate); break;
+      case 4: pair_rows<4>(m, pairs, odd, a16, ars, aqs, pv, ldp, last_cols, cv, ldc, accumulate); break;
+      case 3: pair_rows<3>(m, pairs, odd, a16, ars, aqs, pv, ldp, last_cols, cv, ldc, accumulate); break;
+      case 2: pair_rows<2>(m, pairs, odd, a16, ars, aqs, pv, ldp, last_cols, cv, ldc, accumulate); break;
+      default: pair_rows<1>(m, pairs, odd, a16, ars, aqs, pv, ldp, last_cols, cv, ldc, accumulate); break;
+    }
+  }
+}
+
+// Rows [2 q0, 2 q1) of M (rows x n, ld; float32, rounded to nearest even bfloat16 by vcvtneps2bf16, or bfloat16) into
+// rows [q0, q1) of P, packed in pairs of rows: P[q, j] = M[2q, j] | M[2q + 1, j] << 16 (zero past the rows and past
+// n, up to ldp, a multiple of 16).
+template <typename Src>
+SPINAL_TARGET_AVX512BF16 [[gnu::always_inline]] inline __m512i load_bf16_words(const Src* src, __mmask16 mask) {
+  if constexpr (std::is_same_v<Src, float>) {
+    return _mm512_maskz_cvtepu16_epi32(0xFFFF, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, src)));
+  } else {
+    static_assert(std::is_same_v<Src, c10::BFloat16>, "float32 or bfloat16 rows");
+    return _mm512_maskz_cvtepu16_epi32(0xFFFF, _mm256_maskz_loadu_epi16(mask, src));
+  }
+}
+
+template <typename Src>
+SPINAL_TARGET_AVX512BF16 inline void pack_row_pairs(int64_t q0, int64_t q1, int64_t rows, int64_t n, const Src* m,
+                                                    int64_t ld, uint32_t* out, int64_t ldp) {
+  for (int64_t q = q0; q < q1; ++q) {
+    const Src* lo = m + 2 * q * ld;
+    const bool has_hi = 2 * q + 1 < rows;
+    uint32_t* o = out + q * ldp;
+    for (int64_t j = 0; j < ldp; j += 16) {
+      const __mmask16 mask = static_cast<__mmask16>(
+          j + 16 <= n ? 0xFFFF : (j < n ? (1u << (n - j)) - 1 : 0));
+      __m512i word = load_bf16_words(lo + j, mask);
+      if (has_hi) word = _mm512_or_si512(word, _mm512_maskz_slli_epi32(0xFFFF, load_bf16_words(lo + ld + j, mask), 16));
+      _mm512_storeu_si512(o + j, word);
     }
   }
 }
@@ -1105,9 +1144,40 @@ inline void pair_product(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a
                          int64_t ldp, float* c, int64_t ldc, bool accumulate) {
   if (empty_product(m, n, k, accumulate, c, ldc)) return;
 #if SPINAL_X86_DISPATCH
-  kernels::pair_gemm(m, n, k, a, lda, p, ldp, c, ldc, accumulate);
+  kernels::pair_gemm<float>(m, n, k, reinterpret_cast<const uint16_t*>(a), lda, 2, p, ldp, c, ldc, accumulate);
 #else
   (void)a, (void)lda, (void)p, (void)ldp;
+#endif
+}
+
+// M (rows x n, ld; float32 rounded to bfloat16, or bfloat16) packed in pairs of rows into P ((rows + 1) / 2 x ldp
+// 32-bit words, ldp = pair_ld(n)): P[q, j] = M[2q, j] | M[2q + 1, j] << 16. The pairs [q0, q1) of rows; the
+// weight gradients' operands (pair_tn_product). Only where bf16_pairs().
+template <typename Src>
+void pack_row_pairs(int64_t q0, int64_t q1, int64_t rows, int64_t n, const Src* m, int64_t ld, uint32_t* out,
+                    int64_t ldp) {
+#if SPINAL_X86_DISPATCH
+  kernels::pack_row_pairs<Src>(q0, q1, rows, n, m, ld, out, ldp);
+#else
+  (void)q0, (void)q1, (void)rows, (void)n, (void)m, (void)ld, (void)out, (void)ldp;
+#endif
+}
+
+// C (m x n) = A^T (A: k x m) @ B (k x n), over k = the rows of two matrices packed in pairs of rows (pack_row_pairs):
+// A's columns from `a` on (lda words), B's from `b` on (ldb words); summed pair by pair (pair_gemm). C is float32 or
+// bfloat16 (CT), written. Only where bf16_pairs().
+template <typename CT>
+void pair_tn_product(int64_t m, int64_t n, int64_t k, const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb,
+                     CT* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    for (int64_t r = 0; r < m; ++r) std::fill(c + r * ldc, c + r * ldc + n, static_cast<CT>(0.0f));
+    return;
+  }
+#if SPINAL_X86_DISPATCH
+  kernels::pair_gemm<CT>(m, n, k, reinterpret_cast<const uint16_t*>(a), 2, 2 * lda, b, ldb, c, ldc, false);
+#else
+  (void)a, (void)lda, (void)b, (void)ldb;
 #endif
 }
 
