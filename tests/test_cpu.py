@@ -320,34 +320,43 @@ def test_bfloat16_pairs(case):
     check_pairs(case)
 
 
-def test_bfloat16_weight_gradients_run_on_pairs_of_rows_of_rounded_dz():
-    """With AVX512_BF16 and several row tiles, dWx_i = dZ_i^T x_chunk and dWh_i = dZ_i^T H_{i-1} of a bfloat16 call run
-    on pairs of rows (pair_tn_product), dZ rounded to bfloat16 first (as the reference in bfloat16 rounds it). Values
-    where that rounding shows: identity activation, one output whose weights are all a = 1 + 2^-7, x all ones, two
-    16-row tiles; grad_y alternates a and -(1 + 2^-6), so dZ alternates a^2 = 1 + 2^-6 + 2^-14 (bfloat16: 1 + 2^-6)
-    and -(1 + 3 * 2^-7 + 2^-13) (bfloat16: -(1 + 3 * 2^-7)). Each dWx element sums 16 pairs of rows: -2^-3 exactly
-    with dZ rounded, -(2^-3 + 2^-10) (a bfloat16 value too) in float32. dWh of the second sub-layer sums the same
-    dZ against H_0 = Z_0: from the float32 and the pair sums, the same difference shows."""
+@pytest.mark.parametrize("in_features", [4, 16384], ids=["two-tiles", "one-tile"])
+def test_bfloat16_backward_products_on_pairs_take_dz_rounded(in_features):
+    """With AVX512_BF16 and 16 rows or more, the backward of a bfloat16 call runs dWx_i = dZ_i^T x_chunk and dWh_i =
+    dZ_i^T H_{i-1} on pairs of rows (pair_tn_product) and dx += dZ_i Wx_i on pairs of dZ's columns (pair_product), dZ
+    rounded to bfloat16 first (as the reference in bfloat16 rounds it; the chain keeps it in float32): in two row tiles
+    (D = 4: dZ of every sub-layer packed after the chain) and in one (D = 16384: weights over 1 MB, the batch is one
+    tile, dZ_i packed in its sub-layer's round). Values where that rounding shows: identity activation, two sub-layers
+    of 16, 32 rows, x all ones, one output whose weights alternate a = 1 + 2^-7 and b = 1 + 2^-6 along the columns,
+    grad_y alternating a and -b along the rows. dZ is then a^2 = 1 + 2^-6 + 2^-14, ab = 1 + 3 * 2^-7 + 2^-13, -ab,
+    -b^2 = -(1 + 2^-5 + 2^-12), exact in float32, and in bfloat16 1 + 2^-6, 1 + 3 * 2^-7, -(1 + 3 * 2^-7),
+    -(1 + 2^-5). Every sum below takes 8 or 16 pairs of terms whose float32 sum differs from the rounded one by a
+    bfloat16 ulp or more: dWx (against x = 1) is -2^-3 exactly with dZ rounded (-(2^-3 + 2^-10) or -(2^-3 + 2^-9) in
+    float32); dWh is that times H_0 = +-D/4 (Wx_0 = +-1/4 alternating along its rows); dx is -2^-6 on the even rows
+    and 2^-6 on the odd ones (-(2^-6 + 2^-13) and 2^-6 + 2^-12 in float32)."""
     if not bf16_pairs():
         pytest.skip("this CPU has no AVX512_BF16")
-    case = Case(32, 4, 1, 16, 2, out=1, activation="identity", bias=False)
+    case = Case(32, in_features, 1, 16, 2, out=1, activation="identity", bias=False)
     starts, slots = case.layer_args()
     bf = torch.bfloat16
-    a = 1 + 2.0**-7
-    x = torch.ones(32, 4, dtype=bf)
-    weight_x = torch.zeros(2, 16, 4, dtype=bf)
-    weight_x[0] = 2.0**-2  # H_0 = Z_0 = 1 in every element: dWh_1 = dZ_1^T H_0 sums dZ_1 like dWx
+    a, b = 1 + 2.0**-7, 1 + 2.0**-6
+    sign = torch.tensor([1.0 if j % 2 == 0 else -1.0 for j in range(16)])
+    x = torch.ones(32, in_features, dtype=bf)
+    weight_x = torch.zeros(2, 16, in_features, dtype=bf)
+    weight_x[0] = (sign / 4).unsqueeze(1).to(bf)
     weight_h = torch.zeros(1, 16, 16, dtype=bf)
-    head_weight = torch.full((1, 32), a, dtype=bf)
-    grad_y = torch.tensor([a if r % 2 == 0 else -(1 + 2.0**-6) for r in range(32)], dtype=bf).unsqueeze(1)
+    head_weight = torch.tensor([[a if j % 2 == 0 else b for j in range(32)]], dtype=bf)
+    grad_y = torch.tensor([[a if r % 2 == 0 else -b] for r in range(32)], dtype=bf)
     h, _ = torch.ops.spinal_ops.spinal_forward(x, weight_x, weight_h, None, head_weight, None, starts, slots,
                                                "identity", 0.0)
-    assert torch.equal(h[:, :16], torch.ones(32, 16, dtype=bf))
-    _, dwx, dwh, _, _, _ = torch.ops.spinal_ops._spinal_backward(grad_y, None, x, h, weight_x, weight_h, None,
-                                                                 head_weight, starts, slots, "identity", 0.0,
-                                                                 [False, True, True, False, False, False])
+    assert torch.equal(h[:, :16], (in_features / 4 * sign).expand(32, 16).to(bf))
+    dx, dwx, dwh, _, _, _ = torch.ops.spinal_ops._spinal_backward(grad_y, None, x, h, weight_x, weight_h, None,
+                                                                  head_weight, starts, slots, "identity", 0.0,
+                                                                  [True, True, True, False, False, False])
     assert torch.equal(dwx, torch.full_like(dwx, -(2.0**-3))), dwx.unique()
-    assert torch.equal(dwh, torch.full_like(dwh, -(2.0**-3))), dwh.unique()
+    assert torch.equal(dwh[0], (-(2.0**-3) * in_features / 4 * sign).expand(16, 16).to(bf)), dwh.unique()
+    rows = torch.tensor([-(2.0**-6) if r % 2 == 0 else 2.0**-6 for r in range(32)])
+    assert torch.equal(dx, rows.unsqueeze(1).expand(32, in_features).to(bf)), dx.unique()
 
 
 # Sums whose rounding shows the order of summation (x row, Wx row, rows, H on the pairs, H summed in order: the

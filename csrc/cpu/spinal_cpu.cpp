@@ -42,10 +42,10 @@
 // pairs where float32 would pack W^T (pack_weights); kernels::pair_gemm and pair_dot_gemm), at twice the float32
 // rate, and so does the recurrence H_{i-1} Wh_i^T where act' comes from H (recurrence_pairs: H_{i-1} rounded to
 // bfloat16 as the call returns it, as the reference rounds it). The head keeps float32 operands, and so does the
-// backward's chain (dZ, the carry, dx); its weight gradients dZ_i^T x_chunk and dZ_i^T H_{i-1} run on pairs of rows
-// where the batch is several row tiles (WeightPairs: dZ rounded to bfloat16 once the chain is done, as the reference
-// rounds it; x as stored, H rounded). The weight gradients of a bfloat16 call without tied slots are written in
-// bfloat16 by the kernels (the same rounding, one pass fewer).
+// backward's chain (dZ and the carry); from 16 rows (backward_pairs) its weight gradients dZ_i^T x_chunk and
+// dZ_i^T H_{i-1} run on pairs of rows (WeightPairs: dZ rounded to bfloat16, as the reference rounds it; x as stored,
+// H rounded), and dx += dZ_i Wx_i on dZ_i rounded and Wx packed in pairs of rows (Problem::wxr). The weight gradients
+// of a bfloat16 call without tied slots are written in bfloat16 by the kernels (the same rounding, one pass fewer).
 //
 // Determinism: every element of every product is summed in an order fixed by the problem sizes
 // (csrc/cpu/spinal_gemm.h; products on the BLAS run it single-threaded) and the split into jobs depends only on the
@@ -100,6 +100,10 @@ struct Problem {
   bool hpairs = false;
   const uint32_t* whp = nullptr;
   int64_t ldwhp = 0;
+  // ... and whose backward's dx runs on pairs (WeightPairs: several row tiles): per slot Wx_s packed in pairs of rows
+  // ((w + 1) / 2, ldwxr; pack_row_pairs), else null
+  const uint32_t* wxr = nullptr;
+  int64_t ldwxr = 0;
 
   const S* wx_slot(int64_t i) const { return wx + d.x_slot(i) * d.width * d.chunk; }
   const S* wh_slot(int64_t i) const { return wh + d.h_slot(i) * d.width * d.width; }
@@ -113,6 +117,7 @@ struct Problem {
   NtOperand<T, S> wo_op() const { return {wo, d.hidden(), wot, ldwot}; }
   const uint32_t* wxp_slot(int64_t i) const { return wxp + d.x_slot(i) * ((d.chunk + 1) / 2) * ldwxp; }
   const uint32_t* whp_slot(int64_t i) const { return whp + d.h_slot(i) * ((d.width + 1) / 2) * ldwhp; }
+  const uint32_t* wxr_slot(int64_t i) const { return wxr + d.x_slot(i) * ((d.width + 1) / 2) * ldwxr; }
 };
 
 // x and the biases are T tensors (x undefined where the input products run on bfloat16 pairs), the weights S tensors.
@@ -489,10 +494,10 @@ void chain_columns(const Problem<T, S>& p, int64_t i, int64_t r0, int64_t m, int
 }
 
 // dx[:, (s_i + j) mod D] += dZ_i @ Wx_i[:, j] for the chunk columns j in [j0, j1), rows [r0, r0+m), split where
-// the chunk wraps.
+// the chunk wraps. On bfloat16 pairs where p.wxr is set: dz16 holds the rows of dZ_i rounded to bfloat16 (m x w).
 template <typename T, typename S>
 void input_gradient(const Problem<T, S>& p, int64_t i, int64_t r0, int64_t m, int64_t j0, int64_t j1, const T* dz,
-                    T* dx) {
+                    T* dx, const c10::BFloat16* dz16 = nullptr) {
   const SpinalDims& d = p.d;
   const int64_t lw = d.hidden(), w = d.width;
   const int64_t s = p.starts[i];
@@ -500,13 +505,16 @@ void input_gradient(const Problem<T, S>& p, int64_t i, int64_t r0, int64_t m, in
   const T* dzi = dz + r0 * lw + i * w;
   const S* wxi = p.wx_slot(i);
   T* dxt = dx + r0 * d.in_features;
-  if (j0 < c1) {
-    const int64_t e = std::min(j1, c1);
-    nn_gemm<T>(false, m, e - j0, w, dzi, lw, wxi + j0, d.chunk, true, dxt + s + j0, d.in_features);
-  }
+  auto product = [&](int64_t a, int64_t b, T* out) {  // chunk columns [a, b) into out
+    if constexpr (std::is_same_v<T, float> && std::is_same_v<S, c10::BFloat16>) {
+      if (p.wxr) return pair_product(m, b - a, w, dz16, w, p.wxr_slot(i) + a, p.ldwxr, out, d.in_features, true);
+    }
+    nn_gemm<T>(false, m, b - a, w, dzi, lw, wxi + a, d.chunk, true, out, d.in_features);
+  };
+  if (j0 < c1) product(j0, std::min(j1, c1), dxt + s + j0);
   if (j1 > c1) {
     const int64_t b0 = std::max(j0, c1);
-    nn_gemm<T>(false, m, j1 - b0, w, dzi, lw, wxi + b0, d.chunk, true, dxt + (b0 - c1), d.in_features);
+    product(b0, j1, dxt + (b0 - c1));
   }
 }
 
@@ -554,21 +562,36 @@ SPINAL_CLONES void add_column_sums(const T* a, int64_t rows, int64_t n, int64_t 
 }
 
 // The operands of the weight gradients dZ_i^T x_chunk and dZ_i^T H_{i-1} of a bfloat16 call on AVX512_BF16, packed
-// in pairs of rows (pack_row_pairs) once the chain is done: dZ rounded to bfloat16 (as the reference, computing in
-// bfloat16, rounds it), x as stored and H rounded (as the call returned it), so that those products run on pairs
-// (pair_tn_product) at twice the float32 rate. (The chain itself, dx and the carry keep float32 dZ.)
+// in pairs of rows (pack_row_pairs): dZ rounded to bfloat16 (as the reference, computing in bfloat16, rounds it), x
+// as stored and H rounded (as the call returned it), so that those products run on pairs (pair_tn_product) at twice
+// the float32 rate. Several row tiles: dZ of every sub-layer, packed once the chain is done; one tile: dZ_i of the
+// sub-layer whose round it is (Backward::by_sub_layer). (The chain itself, and the carry, keep float32 dZ; dx takes
+// dZ_i rounded, Problem::wxr.)
 struct WeightPairs {
-  at::Tensor z, h, x;  // (rows + 1) / 2 x ldz, ldz and ldx 32-bit words
-  int64_t ldz = 0, ldx = 0;
-  const uint32_t* zp() const { return reinterpret_cast<const uint32_t*>(z.const_data_ptr()); }
+  at::Tensor z, h, x;  // (rows + 1) / 2 x ldz, ldh and ldx 32-bit words
+  int64_t ldz = 0, ldh = 0, ldx = 0;
+  bool one_layer = false;  // z holds dZ_i of one sub-layer (w columns), else all L*w
+  const uint32_t* z_at(int64_t i, int64_t w, int64_t j0) const {
+    return reinterpret_cast<const uint32_t*>(z.const_data_ptr()) + (one_layer ? 0 : i * w) + j0;
+  }
   const uint32_t* hp() const { return reinterpret_cast<const uint32_t*>(h.const_data_ptr()); }
   const uint32_t* xp() const { return reinterpret_cast<const uint32_t*>(x.const_data_ptr()); }
 };
 
-// Whether the weight gradients of a call run on pairs (WeightPairs): bfloat16 calls whose input products do (x as
-// stored: pairs_run), with several row tiles (a batch of one tile runs each sub-layer's weight gradients in the round
-// after its dZ_i, on float32 dZ).
-inline bool weight_pairs(const RowTiles& tiles, bool x_stored) { return x_stored && tiles.count > 1; }
+// Whether the backward of a call runs its weight gradients on pairs (WeightPairs): bfloat16 calls whose input products
+// do (x as stored: pairs_run) of at least kPairRows rows; and dx (Problem::wxr), which packs every Wx slot in pairs of
+// rows per call, where that costs little next to the product: kPackRows rows (as the forward's W^T), or weights that
+// fit the L2 cache (kTileWeightBytes). Measured with bfloat16 fwd+bwd steps of SpinalLinear (AMD EPYC Zen 5, one
+// thread, minimum of 7 blocks, three alternating processes each, milliseconds; float32 products / pairs):
+// wide-resnet-head B = 16 1.49-1.61 / 1.12-1.25, 32 2.64-2.72 / 2.23-2.33, 64 5.0-5.3 / 4.3-4.5, 256 18.7-20.6 /
+// 14.6-16.0; wide-resnet-custom (10 Wx slots, 10 MB) B = 16 4.8-5.9 / 4.4-6.3, 32 8.3-8.9 / 7.6-8.6, 64 15.3-15.7 /
+// 12.5-14.1, where with dx on pairs at every batch it was B = 16 4.6-5.5 / 5.9-8.1 and 32 7.4-8.1 / 7.7-10.4.
+inline constexpr int64_t kPairRows = 16;
+inline bool backward_pairs(int64_t rows, bool x_stored) { return x_stored && rows >= kPairRows; }
+inline bool input_gradient_pairs(const SpinalDims& d, bool x_stored) {
+  const int64_t wx_bytes = d.x_slots * d.width * d.chunk * 2;
+  return backward_pairs(d.rows, x_stored) && (d.rows >= kPackRows || wx_bytes <= kTileWeightBytes);
+}
 
 // G: the type the untied weight gradients are written in (T, or bfloat16 for a bfloat16 call without tied slots:
 // rounded once from the float32 sums, as the narrowing on exit would).
@@ -594,28 +617,36 @@ struct Backward {
   // The types of the calls whose weight gradients may run on pairs: float32 arithmetic on bfloat16 weights.
   static constexpr bool kPairTypes = std::is_same_v<T, float> && std::is_same_v<S, c10::BFloat16>;
 
-  // Packs dZ (rounded), H (rounded) and x (as stored) into *pairs, in jobs of kPackPairs pairs of rows each.
-  void pack_weight_pairs() const {
+  // Packs into *pairs, in jobs of kPackPairs pairs of rows: dZ rounded (every sub-layer's when layer < 0, else dZ_layer
+  // alone), and with it, the first time, H rounded and x as stored.
+  void pack_weight_pairs(int64_t layer) const {
     if constexpr (kPairTypes) {
       constexpr int64_t kPackPairs = 32;
       const SpinalDims& dd = d();
-      const int64_t rows = dd.rows, lw = dd.hidden(), D = dd.in_features, qn = (rows + 1) / 2;
+      const int64_t rows = dd.rows, lw = dd.hidden(), w = dd.width, D = dd.in_features, qn = (rows + 1) / 2;
       WeightPairs& wp = *pairs;
-      wp.ldz = pair_ld(lw);
-      wp.ldx = pair_ld(D);
+      const bool first = !wp.z.defined();
       const auto words = at::TensorOptions().dtype(at::kInt);
-      wp.z = at::empty({qn * wp.ldz}, words);
-      wp.h = at::empty({qn * wp.ldz}, words);
-      wp.x = at::empty({qn * wp.ldx}, words);
+      const int64_t zcols = layer < 0 ? lw : w;
+      if (first) {
+        wp.one_layer = layer >= 0;
+        wp.ldz = pair_ld(zcols);
+        wp.ldh = pair_ld(lw);
+        wp.ldx = pair_ld(D);
+        wp.z = at::empty({qn * wp.ldz}, words);
+        wp.h = at::empty({qn * wp.ldh}, words);
+        wp.x = at::empty({qn * wp.ldx}, words);
+      }
       auto* z = reinterpret_cast<uint32_t*>(wp.z.mutable_data_ptr());
       auto* h = reinterpret_cast<uint32_t*>(wp.h.mutable_data_ptr());
       auto* x = reinterpret_cast<uint32_t*>(wp.x.mutable_data_ptr());
-      const int64_t blocks = (qn + kPackPairs - 1) / kPackPairs;
-      run_jobs(3 * blocks, rows * (2 * lw + D), [&](int64_t job) {
+      const T* zsrc = dz + (layer < 0 ? 0 : layer * w);
+      const int64_t blocks = (qn + kPackPairs - 1) / kPackPairs, kinds = first ? 3 : 1;
+      run_jobs(kinds * blocks, rows * (zcols + (first ? lw + D : 0)), [&](int64_t job) {
         const int64_t q0 = job % blocks * kPackPairs, q1 = std::min(qn, q0 + kPackPairs);
         switch (job / blocks) {
-          case 0: return pack_row_pairs<float>(q0, q1, rows, lw, dz, lw, z, wp.ldz);
-          case 1: return pack_row_pairs<float>(q0, q1, rows, lw, h_all, lw, h, wp.ldz);
+          case 0: return pack_row_pairs<float>(q0, q1, rows, zcols, zsrc, lw, z, wp.ldz);
+          case 1: return pack_row_pairs<float>(q0, q1, rows, lw, h_all, lw, h, wp.ldh);
           default: return pack_row_pairs<c10::BFloat16>(q0, q1, rows, D, p.xs, D, x, wp.ldx);
         }
       });
@@ -665,7 +696,7 @@ struct Backward {
         auto product = [&](auto* g, bool stream) {
           if (pairs) {
             if constexpr (kPairTypes) {
-              const uint32_t* zi = pairs->zp() + i * w + job.j0;
+              const uint32_t* zi = pairs->z_at(i, w, job.j0);
               pair_tn_product(mj, c1, rows, zi, pairs->ldz, pairs->xp() + s, pairs->ldx, g, dd.chunk);
               if (c2 > 0) pair_tn_product(mj, c2, rows, zi, pairs->ldz, pairs->xp(), pairs->ldx, g + c1, dd.chunk);
               return;
@@ -686,8 +717,8 @@ struct Backward {
         auto product = [&](auto* g, bool stream) {
           if (pairs) {
             if constexpr (kPairTypes) {
-              return pair_tn_product(mj, w, rows, pairs->zp() + i * w + job.j0, pairs->ldz,
-                                     pairs->hp() + (i - 1) * w, pairs->ldz, g, w);
+              return pair_tn_product(mj, w, rows, pairs->z_at(i, w, job.j0), pairs->ldz, pairs->hp() + (i - 1) * w,
+                                     pairs->ldh, g, w);
             }
           }
           nn_gemm<T>(true, mj, w, rows, dz + i * w + job.j0, lw, h_all + (i - 1) * w, lw, false, g, w, stream);
@@ -710,6 +741,7 @@ struct Backward {
     const int64_t w = d().width;
     std::vector<T> carry(static_cast<size_t>(m * w), T(0));
     std::vector<T> zbuf(needs_preactivation(d().activation, d().negative_slope) ? static_cast<size_t>(m * w) : 0);
+    std::vector<c10::BFloat16> dz16(p.wxr && dx ? static_cast<size_t>(m * w) : 0);  // dZ_i rounded: dx on pairs
     head_gradient(r0, m, gh);
     for (int64_t i = d().layers - 1; i >= 0; --i) {
       chain_columns<A>(p, i, r0, m, 0, w, h_all, dz, carry.data(), zbuf.data(), zero_bias);
@@ -717,7 +749,11 @@ struct Backward {
         nn_gemm<T>(false, m, w, w, dz + r0 * d().hidden() + i * w, d().hidden(), p.wh_slot(i), w, false,
                    carry.data(), w);
       }
-      if (dx) input_gradient(p, i, r0, m, 0, d().chunk, dz, dx);
+      if (!dz16.empty()) {
+        if constexpr (std::is_same_v<T, float>) round_rows_bf16(m, w, dz + r0 * d().hidden() + i * w, d().hidden(),
+                                                                dz16.data(), w);
+      }
+      if (dx) input_gradient(p, i, r0, m, 0, d().chunk, dz, dx, dz16.data());
     }
   }
 
@@ -726,7 +762,7 @@ struct Backward {
     if (need_chain) {
       for_each_tile(tiles, d().rows * row_work(d()), [&](int64_t r0, int64_t m, bool) { chain_tile(r0, m, gh); });
     }
-    if (pairs) pack_weight_pairs();
+    if (pairs) pack_weight_pairs(-1);
     std::vector<WeightJob> jobs;
     int64_t work = 0;
     for (int64_t i = 0; i < d().layers; ++i) add_jobs(i, /*layer=*/true, /*head=*/true, jobs, work);
@@ -747,11 +783,21 @@ struct Backward {
     const ColumnSplit hsplit = ColumnSplit::make(w, m * w * w, true);
     const ColumnSplit xsplit = ColumnSplit::make(dd.chunk, m * w * dd.chunk, true);
     std::vector<WeightJob> jobs;
+    std::vector<c10::BFloat16> dz16(p.wxr && dx ? static_cast<size_t>(m * w) : 0);  // dZ_i rounded: dx on pairs
     for (int64_t i = dd.layers - 1; i >= 0; --i) {
       run_jobs(zsplit.blocks, z_work, [&](int64_t blk) {
         chain_columns<A>(p, i, 0, m, zsplit.begin(blk), zsplit.end(blk) - zsplit.begin(blk), h_all, dz,
                          carry.data(), zbuf.data(), zero_bias);
       });
+      if (pairs) pack_weight_pairs(i);
+      if (!dz16.empty()) {  // dZ_i rounded, in jobs of 64 rows
+        if constexpr (kPairTypes) {
+          run_jobs((m + 63) / 64, m * w, [&](int64_t job) {
+            const int64_t r0 = job * 64, r1 = std::min(m, r0 + 64);
+            round_rows_bf16(r1 - r0, w, dz + r0 * lw + i * w, lw, dz16.data() + r0 * w, w);
+          });
+        }
+      }
       jobs.clear();
       int64_t work = m * w * ((i > 0 ? w : 0) + (dx ? dd.chunk : 0));
       add_jobs(i, /*layer=*/true, /*head=*/false, jobs, work);
@@ -767,7 +813,7 @@ struct Backward {
           nn_gemm<T>(false, m, n1 - n0, w, dzi, lw, p.wh_slot(i) + n0, w, false, carry.data() + n0, w);
         } else if (job < hjobs + xjobs) {
           const int64_t blk = job - hjobs;
-          input_gradient(p, i, 0, m, xsplit.begin(blk), xsplit.end(blk), dz, dx);
+          input_gradient(p, i, 0, m, xsplit.begin(blk), xsplit.end(blk), dz, dx, dz16.data());
         } else {
           run(jobs[job - hjobs - xjobs]);
         }
@@ -820,6 +866,20 @@ Grads backward_grads(const SpinalDims& d, c10::IntArrayRef starts, const std::ar
     auto p = make_problem<T, S>(d, starts, x, weight_x, weight_h, bias, head_weight, std::nullopt);
     if (x_stored) p.xs = x_stored->const_data_ptr<S>();
     const RowTiles tiles = RowTiles::make(d, sizeof(T));
+    at::Tensor wx_rows;  // Wx packed in pairs of rows, for dx on pairs (input_gradient)
+    if constexpr (std::is_same_v<T, float> && std::is_same_v<S, c10::BFloat16>) {
+      if (want_dx && input_gradient_pairs(d, x_stored != nullptr)) {
+        const int64_t ld = pair_ld(d.chunk), slot = (d.width + 1) / 2 * ld;
+        wx_rows = at::empty({d.x_slots * slot}, at::TensorOptions().dtype(at::kInt));
+        auto* out = reinterpret_cast<uint32_t*>(wx_rows.mutable_data_ptr());
+        run_jobs(d.x_slots, d.x_slots * d.width * d.chunk, [&](int64_t s) {
+          pack_row_pairs<c10::BFloat16>(0, (d.width + 1) / 2, d.width, d.chunk, p.wx + s * d.width * d.chunk, d.chunk,
+                                        out + s * slot, ld);
+        });
+        p.wxr = out;
+        p.ldwxr = ld;
+      }
+    }
     at::Tensor packed, pairs;  // Z is recomputed for act' of some activations: the forward's products
     if (need_chain && needs_preactivation(d.activation, d.negative_slope)) {
       pack_weights(p, std::min(tiles.size, d.rows), /*with_head=*/false, packed, pairs);
@@ -846,7 +906,7 @@ Grads backward_grads(const SpinalDims& d, c10::IntArrayRef starts, const std::ar
                                                  hpart,
                                                  tied,
                                                  zero_bias.data(),
-                                                 weight_pairs(tiles, x_stored != nullptr) && (want_wx || want_wh)
+                                                 backward_pairs(d.rows, x_stored != nullptr) && (want_wx || want_wh)
                                                      ? &weight_operands
                                                      : nullptr};
       if (tiles.count == 1 && need_chain) {

@@ -1039,6 +1039,14 @@ SPINAL_TARGET_AVX512BF16 [[gnu::always_inline]] inline __m512i load_bf16_words(c
   }
 }
 
+// v[0, n) rounded to nearest even bfloat16 by vcvtneps2bf16 (as pack_row_pairs rounds) into out.
+SPINAL_TARGET_AVX512BF16 inline void round_bf16(int64_t n, const float* v, c10::BFloat16* out) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 mask = static_cast<__mmask16>(n - j >= 16 ? 0xFFFF : (1u << (n - j)) - 1);
+    _mm256_mask_storeu_epi16(out + j, mask, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, v + j)));
+  }
+}
+
 template <typename Src>
 SPINAL_TARGET_AVX512BF16 inline void pack_row_pairs(int64_t q0, int64_t q1, int64_t rows, int64_t n, const Src* m,
                                                     int64_t ld, uint32_t* out, int64_t ldp) {
@@ -1160,6 +1168,16 @@ void pack_row_pairs(int64_t q0, int64_t q1, int64_t rows, int64_t n, const Src* 
   kernels::pack_row_pairs<Src>(q0, q1, rows, n, m, ld, out, ldp);
 #else
   (void)q0, (void)q1, (void)rows, (void)n, (void)m, (void)ld, (void)out, (void)ldp;
+#endif
+}
+
+// Rows [0, m) of M (m x n, ld; float32) rounded to nearest even bfloat16 into out (ldo), as pack_row_pairs rounds.
+// Only where bf16_pairs().
+inline void round_rows_bf16(int64_t m, int64_t n, const float* v, int64_t ld, c10::BFloat16* out, int64_t ldo) {
+#if SPINAL_X86_DISPATCH
+  for (int64_t r = 0; r < m; ++r) kernels::round_bf16(n, v + r * ld, out + r * ldo);
+#else
+  (void)m, (void)n, (void)v, (void)ld, (void)out, (void)ldo;
 #endif
 }
 
