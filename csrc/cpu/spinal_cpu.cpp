@@ -100,7 +100,7 @@ struct Problem {
   bool hpairs = false;
   const uint32_t* whp = nullptr;
   int64_t ldwhp = 0;
-  // ... and whose backward's dx runs on pairs (WeightPairs: several row tiles): per slot Wx_s packed in pairs of rows
+  // ... and whose backward's dx runs on pairs (input_gradient_pairs): per slot Wx_s packed in pairs of rows
   // ((w + 1) / 2, ldwxr; pack_row_pairs), else null
   const uint32_t* wxr = nullptr;
   int64_t ldwxr = 0;
@@ -610,7 +610,7 @@ struct Backward {
   std::vector<T>& hpart;
   const std::vector<char>& tied;
   const T* zero_bias;
-  WeightPairs* pairs = nullptr;  // set (weight_pairs): dWx and dWh on bfloat16 pairs, packed after the chain
+  WeightPairs* pairs = nullptr;  // set (backward_pairs): dWx and dWh on bfloat16 pairs (pack_weight_pairs)
 
   const SpinalDims& d() const { return p.d; }
   static bool streams(int64_t elements) { return elements * static_cast<int64_t>(sizeof(T)) > kStreamBytes; }

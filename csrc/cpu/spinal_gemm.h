@@ -1026,9 +1026,8 @@ SPINAL_TARGET_AVX512BF16 inline void pair_gemm(int64_t m, int64_t n, int64_t k, 
   }
 }
 
-// Rows [2 q0, 2 q1) of M (rows x n, ld; float32, rounded to nearest even bfloat16 by vcvtneps2bf16, or bfloat16) into
-// rows [q0, q1) of P, packed in pairs of rows: P[q, j] = M[2q, j] | M[2q + 1, j] << 16 (zero past the rows and past
-// n, up to ldp, a multiple of 16).
+// 16 elements of a row (masked: zero past the mask) as the low halves of 16 32-bit words, float32 rounded to nearest
+// even bfloat16 by vcvtneps2bf16.
 template <typename Src>
 SPINAL_TARGET_AVX512BF16 [[gnu::always_inline]] inline __m512i load_bf16_words(const Src* src, __mmask16 mask) {
   if constexpr (std::is_same_v<Src, float>) {
@@ -1047,6 +1046,9 @@ SPINAL_TARGET_AVX512BF16 inline void round_bf16(int64_t n, const float* v, c10::
   }
 }
 
+// Rows [2 q0, 2 q1) of M (rows x n, ld; float32, rounded to nearest even bfloat16 by vcvtneps2bf16, or bfloat16) into
+// rows [q0, q1) of P, packed in pairs of rows: P[q, j] = M[2q, j] | M[2q + 1, j] << 16 (zero past the rows and past
+// n, up to ldp, a multiple of 16).
 template <typename Src>
 SPINAL_TARGET_AVX512BF16 inline void pack_row_pairs(int64_t q0, int64_t q1, int64_t rows, int64_t n, const Src* m,
                                                     int64_t ld, uint32_t* out, int64_t ldp) {
@@ -1055,10 +1057,11 @@ SPINAL_TARGET_AVX512BF16 inline void pack_row_pairs(int64_t q0, int64_t q1, int6
     const bool has_hi = 2 * q + 1 < rows;
     uint32_t* o = out + q * ldp;
     for (int64_t j = 0; j < ldp; j += 16) {
-      const __mmask16 mask = static_cast<__mmask16>(
-          j + 16 <= n ? 0xFFFF : (j < n ? (1u << (n - j)) - 1 : 0));
+      const __mmask16 mask = static_cast<__mmask16>(j + 16 <= n ? 0xFFFF : (j < n ? (1u << (n - j)) - 1 : 0));
       __m512i word = load_bf16_words(lo + j, mask);
-      if (has_hi) word = _mm512_or_si512(word, _mm512_maskz_slli_epi32(0xFFFF, load_bf16_words(lo + ld + j, mask), 16));
+      if (has_hi) {
+        word = _mm512_or_si512(word, _mm512_maskz_slli_epi32(0xFFFF, load_bf16_words(lo + ld + j, mask), 16));
+      }
       _mm512_storeu_si512(o + j, word);
     }
   }
