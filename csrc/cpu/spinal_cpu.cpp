@@ -64,6 +64,7 @@
 #include <cstdint>
 #include <limits>
 #include <tuple>
+#include <memory>
 #include <vector>
 
 #include "../spinal_args.h"
@@ -239,13 +240,14 @@ void input_and_recurrent_product(const Problem<T, S>& p, int64_t i, int64_t r0, 
   const T* h_prev = h_all + r0 * lw + (i - 1) * d.width;
   if constexpr (std::is_same_v<S, c10::BFloat16>) {
     if (p.hpairs) {
-      std::vector<S> rounded(static_cast<size_t>(m * d.width));  // H_{i-1} as the call returns it
-      for (int64_t r = 0; r < m; ++r)
-        for (int64_t k = 0; k < d.width; ++k) rounded[r * d.width + k] = S(h_prev[r * lw + k]);
+      // H_{i-1} as the call returns it (vcvtneps2bf16 flushes a denormal to zero where the narrowing keeps it: the
+      // pairs read a bfloat16 denormal as zero either way)
+      const std::unique_ptr<S[]> rounded(new S[static_cast<size_t>(m * d.width)]);
+      round_rows_bf16(m, d.width, h_prev, lw, rounded.get(), d.width);
       if (p.whp != nullptr) {
-        return pair_product(m, n, d.width, rounded.data(), d.width, p.whp_slot(i) + n0, p.ldwhp, z, ldz, true);
+        return pair_product(m, n, d.width, rounded.get(), d.width, p.whp_slot(i) + n0, p.ldwhp, z, ldz, true);
       }
-      return pair_dot_product(m, n, d.width, rounded.data(), d.width, p.wh_slot(i) + n0 * d.width, d.width, z, ldz,
+      return pair_dot_product(m, n, d.width, rounded.get(), d.width, p.wh_slot(i) + n0 * d.width, d.width, z, ldz,
                               true);
     }
   }
