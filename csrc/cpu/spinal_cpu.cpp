@@ -495,6 +495,10 @@ void chain_columns(const Problem<T, S>& p, int64_t i, int64_t r0, int64_t m, int
   }
 }
 
+// The types of the calls whose backward products may run on bfloat16 pairs: float32 arithmetic on bfloat16 weights.
+template <typename T, typename S>
+inline constexpr bool kPairTypes = std::is_same_v<T, float> && std::is_same_v<S, c10::BFloat16>;
+
 // dx[:, (s_i + j) mod D] += dZ_i @ Wx_i[:, j] for the chunk columns j in [j0, j1), rows [r0, r0+m), split where
 // the chunk wraps. On bfloat16 pairs where p.wxr is set: dz16 holds the rows of dZ_i rounded to bfloat16 (m x w).
 template <typename T, typename S>
@@ -508,7 +512,7 @@ void input_gradient(const Problem<T, S>& p, int64_t i, int64_t r0, int64_t m, in
   const S* wxi = p.wx_slot(i);
   T* dxt = dx + r0 * d.in_features;
   auto product = [&](int64_t a, int64_t b, T* out) {  // chunk columns [a, b) into out
-    if constexpr (std::is_same_v<T, float> && std::is_same_v<S, c10::BFloat16>) {
+    if constexpr (kPairTypes<T, S>) {
       if (p.wxr) return pair_product(m, b - a, w, dz16, w, p.wxr_slot(i) + a, p.ldwxr, out, d.in_features, true);
     }
     nn_gemm<T>(false, m, b - a, w, dzi, lw, wxi + a, d.chunk, true, out, d.in_features);
@@ -616,18 +620,18 @@ struct Backward {
 
   const SpinalDims& d() const { return p.d; }
   static bool streams(int64_t elements) { return elements * static_cast<int64_t>(sizeof(T)) > kStreamBytes; }
-  // The types of the calls whose weight gradients may run on pairs: float32 arithmetic on bfloat16 weights.
-  static constexpr bool kPairTypes = std::is_same_v<T, float> && std::is_same_v<S, c10::BFloat16>;
+  static constexpr bool kPairs = kPairTypes<T, S>;
 
   // Packs into *pairs, in jobs of kPackPairs pairs of rows: dZ rounded (every sub-layer's when layer < 0, else dZ_layer
-  // alone), and with it, the first time, H rounded and x as stored.
+  // alone), and with it, the first time, H rounded (for dWh) and x as stored (for dWx) where those are wanted.
   void pack_weight_pairs(int64_t layer) const {
-    if constexpr (kPairTypes) {
+    if constexpr (kPairs) {
       constexpr int64_t kPackPairs = 32;
       const SpinalDims& dd = d();
       const int64_t rows = dd.rows, lw = dd.hidden(), w = dd.width, D = dd.in_features, qn = (rows + 1) / 2;
       WeightPairs& wp = *pairs;
       const bool first = !wp.z.defined();
+      const bool pack_h = first && dwh && dd.layers > 1, pack_x = first && dwx;
       const auto words = at::TensorOptions().dtype(at::kInt);
       const int64_t zcols = layer < 0 ? lw : w;
       if (first) {
@@ -636,21 +640,23 @@ struct Backward {
         wp.ldh = pair_ld(lw);
         wp.ldx = pair_ld(D);
         wp.z = at::empty({qn * wp.ldz}, words);
-        wp.h = at::empty({qn * wp.ldh}, words);
-        wp.x = at::empty({qn * wp.ldx}, words);
       }
+      if (pack_h) wp.h = at::empty({qn * wp.ldh}, words);
+      if (pack_x) wp.x = at::empty({qn * wp.ldx}, words);
       auto* z = reinterpret_cast<uint32_t*>(wp.z.mutable_data_ptr());
-      auto* h = reinterpret_cast<uint32_t*>(wp.h.mutable_data_ptr());
-      auto* x = reinterpret_cast<uint32_t*>(wp.x.mutable_data_ptr());
       const T* zsrc = dz + (layer < 0 ? 0 : layer * w);
-      const int64_t blocks = (qn + kPackPairs - 1) / kPackPairs, kinds = first ? 3 : 1;
-      run_jobs(kinds * blocks, rows * (zcols + (first ? lw + D : 0)), [&](int64_t job) {
+      const int64_t blocks = (qn + kPackPairs - 1) / kPackPairs;
+      const int64_t kinds = 1 + pack_h + pack_x;  // dZ, then H, then x
+      run_jobs(kinds * blocks, rows * (zcols + (pack_h ? lw : 0) + (pack_x ? D : 0)), [&](int64_t job) {
         const int64_t q0 = job % blocks * kPackPairs, q1 = std::min(qn, q0 + kPackPairs);
-        switch (job / blocks) {
-          case 0: return pack_row_pairs<float>(q0, q1, rows, zcols, zsrc, lw, z, wp.ldz);
-          case 1: return pack_row_pairs<float>(q0, q1, rows, lw, h_all, lw, h, wp.ldh);
-          default: return pack_row_pairs<c10::BFloat16>(q0, q1, rows, D, p.xs, D, x, wp.ldx);
+        const int64_t kind = job / blocks;
+        if (kind == 0) return pack_row_pairs<float>(q0, q1, rows, zcols, zsrc, lw, z, wp.ldz);
+        if (kind == 1 && pack_h) {
+          return pack_row_pairs<float>(q0, q1, rows, lw, h_all, lw,
+                                       reinterpret_cast<uint32_t*>(wp.h.mutable_data_ptr()), wp.ldh);
         }
+        pack_row_pairs<c10::BFloat16>(q0, q1, rows, D, p.xs, D, reinterpret_cast<uint32_t*>(wp.x.mutable_data_ptr()),
+                                      wp.ldx);
       });
     }
   }
@@ -697,7 +703,7 @@ struct Backward {
         const T* dzi = dz + i * w + job.j0;
         auto product = [&](auto* g, bool stream) {
           if (pairs) {
-            if constexpr (kPairTypes) {
+            if constexpr (kPairs) {
               const uint32_t* zi = pairs->z_at(i, w, job.j0);
               pair_tn_product(mj, c1, rows, zi, pairs->ldz, pairs->xp() + s, pairs->ldx, g, dd.chunk);
               if (c2 > 0) pair_tn_product(mj, c2, rows, zi, pairs->ldz, pairs->xp(), pairs->ldx, g + c1, dd.chunk);
@@ -718,7 +724,7 @@ struct Backward {
         const int64_t hsize = w * w;
         auto product = [&](auto* g, bool stream) {
           if (pairs) {
-            if constexpr (kPairTypes) {
+            if constexpr (kPairs) {
               return pair_tn_product(mj, w, rows, pairs->z_at(i, w, job.j0), pairs->ldz, pairs->hp() + (i - 1) * w,
                                      pairs->ldh, g, w);
             }
@@ -752,8 +758,7 @@ struct Backward {
                    carry.data(), w);
       }
       if (!dz16.empty()) {
-        if constexpr (std::is_same_v<T, float>) round_rows_bf16(m, w, dz + r0 * d().hidden() + i * w, d().hidden(),
-                                                                dz16.data(), w);
+        if constexpr (kPairs) round_rows_bf16(m, w, dz + r0 * d().hidden() + i * w, d().hidden(), dz16.data(), w);
       }
       if (dx) input_gradient(p, i, r0, m, 0, d().chunk, dz, dx, dz16.data());
     }
@@ -793,7 +798,7 @@ struct Backward {
       });
       if (pairs) pack_weight_pairs(i);
       if (!dz16.empty()) {  // dZ_i rounded, in jobs of 64 rows
-        if constexpr (kPairTypes) {
+        if constexpr (kPairs) {
           run_jobs((m + 63) / 64, m * w, [&](int64_t job) {
             const int64_t r0 = job * 64, r1 = std::min(m, r0 + 64);
             round_rows_bf16(r1 - r0, w, dz + r0 * lw + i * w, lw, dz16.data() + r0 * w, w);
@@ -869,7 +874,7 @@ Grads backward_grads(const SpinalDims& d, c10::IntArrayRef starts, const std::ar
     if (x_stored) p.xs = x_stored->const_data_ptr<S>();
     const RowTiles tiles = RowTiles::make(d, sizeof(T));
     at::Tensor wx_rows;  // Wx packed in pairs of rows, for dx on pairs (input_gradient)
-    if constexpr (std::is_same_v<T, float> && std::is_same_v<S, c10::BFloat16>) {
+    if constexpr (kPairTypes<T, S>) {
       if (want_dx && input_gradient_pairs(d, x_stored != nullptr)) {
         const int64_t ld = pair_ld(d.chunk), slot = (d.width + 1) / 2 * ld;
         wx_rows = at::empty({d.x_slots * slot}, at::TensorOptions().dtype(at::kInt));
