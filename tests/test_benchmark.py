@@ -91,6 +91,29 @@ def test_every_provider_of_a_row_runs_on_the_threads_recorded_and_they_are_resto
     assert torch.get_num_threads() == before
 
 
+def test_timed_steps_run_on_the_providers_backend(monkeypatch, fast_machine):
+    """Each provider's timed steps run with its backend forced (once around the timed calls, not per call); the
+    providers on the automatic choice run with none forced."""
+    seen: dict[str, set] = {}
+    real = benchmark.make_step
+
+    def make_step(module, backend, x, mode):
+        step = real(module, backend, x, mode)
+        kind = provider_kind(module)
+
+        def noted():
+            seen.setdefault(kind, set()).add(backends.forced_backend())
+            step()
+
+        return noted
+
+    monkeypatch.setattr(benchmark, "make_step", make_step)
+    report = benchmark.run([TINY], [2], modes=("forward", "fwd+bwd"), compile_eager=False, **FAST)
+    fused = {r["provider"] for r in report["records"] if r["provider"].startswith("fused")}
+    assert fused and seen["fused"] == {name[len("fused["):-1] for name in fused}, seen
+    assert seen["eager"] == seen["dense"] == {None}, seen
+
+
 def test_a_provider_that_changes_the_thread_count_is_reported_failed(monkeypatch, fast_machine, three_threads):
     """A step that drops torch's threads (as the cpu backend once did) must not pass as a timing."""
     real = benchmark.make_step
@@ -135,11 +158,12 @@ def test_backward_steps_write_each_gradient_once(mode):
     providers = benchmark.make_providers(TINY, torch.float64, "cpu", compile_eager=False)
     x = torch.randn(7, TINY.in_features, dtype=torch.float64)
     for name, provider in providers.items():
-        step = benchmark.make_step(provider.module, provider.backend, x, mode)
-        step()
-        once = [p.grad.clone() for p in provider.module.parameters()]
-        step()
-        step()
+        with benchmark.forcing(provider.backend):
+            step = benchmark.make_step(provider.module, provider.backend, x, mode)
+            step()
+            once = [p.grad.clone() for p in provider.module.parameters()]
+            step()
+            step()
         for p, g in zip(provider.module.parameters(), once, strict=True):
             assert torch.equal(p.grad, g), (
                 f"{name} {mode}: gradient after three steps differs from one step's "
