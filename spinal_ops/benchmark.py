@@ -398,7 +398,9 @@ def _head_lines(report: dict, markdown: bool) -> list[str]:
     if markdown:
         return ["", title + ":", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols),
                 *("| " + " | ".join(r) + " |" for r in rows)]
-    return ["", title + ":", "".join(f"{c:>14}" for c in cols), *("".join(f"{c:>14}" for c in r) for r in rows)]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) + 2 for i, c in enumerate(cols)]  # a long mode stays apart
+    return ["", title + ":", *("".join(f"{c:>{n}}" for c, n in zip(r, widths, strict=True))
+                               for r in [cols, *rows])]
 
 
 # --- the machine: CPU, native dtypes, GEMM rate, copy bandwidth, one op call -------------------------------------

@@ -387,6 +387,17 @@ def test_each_run_gets_its_own_folder_and_latest_points_at_the_newest(tmp_path):
     assert saved["rows"][0]["eager_us"] is None and "| failed |" in open(second["md"]).read()
 
 
+def test_heads_text_table_keeps_every_column_apart():
+    """A long cell (a noisy row's mode, a long configuration name) widens its column instead of running into the
+    next one."""
+    cell = {"status": "ok", "seconds": 1e-5}
+    report = {"heads": [{"config": "wide-resnet-head", "rows": 1, "train": "eval", "mode": "fwd+bwd", "noisy": True,
+                         "spinal": cell, "blocks": cell, "ratio": 1.0, "spread": 0.2}]}
+    *_, header, line = benchmark._head_lines(report, markdown=False)
+    assert header.split() == ["config", "B", "mode", "spinal", "blocks", "spinal/blocks", "spread"]
+    assert line.split() == ["wide-resnet-head", "1", "eval", "fwd+bwd", "(noisy)", "10", "10", "1.00", "20.0%"]
+
+
 def test_heads_are_timed_against_the_original_blocks_in_train_and_eval_mode(fast_machine):
     report = benchmark.run([TINY], [1, 3], modes=("forward",), dtype=torch.float64, compile_eager=False,
                            heads=[TINY.name], **FAST)
