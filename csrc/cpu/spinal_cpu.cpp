@@ -55,13 +55,12 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros.h>
-#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <memory>
@@ -831,6 +830,18 @@ struct Backward {
 
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// A zero-filled tensor. Up to kSmallFillBytes the fill is a memset here: at::zeros fills through a TensorIterator,
+// ~0.2 us a call (AMD EPYC Zen 5), as much as a B = 1 backward's products over a narrow layer's dx or bias; larger
+// ones keep at::zeros' parallel fill.
+inline constexpr int64_t kSmallFillBytes = int64_t(1) << 16;
+at::Tensor zeros(c10::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+  const int64_t bytes = t.numel() * static_cast<int64_t>(t.element_size());
+  if (bytes > kSmallFillBytes) return t.zero_();
+  if (bytes > 0) std::memset(t.mutable_data_ptr(), 0, static_cast<size_t>(bytes));
+  return t;
+}
+
 // The gradients of one call, as T tensors (the weight gradients as G tensors: see Backward): grad_y, grad_h, x,
 // h_all and the bias are T, the weights S (see Problem).
 template <typename T, typename S, typename G>
@@ -859,14 +870,14 @@ Grads backward_grads(const SpinalDims& d, c10::IntArrayRef starts, const std::ar
   // without grad_y and the accumulated dx and bias gradients do.
   const auto g_options = x.options().dtype(c10::CppTypeToScalarType<G>());
   auto grad_like = [&](const at::Tensor& t, bool written_whole) {
-    return written_whole ? at::empty(t.sizes(), g_options) : at::zeros(t.sizes(), g_options);
+    return written_whole ? at::empty(t.sizes(), g_options) : zeros(t.sizes(), g_options);
   };
-  at::Tensor dx = want_dx ? at::zeros_like(x) : empty();
+  at::Tensor dx = want_dx ? zeros(x.sizes(), x.options()) : empty();
   at::Tensor dwx = want_wx ? grad_like(weight_x, !any_tied) : empty();
   at::Tensor dwh = want_wh ? grad_like(weight_h, !any_tied) : empty();
-  at::Tensor db = want_b ? at::zeros_like(*bias) : empty();
+  at::Tensor db = want_b ? zeros(bias->sizes(), x.options()) : empty();
   at::Tensor dwo = want_wo ? grad_like(*head_weight, has_gy) : empty();
-  at::Tensor dbo = want_bo ? at::zeros({d.out}, x.options()) : empty();
+  at::Tensor dbo = want_bo ? zeros({d.out}, x.options()) : empty();
   const int64_t lw = d.hidden();
 
   {
