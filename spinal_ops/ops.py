@@ -365,6 +365,11 @@ class LayerSpec:
     starts: list[int]  # op argument: the first input column of each sub-layer's chunk
     slot_list: list[int]  # op argument: ``slots`` as a list
     num_slots: tuple[int, int]  # (S, S - 1): the weight_x and weight_h slots the slot table needs
+    # The ops' arguments after the tensors, (starts, slot_list, activation, negative_slope): one read per call.
+    op_args: tuple = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "op_args", (self.starts, self.slot_list, self.activation, self.negative_slope))
 
 
 def layer_spec(in_features: int, *, num_layers: int | None, num_splits: int, split_mode: str, activation: str,
@@ -528,15 +533,14 @@ def run(input: Tensor, params: tuple, spec: LayerSpec, where: str) -> Tensor:
         check_input(input, where, spec.in_features)  # raises, naming what is wrong
     if torch._C._is_any_autocast_enabled():  # the one cheap check when autocast is off
         input, params = autocast_args(input, params)
-    weight_x, weight_h, _, head_weight, _ = params
+    weight_x, weight_h, bias, head_weight, head_bias = params
     sx, sh = weight_x.shape, weight_h.shape
     if len(sx) != 3 or sx[2] != spec.chunk or sx[0] != spec.num_slots[0] or len(sh) != 3 or \
             sh[0] != spec.num_slots[1]:
         raise _spec_mismatch(params, spec, where)
-    for t in params:
-        if t is not None and not t.is_contiguous():
-            params = tuple(t.contiguous() if t is not None else None for t in params)
-            break
+    if not (weight_x.is_contiguous() and weight_h.is_contiguous() and (bias is None or bias.is_contiguous()) and
+            (head_weight is None or head_weight.is_contiguous()) and (head_bias is None or head_bias.is_contiguous())):
+        params = tuple(t.contiguous() if t is not None else None for t in params)
     two_d = len(shape) == 2
     x2d = input if two_d else input.reshape(-1, shape[-1])
     if not x2d.is_contiguous():
@@ -548,7 +552,7 @@ def run(input: Tensor, params: tuple, spec: LayerSpec, where: str) -> Tensor:
         backend = select_backend("cpu", input.dtype)
     else:  # the GPU cost model chooses per problem
         backend = select_backend(input.device, input.dtype, _problem(x2d, params, spec))
-    h_all, y = forward_op(backend)(x2d, *params, spec.starts, spec.slot_list, spec.activation, spec.negative_slope)
+    h_all, y = forward_op(backend)(x2d, *params, *spec.op_args)
     out = h_all if head_weight is None else y
     return out if two_d else out.reshape(*shape[:-1], out.shape[-1])
 

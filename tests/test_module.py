@@ -197,3 +197,25 @@ def test_functional_matches_module():
     y = spinal_ops.spinal_linear(x, m.weight_x, m.weight_h, m.bias, m.head_weight, m.head_bias, num_layers=3,
                                  shared_weights=True, activation="silu")
     assert_close(y.detach(), m(x).detach(), what="functional vs module")
+
+
+@pytest.mark.parametrize("which", range(5))
+def test_non_contiguous_weights_run_as_their_contiguous_copies(which):
+    """Any one of the five tensors given as a non-contiguous view (a transposed copy transposed back): the result
+    and the gradients are bitwise those of the contiguous tensors."""
+    m = SpinalLinear(10, 3, layer_width=4, num_layers=3)
+    x = _x(5, 10)
+    params = [p.detach() for p in (m.weight_x, m.weight_h, m.bias, m.head_weight, m.head_bias)]
+    strided = list(params)
+    t = params[which]
+    strided[which] = (t.transpose(-1, -2).contiguous().transpose(-1, -2) if t.dim() > 1 else
+                      torch.stack([t, t], 1)[:, 0])
+    assert not strided[which].is_contiguous() and torch.equal(strided[which], t)
+    runs = []
+    for tensors in (params, strided):
+        leaves = [p.clone().requires_grad_() if p.is_contiguous() else p.requires_grad_() for p in tensors]
+        y = spinal_ops.spinal_linear(x, *leaves, num_layers=3)
+        y.square().sum().backward()
+        runs.append((y.detach(), [p.grad for p in leaves]))
+    (y0, g0), (y1, g1) = runs
+    assert torch.equal(y0, y1) and all(torch.equal(a, b) for a, b in zip(g0, g1, strict=True))
