@@ -574,7 +574,7 @@ def _eager_ops(plan: str, cfg: SpinalConfig, rows: int, mode: str, math_mode: st
         def module(x):
             p = spinal
             h_all, y = reference.spinal_forward(x, p.weight_x, p.weight_h, p.bias, p.head_weight, p.head_bias,
-                                                spec.starts, spec.slot_list, spec.activation, spec.negative_slope)
+                                                *spec.op_args)
             return y if head else h_all
     else:
         raise ValueError(f"plan must be eager, dense, gemm or reference, got {plan!r}")
@@ -600,7 +600,7 @@ def _gemm_plan_ops(spinal, cfg: SpinalConfig, rows: int, mode: str, dtype: torch
 
     spec = spinal._spec
     p = spinal
-    hyper = (spec.starts, spec.slot_list, spec.activation, spec.negative_slope)
+    hyper = spec.op_args
     x = torch.empty(rows, cfg.in_features, device="meta", dtype=dtype)
 
     def run(state):

@@ -231,8 +231,7 @@ class SpinalLinear(nn.Module):
         if unfused:  # plain PyTorch, bit for bit the original blocks
             out = reference.spinal_forward_blocks(
                 input.reshape(-1, spec.in_features), self.weight_x, self.weight_h, self.bias, self.head_weight,
-                self.head_bias, spec.starts, spec.slot_list, spec.activation, spec.negative_slope,
-                dropout=self._dropout, training=self.training, norms=norms,
+                self.head_bias, *spec.op_args, dropout=self._dropout, training=self.training, norms=norms,
             )
             return out.reshape(*input.shape[:-1], out.shape[-1])
         weight_x, weight_h, bias = self.weight_x, self.weight_h, self.bias  # eval-mode dropout is the identity

@@ -604,7 +604,7 @@ def _time_backend(backend: str, x2d: Tensor, params: tuple, spec: LayerSpec, mod
     import time
 
     op = forward_op(backend)
-    args = (spec.starts, spec.slot_list, spec.activation, spec.negative_slope)
+    args = spec.op_args
     xs = x2d.detach().requires_grad_(x2d.requires_grad)
     ps = tuple(t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in params)
     leaves = [t for t in (xs, *ps) if t is not None and t.requires_grad]
