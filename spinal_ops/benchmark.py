@@ -200,9 +200,12 @@ def _call(module, backend, x):
 
 
 def make_step(module, backend, x, mode: str):
-    """A no-argument callable running one ``mode`` step of one provider on ``x``, to be called inside
-    ``forcing(backend)``: the backend is forced once around all the timed calls, as a user forces it around a
-    training loop, not per call (entering ``use_backend`` costs ~2 us, as much as a whole B = 1 forward's Python).
+    """A no-argument callable running one ``mode`` step of one provider on ``x``.
+
+    The step itself does not force ``backend``: call it inside ``forcing(backend)`` (:func:`time_provider` enters it
+    once around the warm-up and all the timed calls, as a user forces a backend around a training loop; entering
+    ``use_backend`` per call would add ~2 us to every step, as much as a B = 1 forward's own Python). The forward that
+    sets up ``fwd+bwd`` and ``backward`` steps runs under ``forcing(backend)`` here.
 
     ``fwd+bwd`` and ``backward`` run one forward with gradients while they are set up (the output's shape, the
     retained graph): the same shapes and grad mode as the timed calls, so a compiled module compiles nothing else.
