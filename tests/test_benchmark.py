@@ -46,9 +46,9 @@ def provider_kind(module) -> str:
     return "fused"
 
 
-def record_threads(monkeypatch) -> dict[str, set[int]]:
-    """Wrap every timed step so that it notes torch's thread count at each call, per provider kind."""
-    seen: dict[str, set[int]] = {}
+def record_per_step(monkeypatch, probe) -> dict[str, set]:
+    """Wrap every timed step so that it notes ``probe()`` at each call, per provider kind."""
+    seen: dict[str, set] = {}
     real = benchmark.make_step
 
     def make_step(module, backend, x, mode):
@@ -56,13 +56,18 @@ def record_threads(monkeypatch) -> dict[str, set[int]]:
         kind = provider_kind(module)
 
         def noted():
-            seen.setdefault(kind, set()).add(torch.get_num_threads())
+            seen.setdefault(kind, set()).add(probe())
             step()
 
         return noted
 
     monkeypatch.setattr(benchmark, "make_step", make_step)
     return seen
+
+
+def record_threads(monkeypatch) -> dict[str, set[int]]:
+    """torch's thread count at each call of every timed step, per provider kind."""
+    return record_per_step(monkeypatch, torch.get_num_threads)
 
 
 def test_timed_steps_run_with_the_recorded_thread_count(monkeypatch, three_threads):
@@ -94,20 +99,7 @@ def test_every_provider_of_a_row_runs_on_the_threads_recorded_and_they_are_resto
 def test_timed_steps_run_on_the_providers_backend(monkeypatch, fast_machine):
     """Each provider's timed steps run with its backend forced (once around the timed calls, not per call); the
     providers on the automatic choice run with none forced."""
-    seen: dict[str, set] = {}
-    real = benchmark.make_step
-
-    def make_step(module, backend, x, mode):
-        step = real(module, backend, x, mode)
-        kind = provider_kind(module)
-
-        def noted():
-            seen.setdefault(kind, set()).add(backends.forced_backend())
-            step()
-
-        return noted
-
-    monkeypatch.setattr(benchmark, "make_step", make_step)
+    seen = record_per_step(monkeypatch, backends.forced_backend)
     report = benchmark.run([TINY], [2], modes=("forward", "fwd+bwd"), compile_eager=False, **FAST)
     fused = {r["provider"] for r in report["records"] if r["provider"].startswith("fused")}
     assert fused and seen["fused"] == {name[len("fused["):-1] for name in fused}, seen
