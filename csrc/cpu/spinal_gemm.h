@@ -311,8 +311,9 @@ template <int VB>
 }
 
 // C[r, :] (=|+=, by `out`) sum_q A(r, q) B[q, :] for r < MR and NV vectors of columns; A(r, q) = a[r * ars + q * aqs]. The
-// last vector of the block may be partial: its loads come from `tail` (ld `ldt`, zero-padded to whole vectors) and
-// only `tail_cols` of its columns are stored (kTail). C is T, or bfloat16 (CT; written, rounded once: store_bf16).
+// last vector of the block may be partial: its loads come from `tail` (ld `ldt`; zero-padded to whole vectors, or B
+// itself read with masked loads: kMaskedTail) and only `tail_cols` of its columns are stored (kTail; masked stores
+// with kMaskedTail). C is T, or bfloat16 (CT; written, rounded once: store_bf16).
 template <typename T, int VB, int MR, int NV, bool kTail, typename S, typename CT>
 [[gnu::always_inline]] inline void axpy_tile(int64_t k, const T* a, int64_t ars, int64_t aqs, const S* b, int64_t ldb,
                                              const T* tail, int64_t ldt, int tail_cols, CT* c, int64_t ldc,
@@ -416,7 +417,8 @@ inline constexpr int64_t kShortK = 16;
 
 // C (m x n) (=|+=) A (m x k, strides ars / aqs) @ B (k x n, ldb; stored as S, read widened to T). `padded`: B's
 // rows are readable up to a whole number of vectors past n (a packed B^T, S = T), else the partial last vector is
-// copied (widened) into a zero-padded buffer first. C is T, or bfloat16 (CT, written: see axpy_tile).
+// read with masked loads (kMaskedTail) or copied (widened) into a zero-padded buffer first. C is T, or bfloat16 (CT,
+// written: see axpy_tile).
 template <typename T, int VB, typename S, typename CT>
 [[gnu::always_inline]] inline void axpy_gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t ars, int64_t aqs,
                                              const S* b, int64_t ldb, bool padded, CT* c, int64_t ldc,
