@@ -25,7 +25,8 @@ CPU, CUDA events on a GPU); at least :data:`MIN_BLOCKS` blocks and ``min_run_tim
 reports the median time per call over its blocks, the quartiles, min and max; its spread is the interquartile
 range over the median, and a row (configuration, batch size, mode) whose cells spread more than
 :data:`NOISY_SPREAD` is flagged noisy. Every provider runs on the thread count the report sets and records; a
-provider that changes it is reported as failed.
+provider that changes it is reported as failed. A provider on a named backend has it forced once around its timed
+calls (:func:`forcing`), not per call.
 
 Floor: the report measures, in the same run, the GEMM rate of this machine (a square ``torch.mm``, and on CPU the
 ``cpu`` backend's own product kernels on the same square; the faster of the two is the rate), the copy bandwidth at
