@@ -62,8 +62,8 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <tuple>
 #include <memory>
+#include <tuple>
 #include <vector>
 
 #include "../spinal_args.h"
@@ -619,12 +619,11 @@ struct Backward {
 
   const SpinalDims& d() const { return p.d; }
   static bool streams(int64_t elements) { return elements * static_cast<int64_t>(sizeof(T)) > kStreamBytes; }
-  static constexpr bool kPairs = kPairTypes<T, S>;
 
   // Packs into *pairs, in jobs of kPackPairs pairs of rows: dZ rounded (every sub-layer's when layer < 0, else dZ_layer
   // alone), and with it, the first time, H rounded (for dWh) and x as stored (for dWx) where those are wanted.
   void pack_weight_pairs(int64_t layer) const {
-    if constexpr (kPairs) {
+    if constexpr (kPairTypes<T, S>) {
       constexpr int64_t kPackPairs = 32;
       const SpinalDims& dd = d();
       const int64_t rows = dd.rows, lw = dd.hidden(), w = dd.width, D = dd.in_features, qn = (rows + 1) / 2;
@@ -702,7 +701,7 @@ struct Backward {
         const T* dzi = dz + i * w + job.j0;
         auto product = [&](auto* g, bool stream) {
           if (pairs) {
-            if constexpr (kPairs) {
+            if constexpr (kPairTypes<T, S>) {
               const uint32_t* zi = pairs->z_at(i, w, job.j0);
               pair_tn_product(mj, c1, rows, zi, pairs->ldz, pairs->xp() + s, pairs->ldx, g, dd.chunk);
               if (c2 > 0) pair_tn_product(mj, c2, rows, zi, pairs->ldz, pairs->xp(), pairs->ldx, g + c1, dd.chunk);
@@ -723,7 +722,7 @@ struct Backward {
         const int64_t hsize = w * w;
         auto product = [&](auto* g, bool stream) {
           if (pairs) {
-            if constexpr (kPairs) {
+            if constexpr (kPairTypes<T, S>) {
               return pair_tn_product(mj, w, rows, pairs->z_at(i, w, job.j0), pairs->ldz, pairs->hp() + (i - 1) * w,
                                      pairs->ldh, g, w);
             }
@@ -757,7 +756,7 @@ struct Backward {
                    carry.data(), w);
       }
       if (!dz16.empty()) {
-        if constexpr (kPairs) round_rows_bf16(m, w, dz + r0 * d().hidden() + i * w, d().hidden(), dz16.data(), w);
+        if constexpr (kPairTypes<T, S>) round_rows_bf16(m, w, dz + r0 * d().hidden() + i * w, d().hidden(), dz16.data(), w);
       }
       if (dx) input_gradient(p, i, r0, m, 0, d().chunk, dz, dx, dz16.data());
     }
@@ -797,7 +796,7 @@ struct Backward {
       });
       if (pairs) pack_weight_pairs(i);
       if (!dz16.empty()) {  // dZ_i rounded, in jobs of 64 rows
-        if constexpr (kPairs) {
+        if constexpr (kPairTypes<T, S>) {
           run_jobs((m + 63) / 64, m * w, [&](int64_t job) {
             const int64_t r0 = job * 64, r1 = std::min(m, r0 + 64);
             round_rows_bf16(r1 - r0, w, dz + r0 * lw + i * w, lw, dz16.data() + r0 * w, w);

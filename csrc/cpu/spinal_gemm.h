@@ -267,34 +267,33 @@ template <typename T, int VB>
 // per row of C. Masked-off lanes neither fault nor change memory, and load as zeros, as the padded copy held.
 // Measured with _cpu_gemm (AMD EPYC Zen 5, one thread, float32, less the op call's 1.7 us): 256 x 20 x 20 NN 1.8 ->
 // 1.45 us, 20 x 20 x 256 TN 2.4 -> 1.7 us, regression's 50 x 4 x 256 TN 3.8 -> 2.5 us; results bitwise the same.
-template <typename T, int VB, typename S = T, typename CT = T>
+template <typename T, int VB, typename S, typename CT>
 inline constexpr bool kMaskedTail = SPINAL_X86_DISPATCH && VB == 64 && std::is_same_v<S, T> &&
                                     std::is_same_v<CT, T> && (std::is_same_v<T, float> || std::is_same_v<T, double>);
 
+// Only where kMaskedTail holds (AVX-512, float32 / float64).
 template <typename T, int VB>
 [[gnu::always_inline]] inline Vec<T, VB> load_first(const T* p, int lanes) {
+  static_assert(kMaskedTail<T, VB, T, T>, "masked loads: AVX-512, float32 or float64");
 #if SPINAL_X86_DISPATCH
-  if constexpr (std::is_same_v<T, float> && VB == 64) {
+  if constexpr (std::is_same_v<T, float>) {
     return __builtin_ia32_loadups512_mask(p, Vec<T, VB>{}, static_cast<unsigned short>((1u << lanes) - 1));
-  } else if constexpr (std::is_same_v<T, double> && VB == 64) {
+  } else {
     return __builtin_ia32_loadupd512_mask(p, Vec<T, VB>{}, static_cast<unsigned char>((1u << lanes) - 1));
   }
 #endif
-  Vec<T, VB> v{};
-  for (int l = 0; l < lanes; ++l) v[l] = p[l];
-  return v;
 }
 
 template <typename T, int VB>
 [[gnu::always_inline]] inline void store_first(T* p, const Vec<T, VB>& v, int lanes) {
+  static_assert(kMaskedTail<T, VB, T, T>, "masked stores: AVX-512, float32 or float64");
 #if SPINAL_X86_DISPATCH
-  if constexpr (std::is_same_v<T, float> && VB == 64) {
-    return __builtin_ia32_storeups512_mask(p, v, static_cast<unsigned short>((1u << lanes) - 1));
-  } else if constexpr (std::is_same_v<T, double> && VB == 64) {
-    return __builtin_ia32_storeupd512_mask(p, v, static_cast<unsigned char>((1u << lanes) - 1));
+  if constexpr (std::is_same_v<T, float>) {
+    __builtin_ia32_storeups512_mask(p, v, static_cast<unsigned short>((1u << lanes) - 1));
+  } else {
+    __builtin_ia32_storeupd512_mask(p, v, static_cast<unsigned char>((1u << lanes) - 1));
   }
 #endif
-  for (int l = 0; l < lanes; ++l) p[l] = v[l];
 }
 
 // A float32 vector stored as bfloat16: rounded to nearest even, NaN to the quiet NaN 0x7FC0 (c10::BFloat16's
@@ -330,10 +329,14 @@ template <typename T, int VB, int MR, int NV, bool kTail, typename S, typename C
     V bv[NV];
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
-      if constexpr (kTail && kMaskedTail<T, VB, S, CT>) {
-        bv[v] = v == NV - 1 ? load_first<T, VB>(tail + q * ldt, tail_cols) : load_wide<T, VB>(b + q * ldb + v * kLanes);
+      if (kTail && v == NV - 1) {
+        if constexpr (kMaskedTail<T, VB, S, CT>) {
+          bv[v] = load_first<T, VB>(tail + q * ldt, tail_cols);
+        } else {
+          bv[v] = load<V>(tail + q * ldt);
+        }
       } else {
-        bv[v] = (kTail && v == NV - 1) ? load<V>(tail + q * ldt) : load_wide<T, VB>(b + q * ldb + v * kLanes);
+        bv[v] = load_wide<T, VB>(b + q * ldb + v * kLanes);
       }
     }
     const T* aq = a + q * aqs;
