@@ -64,6 +64,11 @@ TORCH_LIBRARY(spinal_ops, m) {
   // place into weight's gradient, in one pass. What an eval-mode batch norm folded into the weights runs in training
   // (spinal_ops/ops.py, _fold_rows). CPU, float32 and float64, grad contiguous.
   m.def("_scale_rows_backward_inplace(Tensor(a!) grad, Tensor weight, Tensor scale, bool scale_grad) -> Tensor");
+  // The noise of F.dropout(self, p, training=True) on CPU, written into self: bernoulli(1 - p) / (1 - p) per element in
+  // memory order, drawn from `generator` (default: the default CPU generator) exactly as ATen's serial bernoulli_
+  // draws them, and leaving it in the same state (csrc/cpu/spinal_dropout.cpp). What the train-mode blocks of a layer
+  // with dropout use where it matches this PyTorch's bernoulli_ (spinal_ops/ops.py, dropout). CPU, float32 and float64.
+  m.def("_dropout_noise_(Tensor(a!) self, float p, Generator? generator=None) -> ()");
   // The shared argument checks as an op, for the backends written in Python (Triton): raises or returns nothing.
   m.def(
       "_check_args(str backend, Tensor x, Tensor weight_x, Tensor weight_h, Tensor? bias, Tensor? head_weight, "

@@ -232,6 +232,7 @@ class SpinalLinear(nn.Module):
             out = reference.spinal_forward_blocks(
                 input.reshape(-1, spec.in_features), self.weight_x, self.weight_h, self.bias, self.head_weight,
                 self.head_bias, *spec.op_args, dropout=self._dropout, training=self.training, norms=norms,
+                dropout_fn=ops.dropout,
             )
             return out.reshape(*input.shape[:-1], out.shape[-1])
         weight_x, weight_h, bias = self.weight_x, self.weight_h, self.bias  # eval-mode dropout is the identity

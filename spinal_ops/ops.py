@@ -25,6 +25,7 @@ the Triton and gemm backward ops keep their kernels and differentiate through th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import threading
 import warnings
@@ -324,6 +325,51 @@ def _fold_rows(weight: Tensor, scale: Tensor, buffers: FoldBuffers) -> Tensor:
     return out
 
 
+def dropout(input: Tensor, p: float) -> Tensor:
+    """``F.dropout(input, p, training=True)``, bit for bit, with the same draws from the default CPU generator.
+
+    ``F.dropout`` on CPU is ``input * noise``, ``noise`` = ``empty_like(input).bernoulli_(1 - p).div_(1 - p)``, and its
+    ``bernoulli_`` draws one element at a time through the generator (~20 ns an element on the benchmark machine:
+    the masks of a train-mode head cost more than its products). Here, on CPU float32 / float64 with ``0 < p < 1``,
+    the noise comes from the ``_dropout_noise_`` op (``csrc/cpu/spinal_dropout.cpp``: the same values, the generator
+    left in the same state, several times faster), where it matches this PyTorch's own ``bernoulli_``
+    (:func:`_noise_matches`); the product and its gradient are the same autograd ops as ``F.dropout``'s. Elsewhere
+    (other devices and dtypes, tensor subclasses, ``torch.compile``, ``torch.func`` transforms, no native library)
+    it is ``F.dropout``."""
+    if NATIVE_IMPORT_ERROR is not None or type(input) is not Tensor or not input.is_cpu or \
+            input.dtype not in (torch.float32, torch.float64) or not 0 < p < 1 or torch.compiler.is_compiling() or \
+            backends.autograd_transformed() or not _noise_matches(input.dtype, p):
+        return torch.nn.functional.dropout(input, p, training=True)
+    noise = torch.empty_like(input)
+    torch.ops.spinal_ops._dropout_noise_(noise, p)
+    return input * noise
+
+
+# Private generators' seed for the probe below (any seed does; a fixed one makes a failure reproducible).
+_PROBE_SEED = 20070703
+
+
+@functools.lru_cache(maxsize=64)
+def _noise_matches(dtype: torch.dtype, p: float) -> bool:
+    """Whether ``_dropout_noise_(t, p)`` gives what this PyTorch's ``t.bernoulli_(1 - p).div_(1 - p)`` gives: the same
+    values and the same generator state after, drawn on two private generators of one seed (the default generator
+    is not touched). Two draws: 5 elements, then 700 (1400 words, across a regeneration of the 624-word state, from a
+    position within it). False where ``bernoulli_`` draws otherwise (the MKL path of Intel builds on Intel CPUs)."""
+    keep = 1 - p
+    theirs, mine = (torch.Generator().manual_seed(_PROBE_SEED) for _ in range(2))
+    for n in (5, 700):
+        expected = torch.empty(n, dtype=dtype).bernoulli_(keep, generator=theirs).div_(keep)
+        got = torch.empty(n, dtype=dtype)
+        torch.ops.spinal_ops._dropout_noise_(got, p, mine)
+        if not torch.equal(got, expected):
+            return False
+    return torch.equal(mine.get_state(), theirs.get_state())
+
+
+def _fake_dropout_noise_(self, p, generator=None):
+    return None
+
+
 def _fake_scale_rows_backward_inplace(grad, weight, scale, scale_grad):
     return scale.new_empty(scale.shape if scale_grad else (0,))
 
@@ -336,6 +382,7 @@ if NATIVE_IMPORT_ERROR is None:
     backends.record_native_kernels()
     torch.library.register_fake("spinal_ops::_cpu_gemm")(_fake_cpu_gemm)
     torch.library.register_fake("spinal_ops::_scale_rows_backward_inplace")(_fake_scale_rows_backward_inplace)
+    torch.library.register_fake("spinal_ops::_dropout_noise_")(_fake_dropout_noise_)
     # The native ops carry their autograd in C++ (csrc/spinal_autograd.cpp): same formula, no Python per call. Their
     # backward's derivative recomputes the reference backward through this op (CompositeImplicitAutograd).
     register_op_pair("spinal_ops::spinal_forward", "spinal_ops::_spinal_backward")

@@ -330,6 +330,7 @@ def spinal_forward_blocks(
     dropout: float = 0.0,
     training: bool = False,
     norms=None,
+    dropout_fn=None,
 ) -> torch.Tensor:
     """The chain as the original VGG / transfer-learning heads build it, block by block, on 2-D ``x``.
 
@@ -338,12 +339,15 @@ def spinal_forward_blocks(
 
     Dropout runs only when ``training`` and ``dropout > 0``; it draws its masks in the order and shapes of
     the original ``nn.Sequential`` blocks (``(B, c)``, then ``(B, c + w)`` per sub-layer, then ``(B, L * w)``
-    for the head), so with the same seed the result is the original's, bit for bit. ``norms`` is ``None`` or
+    for the head), so with the same seed the result is the original's, bit for bit. ``dropout_fn(t, p)``, if given,
+    applies it instead of ``F.dropout(t, p, training=True)``, with the same values and the same draws from the
+    generator (``SpinalLinear`` passes :func:`spinal_ops.ops.dropout`). ``norms`` is ``None`` or
     one callable per weight slot (the ``nn.BatchNorm1d`` modules, which use their own train/eval mode
     and update their own running statistics). Plain differentiable PyTorch: this is the path that runs when
     dropout or batch norm cannot be fused (train mode).
     """
     c = weight_x.shape[2]
+    drop = dropout_fn or (lambda t, p: F.dropout(t, p, training=True))
     # Per-slot views by unbind: its backward writes each slot's gradient once (indexing weight_x[slot] per
     # sub-layer would zero-fill a whole weight_x-sized gradient per sub-layer). A slot's Linear weight
     # [Wx | Wh] is concatenated once per call, however many sub-layers share it.
@@ -362,7 +366,7 @@ def spinal_forward_blocks(
         if weight is None:
             weight = linear_weights[slot] = torch.cat([wx[slot], wh[slot - 1]], dim=1)
         if training and dropout > 0:
-            inp = F.dropout(inp, dropout, training=True)
+            inp = drop(inp, dropout)
         z = F.linear(inp, weight, bs[slot] if bs is not None else None)
         if norms is not None:
             z = norms[slot](z)
@@ -372,7 +376,7 @@ def spinal_forward_blocks(
     if head_weight is None:
         return H
     if training and dropout > 0:
-        H = F.dropout(H, dropout, training=True)
+        H = drop(H, dropout)
     return F.linear(H, head_weight, head_bias)
 
 

@@ -5,13 +5,17 @@ in tests/test_conformance.py, its opcheck in tests/test_opcheck.py."""
 from __future__ import annotations
 
 import copy
+import math
 import os
 import pathlib
+import struct
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import (
     CASES,
     GRADCHECK,
@@ -23,9 +27,10 @@ from helpers import (
     require_backend,
     run_case,
 )
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import spinal_ops
-from spinal_ops import SpinalLinear, reference
+from spinal_ops import SpinalLinear, ops, reference
 
 pytestmark = pytest.mark.usefixtures("_cpu_backend")
 
@@ -304,6 +309,150 @@ def test_scale_rows_backward_refuses_bad_arguments():
         op(torch.randn(2, 3, 4, dtype=torch.float64), w, s, True)
     with pytest.raises(RuntimeError, match="must be contiguous"):
         op(torch.randn(2, 4, 3).transpose(1, 2), w, s, True)
+
+
+# --- _dropout_noise_: F.dropout's noise, drawn as ATen's serial bernoulli_ draws it ---------------------------------
+
+
+def _mt_state(gen: torch.Generator) -> tuple[np.ndarray, int, int]:
+    """``(words, left, next)`` of a CPU generator's mt19937: the leading fields of the state ``get_state`` returns
+    (``uint64 seed; int left; int seeded; uint64 next; uint64 state[624]``). ``left - 1`` words are ready from
+    ``next``."""
+    raw = bytes(gen.get_state().numpy())
+    left, = struct.unpack_from("<i", raw, 8)
+    nxt, = struct.unpack_from("<Q", raw, 16)
+    return np.frombuffer(raw, "<u8", 624, 24).astype(np.uint32), left, nxt
+
+
+def _model_noise(gen: torch.Generator, shape, p: float, dtype) -> tuple[torch.Tensor, np.ndarray, int]:
+    """The noise ``F.dropout`` draws for ``shape`` from ``gen``'s state, computed with numpy's MT19937 (the same engine,
+    another implementation): two words (hi, lo) an element in memory order, kept when the 53 low bits of
+    ``hi << 32 | lo`` times 2^-53 are below ``1 - p``, kept elements ``1 / (1 - p)`` in ``dtype``. Returns it
+    (contiguous) with the state's words and position after."""
+    words, left, _ = _mt_state(gen)
+    rs = np.random.RandomState()
+    rs.set_state(("MT19937", words, 625 - left))  # numpy: the words from pos on are ready
+    n = math.prod(shape)
+    draws = rs.randint(0, 2**32, size=2 * n, dtype=np.uint64)  # one word each (a full 32-bit range)
+    u = ((draws[0::2] << np.uint64(32)) | draws[1::2]) & np.uint64(2**53 - 1)
+    keep = 1 - p
+    kept = torch.from_numpy(u.astype(np.float64) * 2.0**-53 < keep).reshape(shape)
+    one = torch.ones((), dtype=dtype)
+    noise = torch.where(kept, one / torch.tensor(keep, dtype=dtype), torch.zeros((), dtype=dtype))
+    _, key, pos = rs.get_state()[:3]
+    return noise, key, pos
+
+
+def _follows_model(gen_after: torch.Generator, key: np.ndarray, pos: int) -> bool:
+    words, left, nxt = _mt_state(gen_after)
+    return np.array_equal(words, key) and nxt == pos and left == 625 - pos
+
+
+@pytest.mark.parametrize("p", [0.5, 0.1, 0.75])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_dropout_noise_draws_the_bernoulli_stream(dtype, p):
+    """_dropout_noise_ against the model of bernoulli_(1 - p).div_(1 - p): the same values (in memory order, for a
+    transposed tensor too) and the generator's state after, from the seeded state and from positions within the
+    state, across its regenerations (every 312 elements)."""
+    op = torch.ops.spinal_ops._dropout_noise_
+    for before in (0, 1, 311, 2000):
+        for shape, transposed in [((1,), False), ((311,), False), ((313,), False), ((1000,), False),
+                                  ((2500,), False), ((7, 300), True)]:
+            gen = torch.Generator().manual_seed(11)
+            op(torch.empty(before, dtype=dtype), p, gen) if before else None
+            expected, key, pos = _model_noise(gen, shape, p, dtype)  # in memory order
+            memory = torch.empty(shape, dtype=dtype)
+            op(memory.t() if transposed else memory, p, gen)  # a transposed view is filled in memory order too
+            what = f"{dtype} p={p} after {before} elements, shape {shape}{' transposed' if transposed else ''}"
+            assert torch.equal(memory, expected), what
+            assert _follows_model(gen, key, pos), f"{what}: generator state after"
+
+
+def _untemper(y: int) -> int:
+    """The state word that mt19937's tempering turns into ``y``."""
+    y ^= y >> 18
+    y ^= (y << 15) & 0xEFC60000
+    x = y
+    for _ in range(5):  # y ^= (y << 7) & 0x9D2C5680, inverted 7 bits at a time
+        x = y ^ ((x << 7) & 0x9D2C5680)
+    x &= 0xFFFFFFFF
+    z = x
+    for _ in range(3):  # y ^= y >> 11
+        z = x ^ (z >> 11)
+    return z
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.3])
+def test_dropout_noise_keeps_exactly_below_the_threshold(keep):
+    """At the edge: an element is kept when u * 2^-53 < 1 - p, u the 53 low bits of its two words. A state crafted so
+    that the next element's u is ceil((1 - p) * 2^53) - 1 (kept) or ceil((1 - p) * 2^53) (dropped), for 1 - p whose
+    threshold is an integer (0.5) and one where it is not (0.3); torch's bernoulli_ draws the same."""
+    below = math.ceil(keep * 2**53)
+    for u, kept in ((below - 1, True), (below, False)):
+        gen = torch.Generator().manual_seed(5)
+        raw = bytearray(gen.get_state().numpy().tobytes())
+        struct.pack_into("<i", raw, 8, 625 - 10)  # 614 words ready from word 10
+        struct.pack_into("<Q", raw, 16, 10)
+        tempered = ((u >> 32) | (0x7FF << 21), u & 0xFFFFFFFF)  # bits above the 53 low ones set: they must not count
+        for i, word in enumerate(tempered):
+            struct.pack_into("<Q", raw, 24 + 8 * (10 + i), _untemper(word))
+        state = torch.frombuffer(raw, dtype=torch.uint8).clone()
+        gen.set_state(state)
+        got = torch.empty(1, dtype=torch.float64)
+        torch.ops.spinal_ops._dropout_noise_(got, 1 - keep, gen)
+        assert bool(got[0] != 0) is kept, f"keep {keep}: u = {u} ({'below' if kept else 'at'} the threshold)"
+        if ops._noise_matches(torch.float64, 1 - keep):
+            gen.set_state(state)
+            theirs = torch.empty(1, dtype=torch.float64).bernoulli_(keep, generator=gen)
+            assert bool(theirs[0] != 0) is kept, f"keep {keep}: torch's bernoulli_ at u = {u}"
+
+
+@pytest.mark.parametrize("p", [0.5, 0.15, 0.9])  # 0.15: float(1 / 0.85) is not 1 / float(0.85)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_dropout_is_f_dropout(dtype, p):
+    """spinal_ops.ops.dropout against F.dropout with the same seed: output, gradient and the default generator's state
+    after, bit for bit. Its noise op runs exactly when this PyTorch's bernoulli_ follows the model (the probe
+    _noise_matches says so), else F.dropout runs."""
+    x = torch.randn(37, 53, dtype=dtype).requires_grad_()
+    grad = torch.randn(37, 53, dtype=dtype)
+    results = []
+    for fn in (lambda t: F.dropout(t, p, training=True), lambda t: ops.dropout(t, p)):
+        torch.manual_seed(3)
+        with _RecordOps() as record:
+            out = fn(x)
+        state = torch.get_rng_state()
+        results.append((out, torch.autograd.grad(out, x, grad)[0], state, record.names))
+    (out, dx, state, _), (got, got_dx, got_state, names) = results
+    assert torch.equal(got, out) and torch.equal(got_dx, dx), f"{dtype} p={p}: output or gradient"
+    assert torch.equal(got_state, state), f"{dtype} p={p}: default generator's state after"
+    gen = torch.Generator().manual_seed(3)
+    expected, _, _ = _model_noise(gen, (64,), p, dtype)
+    follows = torch.equal(torch.empty(64, dtype=dtype).bernoulli_(1 - p, generator=gen).div_(1 - p), expected)
+    assert ops._noise_matches(dtype, p) is follows, f"{dtype} p={p}: the probe disagrees with the model"
+    assert ("spinal_ops._dropout_noise_.default" in names) is follows, f"{dtype} p={p}: ran {names}"
+
+
+class _RecordOps(TorchDispatchMode):
+    """The names of the ops dispatched inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_dropout_noise_refuses_bad_arguments():
+    op = torch.ops.spinal_ops._dropout_noise_
+    with pytest.raises(RuntimeError, match="float32 or float64 CPU tensor, got BFloat16"):
+        op(torch.empty(4, dtype=torch.bfloat16), 0.5)
+    with pytest.raises(RuntimeError, match=r"non-overlapping and dense.*strides \[2\]"):
+        op(torch.empty(8)[::2], 0.5)
+    for p in (0.0, 1.0, -0.5):
+        with pytest.raises(RuntimeError, match=f"0 < p < 1.*got p = {p:g}"):
+            op(torch.empty(4), p)
 
 
 def check_pairs(case):

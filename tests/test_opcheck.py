@@ -1,8 +1,8 @@
 """``torch.library.opcheck`` for every op, from one list of samples: the native forward and backward
 (``spinal_forward``, ``_spinal_backward``) on CPU and CUDA tensors, the Triton forward and backward
-(``spinal_forward_triton``, ``_spinal_backward_triton``), and the cpu kernels' product op (``_cpu_gemm``).
-opcheck tests the schema (no undeclared mutation or aliasing), the autograd registration, the fake (meta)
-kernels and AOT dispatch with dynamic shapes.
+(``spinal_forward_triton``, ``_spinal_backward_triton``), the cpu kernels' product op (``_cpu_gemm``) and their small
+ops (``_scale_rows_backward_inplace``, ``_dropout_noise_``). opcheck tests the schema (no undeclared mutation or
+aliasing), the autograd registration, the fake (meta) kernels and AOT dispatch with dynamic shapes.
 
 A backward sample is built from the reference forward (so every backward op sees the same H), once with plain
 inputs for each output mask and once with inputs that require grad (the backward's own derivative, used by double
@@ -165,5 +165,16 @@ def test_opcheck_scale_rows_backward():
     for scale_grad in (True, False):
         torch.library.opcheck(torch.ops.spinal_ops._scale_rows_backward_inplace.default,
                               (grad.clone(), weight, scale, scale_grad),
+                              test_utils=["test_schema", "test_autograd_registration", "test_faketensor",
+                                          "test_aot_dispatch_dynamic"])
+
+
+def test_opcheck_dropout_noise():
+    """The dropout-noise op, with a private seeded generator among its arguments (opcheck runs the op on copies of the
+    arguments and compares the results)."""
+    require_backend("cpu")
+    for dtype in (torch.float32, torch.float64):
+        torch.library.opcheck(torch.ops.spinal_ops._dropout_noise_.default,
+                              (torch.empty(5, 7, dtype=dtype), 0.3, torch.Generator().manual_seed(1)),
                               test_utils=["test_schema", "test_autograd_registration", "test_faketensor",
                                           "test_aot_dispatch_dynamic"])
