@@ -328,14 +328,14 @@ def _fold_rows(weight: Tensor, scale: Tensor, buffers: FoldBuffers) -> Tensor:
 def dropout(input: Tensor, p: float) -> Tensor:
     """``F.dropout(input, p, training=True)``, bit for bit, with the same draws from the default CPU generator.
 
-    ``F.dropout`` on CPU is ``input * noise``, ``noise`` = ``empty_like(input).bernoulli_(1 - p).div_(1 - p)``, and its
-    ``bernoulli_`` draws one element at a time through the generator (~20 ns an element on the benchmark machine:
-    the masks of a train-mode head cost more than its products). Here, on CPU float32 / float64 with ``0 < p < 1``,
-    the noise comes from the ``_dropout_noise_`` op (``csrc/cpu/spinal_dropout.cpp``: the same values, the generator
-    left in the same state, several times faster), where it matches this PyTorch's own ``bernoulli_``
-    (:func:`_noise_matches`); the product and its gradient are the same autograd ops as ``F.dropout``'s. Elsewhere
-    (other devices and dtypes, tensor subclasses, ``torch.compile``, ``torch.func`` transforms, no native library)
-    it is ``F.dropout``."""
+    ``F.dropout`` on CPU is ``input * noise``, ``noise`` = ``empty_like(input).bernoulli_(1 - p).div_(1 - p)``, and
+    its ``bernoulli_`` draws one element at a time through the generator (~20 ns an element on the benchmark
+    machines: the masks of a train-mode head cost more than its products). Here, on CPU float32 / float64 with
+    ``0 < p < 1``, the noise comes from the ``_dropout_noise_`` op (``csrc/cpu/spinal_dropout.cpp``: the same values,
+    the generator left in the same state, ~10x faster), where it matches this PyTorch's own ``bernoulli_``
+    (:func:`_noise_matches`; it does not on an Intel CPU with an MKL build, whose ``bernoulli_`` draws with MKL); the
+    product and its gradient are the same autograd ops as ``F.dropout``'s. Elsewhere (other devices and dtypes,
+    tensor subclasses, ``torch.compile``, ``torch.func`` transforms, no native library) it is ``F.dropout``."""
     if NATIVE_IMPORT_ERROR is not None or type(input) is not Tensor or not input.is_cpu or \
             input.dtype not in (torch.float32, torch.float64) or not 0 < p < 1 or torch.compiler.is_compiling() or \
             backends.autograd_transformed() or not _noise_matches(input.dtype, p):

@@ -1,18 +1,18 @@
 // The _dropout_noise_ op: the noise of PyTorch's CPU dropout, drawn faster from the same generator.
 //
 // `F.dropout(x, p, training=True)` on a CPU tensor is, in ATen (`_dropout_impl`): noise = empty_like(x);
-// noise.bernoulli_(1 - p); noise.div_(1 - p); return x * noise. Its bernoulli_ takes ATen's serial path there (the
-// default CPU generator's mt19937; the MKL path of Intel builds on Intel CPUs draws another stream): for each element in
-// memory order, two 32-bit draws hi, lo make a 64-bit word whose low 53 bits u give the element 1 when u * 2^-53 <
-// 1 - p, else 0. That path makes one generator call per draw through the TensorIterator machinery (~20 ns an element
+// noise.bernoulli_(1 - p); noise.div_(1 - p); return x * noise. Except on Intel CPUs with an MKL build of PyTorch
+// (there ATen draws with MKL's own generator, seeded from torch's, another stream), its bernoulli_ takes ATen's serial
+// path: for each element in memory order, two 32-bit draws hi, lo of the generator's mt19937 make a 64-bit word whose
+// low 53 bits u give the element 1 when u * 2^-53 < 1 - p, else 0. That path makes one generator call per draw through the TensorIterator machinery (~20 ns an element
 // on the benchmark machine, README): the masks of a train-mode head cost more than its products.
 //
 // This op writes the same values, noise[i] = bernoulli(1 - p) / (1 - p), consuming the generator's state exactly as
-// bernoulli_ does (the same words, the same state after it), from a copy of the state: the state is regenerated
-// 624 words at a time and the words tempered in vectorised loops, and u * 2^-53 < 1 - p is compared as the integer
-// u < ceil((1 - p) * 2^53) (the same test: u * 2^-53 and (1 - p) * 2^53 are exact in double). spinal_ops uses it
-// only where a probe has shown it to match this PyTorch's own bernoulli_ (spinal_ops/ops.py, `dropout`), so a build
-// whose bernoulli_ draws otherwise falls back to F.dropout.
+// bernoulli_ does (the same words, the same state after it), from a copy of the state: the state is regenerated 624
+// words at a time in vectorised loops, and four elements a step are tempered and compared from the state's words in
+// vector registers. u * 2^-53 < 1 - p is compared as the integer u < ceil((1 - p) * 2^53) (the same test: u * 2^-53
+// and (1 - p) * 2^53 are exact in double). spinal_ops uses it only where a probe has shown it to match this
+// PyTorch's own bernoulli_ (spinal_ops/ops.py, `dropout`): where bernoulli_ draws otherwise, F.dropout runs.
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <cstring>
 #include <mutex>
+#include <type_traits>
 
 #include "spinal_gemm.h"  // SPINAL_CLONES
 
@@ -48,47 +49,74 @@ SPINAL_CLONES void regenerate(uint32_t* s) {
   s[kStateWords - 1] = s[kShift - 1] ^ twist(s[kStateWords - 1], s[0]);
 }
 
-SPINAL_CLONES void temper(const uint32_t* __restrict s, uint32_t* __restrict out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t y = s[i];
+inline uint32_t temper(uint32_t y) {
+  y ^= y >> 11;
+  y ^= (y << 7) & 0x9d2c5680u;
+  y ^= (y << 15) & 0xefc60000u;
+  return y ^ (y >> 18);
+}
+
+constexpr int64_t kLow53 = (int64_t{1} << 53) - 1;
+
+// One element from its two words, drawn one at a time as mt19937_engine::operator() draws them: decrement left_,
+// regenerate when it reaches 0 (left_ = 624, next_ = 0), return state_[next_++] tempered. For an element whose words
+// straddle a regeneration.
+template <typename T>
+T draw_one(at::mt19937_data_pod& d, int64_t below, T scale) {
+  uint32_t w[2];
+  for (uint32_t& word : w) {
+    if (--d.left_ == 0) {
+      regenerate(d.state_.data());
+      d.left_ = kStateWords;
+      d.next_ = 0;
+    }
+    word = temper(d.state_[d.next_++]);
+  }
+  const int64_t u = ((static_cast<int64_t>(w[0]) << 32) | w[1]) & kLow53;
+  return u < below ? scale : T(0);
+}
+
+#if defined(__GNUC__)
+#define SPINAL_VECTOR_WORDS 1
+using U32x8 = uint32_t __attribute__((vector_size(32)));
+using U64x4 = uint64_t __attribute__((vector_size(32)));
+using I64x4 = int64_t __attribute__((vector_size(32)));
+using I32x4 = int32_t __attribute__((vector_size(16)));
+#endif
+
+// out[i] for i < n from the ready words s[0 .. 2n) of the state: element i's words are s[2i] (hi) and s[2i + 1] (lo),
+// tempered; kept (scale) when the 53 low bits of hi << 32 | lo are below `below`, else 0. Four elements a step: their
+// eight words loaded as four 64-bit lanes (s[2i] in a lane's low half: x86 and aarch64 are little-endian), tempered as
+// eight 32-bit lanes, each lane's halves swapped into hi << 32 | lo, compared, and the lanes' all-ones / zero masks
+// and-ed with scale's bits.
+template <typename T>
+SPINAL_CLONES void keep_or_drop(const uint32_t* __restrict s, T* __restrict out, int64_t n, int64_t below, T scale) {
+  int64_t i = 0;
+#if SPINAL_VECTOR_WORDS
+  using Bits = std::conditional_t<sizeof(T) == 8, int64_t, int32_t>;
+  Bits scale_bits;
+  std::memcpy(&scale_bits, &scale, sizeof(T));
+  for (; i + 4 <= n; i += 4) {
+    U32x8 y;
+    std::memcpy(&y, s + 2 * i, sizeof(y));
     y ^= y >> 11;
     y ^= (y << 7) & 0x9d2c5680u;
     y ^= (y << 15) & 0xefc60000u;
     y ^= y >> 18;
-    out[i] = y;
-  }
-}
-
-// The next `count` outputs of the engine whose state is `d`, as `count` calls of mt19937_engine::operator() give them,
-// leaving `d` as those calls leave it. Each call decrements left_, regenerates when it reaches 0 (left_ = 624,
-// next_ = 0) and returns state_[next_++]: left_ - 1 words are ready.
-void draw_words(at::mt19937_data_pod& d, uint32_t* out, int64_t count) {
-  while (count > 0) {
-    int64_t ready = d.left_ - 1;
-    if (ready == 0) {
-      regenerate(d.state_.data());
-      d.left_ = kStateWords + 1;  // the call that regenerates has already decremented it
-      d.next_ = 0;
-      ready = kStateWords;
+    const U64x4 pair = reinterpret_cast<U64x4>(y);
+    const I64x4 u = reinterpret_cast<I64x4>((pair << 32) | (pair >> 32)) & kLow53;
+    const I64x4 kept = u < below;  // lanes of all ones or zero
+    if constexpr (sizeof(T) == 8) {
+      const I64x4 bits = kept & scale_bits;
+      std::memcpy(out + i, &bits, sizeof(bits));
+    } else {
+      const I32x4 bits = __builtin_convertvector(kept, I32x4) & scale_bits;
+      std::memcpy(out + i, &bits, sizeof(bits));
     }
-    const int64_t k = std::min(ready, count);
-    temper(d.state_.data() + d.next_, out, k);
-    d.next_ += static_cast<uint32_t>(k);
-    d.left_ -= static_cast<int>(k);
-    out += k;
-    count -= k;
   }
-}
-
-// out[i] = scale if the 53 low bits of (words[2i] << 32 | words[2i + 1]) are below `below`, else 0.
-template <typename T>
-SPINAL_CLONES void keep_or_drop(const uint32_t* __restrict words, T* __restrict out, int64_t n, uint64_t below,
-                                T scale) {
-  constexpr uint64_t kLow53 = (uint64_t{1} << 53) - 1;
-  for (int64_t i = 0; i < n; ++i) {
-    uint64_t pair;  // words[2i] in its low half (little-endian): swapped, one 64-bit lane per element
-    std::memcpy(&pair, words + 2 * i, sizeof(pair));
-    const uint64_t u = ((pair << 32) | (pair >> 32)) & kLow53;
+#endif
+  for (; i < n; ++i) {
+    const int64_t u = ((static_cast<int64_t>(temper(s[2 * i])) << 32) | temper(s[2 * i + 1])) & kLow53;
     out[i] = u < below ? scale : T(0);
   }
 }
@@ -103,23 +131,35 @@ void dropout_noise_cpu(at::Tensor& self, double p, const std::optional<at::Gener
   TORCH_CHECK(p > 0 && p < 1, "spinal_ops cpu backend: _dropout_noise_ takes a dropout probability p with 0 < p < 1 "
               "(F.dropout handles 0 and 1 without drawing), got p = ", p);
   const double keep = 1 - p;  // as _dropout_impl computes it
-  const uint64_t below = static_cast<uint64_t>(std::ceil(std::ldexp(keep, 53)));
+  const int64_t below = static_cast<int64_t>(std::ceil(std::ldexp(keep, 53)));
   auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
   const int64_t n = self.numel();
   std::lock_guard<std::mutex> lock(gen->mutex_);
   at::mt19937 engine = gen->engine();
   at::mt19937_data_pod state = engine.data();
-  constexpr int64_t kBlock = 1024;  // elements per block of words (8 KB on the stack)
-  uint32_t words[2 * kBlock];
   AT_DISPATCH_FLOATING_TYPES(self.scalar_type(), "_dropout_noise_", [&] {
     using T = scalar_t;
     // bernoulli_ writes 1 or 0; div_ by the scalar 1 - p, which a T tensor's division takes as T(1 - p).
     const T scale = T(1) / static_cast<T>(keep);
     T* out = self.mutable_data_ptr<T>();  // dense: its numel elements from here, in memory order
-    for (int64_t i = 0; i < n; i += kBlock) {
-      const int64_t m = std::min(kBlock, n - i);
-      draw_words(state, words, 2 * m);
-      keep_or_drop<T>(words, out + i, m, below, scale);
+    int64_t i = 0;
+    while (i < n) {
+      int64_t ready = state.left_ - 1;  // words ready from state_[next_]
+      if (ready == 0) {
+        regenerate(state.state_.data());
+        state.left_ = kStateWords + 1;  // as if the call that regenerates had already decremented it
+        state.next_ = 0;
+        ready = kStateWords;
+      }
+      if (ready == 1) {
+        out[i++] = draw_one<T>(state, below, scale);
+        continue;
+      }
+      const int64_t m = std::min(ready / 2, n - i);
+      keep_or_drop<T>(state.state_.data() + state.next_, out + i, m, below, scale);
+      state.next_ += static_cast<uint32_t>(2 * m);
+      state.left_ -= static_cast<int>(2 * m);
+      i += m;
     }
   });
   engine.set_data(state);
