@@ -49,7 +49,9 @@ SPINAL_CLONES void regenerate(uint32_t* s) {
   s[kStateWords - 1] = s[kShift - 1] ^ twist(s[kStateWords - 1], s[0]);
 }
 
-inline uint32_t temper(uint32_t y) {
+// mt19937's tempering of a state word: of one (uint32_t) or of a vector of them, lane by lane.
+template <typename U>
+inline U temper(U y) {
   y ^= y >> 11;
   y ^= (y << 7) & 0x9d2c5680u;
   y ^= (y << 15) & 0xefc60000u;
@@ -97,13 +99,9 @@ SPINAL_CLONES void keep_or_drop(const uint32_t* __restrict s, T* __restrict out,
   Bits scale_bits;
   std::memcpy(&scale_bits, &scale, sizeof(T));
   for (; i + 4 <= n; i += 4) {
-    U32x8 y;
-    std::memcpy(&y, s + 2 * i, sizeof(y));
-    y ^= y >> 11;
-    y ^= (y << 7) & 0x9d2c5680u;
-    y ^= (y << 15) & 0xefc60000u;
-    y ^= y >> 18;
-    const U64x4 pair = reinterpret_cast<U64x4>(y);
+    U32x8 words;
+    std::memcpy(&words, s + 2 * i, sizeof(words));
+    const U64x4 pair = reinterpret_cast<U64x4>(temper(words));
     const I64x4 u = reinterpret_cast<I64x4>((pair << 32) | (pair >> 32)) & kLow53;
     const I64x4 kept = u < below;  // lanes of all ones or zero
     if constexpr (sizeof(T) == 8) {
