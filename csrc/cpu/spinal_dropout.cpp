@@ -5,11 +5,11 @@
 // (there ATen draws with MKL's own generator, seeded from torch's, another stream), its bernoulli_ takes ATen's serial
 // path: for each element in memory order, two 32-bit draws hi, lo of the generator's mt19937 make a 64-bit word whose
 // low 53 bits u give the element 1 when u * 2^-53 < 1 - p, else 0. That path makes one generator call per draw through the TensorIterator machinery (~20 ns an element
-// on the benchmark machine, README): the masks of a train-mode head cost more than its products.
+// on the benchmark machines, README): the masks of a train-mode head cost more than its products.
 //
 // This op writes the same values, noise[i] = bernoulli(1 - p) / (1 - p), consuming the generator's state exactly as
 // bernoulli_ does (the same words, the same state after it), from a copy of the state: the state is regenerated 624
-// words at a time in vectorised loops, and four elements a step are tempered and compared from the state's words in
+// words at a time in vectorised loops, and eight elements a step are tempered and compared from the state's words in
 // vector registers. u * 2^-53 < 1 - p is compared as the integer u < ceil((1 - p) * 2^53) (the same test: u * 2^-53
 // and (1 - p) * 2^53 are exact in double). spinal_ops uses it only where a probe has shown it to match this
 // PyTorch's own bernoulli_ (spinal_ops/ops.py, `dropout`): where bernoulli_ draws otherwise, F.dropout runs.
@@ -83,14 +83,24 @@ T draw_one(at::mt19937_data_pod& d, int64_t below, T scale) {
 using U32x8 = uint32_t __attribute__((vector_size(32)));
 using U64x4 = uint64_t __attribute__((vector_size(32)));
 using I64x4 = int64_t __attribute__((vector_size(32)));
-using I32x4 = int32_t __attribute__((vector_size(16)));
+using I32x8 = int32_t __attribute__((vector_size(32)));
 #endif
 
-// out[i] for i < n from the ready words s[0 .. 2n) of the state: element i's words are s[2i] (hi) and s[2i + 1] (lo),
-// tempered; kept (scale) when the 53 low bits of hi << 32 | lo are below `below`, else 0. Four elements a step: their
-// eight words loaded as four 64-bit lanes (s[2i] in a lane's low half: x86 and aarch64 are little-endian), tempered as
-// eight 32-bit lanes, each lane's halves swapped into hi << 32 | lo, compared, and the lanes' all-ones / zero masks
-// and-ed with scale's bits.
+// Element i's mask from its two state words, s[2i] (hi) and s[2i + 1] (lo), tempered: all ones when the 53 low bits of
+// hi << 32 | lo are below `below` (kept), else zero. Four elements a vector: their eight words loaded as four 64-bit
+// lanes (s[2i] in a lane's low half: x86 and aarch64 are little-endian), tempered as eight 32-bit lanes, each lane's
+// halves swapped into hi << 32 | lo and compared.
+#if SPINAL_VECTOR_WORDS
+inline I64x4 kept_lanes(const uint32_t* s, int64_t below) {
+  U32x8 words;
+  std::memcpy(&words, s, sizeof(words));
+  const U64x4 pair = reinterpret_cast<U64x4>(temper(words));
+  return (reinterpret_cast<I64x4>((pair << 32) | (pair >> 32)) & kLow53) < below;
+}
+#endif
+
+// out[i] for i < n from the ready words s[0 .. 2n) of the state: scale where element i is kept, else 0; eight elements
+// a step, the masks and-ed with scale's bits (float32: the two vectors' masks narrowed to 32-bit lanes, in order).
 template <typename T>
 SPINAL_CLONES void keep_or_drop(const uint32_t* __restrict s, T* __restrict out, int64_t n, int64_t below, T scale) {
   int64_t i = 0;
@@ -98,17 +108,14 @@ SPINAL_CLONES void keep_or_drop(const uint32_t* __restrict s, T* __restrict out,
   using Bits = std::conditional_t<sizeof(T) == 8, int64_t, int32_t>;
   Bits scale_bits;
   std::memcpy(&scale_bits, &scale, sizeof(T));
-  for (; i + 4 <= n; i += 4) {
-    U32x8 words;
-    std::memcpy(&words, s + 2 * i, sizeof(words));
-    const U64x4 pair = reinterpret_cast<U64x4>(temper(words));
-    const I64x4 u = reinterpret_cast<I64x4>((pair << 32) | (pair >> 32)) & kLow53;
-    const I64x4 kept = u < below;  // lanes of all ones or zero
+  for (; i + 8 <= n; i += 8) {
+    const I64x4 lo = kept_lanes(s + 2 * i, below), hi = kept_lanes(s + 2 * i + 8, below);
     if constexpr (sizeof(T) == 8) {
-      const I64x4 bits = kept & scale_bits;
-      std::memcpy(out + i, &bits, sizeof(bits));
+      const I64x4 bits[2] = {lo & scale_bits, hi & scale_bits};
+      std::memcpy(out + i, bits, sizeof(bits));
     } else {
-      const I32x4 bits = __builtin_convertvector(kept, I32x4) & scale_bits;
+      const I32x8 bits = __builtin_shufflevector(reinterpret_cast<I32x8>(lo), reinterpret_cast<I32x8>(hi), 0, 2, 4, 6,
+                                                 8, 10, 12, 14) & scale_bits;
       std::memcpy(out + i, &bits, sizeof(bits));
     }
   }
