@@ -4,15 +4,16 @@
 // noise.bernoulli_(1 - p); noise.div_(1 - p); return x * noise. Except on Intel CPUs with an MKL build of PyTorch
 // (there ATen draws with MKL's own generator, seeded from torch's, another stream), its bernoulli_ takes ATen's serial
 // path: for each element in memory order, two 32-bit draws hi, lo of the generator's mt19937 make a 64-bit word whose
-// low 53 bits u give the element 1 when u * 2^-53 < 1 - p, else 0. That path makes one generator call per draw through the TensorIterator machinery (~20 ns an element
-// on the benchmark machines, README): the masks of a train-mode head cost more than its products.
+// low 53 bits u give the element 1 when u * 2^-53 < 1 - p, else 0. That path makes one generator call per draw through
+// the TensorIterator machinery (~20 ns an element on the benchmark machines): a third of a train-mode head's step
+// (README, "Dropout / batch-norm heads").
 //
 // This op writes the same values, noise[i] = bernoulli(1 - p) / (1 - p), consuming the generator's state exactly as
 // bernoulli_ does (the same words, the same state after it), from a copy of the state: the state is regenerated 624
 // words at a time in vectorised loops, and eight elements a step are tempered and compared from the state's words in
-// vector registers. u * 2^-53 < 1 - p is compared as the integer u < ceil((1 - p) * 2^53) (the same test: u * 2^-53
-// and (1 - p) * 2^53 are exact in double). spinal_ops uses it only where a probe has shown it to match this
-// PyTorch's own bernoulli_ (spinal_ops/ops.py, `dropout`): where bernoulli_ draws otherwise, F.dropout runs.
+// vector registers. u * 2^-53 < 1 - p is compared as the integer u < ceil((1 - p) * 2^53) (the same test: u * 2^-53 and
+// (1 - p) * 2^53 are exact in double). spinal_ops uses it only where a probe has shown it to match this PyTorch's own
+// bernoulli_ (spinal_ops/ops.py, `dropout`): where bernoulli_ draws otherwise, F.dropout runs.
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
