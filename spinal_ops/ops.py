@@ -330,7 +330,7 @@ def dropout(input: Tensor, p: float) -> Tensor:
 
     ``F.dropout`` on CPU is ``input * noise``, ``noise`` = ``empty_like(input).bernoulli_(1 - p).div_(1 - p)``, and
     its ``bernoulli_`` draws one element at a time through the generator (~20 ns an element on the benchmark
-    machines: a third of a train-mode head's step). Here, on CPU float32 / float64 with
+    machines: a third to a half of a train-mode head's step). Here, on CPU float32 / float64 with
     ``0 < p < 1``, the noise comes from the ``_dropout_noise_`` op (``csrc/cpu/spinal_dropout.cpp``: the same values,
     the generator left in the same state, ~10x faster), where it matches this PyTorch's own ``bernoulli_``
     (:func:`_noise_matches`; it does not on an Intel CPU with an MKL build, whose ``bernoulli_`` draws with MKL); the
