@@ -5,8 +5,8 @@
 // (there ATen draws with MKL's own generator, seeded from torch's, another stream), its bernoulli_ takes ATen's serial
 // path: for each element in memory order, two 32-bit draws hi, lo of the generator's mt19937 make a 64-bit word whose
 // low 53 bits u give the element 1 when u * 2^-53 < 1 - p, else 0. That path makes one generator call per draw through
-// the TensorIterator machinery (~20 ns an element on the benchmark machines): a third to a half of a train-mode head's step
-// (README, "Dropout / batch-norm heads").
+// the TensorIterator machinery (~20 ns an element on the benchmark machines): a third to a half of a train-mode head's
+// step (README, "Dropout / batch-norm heads").
 //
 // This op writes the same values, noise[i] = bernoulli(1 - p) / (1 - p), consuming the generator's state exactly as
 // bernoulli_ does (the same words, the same state after it), from a copy of the state: the state is regenerated 624
