@@ -353,11 +353,14 @@ _PROBE_SEED = 20070703
 def _noise_matches(dtype: torch.dtype, p: float) -> bool:
     """Whether ``_dropout_noise_(t, p)`` gives what this PyTorch's ``t.bernoulli_(1 - p).div_(1 - p)`` gives: the same
     values and the same generator state after, drawn on two private generators of one seed (the default generator
-    is not touched). Two draws: 5 elements, then 700 (1400 words, across a regeneration of the 624-word state, from a
-    position within it). False where ``bernoulli_`` draws otherwise (the MKL path of Intel builds on Intel CPUs)."""
+    is not touched). Two draws: 5 elements, then, after one single-word draw, 700 (1400 words from an odd position:
+    across two regenerations of the 624-word state, one of them within an element). False where ``bernoulli_`` draws
+    otherwise (an MKL build on an Intel CPU)."""
     keep = 1 - p
     theirs, mine = (torch.Generator().manual_seed(_PROBE_SEED) for _ in range(2))
     for n in (5, 700):
+        if n == 700:
+            torch.rand(1, generator=theirs), torch.rand(1, generator=mine)  # float32 uniform: one 32-bit word
         expected = torch.empty(n, dtype=dtype).bernoulli_(keep, generator=theirs).div_(keep)
         got = torch.empty(n, dtype=dtype)
         torch.ops.spinal_ops._dropout_noise_(got, p, mine)

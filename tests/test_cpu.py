@@ -353,17 +353,20 @@ def _follows_model(gen_after: torch.Generator, key: np.ndarray, pos: int) -> boo
 def test_dropout_noise_draws_the_bernoulli_stream(dtype, p):
     """_dropout_noise_ against the model of bernoulli_(1 - p).div_(1 - p): the same values (in memory order, for a
     transposed tensor too) and the generator's state after, from the seeded state and from positions within the
-    state, across its regenerations (every 312 elements)."""
+    state, even and odd (three single-word draws before: an element's two words then straddle a regeneration), across
+    its regenerations (every 312 elements)."""
     op = torch.ops.spinal_ops._dropout_noise_
-    for before in (0, 1, 311, 2000):
+    for before, single_words in [(0, 0), (1, 0), (311, 0), (2000, 0), (0, 3), (311, 3)]:
         for shape, transposed in [((1,), False), ((311,), False), ((313,), False), ((1000,), False),
                                   ((2500,), False), ((7, 300), True)]:
             gen = torch.Generator().manual_seed(11)
             op(torch.empty(before, dtype=dtype), p, gen) if before else None
+            torch.rand(single_words, generator=gen)  # float32 uniform: one 32-bit word an element
             expected, key, pos = _model_noise(gen, shape, p, dtype)  # in memory order
             memory = torch.empty(shape, dtype=dtype)
             op(memory.t() if transposed else memory, p, gen)  # a transposed view is filled in memory order too
-            what = f"{dtype} p={p} after {before} elements, shape {shape}{' transposed' if transposed else ''}"
+            what = (f"{dtype} p={p} after {before} elements and {single_words} words, shape {shape}"
+                    f"{' transposed' if transposed else ''}")
             assert torch.equal(memory, expected), what
             assert _follows_model(gen, key, pos), f"{what}: generator state after"
 
