@@ -883,8 +883,18 @@ struct NtOperand {
 inline constexpr int64_t kPackedMaxK = 64;
 inline constexpr int64_t kPackMinN = 64;
 inline constexpr int64_t kPackRows = 256;
+//
+// With vectors of 8 float32 lanes or fewer (AVX2, the baseline) narrow outputs fill the axpy kernel's vectors better
+// (20 outputs: 20 of 24 lanes) and the dot kernel's lane sums weigh more, so there the products of fewer than
+// kPackMinN outputs also pack from kPackRows rows. Measured on an AMD EPYC (Zen 1, AVX2): _cpu_gemm, one thread,
+// float32, minimum of 5 x 200 calls, GFLOP/s dot / axpy on W^T: 256 x 20 x 128 20.5 / 25.0, 256 x 20 x 256 26.2 /
+// 30.2, 128 x 20 x 128 21.1 / 24.2, 256 x 50 x 128 28.4 / 29.4; forwards of SpinalLinear (2 threads, minimum of 5
+// blocks, three alternating pairs, microseconds, dot / packed): resnet-head B = 1024 857-991 / 790-818, vit-custom
+// B = 1024 1161-1253 / 1011-1148; but packing at every batch of several tiles, B = 64 (one tile, the packing per call
+// not amortised) lost: resnet-head 112-120 / 133-203, vit-custom 141-146 / 151-215.
 inline bool packs_transposed(int64_t rows, int64_t tile_rows, int64_t n, int64_t k) {
-  return tile_rows >= 2 && (k < kPackedMaxK || (n >= kPackMinN && rows >= kPackRows));
+  return tile_rows >= 2 &&
+         (k < kPackedMaxK || (rows >= kPackRows && (n >= kPackMinN || vector_isa() < Isa::kAvx512)));
 }
 
 
