@@ -371,6 +371,13 @@ def test_dropout_noise_draws_the_bernoulli_stream(dtype, p):
             assert _follows_model(gen, key, pos), f"{what}: generator state after"
 
 
+def _temper(y: int) -> int:
+    y ^= y >> 11
+    y ^= (y << 7) & 0x9D2C5680
+    y ^= (y << 15) & 0xEFC60000
+    return (y ^ (y >> 18)) & 0xFFFFFFFF
+
+
 def _untemper(y: int) -> int:
     """The state word that mt19937's tempering turns into ``y``."""
     y ^= y >> 18
@@ -398,6 +405,7 @@ def test_dropout_noise_keeps_exactly_below_the_threshold(keep):
         struct.pack_into("<Q", raw, 16, 10)
         tempered = ((u >> 32) | (0x7FF << 21), u & 0xFFFFFFFF)  # bits above the 53 low ones set: they must not count
         for i, word in enumerate(tempered):
+            assert _temper(_untemper(word)) == word
             struct.pack_into("<Q", raw, 24 + 8 * (10 + i), _untemper(word))
         state = torch.frombuffer(raw, dtype=torch.uint8).clone()
         gen.set_state(state)
