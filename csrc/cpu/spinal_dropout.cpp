@@ -61,6 +61,13 @@ inline U temper(U y) {
 
 constexpr int64_t kLow53 = (int64_t{1} << 53) - 1;
 
+// One element from its two tempered words: scale when the 53 low bits of hi << 32 | lo are below `below`, else 0.
+template <typename T>
+inline T keep_or_drop_one(uint32_t hi, uint32_t lo, int64_t below, T scale) {
+  const int64_t u = ((static_cast<int64_t>(hi) << 32) | lo) & kLow53;
+  return u < below ? scale : T(0);
+}
+
 // One element from its two words, drawn one at a time as mt19937_engine::operator() draws them: decrement left_,
 // regenerate when it reaches 0 (left_ = 624, next_ = 0), return state_[next_++] tempered. For an element whose words
 // straddle a regeneration.
@@ -75,8 +82,7 @@ T draw_one(at::mt19937_data_pod& d, int64_t below, T scale) {
     }
     word = temper(d.state_[d.next_++]);
   }
-  const int64_t u = ((static_cast<int64_t>(w[0]) << 32) | w[1]) & kLow53;
-  return u < below ? scale : T(0);
+  return keep_or_drop_one(w[0], w[1], below, scale);
 }
 
 #if defined(__GNUC__)
@@ -121,10 +127,7 @@ SPINAL_CLONES void keep_or_drop(const uint32_t* __restrict s, T* __restrict out,
     }
   }
 #endif
-  for (; i < n; ++i) {
-    const int64_t u = ((static_cast<int64_t>(temper(s[2 * i])) << 32) | temper(s[2 * i + 1])) & kLow53;
-    out[i] = u < below ? scale : T(0);
-  }
+  for (; i < n; ++i) out[i] = keep_or_drop_one(temper(s[2 * i]), temper(s[2 * i + 1]), below, scale);
 }
 
 void dropout_noise_cpu(at::Tensor& self, double p, const std::optional<at::Generator>& generator) {
