@@ -312,17 +312,19 @@ void forward_tile(const Problem<T, S>& p, int64_t r0, int64_t m, T* h_all, T* y,
 // Whether the forward's row tiles run transposed (forward_tile_transposed): layers whose products all have fewer
 // than kTransposedTerms terms (chunk and width), where the dot kernel's lane sums cost as much as its few vector
 // multiply-adds per output, whose act' comes from H (the backward recomputes Z for the others, the usual way), in
-// tiles of at least kTransposedRows rows (two vectors of rows; several tiles: one tile splits its columns instead).
-// Measured with float32 forwards of SpinalLinear (AMD EPYC Zen 5, 2 threads, median microseconds over 0.5-1 s,
-// alternating runs, transposed / not): regression (c = 4, w = 50) B = 1024 (tiles of 128 rows) 112 / 145, B = 256
-// (32 rows) 44 / 59 and 43 / 48, B = 128 (16 rows) 42 / 29 and 34 / 35, B = 64 (16 rows) 23 / 21 three times;
-// vit-custom (c = 128, w = 20) B = 1024 214 / 194 and resnet-head (c = 256, w = 20) 183 / 144, so long chunks stay on
-// the dot kernel.
+// tiles of at least transposed_rows() rows (two vectors of float32 rows; several tiles: one tile splits its columns
+// instead). Measured with float32 forwards of SpinalLinear (2 threads, alternating runs, transposed / not, median
+// microseconds over 0.5-1 s): on an AMD EPYC Zen 5 (AVX-512) regression (c = 4, w = 50) B = 1024 (tiles of 128 rows)
+// 112 / 145, B = 256 (32 rows) 44 / 59 and 43 / 48, B = 128 (16 rows, one vector) 42 / 29 and 34 / 35, B = 64 (16
+// rows) 23 / 21 three times; vit-custom (c = 128, w = 20) B = 1024 214 / 194 and resnet-head (c = 256, w = 20) 183 /
+// 144, so long chunks stay on the dot kernel. On an AMD EPYC Zen 1 (AVX2: 16 rows are two vectors; minimum of 7
+// blocks, three alternating rounds) regression B = 32 74-75 / 83-91, B = 64 92-98 / 108-126, B = 128 132-140 /
+// 152-191; capped to the baseline set (four vectors of 4) no difference at 16 rows (B = 64 118-128 / 116-125).
 inline constexpr int64_t kTransposedTerms = 64;
-inline constexpr int64_t kTransposedRows = 32;
+inline int64_t transposed_rows() { return vector_isa() == Isa::kAvx512 ? 32 : 16; }
 bool transposes(const SpinalDims& d, const RowTiles& tiles) {
   return d.width < kTransposedTerms && d.chunk < kTransposedTerms && tiles.count > 1 &&
-         tiles.size >= kTransposedRows && !needs_preactivation(d.activation, d.negative_slope);
+         tiles.size >= transposed_rows() && !needs_preactivation(d.activation, d.negative_slope);
 }
 
 // row = act(row + bias), one row of a transposed sub-layer (one output column of Z over the tile's rows).
@@ -404,12 +406,13 @@ void forward_kernel(const SpinalDims& d, c10::IntArrayRef starts, const at::Tens
   if (x_stored) p.xs = x_stored->const_data_ptr<S>();
   p.hpairs = x_stored != nullptr && recurrence_pairs(d);
   const RowTiles tiles = RowTiles::make(d, sizeof(T));
+  const bool transposed = std::is_same_v<S, T> && transposes(d, tiles);
   at::Tensor packed, pairs;
-  pack_weights(p, std::min(tiles.size, d.rows), /*with_head=*/true, packed, pairs);
+  // Transposed tiles read the weights as stored (they are the left operand there): nothing to pack.
+  if (!transposed) pack_weights(p, std::min(tiles.size, d.rows), /*with_head=*/true, packed, pairs);
   T* hp = h_all.mutable_data_ptr<T>();
   T* yp = y.mutable_data_ptr<T>();
   const std::vector<T> zero_bias(static_cast<size_t>(d.width), T(0));
-  const bool transposed = std::is_same_v<S, T> && transposes(d, tiles);
   with_activation(d.activation, [&](auto act) {
     for_each_tile(tiles, d.rows * row_work(d), [&](int64_t r0, int64_t m, bool one_tile) {
       if constexpr (std::is_same_v<S, T>) {
