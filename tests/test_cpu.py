@@ -533,6 +533,13 @@ ORDER_CASES = [
 
 @pytest.mark.parametrize(("x_row", "w_row", "rows", "paired", "ordered"), ORDER_CASES, ids=["packed", "as-stored"])
 def test_bfloat16_pairs_sum_in_the_order_of_the_instruction(x_row, w_row, rows, paired, ordered):
+    ordered = torch.full((rows, 17), float(ordered))
+    if rows == 1 and torch.ops.spinal_ops._cpu_isa() == "baseline":
+        # The float32 dot form with 16-byte vectors: the four products fill one vector. The blocks of four outputs
+        # (the first 16) fold its halves before its lanes: (2^24 + 1) + (1 - 2^24) = 1; the 17th output sums its
+        # lanes in order (csrc/cpu/spinal_gemm.h, the dot kernel's lane sums). Wider vectors take four terms as the
+        # tail of the row, summed in order.
+        ordered[:, :16] = 1
     x = torch.tensor([x_row] * rows, dtype=torch.bfloat16)
     wx = torch.tensor([w_row] * 17, dtype=torch.bfloat16)[None]
     args = (torch.zeros(0, 17, 17, dtype=torch.bfloat16), torch.zeros(1, 17, dtype=torch.bfloat16), None, None, [0],
