@@ -551,11 +551,10 @@ def test_bfloat16_pairs_sum_in_the_order_of_the_instruction(x_row, w_row, rows, 
     assert h.eq(paired if bf16_pairs() else ordered).all(), torch.ops.spinal_ops._cpu_isa()
 
 
-# Forwards of short products (chunk and width under 64 terms) in tiles of two vectors of float32 rows or more (32 with
-# AVX-512, 16 otherwise) run transposed (forward_tile_transposed in csrc/cpu/spinal_cpu.cpp): B >= 256 with these
-# small weights gives 32-row tiles or more; B = 64 gives four tiles of 16 rows (transposed without AVX-512). Wrapping
-# chunks, a width of one vector and a lane, hidden mode, tied slots; leaky_relu with a negative slope (act' from Z)
-# stays on the usual tiles.
+# Forwards of short products (chunk and width under 64 terms) in tiles of 32 rows or more with AVX-512, 16 otherwise,
+# run transposed (forward_tile_transposed in csrc/cpu/spinal_cpu.cpp): B >= 256 with these small weights gives 32-row
+# tiles or more; B = 64 gives four tiles of 16 rows (transposed without AVX-512). Wrapping chunks, a width of one
+# vector and a lane, hidden mode, tied slots; leaky_relu with a negative slope (act' from Z) stays on the usual tiles.
 TRANSPOSED_CASES = [
     Case(256, 8, 2, 50, 6, out=1, activation="leaky_relu", negative_slope=0.01),
     Case(64, 8, 2, 50, 6, out=1, activation="leaky_relu", negative_slope=0.01),

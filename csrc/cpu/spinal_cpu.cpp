@@ -309,17 +309,18 @@ void forward_tile(const Problem<T, S>& p, int64_t r0, int64_t m, T* h_all, T* y,
   }
 }
 
-// Whether the forward's row tiles run transposed (forward_tile_transposed): layers whose products all have fewer
-// than kTransposedTerms terms (chunk and width), where the dot kernel's lane sums cost as much as its few vector
-// multiply-adds per output, whose act' comes from H (the backward recomputes Z for the others, the usual way), in
-// tiles of at least transposed_rows() rows (two vectors of float32 rows; several tiles: one tile splits its columns
-// instead). Measured with float32 forwards of SpinalLinear (2 threads, alternating runs, transposed / not, median
-// microseconds over 0.5-1 s): on an AMD EPYC Zen 5 (AVX-512) regression (c = 4, w = 50) B = 1024 (tiles of 128 rows)
-// 112 / 145, B = 256 (32 rows) 44 / 59 and 43 / 48, B = 128 (16 rows, one vector) 42 / 29 and 34 / 35, B = 64 (16
-// rows) 23 / 21 three times; vit-custom (c = 128, w = 20) B = 1024 214 / 194 and resnet-head (c = 256, w = 20) 183 /
-// 144, so long chunks stay on the dot kernel. On an AMD EPYC Zen 1 (AVX2: 16 rows are two vectors; minimum of 7
-// blocks, three alternating rounds) regression B = 32 74-75 / 83-91, B = 64 92-98 / 108-126, B = 128 132-140 /
-// 152-191; capped to the baseline set (four vectors of 4) no difference at 16 rows (B = 64 118-128 / 116-125).
+// Whether the forward's row tiles run transposed (forward_tile_transposed): layers whose products all have fewer than
+// kTransposedTerms terms (chunk and width), where the dot kernel's lane sums cost as much as its few vector
+// multiply-adds per output, whose act' comes from H (the backward recomputes Z for the others, the usual way), in tiles
+// of at least transposed_rows() rows (32 with AVX-512, 16 otherwise: two vectors of float32 rows with AVX-512 and AVX2;
+// several tiles: one tile splits its columns instead). Measured with float32 forwards of SpinalLinear (2 threads,
+// alternating runs, transposed / not, median microseconds over 0.5-1 s): on an AMD EPYC Zen 5 (AVX-512) regression (c =
+// 4, w = 50) B = 1024 (tiles of 128 rows) 112 / 145, B = 256 (32 rows) 44 / 59 and 43 / 48, B = 128 (16 rows, one
+// vector) 42 / 29 and 34 / 35, B = 64 (16 rows) 23 / 21 three times; vit-custom (c = 128, w = 20) B = 1024 214 / 194
+// and resnet-head (c = 256, w = 20) 183 / 144, so long chunks stay on the dot kernel. On an AMD EPYC Zen 1 (AVX2: 16
+// rows are two vectors; minimum of 7 blocks, three alternating rounds) regression B = 32 74-75 / 83-91, B = 64 92-98 /
+// 108-126, B = 128 132-140 / 152-191; capped to the baseline set (four vectors of 4) no difference at 16 rows (B = 64
+// 118-128 / 116-125).
 inline constexpr int64_t kTransposedTerms = 64;
 inline int64_t transposed_rows() { return vector_isa() == Isa::kAvx512 ? 32 : 16; }
 bool transposes(const SpinalDims& d, const RowTiles& tiles) {
