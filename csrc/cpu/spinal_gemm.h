@@ -832,19 +832,19 @@ void pack_transposed(int64_t n, int64_t k, const S* w, int64_t ldw, T* out, int6
   if constexpr (std::is_same_v<S, T>) {
     transpose(n, k, w, ldw, out, ldo);
     for (int64_t q = 0; q < k; ++q) std::fill(out + q * ldo + n, out + (q + 1) * ldo, T(0));
-    return;
-  }
-  constexpr int64_t kB = kTransposeBlock;
-  for (int64_t q0 = 0; q0 < k; q0 += kB) {
-    const int64_t q1 = std::min(k, q0 + kB);
-    for (int64_t j0 = 0; j0 < n; j0 += kB) {
-      const int64_t j1 = std::min(n, j0 + kB);
-      for (int64_t q = q0; q < q1; ++q) {
-        T* row = out + q * ldo;
-        for (int64_t j = j0; j < j1; ++j) row[j] = kernels::widen_one<T>(w[j * ldw + q]);
+  } else {
+    constexpr int64_t kB = kTransposeBlock;
+    for (int64_t q0 = 0; q0 < k; q0 += kB) {
+      const int64_t q1 = std::min(k, q0 + kB);
+      for (int64_t j0 = 0; j0 < n; j0 += kB) {
+        const int64_t j1 = std::min(n, j0 + kB);
+        for (int64_t q = q0; q < q1; ++q) {
+          T* row = out + q * ldo;
+          for (int64_t j = j0; j < j1; ++j) row[j] = kernels::widen_one<T>(w[j * ldw + q]);
+        }
       }
+      for (int64_t q = q0; q < q1; ++q) std::fill(out + q * ldo + n, out + (q + 1) * ldo, T(0));
     }
-    for (int64_t q = q0; q < q1; ++q) std::fill(out + q * ldo + n, out + (q + 1) * ldo, T(0));
   }
 }
 
