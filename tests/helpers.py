@@ -105,6 +105,13 @@ COLUMN_SPLIT_CASES = {
 }
 
 
+def unread_columns(case: Case) -> list[int]:
+    """The columns of ``x`` that no sub-layer's chunk reads: their gradient is zero."""
+    c = reference.chunk_size(case.in_features, case.num_splits)
+    read = {(s + j) % case.in_features for s in set(case.layer_args()[0]) for j in range(c)}
+    return [k for k in range(case.in_features) if k not in read]
+
+
 def make_inputs(case: Case, dtype=torch.float64, device="cpu", seed=0):
     """``(x, params)``: input of the case's layout and packed parameters, drawn from a fixed seed.
 

@@ -26,6 +26,7 @@ from helpers import (
     make_inputs,
     require_backend,
     run_case,
+    unread_columns,
 )
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -142,6 +143,28 @@ def test_many_rows_match_reference():
     with spinal_ops.use_backend("reference"):
         ref = m(x)
     assert_close(got, ref, what="cpu 70,000 rows")
+
+
+@pytest.mark.parametrize("case", [
+    Case(64, 13, 3, 4, 4, split_mode="alternate"),  # column 12 read by no chunk
+    Case(64, 16, 3, 4, 5, split_mode="alternate", tie=(0, 1, 2, 1, 2), activation="gelu"),  # c = 5: column 15, tied
+    Case(64, 13, 3, 5, 4),  # cyclic, c = 4: the last chunk wraps onto the first's columns (written, then added)
+    Case(6, 13, 3, 4, 4, split_mode="alternate"),  # one tile: dx zero-filled first
+], ids=["gap", "gaps-tied", "wrap-overlap", "one-tile"])
+def test_dx_first_writes_and_unread_columns(case):
+    """With several row tiles (B = 64: four of 16 rows) the backward writes the first product into each column of dx
+    and adds the others', with no zero fill first: dx against the reference, and the columns no chunk reads exactly
+    zero, after the allocator has held NaN in blocks of dx's size."""
+    check_against_reference("cpu", case, torch.float64)
+    x, params = make_inputs(case, torch.float64)
+    with spinal_ops.use_backend("cpu"):
+        out = spinal_ops.spinal_linear(x, **params, **functional_kwargs(case))
+    poison = [torch.full_like(x, math.nan) for _ in range(8)]
+    del poison
+    (dx,) = torch.autograd.grad(out.sum(), [x])
+    unread = unread_columns(case)
+    assert not dx.isnan().any()
+    assert not unread or torch.equal(dx[:, unread], torch.zeros_like(dx[:, unread]))
 
 
 @pytest.mark.parametrize("shape", [(0, 10), (2, 0, 10), (3, 4, 10)], ids=["empty", "empty-3d", "3d"])

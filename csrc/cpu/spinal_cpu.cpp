@@ -16,7 +16,7 @@
 // Backward, with G = dL/dy and dH = G @ Wo (+ grad_H):
 //   chain, per row tile: dZ_i = (dH_i + carry) * act'(.) for i = L-1 .. 0, written over dH in one (B, L*w) scratch
 //      tensor; carry = dZ_i @ Wh_i; dx[:, chunk_i] += dZ_i @ Wx_i (scatter with wrap, in sub-layer order, so the sum
-//      order is fixed; each tile zeroes its rows of dx first). act' comes from H, or from Z recomputed from x and H for gelu, silu and leaky_relu with a
+//      order is fixed; with several tiles the first sub-layer to reach a column writes it: no zero fill of dx). act' comes from H, or from Z recomputed from x and H for gelu, silu and leaky_relu with a
 //      negative slope.
 //   weight gradients, products over all rows: dWx_i = dZ_i.T @ x_chunk, dWh_i = dZ_i.T @ H_{i-1}, dWo[:, block i] =
 //      G.T @ H_i, in jobs of at most kWeightRows output rows; a slot that serves several sub-layers (tied weights)
@@ -504,9 +504,13 @@ inline constexpr bool kPairTypes = std::is_same_v<T, float> && std::is_same_v<S,
 
 // dx[:, (s_i + j) mod D] += dZ_i @ Wx_i[:, j] for the chunk columns j in [j0, j1), rows [r0, r0+m), split where
 // the chunk wraps. On bfloat16 pairs where p.wxr is set: dz16 holds the rows of dZ_i rounded to bfloat16 (m x w).
+// first (D entries), where given: the sub-layer whose product reaches each column of x first (the chain runs from
+// L-1 down: the last sub-layer whose chunk holds the column), or -1 where no chunk does; the columns that sub-layer i
+// reaches first are written (=), not added into, so dx needs no zero fill before the chain (the same sums: 0 + v is
+// v, up to the sign of a zero).
 template <typename T, typename S>
 void input_gradient(const Problem<T, S>& p, int64_t i, int64_t r0, int64_t m, int64_t j0, int64_t j1, const T* dz,
-                    T* dx, const c10::BFloat16* dz16 = nullptr) {
+                    T* dx, const c10::BFloat16* dz16 = nullptr, const int32_t* first = nullptr) {
   const SpinalDims& d = p.d;
   const int64_t lw = d.hidden(), w = d.width;
   const int64_t s = p.starts[i];
@@ -514,16 +518,26 @@ void input_gradient(const Problem<T, S>& p, int64_t i, int64_t r0, int64_t m, in
   const T* dzi = dz + r0 * lw + i * w;
   const S* wxi = p.wx_slot(i);
   T* dxt = dx + r0 * d.in_features;
-  auto product = [&](int64_t a, int64_t b, T* out) {  // chunk columns [a, b) into out
+  auto product = [&](int64_t a, int64_t b, T* out, bool add) {  // chunk columns [a, b) into out
     if constexpr (kPairTypes<T, S>) {
-      if (p.wxr) return pair_product(m, b - a, w, dz16, w, p.wxr_slot(i) + a, p.ldwxr, out, d.in_features, true);
+      if (p.wxr) return pair_product(m, b - a, w, dz16, w, p.wxr_slot(i) + a, p.ldwxr, out, d.in_features, add);
     }
-    nn_gemm<T>(false, m, b - a, w, dzi, lw, wxi + a, d.chunk, true, out, d.in_features);
+    nn_gemm<T>(false, m, b - a, w, dzi, lw, wxi + a, d.chunk, add, out, d.in_features);
   };
-  if (j0 < c1) product(j0, std::min(j1, c1), dxt + s + j0);
+  auto segment = [&](int64_t a, int64_t b, int64_t col) {  // chunk columns [a, b), from column col of x on
+    if (first == nullptr) return product(a, b, dxt + col, true);
+    while (a < b) {  // runs of columns written / added into
+      const bool add = first[col] != i;
+      int64_t e = a + 1;
+      while (e < b && (first[col + (e - a)] != i) == add) ++e;
+      product(a, e, dxt + col, add);
+      col += e - a, a = e;
+    }
+  };
+  if (j0 < c1) segment(j0, std::min(j1, c1), s + j0);
   if (j1 > c1) {
     const int64_t b0 = std::max(j0, c1);
-    product(b0, j1, dxt + (b0 - c1));
+    segment(b0, j1, b0 - c1);
   }
 }
 
@@ -611,7 +625,7 @@ struct Backward {
   const T* gy;           // (B, out) (null when B = 0)
   bool has_gy;           // grad_y given (hidden mode: never)
   T* dz;                 // (B, L*w) scratch: dH, then dZ
-  T* dx;                 // (B, D) or nullptr; zeroed, or uninitialised when rows_zero_dx
+  T* dx;                 // (B, D) or nullptr; zeroed, or uninitialised when dx_first is set
   G* dwx;                // (Lx, w, c) or nullptr
   G* dwh;                // (Lh, w, w) or nullptr
   G* dwo;                // (out, L*w) or nullptr (also without grad_y)
@@ -620,7 +634,10 @@ struct Backward {
   const std::vector<char>& tied;
   const T* zero_bias;
   WeightPairs* pairs = nullptr;  // set (backward_pairs): dWx and dWh on bfloat16 pairs (pack_weight_pairs)
-  bool rows_zero_dx = false;     // each chain_tile zeroes its rows of dx before adding into them
+  // Several row tiles: per column of x, the sub-layer that writes it first (input_gradient's `first`), and whether
+  // some column has none (chain_tile zeroes those of its rows); else null, and dx is zero-filled.
+  const int32_t* dx_first = nullptr;
+  bool dx_unread = false;
 
   const SpinalDims& d() const { return p.d; }
   static bool streams(int64_t elements) { return elements * static_cast<int64_t>(sizeof(T)) > kStreamBytes; }
@@ -754,7 +771,12 @@ struct Backward {
     std::vector<T> zbuf(needs_preactivation(d().activation, d().negative_slope) ? static_cast<size_t>(m * w) : 0);
     std::vector<c10::BFloat16> dz16(p.wxr && dx ? static_cast<size_t>(m * w) : 0);  // dZ_i rounded: dx on pairs
     head_gradient(r0, m, gh);
-    if (dx && rows_zero_dx) std::fill(dx + r0 * d().in_features, dx + (r0 + m) * d().in_features, T(0));
+    if (dx && dx_unread) {  // the columns of x that no chunk reads: their gradient is 0
+      const int64_t D = d().in_features;
+      for (int64_t r = r0; r < r0 + m; ++r)
+        for (int64_t col = 0; col < D; ++col)
+          if (dx_first[col] < 0) dx[r * D + col] = T(0);
+    }
     for (int64_t i = d().layers - 1; i >= 0; --i) {
       chain_columns<A>(p, i, r0, m, 0, w, h_all, dz, carry.data(), zbuf.data(), zero_bias);
       if (i > 0) {
@@ -764,7 +786,7 @@ struct Backward {
       if (!dz16.empty()) {
         if constexpr (kPairTypes<T, S>) round_rows_bf16(m, w, dz + r0 * d().hidden() + i * w, d().hidden(), dz16.data(), w);
       }
-      if (dx) input_gradient(p, i, r0, m, 0, d().chunk, dz, dx, dz16.data());
+      if (dx) input_gradient(p, i, r0, m, 0, d().chunk, dz, dx, dz16.data(), dx_first);
     }
   }
 
@@ -877,16 +899,26 @@ Grads backward_grads(const SpinalDims& d, c10::IntArrayRef starts, const std::ar
   auto grad_like = [&](const at::Tensor& t, bool written_whole) {
     return written_whole ? at::empty(t.sizes(), g_options) : zeros(t.sizes(), g_options);
   };
-  // Several row tiles: every tile's chain zeroes its own rows of dx in its job, just before adding into them (while
-  // they are in cache, and in parallel), instead of a zero fill of the whole of dx first and a pass that reads it
-  // back. Measured with fwd+bwd steps of SpinalLinear (AMD EPYC Zen 1, 2 threads, the two in one process, 11
-  // alternating blocks, median microseconds, rows / whole): vit-custom B = 1024 (4 MB of dx) 4666 / 4891,
-  // resnet-head B = 1024 3513 / 3603, vgg-head B = 1024 19352 / 19765, vit-custom B = 64 569 / 577.
+  // Several row tiles: each tile's chain writes the first sub-layer's share of every column of its rows of dx and adds
+  // the others' (input_gradient's `first`), instead of a zero fill of the whole of dx and a pass that reads it back.
+  // Measured with fwd+bwd steps of SpinalLinear (AMD EPYC Zen 1, 2 threads): each tile zeroing its rows in its job
+  // against the whole fill first (the two in one process, 11 alternating blocks, median microseconds): vit-custom
+  // B = 1024 (4 MB of dx) 4666 / 4891, resnet-head B = 1024 3513 / 3603, vgg-head B = 1024 19352 / 19765, vit-custom
+  // B = 64 569 / 577; then writing against zeroing the rows (alternating builds, three rounds, minimum of 7 blocks):
+  // vit-custom B = 1024 3915-4041 / 4262-4389, resnet-head B = 1024 2744-2816 / 2853-3090; vgg-head, wide-resnet-head
+  // B = 1024 and vit-custom B = 64 within the noise.
   const RowTiles tiles = RowTiles::make(d, sizeof(T));
-  const bool rows_zero_dx = want_dx && need_chain && tiles.count > 1;
-  at::Tensor dx = !want_dx        ? empty()
-                  : rows_zero_dx ? at::empty(x.sizes(), x.options())
-                                 : zeros(x.sizes(), x.options());
+  std::vector<int32_t> dx_first;
+  bool dx_unread = false;
+  if (want_dx && need_chain && tiles.count > 1) {
+    dx_first.assign(static_cast<size_t>(d.in_features), -1);
+    for (int64_t i = 0; i < d.layers; ++i)  // the last sub-layer that reads a column is the chain's first there
+      for (int64_t j = 0; j < d.chunk; ++j) dx_first[(starts[i] + j) % d.in_features] = static_cast<int32_t>(i);
+    dx_unread = std::find(dx_first.begin(), dx_first.end(), -1) != dx_first.end();
+  }
+  at::Tensor dx = !want_dx            ? empty()
+                  : !dx_first.empty() ? at::empty(x.sizes(), x.options())
+                                      : zeros(x.sizes(), x.options());
   at::Tensor dwx = want_wx ? grad_like(weight_x, !any_tied) : empty();
   at::Tensor dwh = want_wh ? grad_like(weight_h, !any_tied) : empty();
   at::Tensor db = want_b ? zeros(bias->sizes(), x.options()) : empty();
@@ -940,7 +972,8 @@ Grads backward_grads(const SpinalDims& d, c10::IntArrayRef starts, const std::ar
                                                  backward_pairs(d.rows, x_stored != nullptr) && (want_wx || want_wh)
                                                      ? &weight_operands
                                                      : nullptr,
-                                                 rows_zero_dx};
+                                                 dx_first.empty() ? nullptr : dx_first.data(),
+                                                 dx_unread};
       if (tiles.count == 1 && need_chain) {
         bw.by_sub_layer(gh);
       } else {
