@@ -16,8 +16,8 @@
 // Backward, with G = dL/dy and dH = G @ Wo (+ grad_H):
 //   chain, per row tile: dZ_i = (dH_i + carry) * act'(.) for i = L-1 .. 0, written over dH in one (B, L*w) scratch
 //      tensor; carry = dZ_i @ Wh_i; dx[:, chunk_i] += dZ_i @ Wx_i (scatter with wrap, in sub-layer order, so the sum
-//      order is fixed; with several tiles the first sub-layer to reach a column writes it: no zero fill of dx). act' comes from H, or from Z recomputed from x and H for gelu, silu and leaky_relu with a
-//      negative slope.
+//      order is fixed; with several tiles the first sub-layer to reach a column writes it: no zero fill of dx). act'
+//      comes from H, or from Z recomputed from x and H for gelu, silu and leaky_relu with a negative slope.
 //   weight gradients, products over all rows: dWx_i = dZ_i.T @ x_chunk, dWh_i = dZ_i.T @ H_{i-1}, dWo[:, block i] =
 //      G.T @ H_i, in jobs of at most kWeightRows output rows; a slot that serves several sub-layers (tied weights)
 //      gets per-sub-layer partials that are added in sub-layer order afterwards; bias gradients are column sums in
