@@ -5,8 +5,8 @@
 // Why hand-written kernels: the layers' products are narrow (w = 20..512 columns, out = 1..10, chunks of c = 4..1024)
 // and the batches small (B = 1..256 rows per tile). There the BLAS pays a per-call cost and takes its generic code
 // path on CPUs it does not recognise (MKL on AMD: `mkl_blas_def_*`, no AVX-512), while these kernels keep a whole
-// MR x (NV vectors) block of the output in registers for the full k loop. Which product goes where is `use_blas`,
-// set by measurement (its comment).
+// MR x (NV vectors) block of the output in registers for the full k loop. Which product goes where is `use_blas`
+// (and `use_blas_tn` for the TN products), set by measurement (their comments).
 //
 // Instruction sets: every kernel is compiled three times, for AVX-512 (64-byte vectors), AVX2 + FMA (32 bytes) and
 // the baseline (16 bytes: SSE2 on x86-64, NEON on aarch64), and the widest the CPU supports runs (`cpu_isa`, chosen
@@ -20,7 +20,8 @@
 // - axpy tile (m >= 2): an MR x NV-vector block of C in registers; for each q, NV vectors of row q of B are loaded
 //   and every A(r, q) is broadcast against them. A is read through strides (ars, aqs), so the same kernel serves
 //   A (NN: dH = G Wo, carry = dZ Wh, dx += dZ Wx) and A^T (TN: the weight gradients dZ^T x, dZ^T H, G^T H); and
-//   the NT products on a packed W^T where that is faster (`packs_transposed`).
+//   the NT products on a packed W^T where that is faster (`packs_transposed`). A TN product narrower than one
+//   vector (dZ^T x_chunk for chunks of c = 4) runs transposed, C^T = B^T A, its vectors along m (`narrow_tn_product`).
 // - dot tile (NT: the forward's x Wx^T, h Wh^T, H Wo^T): DOT_MR rows x NR outputs of vector accumulators along k,
 //   then the lanes summed; W is read as stored (no transpose per call), in L2-sized blocks (`dot_gemm`).
 // - one row, NN (m = 1): a weighted sum of B's rows, blocks of up to 8 vectors of C in registers over all of k (C
@@ -859,6 +860,16 @@ inline bool use_blas(int64_t m, int64_t n, int64_t k) {
   return vector_isa() != Isa::kAvx512 && m >= 16 && n >= 32 && k >= 32;
 }
 
+// The TN products op(A) = A^T (the weight gradients dZ^T x_chunk, dZ^T H: k is the batch) go to the BLAS only from
+// kBlasMinTnRows terms on: below it MKL's packing of B costs more than its faster loop saves. Measured with the
+// backward op alone (AMD EPYC Zen 1, AVX2, 2 threads, 11 alternating blocks in one process, minimum / median
+// microseconds, BLAS from 32 / from 128 terms): vit-custom B = 64 188 / 191, 170 / 184; resnet-head B = 64 144 / 159,
+// 146 / 148; vgg-head B = 64 775 / 789, 731 / 749; wide-resnet-head B = 64 11643 / 11692, 11449 / 11590; from 128
+// rows on (B = 128 .. 512) within the noise, but vgg-head B = 256 took 2672 / 2716 against 2823 / 2900 with the
+// threshold at 512, and vit-custom B = 1024 2585 / 2653 with the BLAS against 2746 / 2785 without it.
+inline constexpr int64_t kBlasMinTnRows = 128;
+inline bool use_blas_tn(int64_t m, int64_t n, int64_t k) { return k >= kBlasMinTnRows && use_blas(m, n, k); }
+
 // Whether any product may run on the BLAS (then the jobs keep its threading off: SequentialBlas).
 inline bool blas_may_run() { return vector_isa() != Isa::kAvx512; }
 
@@ -934,6 +945,28 @@ void nt_gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const NtO
   dot_product<T, S>(m, n, k, a, lda, w.w, w.ldw, c, ldc, accumulate);
 }
 
+// Whether C = A^T B (m x n, on the kernels) runs as C^T = B^T A (narrow_tn_product): n narrower than one vector of
+// `lanes`, m at least twice n. Measured with the _cpu_gemm op (AMD EPYC Zen 1, AVX2, one thread, float32, minimum of
+// 5 blocks): 50 x 4 x 8192 took 326 us as A^T B and 131 us as (B^T A)^T; the regression configuration's
+// dWx = dZ^T x_chunk (c = 4) in the backward op at B = 1024 (2 threads, only dWx asked for, two alternating runs):
+// 882 / 890 us against 935 / 951.
+inline bool transposes_narrow(int64_t m, int64_t n, int64_t lanes) { return n < lanes && m >= 2 * n; }
+
+// C (m x n) (=|+= when accumulate) A^T B for A stored k x m (lda) and B k x n (ldb), n narrower than a vector, as
+// C^T = B^T A into a buffer (the kernel's vectors along m, full, instead of one partial vector along n; and A read row
+// after row instead of in strips of a few columns), then transposed into C. Each element is the same sum, in the same
+// order of terms, as the kernel forms it for A^T B.
+template <typename T>
+void narrow_tn_product(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
+                       bool accumulate, T* c, int64_t ldc) {
+  std::vector<T> ct(static_cast<size_t>(n * m));
+  axpy_product<T, T, T>(n, m, k, b, 1, ldb, a, lda, false, ct.data(), m, kernels::Out::kWrite);
+  for (int64_t r = 0; r < m; ++r) {
+    T* row = c + r * ldc;
+    for (int64_t j = 0; j < n; ++j) row[j] = accumulate ? row[j] + ct[j * m + r] : ct[j * m + r];
+  }
+}
+
 // C (m x n) (=|+= when accumulate) op(A) (m x k) @ B (k x n, ldb; stored as S, and then never on the BLAS, like
 // nt_gemm): A (m x k, lda), or its transpose stored (k x m, lda) when trans_a. `stream`: C is large and not read
 // again by this call (kernels::Out::kStream; no effect with accumulate or on the BLAS). C is T, or bfloat16 (CT:
@@ -943,7 +976,12 @@ void nn_gemm(bool trans_a, int64_t m, int64_t n, int64_t k, const T* a, int64_t 
              bool accumulate, CT* c, int64_t ldc, bool stream = false) {
   if (empty_product(m, n, k, accumulate, c, ldc)) return;
   if constexpr (std::is_same_v<S, T> && std::is_same_v<CT, T>) {
-    if (use_blas(m, n, k)) return blas_gemm<T>(trans_a, false, m, n, k, a, lda, b, ldb, accumulate, c, ldc);
+    if (trans_a ? use_blas_tn(m, n, k) : use_blas(m, n, k)) {
+      return blas_gemm<T>(trans_a, false, m, n, k, a, lda, b, ldb, accumulate, c, ldc);
+    }
+    if (trans_a && transposes_narrow(m, n, vector_lanes<T>())) {
+      return narrow_tn_product<T>(m, n, k, a, lda, b, ldb, accumulate, c, ldc);
+    }
   }
   if constexpr (std::is_same_v<CT, T>) {
     if (m == 1 && !trans_a) return axpy_row_product<T, S>(n, k, a, b, ldb, c, accumulate);
