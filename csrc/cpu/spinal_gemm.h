@@ -945,27 +945,24 @@ void nt_gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const NtO
   dot_product<T, S>(m, n, k, a, lda, w.w, w.ldw, c, ldc, accumulate);
 }
 
-// Whether C = A^T B (m x n, on the kernels) runs as C^T = B^T A (narrow_tn_product): n narrower than one vector of
-// `lanes`, m at least twice n. Measured with the _cpu_gemm op (AMD EPYC Zen 1, AVX2, one thread, float32, minimum of
+// Whether C = A^T B (m x n, on the kernels, written) runs as C^T = B^T A (narrow_tn_product): n narrower than one
+// vector of `lanes`, m at least twice n. Measured with the _cpu_gemm op (AMD EPYC Zen 1, AVX2, one thread, float32, minimum of
 // 5 blocks): 50 x 4 x 8192 took 326 us as A^T B and 131 us as (B^T A)^T; the regression configuration's
 // dWx = dZ^T x_chunk (c = 4) in the backward op at B = 1024 (2 threads, only dWx asked for, two alternating runs):
 // 882 / 890 us against 935 / 951. (Not measured with AVX-512, whose masked tail reads a partial vector in place; the
 // rule is the same there: the direct form runs one partial vector of n < 16 lanes per row of C.)
 inline bool transposes_narrow(int64_t m, int64_t n, int64_t lanes) { return n < lanes && m >= 2 * n; }
 
-// C (m x n) (=|+= when accumulate) A^T B for A stored k x m (lda) and B k x n (ldb), n narrower than a vector, as
-// C^T = B^T A into a buffer (the kernel's vectors along m, full, instead of one partial vector along n; and A read row
-// after row instead of in strips of a few columns), then transposed into C. Each element is the same sum, in the same
+// C (m x n) = A^T B for A stored k x m (lda) and B k x n (ldb), n narrower than a vector, as C^T = B^T A into a
+// buffer (the kernel's vectors along m, full, instead of one partial vector along n; and A read row after row instead
+// of in strips of a few columns), then transposed into C (`transpose`). Each element is the same sum, in the same
 // order of terms, as the kernel forms it for A^T B.
 template <typename T>
-void narrow_tn_product(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
-                       bool accumulate, T* c, int64_t ldc) {
+void narrow_tn_product(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
+                       int64_t ldc) {
   std::vector<T> ct(static_cast<size_t>(n * m));
   axpy_product<T, T, T>(n, m, k, b, 1, ldb, a, lda, false, ct.data(), m, kernels::Out::kWrite);
-  for (int64_t r = 0; r < m; ++r) {
-    T* row = c + r * ldc;
-    for (int64_t j = 0; j < n; ++j) row[j] = accumulate ? row[j] + ct[j * m + r] : ct[j * m + r];
-  }
+  transpose<T>(n, m, ct.data(), m, c, ldc);
 }
 
 // C (m x n) (=|+= when accumulate) op(A) (m x k) @ B (k x n, ldb; stored as S, and then never on the BLAS, like
@@ -980,8 +977,8 @@ void nn_gemm(bool trans_a, int64_t m, int64_t n, int64_t k, const T* a, int64_t 
     if (trans_a ? use_blas_tn(m, n, k) : use_blas(m, n, k)) {
       return blas_gemm<T>(trans_a, false, m, n, k, a, lda, b, ldb, accumulate, c, ldc);
     }
-    if (trans_a && transposes_narrow(m, n, vector_lanes<T>())) {
-      return narrow_tn_product<T>(m, n, k, a, lda, b, ldb, accumulate, c, ldc);
+    if (trans_a && !accumulate && transposes_narrow(m, n, vector_lanes<T>())) {  // the weight gradients: written
+      return narrow_tn_product<T>(m, n, k, a, lda, b, ldb, c, ldc);
     }
   }
   if constexpr (std::is_same_v<CT, T>) {
