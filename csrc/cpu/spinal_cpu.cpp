@@ -21,7 +21,7 @@
 //   weight gradients, products over all rows: dWx_i = dZ_i.T @ x_chunk, dWh_i = dZ_i.T @ H_{i-1}, dWo[:, block i] =
 //      G.T @ H_i, in jobs of at most kWeightRows output rows; a slot that serves several sub-layers (tied weights)
 //      gets per-sub-layer partials that are added in sub-layer order afterwards; bias gradients are column sums in
-//      row order.
+//      row order (with several tiles and no tied slot, jobs of the same round: bias_gradient).
 //   Several tiles: the chain of every tile (one job each), then the weight gradients. One tile: per sub-layer, dZ_i
 //      (column blocks), then carry, dx and sub-layer i's weight gradients as the jobs of one round; the head's
 //      weight gradient joins the first round. (A small batch has little chain work to spread, but a wide layer has
@@ -542,8 +542,9 @@ void input_gradient(const Problem<T, S>& p, int64_t i, int64_t r0, int64_t m, in
 }
 
 // The weight-gradient jobs: a product over all rows for output rows [j0, j1) of one sub-layer's dWx_i or dWh_i, or
-// of the head's block of dWo that H_i feeds (kHead: rows of out).
-enum class WeightKind : int { kInput, kRecurrent, kHead };
+// of the head's block of dWo that H_i feeds (kHead: rows of out); or the bias gradients' column sums of dZ over
+// columns [j0, j1) of L*w (kBias: see bias_gradient).
+enum class WeightKind : int { kInput, kRecurrent, kHead, kBias };
 
 struct WeightJob {
   WeightKind kind;
@@ -581,7 +582,37 @@ SPINAL_CLONES void add_column_sums(const T* a, int64_t rows, int64_t n, int64_t 
   int64_t j = 0;
   for (; j + 64 <= n; j += 64) add_block_sums<64>(a + j, rows, ld, out + j);
   for (; j + 16 <= n; j += 16) add_block_sums<16>(a + j, rows, ld, out + j);
+  for (; j + 8 <= n; j += 8) add_block_sums<8>(a + j, rows, ld, out + j);
+  for (; j + 4 <= n; j += 4) add_block_sums<4>(a + j, rows, ld, out + j);
   for (; j < n; ++j) add_block_sums<1>(a + j, rows, ld, out + j);
+}
+
+// Whether the sub-layers use consecutive weight_x / bias slots, one each (no slot tied).
+inline bool consecutive_slots(const SpinalDims& d) {
+  for (int64_t i = 0; i < d.layers; ++i)
+    if (d.x_slot(i) != d.x_slot(0) + i) return false;
+  return true;
+}
+
+// Columns per job of bias_gradient: add_column_sums' widest block (64 sums in registers).
+inline constexpr int64_t kSumColumns = 64;
+
+// The bias gradients db (x_slots x w) from dZ (rows x L*w): column sums, rows in order; a slot that serves several
+// sub-layers adds theirs in sub-layer order. Sub-layers on consecutive slots (no slot tied) are one block of
+// independent columns, summed in blocks of kSumColumns columns as parallel jobs: each column is summed whole by one
+// job, so the result does not depend on the blocks or the threads.
+template <typename T>
+void bias_gradient(const SpinalDims& d, const T* dz, T* db) {
+  const int64_t lw = d.hidden(), w = d.width;
+  if (!consecutive_slots(d)) {
+    for (int64_t i = 0; i < d.layers; ++i) add_column_sums(dz + i * w, d.rows, w, lw, db + d.x_slot(i) * w);
+    return;
+  }
+  T* out = db + d.x_slot(0) * w;
+  run_jobs((lw + kSumColumns - 1) / kSumColumns, d.rows * lw, [&](int64_t job) {
+    const int64_t j0 = job * kSumColumns, j1 = std::min(lw, j0 + kSumColumns);
+    add_column_sums(dz + j0, d.rows, j1 - j0, lw, out + j0);
+  });
 }
 
 // The operands of the weight gradients dZ_i^T x_chunk and dZ_i^T H_{i-1} of a bfloat16 call on AVX512_BF16, packed
@@ -638,6 +669,9 @@ struct Backward {
   // some column has none (chain_tile zeroes those of its rows); else null, and dx is zero-filled.
   const int32_t* dx_first = nullptr;
   bool dx_unread = false;
+  // Several row tiles and consecutive_slots: the bias gradients of the sub-layers' slots (db + x_slot(0) * w),
+  // column sums of dZ run as jobs of the weight-gradient round (WeightKind::kBias); else null.
+  T* db = nullptr;
 
   const SpinalDims& d() const { return p.d; }
   static bool streams(int64_t elements) { return elements * static_cast<int64_t>(sizeof(T)) > kStreamBytes; }
@@ -761,6 +795,9 @@ struct Backward {
       case WeightKind::kHead:  // dWo[j0:j1, block i] = G[:, j0:j1].T @ H_i
         nn_gemm<T>(true, mj, w, rows, gy + job.j0, dd.out, h_all + i * w, lw, false, dwo + job.j0 * lw + i * w, lw);
         break;
+      case WeightKind::kBias:  // db[columns j0:j1 of L*w] = column sums of dZ[:, j0:j1], rows in order
+        add_column_sums(dz + job.j0, rows, mj, lw, db + job.j0);
+        break;
     }
   }
 
@@ -799,6 +836,11 @@ struct Backward {
     std::vector<WeightJob> jobs;
     int64_t work = 0;
     for (int64_t i = 0; i < d().layers; ++i) add_jobs(i, /*layer=*/true, /*head=*/true, jobs, work);
+    const int64_t lw = d().hidden();
+    for (int64_t j0 = 0; db && j0 < lw; j0 += kSumColumns) {  // last: they fill the threads' gaps
+      jobs.push_back({WeightKind::kBias, 0, j0, std::min(lw, j0 + kSumColumns)});
+      work += d().rows * (jobs.back().j1 - j0);
+    }
     run_jobs(static_cast<int64_t>(jobs.size()), work, [&](int64_t j) { run(jobs[j]); });
   }
 
@@ -955,6 +997,8 @@ Grads backward_grads(const SpinalDims& d, c10::IntArrayRef starts, const std::ar
     std::vector<T> hpart(any_tied && want_wh ? static_cast<size_t>(d.layers * hsize) : 0);
     const std::vector<T> zero_bias(static_cast<size_t>(d.width), T(0));
     WeightPairs weight_operands;
+    const bool one_tile_chain = tiles.count == 1 && need_chain;
+    const bool bias_jobs = want_b && !one_tile_chain && consecutive_slots(d);
     with_activation(d.activation, [&](auto act) {
       const Backward<decltype(act)::value, T, S, G> bw{p,
                                                  h_all.const_data_ptr<T>(),
@@ -973,18 +1017,15 @@ Grads backward_grads(const SpinalDims& d, c10::IntArrayRef starts, const std::ar
                                                      ? &weight_operands
                                                      : nullptr,
                                                  dx_first.empty() ? nullptr : dx_first.data(),
-                                                 dx_unread};
-      if (tiles.count == 1 && need_chain) {
+                                                 dx_unread,
+                                                 bias_jobs ? db.mutable_data_ptr<T>() + d.x_slot(0) * d.width : nullptr};
+      if (one_tile_chain) {
         bw.by_sub_layer(gh);
       } else {
         bw.tiles_then_weights(tiles, gh, need_chain);
       }
     });
-    if (want_b) {  // bias gradients: column sums of dZ, sub-layers and rows in order
-      const T* dz = dz_t.const_data_ptr<T>();
-      for (int64_t l = 0; l < d.layers; ++l)
-        add_column_sums(dz + l * d.width, d.rows, d.width, lw, db.mutable_data_ptr<T>() + d.x_slot(l) * d.width);
-    }
+    if (want_b && !bias_jobs) bias_gradient(d, dz_t.const_data_ptr<T>(), db.mutable_data_ptr<T>());
     if (has_gy && want_bo) add_column_sums(gy, d.rows, d.out, d.out, dbo.mutable_data_ptr<T>());
     for (int64_t i = 1; i < d.layers; ++i) {  // partials of the tied slots, added in sub-layer order
       if (!tied[i]) continue;
