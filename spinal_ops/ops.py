@@ -303,8 +303,8 @@ def _fold_rows(weight: Tensor, scale: Tensor, buffers: FoldBuffers) -> Tensor:
     into the weights' gradient. That gradient is the spinal op's fresh gradient of the product, which nothing else
     holds (hence the contract). Without the buffers and the in-place scaling, each step made three fresh weight-sized
     tensors (the product, its gradient, the weights' gradient) that the C library returned to the system and
-    faulted back in on the next step (README, "Dropout / batch-norm heads"). Elsewhere (smaller weights, other
-    devices and dtypes, functorch transforms and forward-mode AD, no native library) it is
+    faulted back in on the next step (docs/performance-history.md, "The eval-mode fold"). Elsewhere (smaller
+    weights, other devices and dtypes, functorch transforms and forward-mode AD, no native library) it is
     :func:`reference.scale_rows`.
     """
     if NATIVE_IMPORT_ERROR is not None or not weight.is_cpu or weight.dtype not in (torch.float32, torch.float64) or \
