@@ -999,6 +999,7 @@ Grads backward_grads(const SpinalDims& d, c10::IntArrayRef starts, const std::ar
     WeightPairs weight_operands;
     const bool one_tile_chain = tiles.count == 1 && need_chain;
     const bool bias_jobs = want_b && !one_tile_chain && consecutive_slots(d);
+    T* db_jobs = bias_jobs ? db.mutable_data_ptr<T>() + d.x_slot(0) * d.width : nullptr;  // Backward::db
     with_activation(d.activation, [&](auto act) {
       const Backward<decltype(act)::value, T, S, G> bw{p,
                                                  h_all.const_data_ptr<T>(),
@@ -1018,7 +1019,7 @@ Grads backward_grads(const SpinalDims& d, c10::IntArrayRef starts, const std::ar
                                                      : nullptr,
                                                  dx_first.empty() ? nullptr : dx_first.data(),
                                                  dx_unread,
-                                                 bias_jobs ? db.mutable_data_ptr<T>() + d.x_slot(0) * d.width : nullptr};
+                                                 db_jobs};
       if (one_tile_chain) {
         bw.by_sub_layer(gh);
       } else {

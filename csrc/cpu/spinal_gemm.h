@@ -946,8 +946,8 @@ void nt_gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const NtO
 }
 
 // Whether C = A^T B (m x n, on the kernels, written) runs as C^T = B^T A (narrow_tn_product): n narrower than one
-// vector of `lanes`, m at least twice n. Measured with the _cpu_gemm op (AMD EPYC Zen 1, AVX2, one thread, float32, minimum of
-// 5 blocks): 50 x 4 x 8192 took 326 us as A^T B and 131 us as (B^T A)^T; the regression configuration's
+// vector of `lanes`, m at least twice n. Measured with the _cpu_gemm op (AMD EPYC Zen 1, AVX2, one thread, float32,
+// minimum of 5 blocks): 50 x 4 x 8192 took 326 us as A^T B and 131 us as (B^T A)^T; the regression configuration's
 // dWx = dZ^T x_chunk (c = 4) in the backward op at B = 1024 (2 threads, only dWx asked for, two alternating runs):
 // 882 / 890 us against 935 / 951. (Not measured with AVX-512, whose masked tail reads a partial vector in place; the
 // rule is the same there: the direct form runs one partial vector of n < 16 lanes per row of C.)
