@@ -61,9 +61,11 @@ TORCH_LIBRARY(spinal_ops, m) {
   m.def("_cpu_gemm(Tensor a, Tensor b, bool trans_a, bool trans_b) -> Tensor");
   // The backward of weight * scale[..., None] (weight (..., k), scale (...)) from grad, that product's gradient:
   // returns scale's gradient, the rows' dot products of grad and weight (empty unless scale_grad), and scales grad in
-  // place into weight's gradient, in one pass. What an eval-mode batch norm folded into the weights runs in training
+  // place into weight's gradient, in one pass. With `columns`, of weight * scale[..., None, :] (weight (..., r, k),
+  // scale (..., k)): the columns' dot products. What an eval-mode batch norm folded into the weights runs in training
   // (spinal_ops/ops.py, _fold_rows). CPU, float32 and float64, grad contiguous.
-  m.def("_scale_rows_backward_inplace(Tensor(a!) grad, Tensor weight, Tensor scale, bool scale_grad) -> Tensor");
+  m.def("_scale_rows_backward_inplace(Tensor(a!) grad, Tensor weight, Tensor scale, bool scale_grad, "
+        "bool columns=False) -> Tensor");
   // The noise of F.dropout(self, p, training=True) on CPU, written into self: bernoulli(1 - p) / (1 - p) per element in
   // memory order, drawn from `generator` (default: the default CPU generator) exactly as ATen's serial bernoulli_
   // draws them, and leaving it in the same state (csrc/cpu/spinal_dropout.cpp). What the train-mode blocks of a layer

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import interop, ops, reference
+from . import backends, interop, ops, reference
 from .ops import check_input, layer_spec, run
 
 
@@ -68,12 +68,15 @@ class SpinalLinear(nn.Module):
     With ``dropout > 0`` or ``batch_norm``, train mode runs the blocks unfused, in plain PyTorch
     (:func:`spinal_ops.reference.spinal_forward_blocks`: dropout and batch statistics cannot run inside the
     fused kernels). Eval mode runs fused on any backend: dropout is the identity and each batch norm is folded
-    into ``weight_x``, ``weight_h`` and ``bias`` with its running statistics
-    (:func:`spinal_ops.reference.fold_batch_norm`); without autograd (inference) the folded weights are kept
-    and reused until a weight or batch-norm tensor changes; with autograd they are folded on every call, for
-    float32 / float64 weights of 1 MB or more on CPU into buffers kept with the layer (one more copy of such a
-    weight per product alive at once; ``spinal_ops.ops._fold_rows``). Without either, nothing changes on the fused
-    path.
+    with its running statistics into ``weight_x``, ``weight_h`` and ``bias``
+    (:func:`spinal_ops.reference.fold_batch_norm`), or, on CPU tensors where the activation is relu, leaky_relu or
+    identity, no slot is tied and every scale ``weight / sqrt(running_var + eps)`` is positive, out of ``weight_x``
+    into the columns of ``weight_h`` and ``head_weight`` and into ``bias`` (or the output, without a head;
+    :func:`spinal_ops.reference.fold_batch_norm_columns`: ``weight_x``, the largest weights, is then used as it is).
+    Without autograd (inference) the folded weights are kept and reused until a weight or batch-norm tensor
+    changes; with autograd they are folded on every call, for float32 / float64 weights of 1 MB or more on CPU into
+    buffers kept with the layer (one more copy of such a weight per product alive at once;
+    ``spinal_ops.ops._fold_rows``). Without either, nothing changes on the fused path.
 
     ``dropout`` may be changed later by assigning the attribute, and ``norms`` replaced (or set to None); the
     other hyper-parameters are read-only attributes (the weights' shapes depend on them).
@@ -235,24 +238,29 @@ class SpinalLinear(nn.Module):
                 dropout_fn=ops.dropout,
             )
             return out.reshape(*input.shape[:-1], out.shape[-1])
-        weight_x, weight_h, bias = self.weight_x, self.weight_h, self.bias  # eval-mode dropout is the identity
-        if norms is not None:
-            weight_x, weight_h, bias = self._folded_weights()
-        return run(input, (weight_x, weight_h, bias, self.head_weight, self.head_bias), spec, "SpinalLinear")
+        if norms is None:  # eval-mode dropout is the identity
+            return run(input, (self.weight_x, self.weight_h, self.bias, self.head_weight, self.head_bias), spec,
+                       "SpinalLinear")
+        weight_x, weight_h, bias, head_weight, out_scale = self._folded_weights()
+        out = run(input, (weight_x, weight_h, bias, head_weight, self.head_bias), spec, "SpinalLinear")
+        return out if out_scale is None else out * out_scale.to(out.dtype)  # the autocast dtype, if any
 
-    def _folded_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``weight_x``, ``weight_h``, ``bias`` with the eval-mode batch norms folded in.
+    def _folded_weights(self) -> tuple:
+        """``(weight_x, weight_h, bias, head_weight, out_scale)``: the layer's weights with the eval-mode batch norms
+        folded in (:meth:`_fold`), and the scale of the output (None, or ``(L * w,)``: the layer's output times it).
 
         Without autograd (``torch.no_grad`` / ``torch.inference_mode``: inference) the folded tensors are kept
         and reused until a tensor they come from changes (another tensor object, storage or version: in-place
         updates, ``load_state_dict``, ``.to()``, ``.data`` assignment), so repeated inference does not fold on
-        every call. With autograd they are folded on each call, in the graph (``spinal_ops.ops._fold_rows``).
+        every call. With autograd they are folded on each call, in the graph (``spinal_ops.ops._fold_rows`` where
+        ``weight_x`` is scaled).
         """
         compiling = torch.compiler.is_compiling()
         if torch.is_grad_enabled() and not compiling and not torch.is_inference_mode_enabled():
             # training: kept buffers, a one-pass backward (ops._fold_rows)
             buffers = self.__dict__.get("_fold_buffers") or self.__dict__.setdefault("_fold_buffers", ops.FoldBuffers())
-            return self._fold(lambda w, s: ops._fold_rows(w, s, buffers))
+            return self._fold(lambda w, s: ops._fold_rows(w, s, buffers),
+                              lambda w, s: ops._fold_rows(w, s, buffers, columns=True))
         if torch.is_grad_enabled() or compiling:
             return self._fold()
         sources = self._fold_sources()
@@ -264,13 +272,34 @@ class SpinalLinear(nn.Module):
         self.__dict__["_fold_cache"] = (sources, stamp, folded)
         return folded
 
-    def _fold(self, scale_rows=reference.scale_rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return reference.fold_batch_norm(self.weight_x, self.weight_h, self.bias, *self._batch_norm_affine(),
-                                         scale_rows=scale_rows)
+    def _fold(self, scale_rows=reference.scale_rows, scale_columns=reference.scale_columns) -> tuple:
+        """The batch norms folded out of ``weight_x`` (:func:`spinal_ops.reference.fold_batch_norm_columns`, its
+        ``weight_h`` product by ``scale_columns``) where :meth:`_folds_columns` allows it, else into it
+        (:func:`spinal_ops.reference.fold_batch_norm`, its weight products by ``scale_rows``). Returns what
+        :meth:`_folded_weights` returns."""
+        scale, shift = self._batch_norm_affine()
+        if self._folds_columns(scale):
+            weight_h, bias, head_weight, out_scale = reference.fold_batch_norm_columns(
+                self.weight_h, self.bias, self.head_weight, scale, shift, scale_columns=scale_columns)
+            if bool(torch.isfinite(bias).all()):  # shift / scale overflows only for a scale near zero
+                return self.weight_x, weight_h, bias, head_weight, out_scale
+        folded = reference.fold_batch_norm(self.weight_x, self.weight_h, self.bias, scale, shift, scale_rows=scale_rows)
+        return (*folded, self.head_weight, None)
+
+    def _folds_columns(self, scale: torch.Tensor) -> bool:
+        """Whether the batch norms fold out of ``weight_x`` (see :func:`spinal_ops.reference.fold_batch_norm_columns`):
+        a positively homogeneous activation, one weight slot per sub-layer, every scale positive; on CPU tensors (the
+        check reads the scales: on a GPU that would wait for the device on every call), and neither under
+        ``torch.compile`` (a branch on values) nor inside a ``torch.func`` transform."""
+        spec = self._spec
+        if spec.activation not in reference.POSITIVELY_HOMOGENEOUS or spec.slots != tuple(range(spec.num_layers)) or \
+                not scale.is_cpu or torch.compiler.is_compiling() or backends.autograd_transformed():
+            return False
+        return bool((scale > 0).all())
 
     def _fold_sources(self) -> list:
         """What the folded weights depend on: the weights and every batch norm's state and eps."""
-        out = [self.weight_x, self.weight_h, self.bias]
+        out = [self.weight_x, self.weight_h, self.bias, self.head_weight]
         for n in self.norms:
             out += [n.running_mean, n.running_var, n.weight, n.bias, n.eps]
         return out

@@ -249,28 +249,32 @@ def define_op_pair(backend: str, define, forward_impl, backward_impl):
 
 
 class _FoldRows(torch.autograd.Function):
-    """:func:`reference.scale_rows` written into ``buffer``, with a backward of one pass (see :func:`_fold_rows`)."""
+    """:func:`reference.scale_rows` (``columns``: :func:`reference.scale_columns`) written into ``buffer``, with a
+    backward of one pass (see :func:`_fold_rows`)."""
 
     @staticmethod
-    def forward(weight, scale, buffer):
+    def forward(weight, scale, buffer, columns):
         # Writes the buffer, which is no input of the graph (it never requires grad, so no mark_dirty) and returns a
         # new tensor on its storage: the one the caller's graph holds, and the one _fold_rows watches.
-        return torch.mul(weight, scale.unsqueeze(-1), out=buffer).detach()
+        return torch.mul(weight, scale.unsqueeze(-2 if columns else -1), out=buffer).detach()
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(inputs[0], inputs[1])
+        ctx.columns = inputs[3]
 
     @staticmethod
     def backward(ctx, grad):
         weight, scale = ctx.saved_tensors
         need_weight, need_scale = ctx.needs_input_grad[:2]
+        columns = ctx.columns
         if torch.is_grad_enabled() or not need_weight or not grad.is_contiguous() or grad._base is not None:
             # differentiable (create_graph), or nothing to scale in place: the same gradients in ATen ops
-            return (grad * scale.unsqueeze(-1) if need_weight else None,
-                    torch.linalg.vecdot(grad, weight) if need_scale else None, None)
-        grad_scale = torch.ops.spinal_ops._scale_rows_backward_inplace(grad, weight, scale, need_scale)
-        return grad, grad_scale if need_scale else None, None
+            dim = -2 if columns else -1
+            return (grad * scale.unsqueeze(dim) if need_weight else None,
+                    torch.linalg.vecdot(grad, weight, dim=dim) if need_scale else None, None, None)
+        grad_scale = torch.ops.spinal_ops._scale_rows_backward_inplace(grad, weight, scale, need_scale, columns)
+        return grad, grad_scale if need_scale else None, None, None
 
 
 # Weights smaller than this fold as plain autograd ops (reference.scale_rows): below it the Function's Python costs
@@ -292,9 +296,10 @@ class FoldBuffers:
         self.entries: dict[tuple, list] = {}
 
 
-def _fold_rows(weight: Tensor, scale: Tensor, buffers: FoldBuffers) -> Tensor:
-    """``weight * scale[..., None]`` (:func:`reference.scale_rows`, the same values) for a batch norm folded into a
-    layer's weights with autograd on, on every training step.
+def _fold_rows(weight: Tensor, scale: Tensor, buffers: FoldBuffers, columns: bool = False) -> Tensor:
+    """``weight * scale[..., None]`` (:func:`reference.scale_rows`, the same values; ``columns``: ``weight *
+    scale[..., None, :]``, :func:`reference.scale_columns`) for a batch norm folded into a layer's weights with
+    autograd on, on every training step.
 
     Private, with one contract: the product must feed one spinal op and nothing else. On CPU, float32 / float64,
     weights of FOLD_ROWS_MIN_BYTES or more, the product is written into one of the layer's ``buffers`` that no graph
@@ -310,8 +315,8 @@ def _fold_rows(weight: Tensor, scale: Tensor, buffers: FoldBuffers) -> Tensor:
     if NATIVE_IMPORT_ERROR is not None or not weight.is_cpu or weight.dtype not in (torch.float32, torch.float64) or \
             scale.dtype != weight.dtype or weight.numel() * weight.element_size() < FOLD_ROWS_MIN_BYTES or \
             backends.autograd_transformed():
-        return reference.scale_rows(weight, scale)
-    key = (tuple(weight.shape), weight.dtype)
+        return (reference.scale_columns if columns else reference.scale_rows)(weight, scale)
+    key = (tuple(weight.shape), weight.dtype, columns)
     with buffers.lock:
         kept = buffers.entries.setdefault(key, [])
         free = next((k for k, (_, product) in enumerate(kept) if product() is None), None)
@@ -319,7 +324,7 @@ def _fold_rows(weight: Tensor, scale: Tensor, buffers: FoldBuffers) -> Tensor:
             buffer = kept.pop(free)[0]
         else:  # none yet, or graphs hold every one
             buffer = torch.empty_like(weight, memory_format=torch.contiguous_format)
-        out = _FoldRows.apply(weight, scale, buffer)
+        out = _FoldRows.apply(weight, scale, buffer, columns)
         if len(kept) < FOLD_BUFFERS_PER_WEIGHT:
             kept.append((buffer, weakref.ref(out)))
     return out
@@ -373,7 +378,7 @@ def _fake_dropout_noise_(self, p, generator=None):
     return None
 
 
-def _fake_scale_rows_backward_inplace(grad, weight, scale, scale_grad):
+def _fake_scale_rows_backward_inplace(grad, weight, scale, scale_grad, columns=False):
     return scale.new_empty(scale.shape if scale_grad else (0,))
 
 

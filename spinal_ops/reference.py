@@ -386,6 +386,49 @@ def scale_rows(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return weight * scale.unsqueeze(-1)
 
 
+def scale_columns(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``weight * scale[..., None, :]``: column ``j`` of each matrix of ``weight`` (``(..., r, k)``) times
+    ``scale[..., j]`` (``scale``: ``(..., k)``)."""
+    return weight * scale.unsqueeze(-2)
+
+
+# The activations with act(s * z) == s * act(z) for every s > 0 (positively homogeneous), which let a batch norm's
+# scale move past them (fold_batch_norm_columns).
+POSITIVELY_HOMOGENEOUS = ("relu", "leaky_relu", "identity")
+
+
+def fold_batch_norm_columns(
+    weight_h: torch.Tensor,
+    bias: torch.Tensor | None,
+    head_weight: torch.Tensor | None,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    scale_columns=scale_columns,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Fold an eval-mode batch norm after each sub-layer's Linear out of ``weight_x``, into the small weights.
+
+    For a positively homogeneous activation (:data:`POSITIVELY_HOMOGENEOUS`), every ``scale > 0`` and one weight
+    slot per sub-layer (no tying): ``act(z * s + t) = s * act(z + t / s)``, so sub-layer ``i`` computes
+    ``H_i = s_i * G_i`` with ``G_i = act(Wx_i x_i + Wh_i H_{i-1} + b_i + t_i / s_i)`` and
+    ``Wh_i H_{i-1} = (Wh_i * s_{i-1}) G_{i-1}`` (column ``k`` of ``Wh_i`` times ``s_{i-1}[k]``): the layer with
+    weights ``weight_x`` (unchanged), ``weight_h'`` (columns scaled), ``bias' = b + t / s`` computes ``G``, and
+    ``H = G * s`` (``s`` flattened over the sub-layers), which the head reads through ``head_weight' =
+    head_weight * s`` (columns). ``fold_batch_norm``'s ``weight_x * scale`` is a pass over the largest weights on every
+    call with autograd, and another in its backward; these products are over ``(L-1) * w * w`` and ``out * L * w``
+    values. ``scale``, ``shift``: ``(L, w)``. Returns ``(weight_h', bias', head_weight', out_scale)``: with a head,
+    ``out_scale`` is None; without one, ``head_weight'`` is None and the layer's output ``G`` times ``out_scale``
+    (``(L * w,)``) is ``H``. ``scale_columns`` computes ``weight_h'``: :func:`scale_columns`, or one with the same
+    values and another way to its gradients (``SpinalLinear`` in training: ``spinal_ops.ops._fold_rows``).
+    """
+    wh = scale_columns(weight_h, scale[:-1])
+    moved = shift / scale
+    b = moved if bias is None else bias + moved
+    flat = scale.reshape(-1)
+    if head_weight is None:
+        return wh, b, None, flat
+    return wh, b, head_weight * flat, None
+
+
 def fold_batch_norm(
     weight_x: torch.Tensor,
     weight_h: torch.Tensor,

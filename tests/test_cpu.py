@@ -296,27 +296,31 @@ def assert_same_on_1_and_2_threads(case, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("shape", [(4, 300, 1000), (3, 5, 7), (2, 0, 4), (6, 3, 1)], ids=str)
-def test_scale_rows_backward(shape, dtype, threads):
+@pytest.mark.parametrize("shape", [(4, 300, 1000), (3, 5, 7), (2, 0, 4), (6, 3, 1), (3, 9, 300)], ids=str)
+@pytest.mark.parametrize("columns", [False, True], ids=["rows", "columns"])
+def test_scale_rows_backward(shape, dtype, columns, threads):
     """_scale_rows_backward_inplace (the backward of a batch norm folded into the weights): grad scaled in place into
-    the weights' gradient, bit for bit grad * scale[..., None], and the scale's gradient, the rows' dot products, within
-    the tolerance rule; both bitwise the same on 1 and 2 threads (rows are independent jobs)."""
+    the weights' gradient, bit for bit grad * scale[..., None] (columns: scale[..., None, :]), and the scale's
+    gradient, the rows' (columns') dot products, within the tolerance rule; both bitwise the same on 1 and 2 threads
+    (rows, and blocks of columns, are independent jobs; (3, 9, 300) has blocks of columns and a partial last one)."""
     require_backend("cpu")
     torch.manual_seed(0)
+    dim = -2 if columns else -1
+    scale_shape = shape[:-2] + shape[-1:] if columns else shape[:-1]
     grad, weight, scale = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype), \
-        torch.randn(shape[:-1], dtype=dtype)
+        torch.randn(scale_shape, dtype=dtype)
     results = {}
     for n in (2, 1):
         threads(n)
         g = grad.clone()
-        results[n] = (torch.ops.spinal_ops._scale_rows_backward_inplace(g, weight, scale, True), g)
+        results[n] = (torch.ops.spinal_ops._scale_rows_backward_inplace(g, weight, scale, True, columns), g)
     grad_scale, scaled = results[2]
-    assert torch.equal(scaled, grad * scale.unsqueeze(-1)), f"{shape}: grad not scaled in place bit for bit"
-    expected = (grad.double() * weight.double()).sum(-1)
-    assert_close(grad_scale, expected, (grad * weight).sum(-1), what=f"{shape} {dtype} grad_scale")
+    assert torch.equal(scaled, grad * scale.unsqueeze(dim)), f"{shape}: grad not scaled in place bit for bit"
+    expected = (grad.double() * weight.double()).sum(dim)
+    assert_close(grad_scale, expected, (grad * weight).sum(dim), what=f"{shape} {dtype} grad_scale")
     assert torch.equal(results[1][0], grad_scale) and torch.equal(results[1][1], scaled), f"{shape}: 1 vs 2 threads"
     g = grad.clone()
-    empty = torch.ops.spinal_ops._scale_rows_backward_inplace(g, weight, scale, False)
+    empty = torch.ops.spinal_ops._scale_rows_backward_inplace(g, weight, scale, False, columns)
     assert empty.numel() == 0 and torch.equal(g, scaled), f"{shape}: without the scale's gradient"
 
 
@@ -332,6 +336,11 @@ def test_scale_rows_backward_refuses_bad_arguments():
         op(torch.randn(2, 3, 4, dtype=torch.float64), w, s, True)
     with pytest.raises(RuntimeError, match="must be contiguous"):
         op(torch.randn(2, 4, 3).transpose(1, 2), w, s, True)
+    with pytest.raises(RuntimeError, match=r"scale of weight's shape without its second-to-last dimension, \[2, 4\], "
+                                           r"got scale \[2, 3\]"):
+        op(torch.randn(2, 3, 4), w, s, True, True)
+    with pytest.raises(RuntimeError, match=r"weight of at least 2 dimensions.*weight \[4\]"):
+        op(torch.randn(4), torch.randn(4), torch.randn(4), True, True)
 
 
 # --- _dropout_noise_: F.dropout's noise, drawn as ATen's serial bernoulli_ draws it ---------------------------------

@@ -167,6 +167,10 @@ def test_opcheck_scale_rows_backward():
                               (grad.clone(), weight, scale, scale_grad),
                               test_utils=["test_schema", "test_autograd_registration", "test_faketensor",
                                           "test_aot_dispatch_dynamic"])
+        torch.library.opcheck(torch.ops.spinal_ops._scale_rows_backward_inplace.default,
+                              (grad.clone(), weight, torch.randn(3, 9, dtype=torch.float64), scale_grad, True),
+                              test_utils=["test_schema", "test_autograd_registration", "test_faketensor",
+                                          "test_aot_dispatch_dynamic"])
 
 
 def test_opcheck_dropout_noise():

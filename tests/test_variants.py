@@ -182,8 +182,10 @@ def _step_grads(model, call, x, cot) -> dict:
 
 @pytest.fixture
 def fold_rows_at_any_size(monkeypatch):
-    """ops._fold_rows for the small weights of these tests too (it takes weights of FOLD_ROWS_MIN_BYTES and more)."""
+    """ops._fold_rows for the small weights of these tests too (it takes weights of FOLD_ROWS_MIN_BYTES and more),
+    and for the layers whose batch norms would fold out of weight_x (SpinalLinear._folds_columns)."""
     monkeypatch.setattr(spinal_ops.ops, "FOLD_ROWS_MIN_BYTES", 0)
+    monkeypatch.setattr(SpinalLinear, "_folds_columns", lambda self, scale: False)
 
 
 def _buffer_pointers(spinal: SpinalLinear) -> set[int]:
@@ -270,6 +272,110 @@ def test_eval_mode_fold_buffers_follow_the_weights(fold_rows_at_any_size):
     assert "_fold_buffers" not in spinal.__dict__ and "_fold_cache" not in spinal.__dict__
     spinal(x.double()).sum().backward()
     assert {b.dtype for kept in spinal.__dict__["_fold_buffers"].entries.values() for b, _ in kept} == {torch.float64}
+
+
+HIDDEN_RELU = HeadSpec("hidden-relu", 11, 2, 5, 3, 0, 0.2, True, "relu", False, False, "tiled")
+
+
+def _set_norm_weight(spec: HeadSpec, orig, spinal, value: float) -> None:
+    """Entry 2 of batch norm 1's weight set to ``value`` in the original blocks and in the layer."""
+    with torch.no_grad():
+        for norm in _norm_pairs(spec, orig, spinal)[1]:
+            norm.weight[2] = value
+
+
+def _record_folds(monkeypatch) -> list:
+    """The folds the layer runs, in order: "columns" (reference.fold_batch_norm_columns) or "rows" (fold_batch_norm)."""
+    taken = []
+
+    def spy(real, tag):
+        def fold(*args, **kwargs):
+            taken.append(tag)
+            return real(*args, **kwargs)
+        return fold
+
+    for name, tag in (("fold_batch_norm_columns", "columns"), ("fold_batch_norm", "rows")):
+        monkeypatch.setattr(reference, name, spy(getattr(reference, name), tag))
+    return taken
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no_grad"])
+@pytest.mark.parametrize("case, spec, weight, fold", [
+    ("relu", HEADS["vgg-halves"], None, ["columns"]),
+    ("leaky_relu", HEADS["tiled-K3-leaky"], None, ["columns"]),
+    ("no head", HIDDEN_RELU, None, ["columns"]),
+    ("a negative scale", HEADS["vgg-halves"], -0.7, ["rows"]),
+    ("a zero scale", HEADS["vgg-halves"], 0.0, ["rows"]),
+    ("shift / scale overflows", HEADS["vgg-halves"], 1e-320, ["columns", "rows"]),
+    ("tied slots", HEADS["shared"], None, ["rows"]),
+    ("tanh", HEADS["hidden-tanh"], None, ["rows"]),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_eval_mode_folds_batch_norm_out_of_weight_x_where_it_can(case, spec, weight, fold, grad, monkeypatch):
+    """Eval-mode batch norms fold out of weight_x (reference.fold_batch_norm_columns) where the activation is positively
+    homogeneous, every scale positive, shift / scale finite and no slot tied, and into it (fold_batch_norm) otherwise;
+    either way the layer matches the original blocks: the output and, with autograd, every gradient."""
+    orig, spinal = _build(spec)
+    if weight is not None:
+        _set_norm_weight(spec, orig, spinal, weight)
+    orig.eval()
+    spinal.eval()
+    taken = _record_folds(monkeypatch)
+    x = torch.randn(6, spec.in_features, dtype=torch.float64)
+    xa, xb = x.clone().requires_grad_(grad), x.clone().requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        ya, yb = orig(xa), spinal(xb)
+    assert taken == fold, f"{case}: folds {taken}, expected {fold}"
+    assert_close(yb.detach(), ya.detach(), what=f"{case} output")
+    if not grad:
+        return
+    cot = torch.randn(ya.shape, dtype=torch.float64)
+    ya.backward(cot)
+    yb.backward(cot)
+    assert_close(xb.grad, xa.grad, what=f"{case} grad x")
+    layers, head = orig.linears()
+    got = dict(spinal.named_parameters())
+    for name, ref in packed_grads(layers, head, orig.chunk).items():
+        assert_close(got[name].grad, ref, what=f"{case} grad {name}")
+    for i, (a, b) in enumerate(_norm_pairs(spec, orig, spinal)):
+        assert_close(b.weight.grad, a.weight.grad, what=f"{case} grad batch norm {i} weight")
+        assert_close(b.bias.grad, a.bias.grad, what=f"{case} grad batch norm {i} bias")
+
+
+def _folded_out_of_weight_x_in_graph(spinal: SpinalLinear, x: torch.Tensor) -> torch.Tensor:
+    """The eval-mode layer with its batch norms folded out of weight_x by plain autograd ops."""
+    weight_h, bias, head_weight, out_scale = reference.fold_batch_norm_columns(
+        spinal.weight_h, spinal.bias, spinal.head_weight, *spinal._batch_norm_affine())
+    out = spinal_ops.ops.run(x, (spinal.weight_x, weight_h, bias, head_weight, spinal.head_bias), spinal._spec,
+                             "folded out of weight_x in graph")
+    return out if out_scale is None else out * out_scale
+
+
+@pytest.mark.parametrize("spec", [HEADS["vgg-halves"], HIDDEN_RELU], ids=lambda h: h.name)
+def test_eval_mode_training_steps_fold_columns_into_kept_buffers(spec, monkeypatch):
+    """Folded out of weight_x with autograd, the weight_h product goes into a buffer reused from step to step
+    (ops._fold_rows with columns), and its backward (_scale_rows_backward_inplace with columns) gives the gradients
+    of the same fold in plain autograd ops: bit for bit but the batch norms' (column sums in another order)."""
+    monkeypatch.setattr(spinal_ops.ops, "FOLD_ROWS_MIN_BYTES", 0)
+    _, spinal = _build(spec)
+    spinal.eval()
+    ref = copy.deepcopy(spinal)
+    pointers = set()
+    for step in range(3):
+        x = torch.randn(6, spec.in_features, dtype=torch.float64)
+        cot = torch.randn(6, spec.out or spec.num_layers * spec.width, dtype=torch.float64)
+        got = _step_grads(spinal, lambda m, xg: m(xg), x, cot)
+        want = _step_grads(ref, _folded_out_of_weight_x_in_graph, x, cot)
+        assert got.keys() == want.keys()
+        for name, g in got.items():
+            what = f"{spec.name} step {step} grad {name}"
+            if name.startswith("norms."):
+                assert_close(g, want[name], what=what)
+            else:
+                assert torch.equal(g, want[name]), f"{what}: not bit for bit the in-graph fold's"
+        pointers |= _buffer_pointers(spinal)
+    kept = spinal.__dict__["_fold_buffers"].entries
+    assert list(kept) == [(tuple(spinal.weight_h.shape), torch.float64, True)] and len(pointers) == 1, (
+        f"{spec.name}: buffers {list(kept)}, {len(pointers)} in 3 steps; expected one, for weight_h's columns")
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap's fallback for the spinal op
@@ -505,12 +611,13 @@ def test_autocast_off_inside_an_autocast_region():
     assert y.dtype == torch.float32 and torch.equal(y, m(x))
 
 
+@pytest.mark.parametrize("spec", [HEADS["vgg-halves"], HIDDEN_RELU], ids=lambda h: h.name)
 @pytest.mark.parametrize("train", [True, False], ids=["train-unfused", "eval-folded"])
-def test_autocast_with_batch_norm_heads(train):
-    orig, spinal = _build(HEADS["vgg-halves"], dtype=torch.float32)
+def test_autocast_with_batch_norm_heads(train, spec):
+    orig, spinal = _build(spec, dtype=torch.float32)
     orig.train(train)
     spinal.train(train)
-    x = torch.randn(8, 16)
+    x = torch.randn(8, spec.in_features)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         torch.manual_seed(3)
         ya = orig(x)
@@ -630,13 +737,13 @@ def test_inference_folds_once_and_refolds_when_a_source_changes(monkeypatch):
     _, spinal = _build(HEADS["vgg-halves"], dtype=torch.float32)
     spinal.eval()
     calls = []
-    real = reference.fold_batch_norm
+    real = SpinalLinear._fold
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(reference, "fold_batch_norm", counting)
+    monkeypatch.setattr(SpinalLinear, "_fold", counting)
     x = torch.randn(5, 16)
 
     def fresh():  # what folding now gives, without the cache
@@ -649,6 +756,7 @@ def test_inference_folds_once_and_refolds_when_a_source_changes(monkeypatch):
         changes = [
             lambda: spinal.norms[1].running_var.mul_(2.0),  # in place: a new version
             lambda: spinal.weight_x.add_(0.1),
+            lambda: spinal.head_weight.mul_(1.5),  # folded into when the batch norms fold out of weight_x
             lambda: setattr(spinal.norms[0], "eps", 0.5),  # a number
             lambda: spinal.load_state_dict({k: v * 1.5 if v.is_floating_point() else v
                                             for k, v in spinal.state_dict().items()}),

@@ -1102,19 +1102,45 @@ Grads spinal_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::op
   });
 }
 
+// Blocks of rows per matrix, at most, of the column scaling's backward (scale_rows_backward_cpu).
+inline constexpr int64_t kColumnJobs = 8;
+
+// One row of a column scaling's backward: acc[j] += g[j] * w[j] (acc null: none) and g[j] *= s[j].
+template <typename T>
+void scale_columns_row(int64_t k, T* __restrict g, const T* __restrict w, const T* __restrict s, T* __restrict acc) {
+  if (acc != nullptr) {
+    for (int64_t j = 0; j < k; ++j) acc[j] += g[j] * w[j];
+  }
+  for (int64_t j = 0; j < k; ++j) g[j] *= s[j];
+}
+
+// out[j] += a[j], j < k.
+template <typename T>
+void add_row(int64_t k, const T* __restrict a, T* __restrict out) {
+  for (int64_t j = 0; j < k; ++j) out[j] += a[j];
+}
+
 // The _scale_rows_backward_inplace op: the backward of weight * scale[..., None] (an eval-mode batch norm folded into
 // the weights, spinal_ops/ops.py _fold_rows) from grad, the gradient of that product: returns grad_scale[r] = the dot
 // product of rows r of grad and weight (when asked for, else an empty tensor; weight is then not read) and scales
 // grad in place into the weight's gradient, grad[r, :] *= scale[r]: one pass over grad and weight, and no new
-// weight-sized tensor (each fresh one page-faults in on every training step). Rows are independent jobs, each summed
-// in a fixed order: bitwise the same on any thread count.
+// weight-sized tensor (each fresh one page-faults in on every training step). With `columns`, the same for
+// weight * scale[..., None, :] (a batch norm folded into the columns of weight_h, spinal_ops/reference.py
+// fold_batch_norm_columns): grad_scale[..., j] sums column j of grad * weight over the rows, and grad[..., :, j] *=
+// scale[..., j]. Rows (columns: blocks of rows of one matrix, their partial sums added in block order) are
+// independent jobs, each element of grad_scale summed in a fixed order: bitwise the same on any thread count.
 at::Tensor scale_rows_backward_cpu(at::Tensor& grad, const at::Tensor& weight, const at::Tensor& scale,
-                                   bool scale_grad) {
-  TORCH_CHECK(weight.dim() >= 1 && grad.sizes() == weight.sizes() &&
-                  scale.sizes() == weight.sizes().slice(0, weight.dim() - 1),
-              "spinal_ops cpu backend: _scale_rows_backward_inplace: expected grad of weight's shape and scale of "
-              "weight's shape without its last dimension, got grad ", grad.sizes(), ", weight ", weight.sizes(),
-              " and scale ", scale.sizes());
+                                   bool scale_grad, bool columns) {
+  const int64_t dims = weight.dim();
+  TORCH_CHECK(dims >= (columns ? 2 : 1) && grad.sizes() == weight.sizes(),
+              "spinal_ops cpu backend: _scale_rows_backward_inplace: expected grad of weight's shape",
+              columns ? " (weight of at least 2 dimensions)" : "", ", got grad ", grad.sizes(), " and weight ",
+              weight.sizes());
+  std::vector<int64_t> scale_shape(weight.sizes().begin(), weight.sizes().end());
+  scale_shape.erase(scale_shape.end() - (columns ? 2 : 1));
+  TORCH_CHECK(scale.sizes() == c10::IntArrayRef(scale_shape), "spinal_ops cpu backend: _scale_rows_backward_inplace: "
+              "expected scale of weight's shape without its ", columns ? "second-to-last" : "last", " dimension, ",
+              c10::IntArrayRef(scale_shape), ", got scale ", scale.sizes());
   TORCH_CHECK(grad.scalar_type() == weight.scalar_type() && scale.scalar_type() == weight.scalar_type() &&
                   (weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble),
               "spinal_ops cpu backend: _scale_rows_backward_inplace takes float32 or float64 tensors of one dtype, got "
@@ -1123,8 +1149,9 @@ at::Tensor scale_rows_backward_cpu(at::Tensor& grad, const at::Tensor& weight, c
               "must be contiguous, got strides ", grad.strides());
   const at::Tensor w = weight.contiguous(), s = scale.contiguous();
   at::Tensor grad_scale = scale_grad ? at::empty_like(s) : at::empty({0}, s.options());
-  const int64_t k = w.size(-1), rows = s.numel();
-  if (rows == 0 || k == 0) {
+  const int64_t k = w.size(-1), rows = columns ? w.size(-2) : 1, mats = columns ? s.numel() / std::max<int64_t>(k, 1)
+                                                                                : s.numel();
+  if (w.numel() == 0) {
     if (scale_grad) grad_scale.zero_();
     return grad_scale;
   }
@@ -1134,10 +1161,31 @@ at::Tensor scale_rows_backward_cpu(at::Tensor& grad, const at::Tensor& weight, c
     const T* wp = w.const_data_ptr<T>();
     const T* sp = s.const_data_ptr<T>();
     T* gsp = scale_grad ? grad_scale.mutable_data_ptr<T>() : nullptr;
+    if (columns) {
+      // Jobs of whole rows (a block of columns per job reads each row in pieces, which ran 2-3x slower than whole
+      // rows): up to kColumnJobs blocks of rows per matrix, each summing its rows in order into partial sums, added
+      // block after block at the end.
+      const int64_t blocks = std::clamp<int64_t>(rows * k / (kParallelWork / 8), 1, kColumnJobs);
+      const int64_t job_rows = (rows + blocks - 1) / blocks, jobs = (rows + job_rows - 1) / job_rows;
+      std::vector<T> partial(gsp != nullptr ? static_cast<size_t>(mats * jobs * k) : 0);
+      run_jobs(mats * jobs, w.numel(), [&](int64_t job) {
+        const int64_t b = job / jobs, r0 = job % jobs * job_rows, r1 = std::min(rows, r0 + job_rows);
+        for (int64_t r = r0; r < r1; ++r) {
+          scale_columns_row(k, gp + (b * rows + r) * k, wp + (b * rows + r) * k, sp + b * k,
+                            gsp != nullptr ? partial.data() + job * k : nullptr);
+        }
+      });
+      for (int64_t b = 0; gsp != nullptr && b < mats; ++b) {
+        T* out = gsp + b * k;
+        std::copy_n(partial.data() + b * jobs * k, k, out);
+        for (int64_t p = 1; p < jobs; ++p) add_row(k, partial.data() + (b * jobs + p) * k, out);
+      }
+      return;
+    }
     // Jobs of about kParallelWork / 8 elements: several per thread for a wide layer's weights, one for a small one.
     const int64_t job_rows = std::max<int64_t>(1, kParallelWork / 8 / k);
-    run_jobs((rows + job_rows - 1) / job_rows, rows * k, [&](int64_t job) {
-      const int64_t r1 = std::min(rows, (job + 1) * job_rows);
+    run_jobs((mats + job_rows - 1) / job_rows, mats * k, [&](int64_t job) {
+      const int64_t r1 = std::min(mats, (job + 1) * job_rows);
       for (int64_t r = job * job_rows; r < r1; ++r) {
         T* gr = gp + r * k;
         const T* wr = wp + r * k;
