@@ -238,23 +238,32 @@ def test_eval_mode_two_forwards_before_one_backward_fold_into_two_buffers(fold_r
         "the two products of each weight did not get buffers of their own")
 
 
-def test_eval_mode_fold_is_twice_differentiable(fold_rows_at_any_size):
-    """create_graph through the fold: the second derivative (of |dL/dx|^2 with respect to the weights and batch
-    norms) is the in-graph fold's."""
+@pytest.mark.parametrize("fold", ["into weight_x", "out of weight_x"])
+def test_eval_mode_fold_is_twice_differentiable(fold, monkeypatch):
+    """create_graph through the fold (ops._fold_rows, rows or columns): the first derivatives (x, the weights, the batch
+    norms) and the second (of their squared norms, with respect to the weights and batch norms) are the in-graph
+    fold's."""
+    monkeypatch.setattr(spinal_ops.ops, "FOLD_ROWS_MIN_BYTES", 0)
+    in_graph = _folded_out_of_weight_x_in_graph
+    if fold == "into weight_x":
+        monkeypatch.setattr(SpinalLinear, "_folds_columns", lambda self, scale: False)
+        in_graph = _folded_in_graph
     _, spinal = _build(HEADS["tiled-K3-leaky"], dtype=torch.float64)
     spinal.eval()
     ref = copy.deepcopy(spinal)
     x = torch.randn(4, 13, dtype=torch.float64)
     grads = {}
-    for name, model, call in (("fold_rows", spinal, lambda m, v: m(v)), ("in graph", ref, _folded_in_graph)):
+    for name, model, call in (("fold_rows", spinal, lambda m, v: m(v)), ("in graph", ref, in_graph)):
         xg = x.clone().requires_grad_()
-        (dx,) = torch.autograd.grad(call(model, xg).square().sum(), xg, create_graph=True)
         params = [p for p in model.parameters() if p.requires_grad]
-        grads[name] = torch.autograd.grad(dx.square().sum(), params, allow_unused=True)
-    for i, (a, b) in enumerate(zip(grads["fold_rows"], grads["in graph"], strict=True)):
-        assert (a is None) == (b is None), f"parameter {i}: gradient present in one only"
-        if a is not None:
-            assert_close(a, b, what=f"second derivative, parameter {i}")
+        first = torch.autograd.grad(call(model, xg).square().sum(), [xg, *params], create_graph=True)
+        second = torch.autograd.grad(sum(g.square().sum() for g in first), params, allow_unused=True)
+        grads[name] = [g.detach() for g in first], second
+    for order, (got, want) in enumerate(zip(grads["fold_rows"], grads["in graph"], strict=True), start=1):
+        for i, (a, b) in enumerate(zip(got, want, strict=True)):
+            assert (a is None) == (b is None), f"derivative {order}, input {i}: present in one only"
+            if a is not None:
+                assert_close(a, b, what=f"derivative {order}, input {i}")
 
 
 def test_eval_mode_fold_buffers_follow_the_weights(fold_rows_at_any_size):
