@@ -154,7 +154,14 @@ def test_eval_mode_folds_batch_norm_on_every_backend(spec, backend, monkeypatch)
         yb = spinal(xb)
     what = f"{spec.name}/{backend} eval"
     assert_close(yb.detach(), ya.detach(), what=f"{what} output")
-    cot = torch.randn(ya.shape, dtype=torch.float64)
+    _assert_backward_matches(spec, orig, spinal, (xa, ya), (xb, yb), what)
+
+
+def _assert_backward_matches(spec: HeadSpec, orig, spinal: SpinalLinear, original: tuple, layer: tuple, what: str):
+    """One backward of the same random cotangent through the original blocks and the layer (each an ``(x, y)`` pair):
+    the gradients of x, of the packed weights and of the batch norms' affine parameters within the tolerance rule."""
+    (xa, ya), (xb, yb) = original, layer
+    cot = torch.randn(ya.shape, dtype=ya.dtype)
     ya.backward(cot)
     yb.backward(cot)
     assert_close(xb.grad, xa.grad, what=f"{what} grad x")
@@ -199,6 +206,14 @@ def test_eval_mode_training_steps_fold_into_kept_buffers(spec, dtype, fold_rows_
     _scale_rows_backward_inplace op on CPU, in place on the layer op's gradient) gives the gradients of the fold in
     plain autograd ops: the weights' gradients bit for bit (one product per element in both), the batch norms'
     within the tolerance rule (row sums in another order)."""
+    _, pointers = _steps_match_in_graph_fold(spec, dtype, _folded_in_graph)
+    assert len(pointers) == 2, f"{spec.name}: the folded weight_x and weight_h took {len(pointers)} buffers in 3 steps"
+
+
+def _steps_match_in_graph_fold(spec: HeadSpec, dtype, in_graph) -> tuple[SpinalLinear, set[int]]:
+    """Three eval-mode steps with autograd of a layer and of its copy run through ``in_graph`` (the same fold in plain
+    autograd ops): every gradient bit for bit the copy's, the batch norms' within the tolerance rule. Returns the
+    layer and the data pointers of the fold buffers it held over the steps."""
     _, spinal = _build(spec, dtype=dtype)
     spinal.eval()
     ref = copy.deepcopy(spinal)
@@ -207,7 +222,7 @@ def test_eval_mode_training_steps_fold_into_kept_buffers(spec, dtype, fold_rows_
         x = torch.randn(6, spec.in_features, dtype=dtype)
         cot = torch.randn(6, spec.out or spec.num_layers * spec.width, dtype=dtype)
         got = _step_grads(spinal, lambda m, xg: m(xg), x, cot)
-        want = _step_grads(ref, _folded_in_graph, x, cot)
+        want = _step_grads(ref, in_graph, x, cot)
         assert got.keys() == want.keys()
         for name, g in got.items():
             what = f"{spec.name} {dtype} step {step} grad {name}"
@@ -216,7 +231,7 @@ def test_eval_mode_training_steps_fold_into_kept_buffers(spec, dtype, fold_rows_
             else:
                 assert torch.equal(g, want[name]), f"{what}: not bit for bit the in-graph fold's"
         pointers |= _buffer_pointers(spinal)
-    assert len(pointers) == 2, f"{spec.name}: the folded weight_x and weight_h took {len(pointers)} buffers in 3 steps"
+    return spinal, pointers
 
 
 def test_eval_mode_two_forwards_before_one_backward_fold_into_two_buffers(fold_rows_at_any_size):
@@ -335,19 +350,8 @@ def test_eval_mode_folds_batch_norm_out_of_weight_x_where_it_can(case, spec, wei
         ya, yb = orig(xa), spinal(xb)
     assert taken == fold, f"{case}: folds {taken}, expected {fold}"
     assert_close(yb.detach(), ya.detach(), what=f"{case} output")
-    if not grad:
-        return
-    cot = torch.randn(ya.shape, dtype=torch.float64)
-    ya.backward(cot)
-    yb.backward(cot)
-    assert_close(xb.grad, xa.grad, what=f"{case} grad x")
-    layers, head = orig.linears()
-    got = dict(spinal.named_parameters())
-    for name, ref in packed_grads(layers, head, orig.chunk).items():
-        assert_close(got[name].grad, ref, what=f"{case} grad {name}")
-    for i, (a, b) in enumerate(_norm_pairs(spec, orig, spinal)):
-        assert_close(b.weight.grad, a.weight.grad, what=f"{case} grad batch norm {i} weight")
-        assert_close(b.bias.grad, a.bias.grad, what=f"{case} grad batch norm {i} bias")
+    if grad:
+        _assert_backward_matches(spec, orig, spinal, (xa, ya), (xb, yb), case)
 
 
 def _folded_out_of_weight_x_in_graph(spinal: SpinalLinear, x: torch.Tensor) -> torch.Tensor:
@@ -365,23 +369,7 @@ def test_eval_mode_training_steps_fold_columns_into_kept_buffers(spec, monkeypat
     (ops._fold_rows with columns), and its backward (_scale_rows_backward_inplace with columns) gives the gradients
     of the same fold in plain autograd ops: bit for bit but the batch norms' (column sums in another order)."""
     monkeypatch.setattr(spinal_ops.ops, "FOLD_ROWS_MIN_BYTES", 0)
-    _, spinal = _build(spec)
-    spinal.eval()
-    ref = copy.deepcopy(spinal)
-    pointers = set()
-    for step in range(3):
-        x = torch.randn(6, spec.in_features, dtype=torch.float64)
-        cot = torch.randn(6, spec.out or spec.num_layers * spec.width, dtype=torch.float64)
-        got = _step_grads(spinal, lambda m, xg: m(xg), x, cot)
-        want = _step_grads(ref, _folded_out_of_weight_x_in_graph, x, cot)
-        assert got.keys() == want.keys()
-        for name, g in got.items():
-            what = f"{spec.name} step {step} grad {name}"
-            if name.startswith("norms."):
-                assert_close(g, want[name], what=what)
-            else:
-                assert torch.equal(g, want[name]), f"{what}: not bit for bit the in-graph fold's"
-        pointers |= _buffer_pointers(spinal)
+    spinal, pointers = _steps_match_in_graph_fold(spec, torch.float64, _folded_out_of_weight_x_in_graph)
     kept = spinal.__dict__["_fold_buffers"].entries
     assert list(kept) == [(tuple(spinal.weight_h.shape), torch.float64, True)] and len(pointers) == 1, (
         f"{spec.name}: buffers {list(kept)}, {len(pointers)} in 3 steps; expected one, for weight_h's columns")
