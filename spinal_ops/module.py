@@ -252,8 +252,7 @@ class SpinalLinear(nn.Module):
         Without autograd (``torch.no_grad`` / ``torch.inference_mode``: inference) the folded tensors are kept
         and reused until a tensor they come from changes (another tensor object, storage or version: in-place
         updates, ``load_state_dict``, ``.to()``, ``.data`` assignment), so repeated inference does not fold on
-        every call. With autograd they are folded on each call, in the graph (``spinal_ops.ops._fold_rows`` where
-        ``weight_x`` is scaled).
+        every call. With autograd they are folded on each call, in the graph (``spinal_ops.ops._fold_rows``).
         """
         compiling = torch.compiler.is_compiling()
         if torch.is_grad_enabled() and not compiling and not torch.is_inference_mode_enabled():

@@ -277,8 +277,8 @@ class _FoldRows(torch.autograd.Function):
         return grad, grad_scale if need_scale else None, None, None
 
 
-# Weights smaller than this fold as plain autograd ops (reference.scale_rows): below it the Function's Python costs
-# more than it saves. Measured (fwd+bwd of an eval-mode SpinalLinear(D, 10, layer_width=w, num_layers=4,
+# Weights smaller than this fold as plain autograd ops (reference.scale_rows, scale_columns): below it the Function's
+# Python costs more than it saves. Measured (fwd+bwd of an eval-mode SpinalLinear(D, 10, layer_width=w, num_layers=4,
 # batch_norm=True) at B = 1, 2 threads, AMD EPYC Zen 5, median of 0.7 s, two alternating runs each, microseconds,
 # this path / plain): weight_x of 0.5 MB 460, 481 / 454, 441; 1 MB 559, 546 / 610, 600; 2 MB 1071, 1078 / 1223, 1241;
 # 4 MB 1136, 1106 / 2200, 2249; 8 MB 2206, 2206 / 4546, 4618.
@@ -310,7 +310,7 @@ def _fold_rows(weight: Tensor, scale: Tensor, buffers: FoldBuffers, columns: boo
     tensors (the product, its gradient, the weights' gradient) that the C library returned to the system and
     faulted back in on the next step (docs/performance-history.md, "The eval-mode fold"). Elsewhere (smaller
     weights, other devices and dtypes, functorch transforms and forward-mode AD, no native library) it is
-    :func:`reference.scale_rows`.
+    :func:`reference.scale_rows` (``columns``: :func:`reference.scale_columns`).
     """
     if NATIVE_IMPORT_ERROR is not None or not weight.is_cpu or weight.dtype not in (torch.float32, torch.float64) or \
             scale.dtype != weight.dtype or weight.numel() * weight.element_size() < FOLD_ROWS_MIN_BYTES or \
