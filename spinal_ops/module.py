@@ -277,24 +277,27 @@ class SpinalLinear(nn.Module):
         (:func:`spinal_ops.reference.fold_batch_norm`, its weight products by ``scale_rows``). Returns what
         :meth:`_folded_weights` returns."""
         scale, shift = self._batch_norm_affine()
-        if self._folds_columns(scale):
+        if self._folds_columns(scale, shift):
             weight_h, bias, head_weight, out_scale = reference.fold_batch_norm_columns(
                 self.weight_h, self.bias, self.head_weight, scale, shift, scale_columns=scale_columns)
-            if bool(torch.isfinite(bias).all()):  # shift / scale overflows only for a scale near zero
-                return self.weight_x, weight_h, bias, head_weight, out_scale
+            return self.weight_x, weight_h, bias, head_weight, out_scale
         folded = reference.fold_batch_norm(self.weight_x, self.weight_h, self.bias, scale, shift, scale_rows=scale_rows)
         return (*folded, self.head_weight, None)
 
-    def _folds_columns(self, scale: torch.Tensor) -> bool:
+    def _folds_columns(self, scale: torch.Tensor, shift: torch.Tensor) -> bool:
         """Whether the batch norms fold out of ``weight_x`` (see :func:`spinal_ops.reference.fold_batch_norm_columns`):
-        a positively homogeneous activation, one weight slot per sub-layer, every scale positive; on CPU tensors (the
-        check reads the scales: on a GPU that would wait for the device on every call), and neither under
-        ``torch.compile`` (a branch on values) nor inside a ``torch.func`` transform."""
+        a positively homogeneous activation, one weight slot per sub-layer, every scale positive and the folded bias
+        ``b + shift / scale`` finite (it overflows for a scale near zero); on CPU tensors (the check reads the values:
+        on a GPU that would wait for the device on every call), and neither under ``torch.compile`` (a branch on
+        values) nor inside a ``torch.func`` transform. The values are checked in one reduction (one host read)."""
         spec = self._spec
         if spec.activation not in reference.POSITIVELY_HOMOGENEOUS or spec.slots != tuple(range(spec.num_layers)) or \
                 not scale.is_cpu or torch.compiler.is_compiling() or backends.autograd_transformed():
             return False
-        return bool((scale > 0).all())
+        with torch.no_grad():
+            moved = shift / scale
+            bias = moved if self.bias is None else self.bias + moved  # fold_batch_norm_columns' bias
+            return bool(((scale > 0) & torch.isfinite(bias)).all())
 
     def _fold_sources(self) -> list:
         """What the folded weights depend on: the weights and every batch norm's state and eps."""
