@@ -658,10 +658,12 @@ def test_op_argument_errors(mutate, match):
 # (m, n, k): one row, a few rows (every row tail of the 6- and 4-row blocks), column tails (n % 16, n % 8), short k
 # (outer products, the packed and the dot routes' boundary at 64), k over the dot route's 256-term blocks, widths
 # over its 64-output blocks; TN products narrower than a vector (run transposed: 37 x 1, 17 x 3, 50 x 4 in float32),
-# and one the BLAS would take but for its k under kBlasMinTnRows (40 x 64 x 100)
+# and one the BLAS would take but for its k under kBlasMinTnRows (40 x 64 x 100); with AVX2 or the baseline the
+# smallest product every form sends to the BLAS (16 x 32 x 512: kBlasMinNnTerms), the NN products below it on the
+# kernels (23 x 70 x 300, 64 x 129 x 257)
 GEMM_SHAPES = [(1, 1, 1), (1, 20, 256), (1, 37, 5), (1, 513, 130), (2, 3, 4), (5, 17, 63), (7, 16, 64),
                (13, 50, 50), (6, 128, 1), (23, 70, 300), (64, 129, 257), (300, 20, 1024), (257, 512, 1),
-               (37, 1, 5), (17, 3, 300), (50, 4, 1024), (40, 64, 100)]
+               (37, 1, 5), (17, 3, 300), (50, 4, 1024), (40, 64, 100), (16, 32, 512)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])

@@ -1114,12 +1114,6 @@ void scale_columns_row(int64_t k, T* __restrict g, const T* __restrict w, const 
   for (int64_t j = 0; j < k; ++j) g[j] *= s[j];
 }
 
-// out[j] += a[j], j < k.
-template <typename T>
-void add_row(int64_t k, const T* __restrict a, T* __restrict out) {
-  for (int64_t j = 0; j < k; ++j) out[j] += a[j];
-}
-
 // The _scale_rows_backward_inplace op: the backward of weight * scale[..., None] (an eval-mode batch norm folded into
 // the weights, spinal_ops/ops.py _fold_rows) from grad, the gradient of that product: returns grad_scale[r] = the dot
 // product of rows r of grad and weight (when asked for, else an empty tensor; weight is then not read) and scales
@@ -1175,10 +1169,9 @@ at::Tensor scale_rows_backward_cpu(at::Tensor& grad, const at::Tensor& weight, c
                             gsp != nullptr ? partial.data() + job * k : nullptr);
         }
       });
-      for (int64_t b = 0; gsp != nullptr && b < mats; ++b) {
-        T* out = gsp + b * k;
-        std::copy_n(partial.data() + b * jobs * k, k, out);
-        for (int64_t p = 1; p < jobs; ++p) add_row(k, partial.data() + (b * jobs + p) * k, out);
+      if (gsp != nullptr) {  // per matrix, the column sums of its jobs x k partial sums, in block order
+        std::fill_n(gsp, mats * k, T(0));
+        for (int64_t b = 0; b < mats; ++b) add_column_sums(partial.data() + b * jobs * k, jobs, k, k, gsp + b * k);
       }
       return;
     }

@@ -870,6 +870,19 @@ inline bool use_blas(int64_t m, int64_t n, int64_t k) {
 inline constexpr int64_t kBlasMinTnRows = 128;
 inline bool use_blas_tn(int64_t m, int64_t n, int64_t k) { return k >= kBlasMinTnRows && use_blas(m, n, k); }
 
+// The NN products op(A) = A (the backward's carry dZ_i Wh_i and dx += dZ_i Wx_i: k is the width) go to the BLAS only
+// from kBlasMinNnTerms terms on: the axpy kernel reads a strip of k rows x NV vectors of B for every MR rows of C,
+// which stays in a 32 KB L1 cache up to k ~ 340 with AVX2 (3 vectors of 32 bytes), and below that it ran faster than
+// MKL's generic path. Measured with the _cpu_gemm op (AMD EPYC Zen 1, AVX2, one thread, two alternating rounds,
+// microseconds, BLAS / kernel): 128 x 50 x 50 18.6 / 15.4, 128 x 128 x 128 115 / 110, 128 x 256 x 256 417-421 /
+// 394-400, 256 x 512 x 128 990-993 / 948-960, 256 x 300 x 300 1266-1351 / 1237-1286, but 128 x 512 x 512 1971 / 2285
+// and 256 x 1024 x 512 7568-7628 / 8404-9242; and the backward op alone (2 threads, 7 alternating blocks in one
+// process, minimum / median, BLAS from 32 terms / never): vgg-head (w = 128) B = 64 850 / 873, 760 / 784, B = 256
+// 3388 / 3446, 3060 / 3161, B = 1024 13414 / 13633, 12831 / 13163; regression (w = 50) B = 1024 1643 / 1657, 1533 /
+// 1629, B = 256 437 / 441, 423 / 427; wide-resnet-head (w = 512) B = 64 13320 / 13697, 14260 / 14538.
+inline constexpr int64_t kBlasMinNnTerms = 512;
+inline bool use_blas_nn(int64_t m, int64_t n, int64_t k) { return k >= kBlasMinNnTerms && use_blas(m, n, k); }
+
 // Whether any product may run on the BLAS (then the jobs keep its threading off: SequentialBlas).
 inline bool blas_may_run() { return vector_isa() != Isa::kAvx512; }
 
@@ -974,7 +987,7 @@ void nn_gemm(bool trans_a, int64_t m, int64_t n, int64_t k, const T* a, int64_t 
              bool accumulate, CT* c, int64_t ldc, bool stream = false) {
   if (empty_product(m, n, k, accumulate, c, ldc)) return;
   if constexpr (std::is_same_v<S, T> && std::is_same_v<CT, T>) {
-    if (trans_a ? use_blas_tn(m, n, k) : use_blas(m, n, k)) {
+    if (trans_a ? use_blas_tn(m, n, k) : use_blas_nn(m, n, k)) {
       return blas_gemm<T>(trans_a, false, m, n, k, a, lda, b, ldb, accumulate, c, ldc);
     }
     if (trans_a && !accumulate && transposes_narrow(m, n, vector_lanes<T>())) {  // the weight gradients: written
