@@ -873,9 +873,9 @@ inline bool use_blas_tn(int64_t m, int64_t n, int64_t k) { return k >= kBlasMinT
 // The NN products op(A) = A (the backward's carry dZ_i Wh_i and dx += dZ_i Wx_i: k is the width) go to the BLAS only
 // from kBlasMinNnTerms terms on: the axpy kernel reads a strip of k rows x NV vectors of B for every MR rows of C,
 // which stays in a 32 KB L1 cache up to k ~ 340 with AVX2 (3 vectors of 32 bytes), and below that it ran faster than
-// MKL's generic path. Measured with the _cpu_gemm op (AMD EPYC Zen 1, AVX2, one thread, two alternating rounds,
-// microseconds, BLAS / kernel): 128 x 50 x 50 18.6 / 15.4, 128 x 128 x 128 115 / 110, 128 x 256 x 256 417-421 /
-// 394-400, 256 x 512 x 128 990-993 / 948-960, 256 x 300 x 300 1266-1351 / 1237-1286, but 128 x 512 x 512 1971 / 2285
+// MKL's generic path. Measured with the _cpu_gemm op (AMD EPYC Zen 1, AVX2, one thread, one or two alternating rounds,
+// microseconds a call, BLAS / kernel): 128 x 50 x 50 33.5 / 30.3, 128 x 128 x 128 130 / 125, 128 x 256 x 256 417-421 /
+// 394-400, 256 x 512 x 128 990-993 / 948-960, 256 x 300 x 300 1266-1351 / 1237-1286, but 128 x 512 x 512 1986 / 2300
 // and 256 x 1024 x 512 7568-7628 / 8404-9242; and the backward op alone (2 threads, 7 alternating blocks in one
 // process, minimum / median, BLAS from 32 terms / never): vgg-head (w = 128) B = 64 850 / 873, 760 / 784, B = 256
 // 3388 / 3446, 3060 / 3161, B = 1024 13414 / 13633, 12831 / 13163; regression (w = 50) B = 1024 1643 / 1657, 1533 /
