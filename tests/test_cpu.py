@@ -150,11 +150,14 @@ def test_many_rows_match_reference():
     Case(64, 16, 3, 4, 5, split_mode="alternate", tie=(0, 1, 2, 1, 2), activation="gelu"),  # c = 5: column 15, tied
     Case(64, 13, 3, 5, 4),  # cyclic, c = 4: the last chunk wraps onto the first's columns (written, then added)
     Case(6, 13, 3, 4, 4, split_mode="alternate"),  # one tile: dx zero-filled first
-], ids=["gap", "gaps-tied", "wrap-overlap", "one-tile"])
+    Case(300, 1024, 8, 4, 8),  # each column read once, dx of 2.4 MB: written with streaming stores
+    Case(300, 1024, 8, 4, 7),  # the same, and the last chunk's columns read by no sub-layer
+], ids=["gap", "gaps-tied", "wrap-overlap", "one-tile", "streamed", "streamed-gap"])
 def test_dx_first_writes_and_unread_columns(case):
     """With several row tiles (B = 64: four of 16 rows) the backward writes the first product into each column of dx
-    and adds the others', with no zero fill first: dx against the reference, and the columns no chunk reads exactly
-    zero, after the allocator has held NaN in blocks of dx's size."""
+    and adds the others', with no zero fill first (and where each column is read once and dx is larger than 1 MB,
+    with streaming stores): dx against the reference, and the columns no chunk reads exactly zero, after the
+    allocator has held NaN in blocks of dx's size."""
     check_against_reference("cpu", case, torch.float64)
     x, params = make_inputs(case, torch.float64)
     with spinal_ops.use_backend("cpu"):

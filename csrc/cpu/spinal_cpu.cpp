@@ -16,8 +16,9 @@
 // Backward, with G = dL/dy and dH = G @ Wo (+ grad_H):
 //   chain, per row tile: dZ_i = (dH_i + carry) * act'(.) for i = L-1 .. 0, written over dH in one (B, L*w) scratch
 //      tensor; carry = dZ_i @ Wh_i; dx[:, chunk_i] += dZ_i @ Wx_i (scatter with wrap, in sub-layer order, so the sum
-//      order is fixed; with several tiles the first sub-layer to reach a column writes it: no zero fill of dx). act'
-//      comes from H, or from Z recomputed from x and H for gelu, silu and leaky_relu with a negative slope.
+//      order is fixed; with several tiles the first sub-layer to reach a column writes it: no zero fill of dx, and
+//      streaming stores where no other sub-layer adds into it: Backward::dx_stream). act' comes from H, or from Z
+//      recomputed from x and H for gelu, silu and leaky_relu with a negative slope.
 //   weight gradients, products over all rows: dWx_i = dZ_i.T @ x_chunk, dWh_i = dZ_i.T @ H_{i-1}, dWo[:, block i] =
 //      G.T @ H_i, in jobs of at most kWeightRows output rows; a slot that serves several sub-layers (tied weights)
 //      gets per-sub-layer partials that are added in sub-layer order afterwards; bias gradients are column sums in
@@ -507,10 +508,11 @@ inline constexpr bool kPairTypes = std::is_same_v<T, float> && std::is_same_v<S,
 // first (D entries), where given: the sub-layer whose product reaches each column of x first (the chain runs from
 // L-1 down: the last sub-layer whose chunk holds the column), or -1 where no chunk does; the columns that sub-layer i
 // reaches first are written (=), not added into, so dx needs no zero fill before the chain (the same sums: 0 + v is
-// v, up to the sign of a zero).
+// v, up to the sign of a zero). stream: those columns are written with streaming stores (kernels::Out::kStream; see
+// Backward::dx_stream).
 template <typename T, typename S>
 void input_gradient(const Problem<T, S>& p, int64_t i, int64_t r0, int64_t m, int64_t j0, int64_t j1, const T* dz,
-                    T* dx, const c10::BFloat16* dz16 = nullptr, const int32_t* first = nullptr) {
+                    T* dx, const c10::BFloat16* dz16 = nullptr, const int32_t* first = nullptr, bool stream = false) {
   const SpinalDims& d = p.d;
   const int64_t lw = d.hidden(), w = d.width;
   const int64_t s = p.starts[i];
@@ -522,7 +524,7 @@ void input_gradient(const Problem<T, S>& p, int64_t i, int64_t r0, int64_t m, in
     if constexpr (kPairTypes<T, S>) {
       if (p.wxr) return pair_product(m, b - a, w, dz16, w, p.wxr_slot(i) + a, p.ldwxr, out, d.in_features, add);
     }
-    nn_gemm<T>(false, m, b - a, w, dzi, lw, wxi + a, d.chunk, add, out, d.in_features);
+    nn_gemm<T>(false, m, b - a, w, dzi, lw, wxi + a, d.chunk, add, out, d.in_features, stream && !add);
   };
   auto segment = [&](int64_t a, int64_t b, int64_t col) {  // chunk columns [a, b), from column col of x on
     if (first == nullptr) return product(a, b, dxt + col, true);
@@ -669,6 +671,9 @@ struct Backward {
   // some column has none (chain_tile zeroes those of its rows); else null, and dx is zero-filled.
   const int32_t* dx_first = nullptr;
   bool dx_unread = false;
+  // ... and, where each column of x is read by one sub-layer at most and dx is larger than a core's L2 cache, its
+  // columns are written once each, with streaming stores (input_gradient's `stream`; kStreamBytes).
+  bool dx_stream = false;
   // Several row tiles and consecutive_slots: the bias gradients of the sub-layers' slots (db + x_slot(0) * w),
   // column sums of dZ run as jobs of the weight-gradient round (WeightKind::kBias); else null.
   T* db = nullptr;
@@ -823,7 +828,7 @@ struct Backward {
       if (!dz16.empty()) {
         if constexpr (kPairTypes<T, S>) round_rows_bf16(m, w, dz + r0 * d().hidden() + i * w, d().hidden(), dz16.data(), w);
       }
-      if (dx) input_gradient(p, i, r0, m, 0, d().chunk, dz, dx, dz16.data(), dx_first);
+      if (dx) input_gradient(p, i, r0, m, 0, d().chunk, dz, dx, dz16.data(), dx_first, dx_stream);
     }
   }
 
@@ -951,12 +956,20 @@ Grads backward_grads(const SpinalDims& d, c10::IntArrayRef starts, const std::ar
   // B = 1024 and vit-custom B = 64 within the noise.
   const RowTiles tiles = RowTiles::make(d, sizeof(T));
   std::vector<int32_t> dx_first;
-  bool dx_unread = false;
+  bool dx_unread = false, dx_stream = false;
   if (want_dx && need_chain && tiles.count > 1) {
     dx_first.assign(static_cast<size_t>(d.in_features), -1);
-    for (int64_t i = 0; i < d.layers; ++i)  // the last sub-layer that reads a column is the chain's first there
-      for (int64_t j = 0; j < d.chunk; ++j) dx_first[(starts[i] + j) % d.in_features] = static_cast<int32_t>(i);
+    std::vector<int32_t> readers(static_cast<size_t>(d.in_features), 0);
+    for (int64_t i = 0; i < d.layers; ++i) {  // the last sub-layer that reads a column is the chain's first there
+      for (int64_t j = 0; j < d.chunk; ++j) {
+        const int64_t col = (starts[i] + j) % d.in_features;
+        dx_first[col] = static_cast<int32_t>(i);
+        ++readers[col];
+      }
+    }
     dx_unread = std::find(dx_first.begin(), dx_first.end(), -1) != dx_first.end();
+    dx_stream = x.numel() * static_cast<int64_t>(sizeof(T)) > kStreamBytes &&
+                *std::max_element(readers.begin(), readers.end()) <= 1;
   }
   at::Tensor dx = !want_dx            ? empty()
                   : !dx_first.empty() ? at::empty(x.sizes(), x.options())
@@ -1019,6 +1032,7 @@ Grads backward_grads(const SpinalDims& d, c10::IntArrayRef starts, const std::ar
                                                      : nullptr,
                                                  dx_first.empty() ? nullptr : dx_first.data(),
                                                  dx_unread,
+                                                 dx_stream,
                                                  db_jobs};
       if (one_tile_chain) {
         bw.by_sub_layer(gh);
