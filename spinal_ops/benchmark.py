@@ -20,18 +20,20 @@ Modes: ``forward`` (under ``torch.no_grad``), ``backward`` (one retained graph, 
 Heads (:func:`time_heads`): the configurations of :data:`HEAD_CONFIGS` again as the scripts' dropout /
 batch-norm heads, :class:`SpinalLinear` against :class:`OriginalBlocks` with the same weights, train and eval mode.
 
-Timing: blocked runs (:func:`measure`): a block is a fixed number of calls, timed as a whole (``perf_counter`` on
-CPU, CUDA events on a GPU); at least :data:`MIN_BLOCKS` blocks and ``min_run_time`` seconds per cell. A cell
-reports the median time per call over its blocks, the quartiles, min and max; its spread is the interquartile
-range over the median, and a row (configuration, batch size, mode) whose cells spread more than
-:data:`NOISY_SPREAD` is flagged noisy. Every provider runs on the thread count the report sets and records; a
-provider that changes it is reported as failed. A provider on a named backend has it forced once around its timed
-calls (:func:`forcing`), not per call.
+Timing: blocked runs (:func:`measure_interleaved`): a block is a fixed number of calls, timed as a whole
+(``perf_counter`` on CPU, CUDA events on a GPU); the providers of a row take turns, one block each per round in a
+rotating order, so that a slow spell of the machine falls on all of them alike; at least :data:`MIN_BLOCKS` blocks
+and ``min_run_time`` seconds per cell. A cell reports the median time per call over its blocks, the quartiles, min
+and max; its spread is the interquartile range over the median, and a row (configuration, batch size, mode) whose
+cells spread more than :data:`NOISY_SPREAD` is flagged noisy. Every provider runs on the thread count the report
+sets and records; a provider that changes it is reported as failed. A provider on a named backend has it forced
+around each block of its timed calls (:func:`forcing`), not per call.
 
-Floor: the report measures, in the same run, the GEMM rate of this machine (a square ``torch.mm``, and on CPU the
-``cpu`` backend's own product kernels on the same square; the faster of the two is the rate), the copy bandwidth at
-each configuration's weight size and the time of one tiny ``nn.Linear`` step per mode; a row's floor is
-``max(FLOPs / rate, bytes / bandwidth) + one tiny step of the same mode`` (:func:`floor`).
+Floor: the report measures, at the start of the run, the GEMM rate of this machine (a square ``torch.mm``, and on
+CPU the ``cpu`` backend's own product kernels on the same square; the faster of the two is the rate) and the copy
+bandwidth at each configuration's weight size, and in every row, interleaved with its providers, the time of one
+tiny ``nn.Linear`` step of the row's mode (the provider :data:`CALL`); a row's floor is ``max(FLOPs / rate, bytes /
+bandwidth) + that step`` (:func:`floor`).
 
 Nothing here asserts speed.
 """
@@ -145,12 +147,14 @@ def fused_backends(device: torch.device, dtype: torch.dtype | None = None) -> li
 class Provider:
     """One column of the report: ``module`` run under spinal_ops backend ``backend`` (None: no forcing).
 
-    ``compiled``: ``module`` is compiled afresh (:func:`compile_fresh`) for every cell it is timed in.
+    ``compiled``: ``module`` is compiled afresh (:func:`compile_fresh`) for every cell it is timed in. ``x``: the
+    provider's own input (the floor's tiny op), else the cell's.
     """
 
     module: nn.Module
     backend: str | None = None
     compiled: bool = False
+    x: torch.Tensor | None = None
 
 
 REDUCED_DTYPES = (torch.bfloat16, torch.float16)
@@ -203,10 +207,10 @@ def _call(module, backend, x):
 def make_step(module, backend, x, mode: str):
     """A no-argument callable running one ``mode`` step of one provider on ``x``.
 
-    The step itself does not force ``backend``: call it inside ``forcing(backend)`` (:func:`time_provider` enters it
-    once around the warm-up and all the timed calls, as a user forces a backend around a training loop; entering
-    ``use_backend`` per call would add ~2 us to every step, as much as a B = 1 forward's own Python). The forward that
-    sets up ``fwd+bwd`` and ``backward`` steps runs under ``forcing(backend)`` here.
+    The step itself does not force ``backend``: call it inside ``forcing(backend)`` (:func:`time_providers` enters
+    it around the warm-up and around each block of timed calls, as a user forces a backend around a training loop;
+    entering ``use_backend`` per call would add ~2 us to every step, as much as a B = 1 forward's own Python). The
+    forward that sets up ``fwd+bwd`` and ``backward`` steps runs under ``forcing(backend)`` here.
 
     ``fwd+bwd`` and ``backward`` run one forward with gradients while they are set up (the output's shape, the
     retained graph): the same shapes and grad mode as the timed calls, so a compiled module compiles nothing else.
@@ -261,68 +265,146 @@ def _cuda_block(step, number: int, device) -> float:
 
 
 def measure(step, min_run_time: float, device="cpu", min_blocks: int = MIN_BLOCKS) -> dict:
-    """Blocked timing of ``step`` (already warm): seconds per call as median, quartiles, min and max of blocks.
+    """Blocked timing of one ``step`` (already warm): :func:`measure_interleaved` with one entry."""
+    result = measure_interleaved({"step": (step, contextlib.nullcontext)}, min_run_time, device, min_blocks)["step"]
+    if isinstance(result, Exception):
+        raise result
+    return result
 
-    A block is ``number`` calls timed together (chosen so that a block lasts about ``min_run_time /
-    BLOCKS_PER_RUN``); blocks run until ``min_run_time`` seconds and ``min_blocks`` blocks are reached. The
-    garbage collector is off while timing. ``spread`` is the interquartile range over the median.
+
+def measure_interleaved(steps: dict, min_run_time: float, device="cpu", min_blocks: int = MIN_BLOCKS,
+                        after_block=None) -> dict:
+    """Blocked timing of several steps (each already warm), their blocks interleaved.
+
+    ``steps``: ``{name: (step, context)}``; ``context()`` is entered around each of the step's blocks, outside the
+    timed calls (a forced backend). A block is ``number`` calls of one step timed together (``number`` chosen per
+    step so that a block lasts about ``min_run_time / BLOCKS_PER_RUN``). The blocks run in rounds, one block of
+    every step per round, each round in another order, until every step has ``min_run_time`` seconds and
+    ``min_blocks`` blocks: a slow spell of the machine then falls on every step of a row alike, not on the one that
+    happened to be timed in it, and the ratios between steps hold up where their absolute times do not.
+    ``after_block(name)``, called after each block, may raise to fail that step. The garbage collector is off while
+    timing.
+
+    Returns ``{name: result}``: seconds per call as the median of the step's blocks, quartiles, min, max, blocks,
+    ``number`` and ``spread`` (interquartile range over median); or the exception a failed step raised (it leaves
+    the rounds, the others go on).
     """
     device = torch.device(device)
     block = _cuda_block if device.type == "cuda" else _cpu_block
+    results: dict = {}
+    numbers: dict[str, int] = {}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    totals = dict.fromkeys(steps, 0.0)
+
+    def timed(name: str, number: int) -> float:
+        step, context = steps[name]
+        with context():
+            seconds = block(step, number, device)
+        if after_block is not None:
+            after_block(name)
+        return seconds
+
     gc_enabled = gc.isenabled()
     gc.disable()
     try:
-        one = block(step, 1, device)
-        number = max(1, int(min_run_time / BLOCKS_PER_RUN / max(one, 1e-9)))
-        times: list[float] = []
-        total = 0.0
-        while total < min_run_time or len(times) < min_blocks:
-            seconds = block(step, number, device)
-            total += seconds
-            times.append(seconds / number)
+        for name in steps:
+            try:
+                one = timed(name, 1)
+                numbers[name] = max(1, int(min_run_time / BLOCKS_PER_RUN / max(one, 1e-9)))
+            except Exception as e:  # reported as the step's result
+                results[name] = e
+        rounds = 0
+        while True:
+            live = [n for n in steps if n not in results
+                    and (totals[n] < min_run_time or len(times[n]) < min_blocks)]
+            if not live:
+                break
+            shift = rounds % len(live)
+            for name in live[shift:] + live[:shift]:
+                try:
+                    seconds = timed(name, numbers[name])
+                except Exception as e:  # the step fails, the others go on
+                    results[name] = e
+                    continue
+                totals[name] += seconds
+                times[name].append(seconds / numbers[name])
+            rounds += 1
     finally:
         if gc_enabled:
             gc.enable()
-    q1, median, q3 = statistics.quantiles(times, n=4, method="inclusive")
-    return {"seconds": median, "q1": q1, "q3": q3, "min": min(times), "max": max(times), "blocks": len(times),
-            "number": number, "spread": (q3 - q1) / median if median > 0 else 0.0}
+    for name, blocks in times.items():
+        if name in results:
+            continue
+        q1, median, q3 = statistics.quantiles(blocks, n=4, method="inclusive")
+        results[name] = {"seconds": median, "q1": q1, "q3": q3, "min": min(blocks), "max": max(blocks),
+                         "blocks": len(blocks), "number": numbers[name],
+                         "spread": (q3 - q1) / median if median > 0 else 0.0}
+    return {name: results[name] for name in steps}
 
 
 def time_provider(module, backend, x, mode: str, min_run_time: float, threads: int | None = None,
                   compiled: bool = False, warmup: int = 2) -> dict:
-    """Time one ``mode`` step of one provider on ``x`` with ``threads`` intra-op threads (default: torch's now).
+    """Time one ``mode`` step of one provider on ``x`` (:func:`time_providers` with one entry); raises
+    :class:`BenchmarkError` (or the step's own error) where it fails."""
+    result = time_providers({"provider": Provider(module, backend, compiled)}, x, mode, min_run_time, threads,
+                            warmup)["provider"]
+    if isinstance(result, Exception):
+        raise result
+    return result
 
-    ``compiled``: ``module`` is compiled afresh first (:func:`compile_fresh`); the result then has ``graphs`` (the
-    graphs dynamo compiled) and ``compile_s``. Raises :class:`BenchmarkError` where the numbers would not be what
-    they claim: a compiled module that compiled no graph, hit the recompile limit or recompiled while timed, or
-    a step that changed torch's thread count.
+
+def time_providers(providers: dict, x, mode: str, min_run_time: float, threads: int | None = None,
+                   warmup: int = 2) -> dict:
+    """Time one ``mode`` step of every provider of ``{name: Provider}`` on ``x``, their blocks interleaved
+    (:func:`measure_interleaved`), with ``threads`` intra-op threads (default: torch's now).
+
+    A compiled provider is compiled afresh first (:func:`compile_fresh`); its result then has ``graphs`` (the graphs
+    dynamo compiled) and ``compile_s``. Each provider's warm-up and blocks run with its backend forced
+    (:func:`forcing`). Returns ``{name: result | exception}``: a provider fails (with a :class:`BenchmarkError`)
+    where its numbers would not be what they claim: a compiled module that compiled no graph, hit the recompile limit
+    or recompiled while timed, or a step that changed torch's thread count (restored before the next block).
     """
     threads = threads or torch.get_num_threads()
     device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
-    extra = {}
-    counter = None
-    if compiled:
-        module, counter = compile_fresh(module)
-    started = time.perf_counter()
     limit = {"fail_on_recompile_limit_hit": True} if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit") \
         else {}
-    with torch._dynamo.config.patch(**limit), forcing(backend):
-        step = make_step(module, backend, x, mode)
-        for _ in range(warmup):  # and compilation for the compiled provider
-            step()
-        if counter is not None:
-            extra = {"graphs": counter.graphs, "compile_s": time.perf_counter() - started}
-            if counter.graphs == 0:
-                raise BenchmarkError("torch.compile compiled no graph: the module ran eagerly")
+    results: dict = {}
+    steps: dict = {}
+    extras: dict[str, dict] = {}
+    counters: dict = {}
+    with torch._dynamo.config.patch(**limit):
+        for name, p in providers.items():
+            try:
+                started = time.perf_counter()
+                module = p.module
+                if p.compiled:
+                    module, counters[name] = compile_fresh(module)
+                with forcing(p.backend):
+                    step = make_step(module, p.backend, x if p.x is None else p.x, mode)
+                    for _ in range(warmup):  # and compilation for the compiled provider
+                        step()
+                if name in counters:
+                    extras[name] = {"graphs": counters[name].graphs, "compile_s": time.perf_counter() - started}
+                    if counters[name].graphs == 0:
+                        raise BenchmarkError("torch.compile compiled no graph: the module ran eagerly")
+                steps[name] = (step, lambda b=p.backend: forcing(b))
+            except Exception as e:  # reported as the provider's result
+                results[name] = e
+
+        def after_block(name):
+            seen = torch.get_num_threads()
+            if seen != threads:
+                torch.set_num_threads(threads)
+                raise BenchmarkError(f"the step changed torch's thread count from {threads} to {seen} while timed")
+
         torch.set_num_threads(threads)
-        result = measure(step, min_run_time, device)
-    seen = torch.get_num_threads()
-    if seen != threads:
-        torch.set_num_threads(threads)
-        raise BenchmarkError(f"the step changed torch's thread count from {threads} to {seen} while timed")
-    if counter is not None and counter.graphs != extra["graphs"]:
-        raise BenchmarkError(f"torch.compile recompiled while timed ({counter.graphs - extra['graphs']} graphs)")
-    return result | {"threads": threads} | extra
+        results |= measure_interleaved(steps, min_run_time, device, after_block=after_block)
+    for name, counter in counters.items():
+        if isinstance(results[name], dict) and counter.graphs != extras[name]["graphs"]:
+            results[name] = BenchmarkError(
+                f"torch.compile recompiled while timed ({counter.graphs - extras[name]['graphs']} graphs)")
+    return {name: results[name] if isinstance(results[name], Exception)
+            else results[name] | {"threads": threads} | extras.get(name, {}) for name in providers}
 
 
 def saved_activation_values(module, backend, x) -> int:
@@ -348,6 +430,16 @@ HEAD_DROPOUT = 0.5  # the scripts' nn.Dropout(p=0.5)
 HEAD_MODES = (("train", "fwd+bwd"), ("eval", "forward"), ("eval", "fwd+bwd"))
 
 
+def _cell_record(result, threads: int) -> dict:
+    """A timing result of :func:`time_providers` as a report cell: ``status`` ok, or failed with the error's first
+    line (a failed cell is reported as failed, never replaced by another provider's time)."""
+    if isinstance(result, Exception):
+        message = (str(result).strip().splitlines() or [type(result).__name__])[0]
+        return {"status": "failed", "error": f"{type(result).__name__}: {message}", "seconds": None,
+                "threads": threads}
+    return {"status": "ok"} | result
+
+
 def time_heads(configs, batch_sizes, dtype, device, min_run_time: float, threads: int, progress) -> list[dict]:
     """``SpinalLinear(dropout=HEAD_DROPOUT, batch_norm=True)`` against :class:`OriginalBlocks` with the same
     weights, per configuration, batch size and :data:`HEAD_MODES` (train mode: unfused, bit for bit the blocks;
@@ -366,15 +458,12 @@ def time_heads(configs, batch_sizes, dtype, device, min_run_time: float, threads
                     continue
                 print(f"[head] {cfg.name} B={rows} {train} {mode}", file=progress, flush=True)
                 record = {"config": cfg.name, "rows": rows, "train": train, "mode": mode}
-                for name, module in providers.items():
+                for module in providers.values():
                     module.train(train == "train")
-                    try:
-                        record[name] = {"status": "ok"} | time_provider(module, None, x1[:rows].contiguous(), mode,
-                                                                        min_run_time, threads)
-                    except Exception as e:  # reported in the cell
-                        message = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                        record[name] = {"status": "failed", "error": f"{type(e).__name__}: {message}",
-                                        "seconds": None}
+                results = time_providers({n: Provider(m) for n, m in providers.items()}, x1[:rows].contiguous(),
+                                         mode, min_run_time, threads)
+                for name, result in results.items():
+                    record[name] = _cell_record(result, threads)
                 cells = [record[n] for n in providers]
                 ok = all(c["status"] == "ok" for c in cells)
                 record["ratio"] = record["spinal"]["seconds"] / record["blocks"]["seconds"] if ok else None
@@ -498,11 +587,18 @@ def copy_bandwidth(nbytes: int, dtype: torch.dtype, device: torch.device, min_ru
             "copy_s": timings[0]["seconds"], "one_element_copy_s": timings[1]["seconds"]}
 
 
+CALL = "call"  # the provider timing the floor's call term in every row: a tiny nn.Linear step
+
+
+def tiny_provider(dtype, device: torch.device) -> Provider:
+    """One step of a tiny ``nn.Linear(1, 1)`` on one row: the cost of an op call (the floor's call term)."""
+    return Provider(nn.Linear(1, 1).to(device, dtype), x=torch.randn(1, 1, device=device).to(dtype))
+
+
 def call_times(dtype, device: torch.device, modes, min_run_time: float, threads: int) -> dict:
-    """Per mode, the time of one step of a tiny ``nn.Linear(1, 1)`` on one row: the cost of an op call."""
-    tiny = nn.Linear(1, 1).to(device, dtype)
-    x = torch.randn(1, 1, device=device).to(dtype)
-    return {mode: time_provider(tiny, None, x, mode, min_run_time, threads) for mode in modes}
+    """Per mode, the time of one step of the tiny op (:func:`tiny_provider`), timed alone."""
+    tiny = tiny_provider(dtype, device)
+    return {mode: time_provider(tiny.module, None, tiny.x, mode, min_run_time, threads) for mode in modes}
 
 
 def parameter_count(cfg: SpinalConfig) -> int:
@@ -526,19 +622,20 @@ def min_elements(cfg: SpinalConfig, rows: int, mode: str) -> int:
     return Problem.of(cfg, rows).min_elements(mode)
 
 
-def floor(cfg: SpinalConfig, rows: int, mode: str, machine: dict) -> dict:
+def floor(cfg: SpinalConfig, rows: int, mode: str, machine: dict, call_s: float | None = None) -> dict:
     """The floor of one row: ``max(FLOPs / rate, bytes / bandwidth) + one tiny step of the same mode``.
 
     ``rate``: the measured GEMM rate of the report's dtype (``machine["floor_rate"]``); ``bandwidth``: the copy
     bandwidth measured at the configuration's weight size; the call term is the time of one step of a tiny
-    ``nn.Linear`` in the same mode (forward; backward alone; forward and backward).
+    ``nn.Linear`` in the same mode (forward; backward alone; forward and backward): ``call_s``, timed in the row
+    with its providers, else the run's (``machine["call"]``).
     """
     flops = mode_flops(cfg, rows, mode)
     nbytes = min_elements(cfg, rows, mode) * machine["element_size"]
     compute_s = flops / machine["floor_rate"]["flops_per_s"]
     bandwidth = machine["bandwidth"][cfg.name]["bytes_per_s"]
     memory_s = nbytes / bandwidth if bandwidth else 0.0
-    call_s = machine["call"][mode]["seconds"]
+    call_s = machine["call"][mode]["seconds"] if call_s is None else call_s
     return {"seconds": max(compute_s, memory_s) + call_s, "flops": flops, "bytes": nbytes, "compute_s": compute_s,
             "memory_s": memory_s, "call_s": call_s, "bound": "compute" if compute_s >= memory_s else "memory"}
 
@@ -645,6 +742,7 @@ def run(configs, batch_sizes, modes=MODES, dtype=torch.float32, min_run_time=0.2
         print(f"measuring the machine: GEMM rate, copy bandwidth, op-call time ({used} threads)", file=progress,
               flush=True)
         machine = measure_machine(configs, dtype, device, modes, min_run_time, used, cpu)
+        tiny = tiny_provider(dtype, device)
         for cfg in configs:
             torch.manual_seed(0)
             providers = make_providers(cfg, dtype, device, compile_eager)
@@ -664,15 +762,11 @@ def run(configs, batch_sizes, modes=MODES, dtype=torch.float32, min_run_time=0.2
                     done += 1
                     print(f"[{done}/{total}] {cfg.name} B={rows} {mode} ({time.perf_counter() - started:.0f}s)",
                           file=progress, flush=True)
-                    for name, p in providers.items():
+                    results = time_providers(providers | {CALL: tiny}, x, mode, min_run_time, used)
+                    for name, result in results.items():
                         record = {"config": cfg.name, "rows": rows, "mode": mode, "provider": name}
-                        try:
-                            result = time_provider(p.module, p.backend, x, mode, min_run_time, used, p.compiled)
-                            record |= {"status": "ok"} | result
-                        except Exception as e:  # reported in the cell, never replaced by another provider's time
-                            message = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                            record |= {"status": "failed", "error": f"{type(e).__name__}: {message}",
-                                       "seconds": None, "threads": used}
+                        record |= _cell_record(result, used)
+                        if record["status"] == "failed":
                             print(f"  {name} failed: {record['error']}", file=progress, flush=True)
                         records.append(record)
         head_records = time_heads([c for c in configs if c.name in heads], batch_sizes, dtype, device,
@@ -719,8 +813,9 @@ def ratios(report: dict) -> list[dict]:
         out = {"config": cfg, "rows": b, "mode": mode, "fused_provider": fused_name}
         out |= {f"{k}_us": v * 1e6 for k, v in times.items()}
         if "machine" in report:
-            fl = floor(configs[cfg], b, mode, report["machine"])
-            out |= {"floor_us": fl["seconds"] * 1e6, "floor_bound": fl["bound"]}
+            call = row.get(CALL)
+            fl = floor(configs[cfg], b, mode, report["machine"], None if call is None else seconds(call))
+            out |= {"floor_us": fl["seconds"] * 1e6, "floor_bound": fl["bound"], "call_us": fl["call_s"] * 1e6}
             times["floor"] = fl["seconds"]
         for k in ("dense", "eager", "compiled", "reference", "floor"):
             if k in times:
@@ -775,6 +870,11 @@ def _threads(env: dict) -> str:
     return f"{env['threads']} thread{'s' if env['threads'] != 1 else ''}"
 
 
+def _span(values: list[float]) -> str:
+    low, high = min(values), max(values)
+    return f"{low:.1f}" if f"{low:.1f}" == f"{high:.1f}" else f"{low:.1f}-{high:.1f}"
+
+
 def describe_machine(report: dict) -> list[str]:
     """Lines on where and how the numbers were taken (CPU, threads, dtype, rates, noisy rows, failures)."""
     env, rows = report["environment"], ratios(report)
@@ -797,7 +897,12 @@ def describe_machine(report: dict) -> list[str]:
                          + (f", {own['flops_per_s'] / 1e9:.1f} GFLOP/s spinal_ops kernels" if own else "")
                          + (f" (n={g['n']})" if "n" in g else ""))
         bw = [b["bytes_per_s"] for b in machine["bandwidth"].values() if b["bytes_per_s"]] or [math.nan]
-        calls = ", ".join(f"{m} {c['seconds'] * 1e6:.1f}" for m, c in machine["call"].items())
+        per_mode: dict[str, list[float]] = {}
+        for r in rows:
+            if not math.isnan(r.get("call_us", math.nan)):
+                per_mode.setdefault(r["mode"], []).append(r["call_us"])
+        calls = ", ".join(f"{m} {_span(per_mode[m])}" if m in per_mode else f"{m} {c['seconds'] * 1e6:.1f}"
+                          for m, c in machine["call"].items())
         lines.append(f"GEMM rate: {'; '.join(rates)}; floor uses {machine['floor_rate']['dtype']}, "
                      f"{machine['floor_rate'].get('source', 'torch.mm')}"
                      + (f" ({machine['floor_rate']['note']})" if "note" in machine["floor_rate"] else ""))

@@ -4,6 +4,7 @@ every cell has a spread and noisy rows are flagged; the floor is measured and sh
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -267,6 +268,53 @@ def test_measure_gives_blocks_quartiles_and_spread():
     result = benchmark.measure(lambda: calls.append(1), min_run_time=0.002)
     assert result["blocks"] >= benchmark.MIN_BLOCKS and len(calls) >= result["blocks"] * result["number"]
     assert result["min"] <= result["q1"] <= result["seconds"] <= result["q3"] <= result["max"]
+
+
+def test_interleaved_blocks_share_a_slow_spell_and_rotate_their_order(monkeypatch):
+    """Every round runs one block of each step, in a rotating order: a machine that slows down halfway through a
+    cell slows every step of the row alike, so the ratio of two equal steps stays 1 (timed one after the other, the
+    second would take the whole slow spell: ratio 2)."""
+    order = []
+    clock = {"blocks": 0}
+
+    def fake_block(step, number, device):  # each block of either step costs 1 s a call, 2 s once the machine slows
+        step()
+        clock["blocks"] += 1
+        return number * (1.0 if clock["blocks"] <= 12 else 2.0)
+
+    monkeypatch.setattr(benchmark, "_cpu_block", fake_block)
+    steps = {name: (lambda n=name: order.append(n), contextlib.nullcontext) for name in ("a", "b")}
+    out = benchmark.measure_interleaved(steps, min_run_time=0.0, min_blocks=11)
+    assert out["a"]["blocks"] == out["b"]["blocks"] == 11
+    assert out["a"]["seconds"] == out["b"]["seconds"], out
+    timed = order[2:]  # after one calibration call each
+    rounds = [tuple(timed[i:i + 2]) for i in range(0, len(timed), 2)]
+    assert all(sorted(r) == ["a", "b"] for r in rounds), rounds
+    assert rounds[0] != rounds[1], "the order of the steps within a round should rotate"
+
+
+def test_an_interleaved_step_that_fails_leaves_the_others_timed():
+    def failing():
+        raise ValueError("boom")
+
+    calls = []
+    out = benchmark.measure_interleaved({"ok": (lambda: calls.append(1), contextlib.nullcontext),
+                                         "bad": (failing, contextlib.nullcontext)}, min_run_time=0.002)
+    assert isinstance(out["bad"], ValueError) and list(out) == ["ok", "bad"]
+    assert out["ok"]["blocks"] >= benchmark.MIN_BLOCKS and len(calls) >= out["ok"]["blocks"]
+
+
+def test_each_row_times_the_floors_call_term_beside_its_providers(monkeypatch, fast_machine):
+    """The tiny op step of the floor's call term is a provider of every row, interleaved with the others, and the
+    row's floor adds that row's call time (not the one measured at the start of the run)."""
+    report = benchmark.run([TINY], [1, 5], modes=("forward", "fwd+bwd"), compile_eager=False, **FAST)
+    calls = {(r["rows"], r["mode"]): r for r in report["records"] if r["provider"] == benchmark.CALL}
+    assert len(calls) == 4 and all(c["status"] == "ok" for c in calls.values()), calls
+    for row in benchmark.ratios(report):
+        call = calls[(row["rows"], row["mode"])]["seconds"]
+        fl = benchmark.floor(TINY, row["rows"], row["mode"], report["machine"], call)
+        assert row["call_us"] == pytest.approx(call * 1e6) and row["floor_us"] == pytest.approx(fl["seconds"] * 1e6)
+        assert call != report["machine"]["call"][row["mode"]]["seconds"]
 
 
 def test_measure_on_cuda_times_with_cuda_events(monkeypatch):
