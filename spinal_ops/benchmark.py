@@ -29,11 +29,11 @@ cells spread more than :data:`NOISY_SPREAD` is flagged noisy. Every provider run
 sets and records; a provider that changes it is reported as failed. A provider on a named backend has it forced
 around each block of its timed calls (:func:`forcing`), not per call.
 
-Floor: the report measures, at the start of the run, the GEMM rate of this machine (a square ``torch.mm``, and on
-CPU the ``cpu`` backend's own product kernels on the same square; the faster of the two is the rate) and the copy
-bandwidth at each configuration's weight size, and in every row, interleaved with its providers, the time of one
-tiny ``nn.Linear`` step of the row's mode (the provider :data:`CALL`); a row's floor is ``max(FLOPs / rate, bytes /
-bandwidth) + that step`` (:func:`floor`).
+Floor: the report measures at the start of the run the GEMM rate of this machine (a square ``torch.mm``, and on CPU
+the ``cpu`` backend's own product kernels on the same square; the faster of the two is the rate's source), and then
+in every row, interleaved with its providers (:data:`FLOOR_CELLS`): that product, a copy at the configuration's weight
+size and of one element, and one tiny ``nn.Linear`` step of the row's mode; a row's floor is ``max(FLOPs / rate,
+bytes / bandwidth) + that step`` (:func:`floor`), from the row's own rate, bandwidth and step.
 
 Nothing here asserts speed.
 """
@@ -354,9 +354,10 @@ def time_provider(module, backend, x, mode: str, min_run_time: float, threads: i
 
 
 def time_providers(providers: dict, x, mode: str, min_run_time: float, threads: int | None = None,
-                   warmup: int = 2) -> dict:
-    """Time one ``mode`` step of every provider of ``{name: Provider}`` on ``x``, their blocks interleaved
-    (:func:`measure_interleaved`), with ``threads`` intra-op threads (default: torch's now).
+                   warmup: int = 2, steps: dict | None = None) -> dict:
+    """Time one ``mode`` step of every provider of ``{name: Provider}`` on ``x``, and the no-argument callables of
+    ``steps`` (``{name: step}``, the floor's measurements), their blocks interleaved (:func:`measure_interleaved`),
+    with ``threads`` intra-op threads (default: torch's now).
 
     A compiled provider is compiled afresh first (:func:`compile_fresh`); its result then has ``graphs`` (the graphs
     dynamo compiled) and ``compile_s``. Each provider's warm-up and blocks run with its backend forced
@@ -369,7 +370,7 @@ def time_providers(providers: dict, x, mode: str, min_run_time: float, threads: 
     limit = {"fail_on_recompile_limit_hit": True} if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit") \
         else {}
     results: dict = {}
-    steps: dict = {}
+    timed: dict = {}
     extras: dict[str, dict] = {}
     counters: dict = {}
     with torch._dynamo.config.patch(**limit):
@@ -387,9 +388,12 @@ def time_providers(providers: dict, x, mode: str, min_run_time: float, threads: 
                     extras[name] = {"graphs": counters[name].graphs, "compile_s": time.perf_counter() - started}
                     if counters[name].graphs == 0:
                         raise BenchmarkError("torch.compile compiled no graph: the module ran eagerly")
-                steps[name] = (step, lambda b=p.backend: forcing(b))
+                timed[name] = (step, lambda b=p.backend: forcing(b))
             except Exception as e:  # reported as the provider's result
                 results[name] = e
+        for name, step in (steps or {}).items():
+            step()
+            timed[name] = (step, contextlib.nullcontext)
 
         def after_block(name):
             seen = torch.get_num_threads()
@@ -398,13 +402,13 @@ def time_providers(providers: dict, x, mode: str, min_run_time: float, threads: 
                 raise BenchmarkError(f"the step changed torch's thread count from {threads} to {seen} while timed")
 
         torch.set_num_threads(threads)
-        results |= measure_interleaved(steps, min_run_time, device, after_block=after_block)
+        results |= measure_interleaved(timed, min_run_time, device, after_block=after_block)
     for name, counter in counters.items():
         if isinstance(results[name], dict) and counter.graphs != extras[name]["graphs"]:
             results[name] = BenchmarkError(
                 f"torch.compile recompiled while timed ({counter.graphs - extras[name]['graphs']} graphs)")
     return {name: results[name] if isinstance(results[name], Exception)
-            else results[name] | {"threads": threads} | extras.get(name, {}) for name in providers}
+            else results[name] | {"threads": threads} | extras.get(name, {}) for name in [*providers, *(steps or {})]}
 
 
 def saved_activation_values(module, backend, x) -> int:
@@ -548,10 +552,9 @@ def native_dtype_support(dtype_name: str, device: torch.device, cpu: dict) -> st
     return f"unsupported: no {' / '.join(wanted[:2])} in the CPU flags"
 
 
-def gemm_rate(dtype: torch.dtype, device: torch.device, min_run_time: float, threads: int,
-              kernels: str = "torch") -> dict:
-    """FLOP/s of an ``n x n x n`` product in ``dtype`` on ``device`` (n from :data:`GEMM_SIZE`): ``torch.mm``, or the
-    ``cpu`` backend's own product kernels (``kernels="spinal_ops"``: ``torch.ops.spinal_ops._cpu_gemm``)."""
+def gemm_step(dtype: torch.dtype, device: torch.device, kernels: str = "torch"):
+    """``(step, n)``: one ``n x n x n`` product in ``dtype`` on ``device`` (n from :data:`GEMM_SIZE`), ``torch.mm``
+    or the ``cpu`` backend's own product kernels (``kernels="spinal_ops"``: ``torch.ops.spinal_ops._cpu_gemm``)."""
     n = GEMM_SIZE[device.type]
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     out = torch.empty(n, n, dtype=dtype, device=device)
@@ -562,32 +565,55 @@ def gemm_rate(dtype: torch.dtype, device: torch.device, min_run_time: float, thr
         else:
             torch.ops.spinal_ops._cpu_gemm(a, b, False, False)
 
+    return step, n
+
+
+def gemm_rate(dtype: torch.dtype, device: torch.device, min_run_time: float, threads: int,
+              kernels: str = "torch") -> dict:
+    """FLOP/s of :func:`gemm_step`'s product."""
+    step, n = gemm_step(dtype, device, kernels)
     step()
     torch.set_num_threads(threads)
     timing = measure(step, min_run_time, device)
     return {"n": n, "flops_per_s": 2 * n**3 / timing["seconds"], "timing": timing}
 
 
+def copy_steps(nbytes: int, dtype: torch.dtype, device: torch.device) -> tuple:
+    """``dst.copy_(src)`` with ``nbytes`` in ``src``, and the same copy of one element."""
+    esize = torch.empty((), dtype=dtype).element_size()
+    steps = []
+    for numel in (max(1, nbytes // esize), 1):
+        src = torch.randn(numel, device=device).to(dtype)
+        dst = torch.empty_like(src)
+        steps.append(lambda s=src, d=dst: d.copy_(s))
+    return tuple(steps)
+
+
+def bandwidth_of(nbytes: int, copy_s: float, one_element_copy_s: float) -> float | None:
+    """Bytes per second (read + write) of a copy of ``nbytes`` that took ``copy_s``, less a one-element copy's time;
+    None where it took no longer (too small to see)."""
+    data_s = copy_s - one_element_copy_s
+    return 2 * nbytes / data_s if data_s > 0 else None
+
+
 def copy_bandwidth(nbytes: int, dtype: torch.dtype, device: torch.device, min_run_time: float, threads: int) -> dict:
-    """Bytes per second (read + write) of ``dst.copy_(src)`` with ``nbytes`` in ``src``.
+    """Bytes per second (read + write) of ``dst.copy_(src)`` with ``nbytes`` in ``src`` (:func:`copy_steps`).
 
     The time of a one-element copy is subtracted first: the cost of an op call is counted once, by the floor's
     call term, not again in its bytes term. ``bytes_per_s`` is None where the copy took no longer than that
     (too small to see; the floor's bytes term is then 0).
     """
-    esize = torch.empty((), dtype=dtype).element_size()
     timings = []
-    for numel in (max(1, nbytes // esize), 1):
-        src = torch.randn(numel, device=device).to(dtype)
-        dst = torch.empty_like(src)
+    for step in copy_steps(nbytes, dtype, device):
         torch.set_num_threads(threads)
-        timings.append(measure(lambda s=src, d=dst: d.copy_(s), min_run_time, device))
-    data_s = timings[0]["seconds"] - timings[1]["seconds"]
-    return {"bytes": nbytes, "bytes_per_s": 2 * nbytes / data_s if data_s > 0 else None,
+        timings.append(measure(step, min_run_time, device))
+    return {"bytes": nbytes, "bytes_per_s": bandwidth_of(nbytes, timings[0]["seconds"], timings[1]["seconds"]),
             "copy_s": timings[0]["seconds"], "one_element_copy_s": timings[1]["seconds"]}
 
 
 CALL = "call"  # the provider timing the floor's call term in every row: a tiny nn.Linear step
+FLOOR_GEMM, FLOOR_COPY, FLOOR_COPY1 = "gemm", "copy", "copy1"  # the floor's rate and bandwidth steps of every row
+FLOOR_CELLS = (CALL, FLOOR_GEMM, FLOOR_COPY, FLOOR_COPY1)
 
 
 def tiny_provider(dtype, device: torch.device) -> Provider:
@@ -622,22 +648,55 @@ def min_elements(cfg: SpinalConfig, rows: int, mode: str) -> int:
     return Problem.of(cfg, rows).min_elements(mode)
 
 
-def floor(cfg: SpinalConfig, rows: int, mode: str, machine: dict, call_s: float | None = None) -> dict:
+def floor(cfg: SpinalConfig, rows: int, mode: str, machine: dict, measured: dict | None = None) -> dict:
     """The floor of one row: ``max(FLOPs / rate, bytes / bandwidth) + one tiny step of the same mode``.
 
-    ``rate``: the measured GEMM rate of the report's dtype (``machine["floor_rate"]``); ``bandwidth``: the copy
-    bandwidth measured at the configuration's weight size; the call term is the time of one step of a tiny
-    ``nn.Linear`` in the same mode (forward; backward alone; forward and backward): ``call_s``, timed in the row
-    with its providers, else the run's (``machine["call"]``).
+    ``rate``: the measured GEMM rate of the report's dtype; ``bandwidth``: the copy bandwidth measured at the
+    configuration's weight size; the call term is the time of one step of a tiny ``nn.Linear`` in the same mode
+    (forward; backward alone; forward and backward). Each is taken from ``measured`` (``flops_per_s``,
+    ``bytes_per_s``, ``call_s``: timed in the row, interleaved with its providers) where it has it, else from the
+    run's ``machine`` (measured at its start: ``floor_rate``, ``bandwidth``, ``call``).
     """
+    measured = measured or {}
     flops = mode_flops(cfg, rows, mode)
     nbytes = min_elements(cfg, rows, mode) * machine["element_size"]
-    compute_s = flops / machine["floor_rate"]["flops_per_s"]
-    bandwidth = machine["bandwidth"][cfg.name]["bytes_per_s"]
+    rate = measured.get("flops_per_s", machine["floor_rate"]["flops_per_s"])
+    bandwidth = measured["bytes_per_s"] if "bytes_per_s" in measured else machine["bandwidth"][cfg.name]["bytes_per_s"]
+    call_s = measured.get("call_s", machine["call"][mode]["seconds"])
+    compute_s = flops / rate
     memory_s = nbytes / bandwidth if bandwidth else 0.0
-    call_s = machine["call"][mode]["seconds"] if call_s is None else call_s
     return {"seconds": max(compute_s, memory_s) + call_s, "flops": flops, "bytes": nbytes, "compute_s": compute_s,
-            "memory_s": memory_s, "call_s": call_s, "bound": "compute" if compute_s >= memory_s else "memory"}
+            "memory_s": memory_s, "call_s": call_s, "flops_per_s": rate, "bytes_per_s": bandwidth,
+            "bound": "compute" if compute_s >= memory_s else "memory"}
+
+
+def floor_steps(machine: dict, cfg: SpinalConfig, dtype, device: torch.device) -> dict:
+    """The floor's rate and bandwidth steps of one configuration, to be timed in each of its rows (``gemm``: the
+    product of the rate the run chose at its start, ``copy`` / ``copy1``: the copy at the weights' size and of one
+    element)."""
+    rate = machine["floor_rate"]
+    gemm, _ = gemm_step(getattr(torch, rate["dtype"]), device,
+                        "spinal_ops" if rate.get("source") == "spinal_ops kernels" else "torch")
+    copy, copy1 = copy_steps(parameter_count(cfg) * machine["element_size"], dtype, device)
+    return {FLOOR_GEMM: gemm, FLOOR_COPY: copy, FLOOR_COPY1: copy1}
+
+
+def row_floor_inputs(row: dict, cfg: dict, machine: dict) -> dict:
+    """``floor``'s ``measured`` from a row's cells: the rate, bandwidth and call time timed in the row."""
+    def ok(name):
+        cell = row.get(name)
+        return cell["seconds"] if cell is not None and cell.get("status", "ok") == "ok" else None
+
+    measured = {}
+    if ok(CALL) is not None:
+        measured["call_s"] = ok(CALL)
+    if ok(FLOOR_GEMM) is not None:
+        n = machine["gemm"][machine["floor_rate"]["dtype"]]["n"]
+        measured["flops_per_s"] = 2 * n**3 / ok(FLOOR_GEMM)
+    if ok(FLOOR_COPY) is not None and ok(FLOOR_COPY1) is not None:
+        measured["bytes_per_s"] = bandwidth_of(cfg["parameters"] * machine["element_size"], ok(FLOOR_COPY),
+                                               ok(FLOOR_COPY1))
+    return measured
 
 
 def measure_machine(configs, dtype, device: torch.device, modes, min_run_time: float, threads: int,
@@ -756,13 +815,15 @@ def run(configs, batch_sizes, modes=MODES, dtype=torch.float32, min_run_time=0.2
                                                  x1[:mem_rows]),
                 "eager": saved_activation_values(providers["eager"].module, None, x1[:mem_rows]),
             })
+            measuring = floor_steps(machine, cfg, dtype, device)
             for rows in batch_sizes:
                 x = x1[:rows].contiguous()
                 for mode in modes:
                     done += 1
                     print(f"[{done}/{total}] {cfg.name} B={rows} {mode} ({time.perf_counter() - started:.0f}s)",
                           file=progress, flush=True)
-                    results = time_providers(providers | {CALL: tiny}, x, mode, min_run_time, used)
+                    results = time_providers(providers | {CALL: tiny}, x, mode, min_run_time, used,
+                                             steps=measuring)
                     for name, result in results.items():
                         record = {"config": cfg.name, "rows": rows, "mode": mode, "provider": name}
                         record |= _cell_record(result, used)
@@ -797,6 +858,7 @@ def ratios(report: dict) -> list[dict]:
         cells.setdefault((r["config"], r["rows"], r["mode"]), {})[r["provider"]] = r
     configs = {c["name"]: SpinalConfig(**{k: c[k] for k in SpinalConfig._fields}) for c in report["configs"]}
     flop = {c["name"]: c["flop_ratio"] for c in report["configs"]}
+    config_records = {c["name"]: c for c in report["configs"]}
     nan = float("nan")
 
     def seconds(cell):
@@ -813,9 +875,10 @@ def ratios(report: dict) -> list[dict]:
         out = {"config": cfg, "rows": b, "mode": mode, "fused_provider": fused_name}
         out |= {f"{k}_us": v * 1e6 for k, v in times.items()}
         if "machine" in report:
-            call = row.get(CALL)
-            fl = floor(configs[cfg], b, mode, report["machine"], None if call is None else seconds(call))
-            out |= {"floor_us": fl["seconds"] * 1e6, "floor_bound": fl["bound"], "call_us": fl["call_s"] * 1e6}
+            fl = floor(configs[cfg], b, mode, report["machine"],
+                       row_floor_inputs(row, config_records[cfg], report["machine"]))
+            out |= {"floor_us": fl["seconds"] * 1e6, "floor_bound": fl["bound"], "call_us": fl["call_s"] * 1e6,
+                    "floor_flops_per_s": fl["flops_per_s"], "floor_bytes_per_s": fl["bytes_per_s"]}
             times["floor"] = fl["seconds"]
         for k in ("dense", "eager", "compiled", "reference", "floor"):
             if k in times:
@@ -903,11 +966,16 @@ def describe_machine(report: dict) -> list[str]:
                 per_mode.setdefault(r["mode"], []).append(r["call_us"])
         calls = ", ".join(f"{m} {_span(per_mode[m])}" if m in per_mode else f"{m} {c['seconds'] * 1e6:.1f}"
                           for m, c in machine["call"].items())
-        lines.append(f"GEMM rate: {'; '.join(rates)}; floor uses {machine['floor_rate']['dtype']}, "
+        lines.append(f"GEMM rate at the start: {'; '.join(rates)}; floor uses {machine['floor_rate']['dtype']}, "
                      f"{machine['floor_rate'].get('source', 'torch.mm')}"
                      + (f" ({machine['floor_rate']['note']})" if "note" in machine["floor_rate"] else ""))
-        lines.append(f"copy bandwidth at the weights' size: {min(bw) / 1e9:.1f} to {max(bw) / 1e9:.1f} GB/s; "
-                     f"one tiny op step (us): {calls}")
+        lines.append(f"copy bandwidth at the weights' size at the start: {min(bw) / 1e9:.1f} to "
+                     f"{max(bw) / 1e9:.1f} GB/s; one tiny op step (us): {calls}")
+        row_rates = [r["floor_flops_per_s"] / 1e9 for r in rows if "floor_flops_per_s" in r]
+        row_bw = [r["floor_bytes_per_s"] / 1e9 for r in rows if r.get("floor_bytes_per_s")]
+        if row_rates and any(r["provider"] == FLOOR_GEMM for r in report["records"]):
+            lines.append(f"the floor of each row, timed in the row: GEMM rate {_span(row_rates)} GFLOP/s, copy "
+                         f"bandwidth {_span(row_bw) if row_bw else '-'} GB/s, tiny op step as above")
     noisy = sum(r["noisy"] for r in rows)
     failed = [f"{r['config']} B={r['rows']} {r['mode']}: {', '.join(r['failed'])}" for r in rows if r["failed"]]
     graphs = [r["graphs"] for r in rows if r["graphs"] is not None]

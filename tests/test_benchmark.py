@@ -304,17 +304,29 @@ def test_an_interleaved_step_that_fails_leaves_the_others_timed():
     assert out["ok"]["blocks"] >= benchmark.MIN_BLOCKS and len(calls) >= out["ok"]["blocks"]
 
 
-def test_each_row_times_the_floors_call_term_beside_its_providers(monkeypatch, fast_machine):
-    """The tiny op step of the floor's call term is a provider of every row, interleaved with the others, and the
-    row's floor adds that row's call time (not the one measured at the start of the run)."""
+def test_each_row_times_its_floor_beside_its_providers(monkeypatch, fast_machine):
+    """The floor's inputs (the GEMM, the copies, the tiny op step) are cells of every row, interleaved with its
+    providers, and the row's floor is made of those (not of what was measured at the start of the run)."""
     report = benchmark.run([TINY], [1, 5], modes=("forward", "fwd+bwd"), compile_eager=False, **FAST)
-    calls = {(r["rows"], r["mode"]): r for r in report["records"] if r["provider"] == benchmark.CALL}
-    assert len(calls) == 4 and all(c["status"] == "ok" for c in calls.values()), calls
-    for row in benchmark.ratios(report):
-        call = calls[(row["rows"], row["mode"])]["seconds"]
-        fl = benchmark.floor(TINY, row["rows"], row["mode"], report["machine"], call)
-        assert row["call_us"] == pytest.approx(call * 1e6) and row["floor_us"] == pytest.approx(fl["seconds"] * 1e6)
-        assert call != report["machine"]["call"][row["mode"]]["seconds"]
+    machine = report["machine"]
+    cells = {(r["rows"], r["mode"], r["provider"]): r for r in report["records"]}
+    rows = benchmark.ratios(report)
+    assert len(rows) == 4
+    for row in rows:
+        floor = {name: cells[(row["rows"], row["mode"], name)] for name in benchmark.FLOOR_CELLS}
+        assert all(c["status"] == "ok" for c in floor.values()), floor
+        n = machine["gemm"][machine["floor_rate"]["dtype"]]["n"]
+        nbytes = benchmark.parameter_count(TINY) * machine["element_size"]
+        measured = {"call_s": floor[benchmark.CALL]["seconds"],
+                    "flops_per_s": 2 * n**3 / floor[benchmark.FLOOR_GEMM]["seconds"],
+                    "bytes_per_s": benchmark.bandwidth_of(nbytes, floor[benchmark.FLOOR_COPY]["seconds"],
+                                                          floor[benchmark.FLOOR_COPY1]["seconds"])}
+        fl = benchmark.floor(TINY, row["rows"], row["mode"], machine, measured)
+        assert row["floor_us"] == pytest.approx(fl["seconds"] * 1e6), (row, fl)
+        assert row["call_us"] == pytest.approx(measured["call_s"] * 1e6)
+        assert row["floor_flops_per_s"] == pytest.approx(measured["flops_per_s"])
+        assert measured["call_s"] != machine["call"][row["mode"]]["seconds"]
+        assert measured["flops_per_s"] != machine["floor_rate"]["flops_per_s"]
 
 
 def test_measure_on_cuda_times_with_cuda_events(monkeypatch):
