@@ -295,8 +295,7 @@ class SpinalLinear(nn.Module):
                 not scale.is_cpu or torch.compiler.is_compiling() or backends.autograd_transformed():
             return False
         with torch.no_grad():
-            moved = shift / scale
-            bias = moved if self.bias is None else self.bias + moved  # fold_batch_norm_columns' bias
+            bias = reference.folded_column_bias(self.bias, scale, shift)
             return bool(((scale > 0) & torch.isfinite(bias)).all())
 
     def _fold_sources(self) -> list:

@@ -397,6 +397,12 @@ def scale_columns(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 POSITIVELY_HOMOGENEOUS = ("relu", "leaky_relu", "identity")
 
 
+def folded_column_bias(bias: torch.Tensor | None, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """The bias of :func:`fold_batch_norm_columns`: ``b + shift / scale`` (``shift / scale`` without a bias)."""
+    moved = shift / scale
+    return moved if bias is None else bias + moved
+
+
 def fold_batch_norm_columns(
     weight_h: torch.Tensor,
     bias: torch.Tensor | None,
@@ -421,8 +427,7 @@ def fold_batch_norm_columns(
     values and another way to its gradients (``SpinalLinear`` in training: ``spinal_ops.ops._fold_rows``).
     """
     wh = scale_columns(weight_h, scale[:-1])
-    moved = shift / scale
-    b = moved if bias is None else bias + moved
+    b = folded_column_bias(bias, scale, shift)
     flat = scale.reshape(-1)
     if head_weight is None:
         return wh, b, None, flat
