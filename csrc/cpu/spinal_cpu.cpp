@@ -959,17 +959,16 @@ Grads backward_grads(const SpinalDims& d, c10::IntArrayRef starts, const std::ar
   bool dx_unread = false, dx_stream = false;
   if (want_dx && need_chain && tiles.count > 1) {
     dx_first.assign(static_cast<size_t>(d.in_features), -1);
-    std::vector<int32_t> readers(static_cast<size_t>(d.in_features), 0);
+    bool reread = false;  // some column of x is read more than once
     for (int64_t i = 0; i < d.layers; ++i) {  // the last sub-layer that reads a column is the chain's first there
       for (int64_t j = 0; j < d.chunk; ++j) {
         const int64_t col = (starts[i] + j) % d.in_features;
+        reread |= dx_first[col] >= 0;
         dx_first[col] = static_cast<int32_t>(i);
-        ++readers[col];
       }
     }
     dx_unread = std::find(dx_first.begin(), dx_first.end(), -1) != dx_first.end();
-    dx_stream = x.numel() * static_cast<int64_t>(sizeof(T)) > kStreamBytes &&
-                *std::max_element(readers.begin(), readers.end()) <= 1;
+    dx_stream = x.numel() * static_cast<int64_t>(sizeof(T)) > kStreamBytes && !reread;
   }
   at::Tensor dx = !want_dx            ? empty()
                   : !dx_first.empty() ? at::empty(x.sizes(), x.options())
