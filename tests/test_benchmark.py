@@ -304,7 +304,7 @@ def test_an_interleaved_step_that_fails_leaves_the_others_timed():
     assert out["ok"]["blocks"] >= benchmark.MIN_BLOCKS and len(calls) >= out["ok"]["blocks"]
 
 
-def test_each_row_times_its_floor_beside_its_providers(monkeypatch, fast_machine):
+def test_each_row_times_its_floor_beside_its_providers(fast_machine):
     """The floor's inputs (the GEMM, the copies, the tiny op step) are cells of every row, interleaved with its
     providers, and the row's floor is made of those (not of what was measured at the start of the run)."""
     report = benchmark.run([TINY], [1, 5], modes=("forward", "fwd+bwd"), compile_eager=False, **FAST)
