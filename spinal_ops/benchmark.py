@@ -590,25 +590,11 @@ def copy_steps(nbytes: int, dtype: torch.dtype, device: torch.device) -> tuple:
 
 
 def bandwidth_of(nbytes: int, copy_s: float, one_element_copy_s: float) -> float | None:
-    """Bytes per second (read + write) of a copy of ``nbytes`` that took ``copy_s``, less a one-element copy's time;
-    None where it took no longer (too small to see)."""
+    """Bytes per second (read + write) of a copy of ``nbytes`` that took ``copy_s``, less a one-element copy's time
+    (the cost of an op call is counted once, by the floor's call term, not again in its bytes term); None where it
+    took no longer (too small to see: the floor's bytes term is then 0)."""
     data_s = copy_s - one_element_copy_s
     return 2 * nbytes / data_s if data_s > 0 else None
-
-
-def copy_bandwidth(nbytes: int, dtype: torch.dtype, device: torch.device, min_run_time: float, threads: int) -> dict:
-    """Bytes per second (read + write) of ``dst.copy_(src)`` with ``nbytes`` in ``src`` (:func:`copy_steps`).
-
-    The time of a one-element copy is subtracted first: the cost of an op call is counted once, by the floor's
-    call term, not again in its bytes term. ``bytes_per_s`` is None where the copy took no longer than that
-    (too small to see; the floor's bytes term is then 0).
-    """
-    timings = []
-    for step in copy_steps(nbytes, dtype, device):
-        torch.set_num_threads(threads)
-        timings.append(measure(step, min_run_time, device))
-    return {"bytes": nbytes, "bytes_per_s": bandwidth_of(nbytes, timings[0]["seconds"], timings[1]["seconds"]),
-            "copy_s": timings[0]["seconds"], "one_element_copy_s": timings[1]["seconds"]}
 
 
 CALL = "call"  # the provider timing the floor's call term in every row: a tiny nn.Linear step
@@ -619,12 +605,6 @@ FLOOR_CELLS = (CALL, FLOOR_GEMM, FLOOR_COPY, FLOOR_COPY1)
 def tiny_provider(dtype, device: torch.device) -> Provider:
     """One step of a tiny ``nn.Linear(1, 1)`` on one row: the cost of an op call (the floor's call term)."""
     return Provider(nn.Linear(1, 1).to(device, dtype), x=torch.randn(1, 1, device=device).to(dtype))
-
-
-def call_times(dtype, device: torch.device, modes, min_run_time: float, threads: int) -> dict:
-    """Per mode, the time of one step of the tiny op (:func:`tiny_provider`), timed alone."""
-    tiny = tiny_provider(dtype, device)
-    return {mode: time_provider(tiny.module, None, tiny.x, mode, min_run_time, threads) for mode in modes}
 
 
 def parameter_count(cfg: SpinalConfig) -> int:
@@ -652,20 +632,26 @@ def floor(cfg: SpinalConfig, rows: int, mode: str, machine: dict, measured: dict
     """The floor of one row: ``max(FLOPs / rate, bytes / bandwidth) + one tiny step of the same mode``.
 
     ``rate``: the measured GEMM rate of the report's dtype; ``bandwidth``: the copy bandwidth measured at the
-    configuration's weight size; the call term is the time of one step of a tiny ``nn.Linear`` in the same mode
-    (forward; backward alone; forward and backward). Each is taken from ``measured`` (``flops_per_s``,
-    ``bytes_per_s``, ``call_s``: timed in the row, interleaved with its providers) where it has it, else from the
-    run's ``machine`` (measured at its start: ``floor_rate``, ``bandwidth``, ``call``).
+    configuration's weight size (None: too small to see; no bytes term); the call term is the time of one step of a
+    tiny ``nn.Linear`` in the same mode (forward; backward alone; forward and backward). Each is taken from
+    ``measured`` (``flops_per_s``, ``bytes_per_s``, ``call_s``: timed in the row, interleaved with its providers,
+    :func:`row_floor_inputs`); the rate, where the row has none, from the run's ``machine`` (``floor_rate``,
+    measured at its start). Reports from before 2026-12-08 measured the bandwidth and the call term at the start
+    too (``machine["bandwidth"]``, ``machine["call"]``): where they have them, they stand in for a row's own. A
+    term measured nowhere (a failed cell) makes the floor NaN.
     """
     measured = measured or {}
     flops = mode_flops(cfg, rows, mode)
     nbytes = min_elements(cfg, rows, mode) * machine["element_size"]
     rate = measured.get("flops_per_s", machine["floor_rate"]["flops_per_s"])
-    bandwidth = measured["bytes_per_s"] if "bytes_per_s" in measured else machine["bandwidth"][cfg.name]["bytes_per_s"]
-    call_s = measured.get("call_s", machine["call"][mode]["seconds"])
+    nan = float("nan")
+    bandwidth = measured["bytes_per_s"] if "bytes_per_s" in measured else \
+        machine.get("bandwidth", {}).get(cfg.name, {}).get("bytes_per_s", nan)
+    call_s = measured.get("call_s", machine.get("call", {}).get(mode, {}).get("seconds", nan))
     compute_s = flops / rate
-    memory_s = nbytes / bandwidth if bandwidth else 0.0
-    return {"seconds": max(compute_s, memory_s) + call_s, "flops": flops, "bytes": nbytes, "compute_s": compute_s,
+    memory_s = nbytes / bandwidth if bandwidth else 0.0  # NaN where unmeasured
+    seconds = nan if math.isnan(memory_s) else max(compute_s, memory_s) + call_s
+    return {"seconds": seconds, "flops": flops, "bytes": nbytes, "compute_s": compute_s,
             "memory_s": memory_s, "call_s": call_s, "flops_per_s": rate, "bytes_per_s": bandwidth,
             "bound": "compute" if compute_s >= memory_s else "memory"}
 
@@ -699,9 +685,9 @@ def row_floor_inputs(row: dict, cfg: dict, machine: dict) -> dict:
     return measured
 
 
-def measure_machine(configs, dtype, device: torch.device, modes, min_run_time: float, threads: int,
-                    cpu: dict) -> dict:
-    """The floor's inputs, measured now: GEMM rates, copy bandwidth per configuration, op-call times."""
+def measure_machine(dtype, device: torch.device, min_run_time: float, threads: int, cpu: dict) -> dict:
+    """The GEMM rates, measured now, and the floor's rate source (the rate of each row is timed in the row, as
+    are its copy bandwidth and call term: :func:`floor_steps`, :data:`CALL`)."""
     name = str(dtype).replace("torch.", "")
     gemm: dict[str, dict] = {}
     for other in dict.fromkeys(("float32", name, "bfloat16")):
@@ -725,12 +711,8 @@ def measure_machine(configs, dtype, device: torch.device, modes, min_run_time: f
     floor_rate = {"dtype": rate_dtype, "flops_per_s": rate, "source": source}
     if rate_dtype != name:
         floor_rate["note"] = f"{name} is not native here: the float32 rate"
-    esize = torch.empty((), dtype=dtype).element_size()
-    bandwidth = {c.name: copy_bandwidth(parameter_count(c) * esize, dtype, device, min_run_time, threads)
-                 for c in configs}
-    return {"gemm": gemm, "gemm_spinal_ops": spinal, "floor_rate": floor_rate, "element_size": esize,
-            "bandwidth": bandwidth,
-            "call": call_times(dtype, device, modes, min_run_time, threads)}
+    return {"gemm": gemm, "gemm_spinal_ops": spinal, "floor_rate": floor_rate,
+            "element_size": torch.empty((), dtype=dtype).element_size()}
 
 
 def environment(dtype, device="cpu", cpu: dict | None = None) -> dict:
@@ -798,9 +780,8 @@ def run(configs, batch_sizes, modes=MODES, dtype=torch.float32, min_run_time=0.2
     done = 0
     started = time.perf_counter()
     try:
-        print(f"measuring the machine: GEMM rate, copy bandwidth, op-call time ({used} threads)", file=progress,
-              flush=True)
-        machine = measure_machine(configs, dtype, device, modes, min_run_time, used, cpu)
+        print(f"measuring the machine: GEMM rate ({used} threads)", file=progress, flush=True)
+        machine = measure_machine(dtype, device, min_run_time, used, cpu)
         tiny = tiny_provider(dtype, device)
         for cfg in configs:
             torch.manual_seed(0)
@@ -959,23 +940,24 @@ def describe_machine(report: dict) -> list[str]:
                           else f"{name} {g['unsupported']}")
                          + (f", {own['flops_per_s'] / 1e9:.1f} GFLOP/s spinal_ops kernels" if own else "")
                          + (f" (n={g['n']})" if "n" in g else ""))
-        bw = [b["bytes_per_s"] for b in machine["bandwidth"].values() if b["bytes_per_s"]] or [math.nan]
+        lines.append(f"GEMM rate at the start: {'; '.join(rates)}; floor uses {machine['floor_rate']['dtype']}, "
+                     f"{machine['floor_rate'].get('source', 'torch.mm')}"
+                     + (f" ({machine['floor_rate']['note']})" if "note" in machine["floor_rate"] else ""))
         per_mode: dict[str, list[float]] = {}
         for r in rows:
             if not math.isnan(r.get("call_us", math.nan)):
                 per_mode.setdefault(r["mode"], []).append(r["call_us"])
-        calls = ", ".join(f"{m} {_span(per_mode[m])}" if m in per_mode else f"{m} {c['seconds'] * 1e6:.1f}"
-                          for m, c in machine["call"].items())
-        lines.append(f"GEMM rate at the start: {'; '.join(rates)}; floor uses {machine['floor_rate']['dtype']}, "
-                     f"{machine['floor_rate'].get('source', 'torch.mm')}"
-                     + (f" ({machine['floor_rate']['note']})" if "note" in machine["floor_rate"] else ""))
-        lines.append(f"copy bandwidth at the weights' size at the start: {min(bw) / 1e9:.1f} to "
-                     f"{max(bw) / 1e9:.1f} GB/s; one tiny op step (us): {calls}")
+        calls = ", ".join(f"{m} {_span(v)}" for m, v in per_mode.items()) or "-"
+        if "bandwidth" in machine:  # a report from before 2026-12-08: the copies timed at the start too
+            bw = [b["bytes_per_s"] for b in machine["bandwidth"].values() if b["bytes_per_s"]] or [math.nan]
+            lines.append(f"copy bandwidth at the weights' size at the start: {min(bw) / 1e9:.1f} to "
+                         f"{max(bw) / 1e9:.1f} GB/s")
         row_rates = [r["floor_flops_per_s"] / 1e9 for r in rows if "floor_flops_per_s" in r]
         row_bw = [r["floor_bytes_per_s"] / 1e9 for r in rows if r.get("floor_bytes_per_s")]
-        if row_rates and any(r["provider"] == FLOOR_GEMM for r in report["records"]):
-            lines.append(f"the floor of each row, timed in the row: GEMM rate {_span(row_rates)} GFLOP/s, copy "
-                         f"bandwidth {_span(row_bw) if row_bw else '-'} GB/s, tiny op step as above")
+        timed_in_rows = any(r["provider"] == FLOOR_GEMM for r in report["records"])
+        lines.append((f"the floor of each row, timed in the row: GEMM rate {_span(row_rates)} GFLOP/s, copy "
+                      f"bandwidth {_span(row_bw) if row_bw else '-'} GB/s, " if timed_in_rows and row_rates else "")
+                     + f"one tiny op step (us): {calls}")
     noisy = sum(r["noisy"] for r in rows)
     failed = [f"{r['config']} B={r['rows']} {r['mode']}: {', '.join(r['failed'])}" for r in rows if r["failed"]]
     graphs = [r["graphs"] for r in rows if r["graphs"] is not None]

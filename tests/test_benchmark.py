@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 
 import pytest
@@ -186,7 +187,7 @@ def test_tiny_report_has_every_provider_ratio_spread_and_floor(fast_machine):
     best = max(rates, key=rates.get)
     assert (machine["floor_rate"]["source"], machine["floor_rate"]["flops_per_s"]) == (best, rates[best]), machine
     assert machine["gemm"]["float32"]["flops_per_s"] > 0 and "bfloat16" in machine["gemm"]
-    assert set(machine["call"]) == set(benchmark.MODES) and "tiny" in machine["bandwidth"]
+    assert "call" not in machine and "bandwidth" not in machine  # timed in every row instead
     assert report["environment"]["dtype"] == "float64"
     table = benchmark.format_table(report)
     assert "tiny" in table and "f/floor" in table and "spread" in table
@@ -325,8 +326,12 @@ def test_each_row_times_its_floor_beside_its_providers(fast_machine):
         assert row["floor_us"] == pytest.approx(fl["seconds"] * 1e6), (row, fl)
         assert row["call_us"] == pytest.approx(measured["call_s"] * 1e6)
         assert row["floor_flops_per_s"] == pytest.approx(measured["flops_per_s"])
-        assert measured["call_s"] != machine["call"][row["mode"]]["seconds"]
         assert measured["flops_per_s"] != machine["floor_rate"]["flops_per_s"]
+        assert math.isnan(benchmark.floor(TINY, row["rows"], row["mode"], machine)["seconds"])  # not without them
+    lines = benchmark.describe_machine(report)
+    assert any(line.startswith("the floor of each row, timed in the row: GEMM rate ") and
+               "one tiny op step (us): forward " in line and ", fwd+bwd " in line for line in lines), lines
+    assert not any("at the start: " in line and "copy bandwidth" in line for line in lines), lines
 
 
 def test_measure_on_cuda_times_with_cuda_events(monkeypatch):
@@ -356,7 +361,13 @@ def test_measure_on_cuda_times_with_cuda_events(monkeypatch):
 
 
 def test_floor_is_the_larger_of_compute_and_memory_plus_one_call():
-    machine = synthetic_report({"fused[cpu]": 0.0})["machine"]
+    """From a report that measured the bandwidth and the call term at its start (as reports did before
+    2026-12-08): they stand in for the row's own."""
+    report = synthetic_report({"fused[cpu]": 0.0})
+    machine = report["machine"]
+    lines = benchmark.describe_machine(report)
+    assert "copy bandwidth at the weights' size at the start: 1.0 to 1.0 GB/s" in lines, lines
+    assert lines[-2] == "one tiny op step (us): forward 2.0", lines
     fl = benchmark.floor(TINY, 8, "forward", machine)
     flops, nbytes = 8 * TINY.flops_per_row(), 4 * (8 * benchmark.x_columns(TINY) + benchmark.parameter_count(TINY)
                                                    + 8 * TINY.out)
