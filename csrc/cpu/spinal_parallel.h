@@ -63,10 +63,21 @@ void run_jobs(int64_t jobs, int64_t work, const F& fn) {
 // sub-layer's products into column blocks instead (ColumnSplit). kMaxRowTile: chosen by `python -m spinal_ops
 // bench` over {64, 128, 256, 512} (AMD EPYC, AVX2): 256 amortises the per-product overhead of the narrow layers while
 // a tile of H (256 * L*w values, <= 5 MB for L*w = 5120) still streams through L2 for the wide ones.
+//
+// Weights of more than kL2Bytes (the L2 of a core of the AMD EPYC Zen 1 and Zen 3 machines measured; Zen 5 has 1 MB)
+// come from the L3 in every tile: there tiles are of at least 32 rows where the batch still makes two of them
+// (vgg-head, 740 KB of float32 weights: B = 64 in two tiles of 32, not four of 16; B = 32 keeps two of 16). Measured
+// on the AMD EPYC Zen 3 (2 threads, one process, 15 rounds of alternating blocks of 0.08 s, median of the rounds'
+// ratios, 32-row tiles / 16-row tiles): vgg-head B = 64 forward 0.84 and 0.87, fwd+bwd 0.95 and 0.95, B = 128 forward
+// 0.88, fwd+bwd 0.93; one tile of 32 at B = 32 lost (forward 1.14, fwd+bwd 1.08); for the layers of about 100 KB or
+// less (resnet-head, vit-custom, regression) 32-row tiles at B = 64 and 128 gave 0.95-1.10, where two identical
+// settings in the same runs gave 0.95-1.04.
 inline constexpr int64_t kMaxRowTile = 256;
 inline constexpr int64_t kMinRowTile = 16;
+inline constexpr int64_t kL3RowTile = 32;
 inline constexpr int64_t kRowJobs = 8;
 inline constexpr int64_t kTileWeightBytes = int64_t(1) << 20;
+inline constexpr int64_t kL2Bytes = int64_t(512) << 10;
 
 struct RowTiles {
   int64_t rows = 0;
@@ -80,7 +91,8 @@ struct RowTiles {
     t.size = kMaxRowTile;
     if (weights * element_size <= kTileWeightBytes) {
       const int64_t per_job = (d.rows + kRowJobs - 1) / kRowJobs;
-      t.size = std::clamp((per_job + 15) / 16 * 16, kMinRowTile, kMaxRowTile);
+      const bool from_l3 = weights * element_size > kL2Bytes && d.rows >= 2 * kL3RowTile;
+      t.size = std::clamp((per_job + 15) / 16 * 16, from_l3 ? kL3RowTile : kMinRowTile, kMaxRowTile);
     }
     t.count = (d.rows + t.size - 1) / t.size;
     return t;
