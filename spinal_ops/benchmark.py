@@ -147,14 +147,12 @@ def fused_backends(device: torch.device, dtype: torch.dtype | None = None) -> li
 class Provider:
     """One column of the report: ``module`` run under spinal_ops backend ``backend`` (None: no forcing).
 
-    ``compiled``: ``module`` is compiled afresh (:func:`compile_fresh`) for every cell it is timed in. ``x``: the
-    provider's own input (the floor's tiny op), else the cell's.
+    ``compiled``: ``module`` is compiled afresh (:func:`compile_fresh`) for every cell it is timed in.
     """
 
     module: nn.Module
     backend: str | None = None
     compiled: bool = False
-    x: torch.Tensor | None = None
 
 
 REDUCED_DTYPES = (torch.bfloat16, torch.float16)
@@ -381,7 +379,7 @@ def time_providers(providers: dict, x, mode: str, min_run_time: float, threads: 
                 if p.compiled:
                     module, counters[name] = compile_fresh(module)
                 with forcing(p.backend):
-                    step = make_step(module, p.backend, x if p.x is None else p.x, mode)
+                    step = make_step(module, p.backend, x, mode)
                     for _ in range(warmup):  # and compilation for the compiled provider
                         step()
                 if name in counters:
@@ -597,14 +595,15 @@ def bandwidth_of(nbytes: int, copy_s: float, one_element_copy_s: float) -> float
     return 2 * nbytes / data_s if data_s > 0 else None
 
 
-CALL = "call"  # the provider timing the floor's call term in every row: a tiny nn.Linear step
+CALL = "call"  # the floor's call term, timed in every row: one step of a tiny nn.Linear (tiny_op)
 FLOOR_GEMM, FLOOR_COPY, FLOOR_COPY1 = "gemm", "copy", "copy1"  # the floor's rate and bandwidth steps of every row
 FLOOR_CELLS = (CALL, FLOOR_GEMM, FLOOR_COPY, FLOOR_COPY1)
 
 
-def tiny_provider(dtype, device: torch.device) -> Provider:
-    """One step of a tiny ``nn.Linear(1, 1)`` on one row: the cost of an op call (the floor's call term)."""
-    return Provider(nn.Linear(1, 1).to(device, dtype), x=torch.randn(1, 1, device=device).to(dtype))
+def tiny_op(dtype, device: torch.device) -> tuple[nn.Module, torch.Tensor]:
+    """A tiny ``nn.Linear(1, 1)`` and one row for it: one step of it is the cost of an op call (the floor's call
+    term, the :data:`CALL` cell of every row, :func:`make_step`)."""
+    return nn.Linear(1, 1).to(device, dtype), torch.randn(1, 1, device=device).to(dtype)
 
 
 def parameter_count(cfg: SpinalConfig) -> int:
@@ -669,19 +668,17 @@ def floor_steps(machine: dict, cfg: SpinalConfig, dtype, device: torch.device) -
 
 def row_floor_inputs(row: dict, cfg: dict, machine: dict) -> dict:
     """``floor``'s ``measured`` from a row's cells: the rate, bandwidth and call time timed in the row."""
-    def ok(name):
-        cell = row.get(name)
-        return cell["seconds"] if cell is not None and cell.get("status", "ok") == "ok" else None
-
+    seconds = {name: cell["seconds"] for name in FLOOR_CELLS
+               if (cell := row.get(name)) is not None and cell.get("status", "ok") == "ok"}
     measured = {}
-    if ok(CALL) is not None:
-        measured["call_s"] = ok(CALL)
-    if ok(FLOOR_GEMM) is not None:
+    if CALL in seconds:
+        measured["call_s"] = seconds[CALL]
+    if FLOOR_GEMM in seconds:
         n = machine["gemm"][machine["floor_rate"]["dtype"]]["n"]
-        measured["flops_per_s"] = 2 * n**3 / ok(FLOOR_GEMM)
-    if ok(FLOOR_COPY) is not None and ok(FLOOR_COPY1) is not None:
-        measured["bytes_per_s"] = bandwidth_of(cfg["parameters"] * machine["element_size"], ok(FLOOR_COPY),
-                                               ok(FLOOR_COPY1))
+        measured["flops_per_s"] = 2 * n**3 / seconds[FLOOR_GEMM]
+    if FLOOR_COPY in seconds and FLOOR_COPY1 in seconds:
+        measured["bytes_per_s"] = bandwidth_of(cfg["parameters"] * machine["element_size"], seconds[FLOOR_COPY],
+                                               seconds[FLOOR_COPY1])
     return measured
 
 
@@ -782,7 +779,7 @@ def run(configs, batch_sizes, modes=MODES, dtype=torch.float32, min_run_time=0.2
     try:
         print(f"measuring the machine: GEMM rate ({used} threads)", file=progress, flush=True)
         machine = measure_machine(dtype, device, min_run_time, used, cpu)
-        tiny = tiny_provider(dtype, device)
+        tiny, tiny_x = tiny_op(dtype, device)
         for cfg in configs:
             torch.manual_seed(0)
             providers = make_providers(cfg, dtype, device, compile_eager)
@@ -803,8 +800,8 @@ def run(configs, batch_sizes, modes=MODES, dtype=torch.float32, min_run_time=0.2
                     done += 1
                     print(f"[{done}/{total}] {cfg.name} B={rows} {mode} ({time.perf_counter() - started:.0f}s)",
                           file=progress, flush=True)
-                    results = time_providers(providers | {CALL: tiny}, x, mode, min_run_time, used,
-                                             steps=measuring)
+                    results = time_providers(providers, x, mode, min_run_time, used,
+                                             steps={CALL: make_step(tiny, None, tiny_x, mode)} | measuring)
                     for name, result in results.items():
                         record = {"config": cfg.name, "rows": rows, "mode": mode, "provider": name}
                         record |= _cell_record(result, used)
