@@ -652,7 +652,7 @@ def floor(cfg: SpinalConfig, rows: int, mode: str, machine: dict, measured: dict
     seconds = nan if math.isnan(memory_s) else max(compute_s, memory_s) + call_s
     return {"seconds": seconds, "flops": flops, "bytes": nbytes, "compute_s": compute_s,
             "memory_s": memory_s, "call_s": call_s, "flops_per_s": rate, "bytes_per_s": bandwidth,
-            "bound": "compute" if compute_s >= memory_s else "memory"}
+            "bound": None if math.isnan(seconds) else "compute" if compute_s >= memory_s else "memory"}
 
 
 def floor_steps(machine: dict, cfg: SpinalConfig, dtype, device: torch.device) -> dict:
